@@ -1,1 +1,1 @@
-"""acecal.cli"""
+"""The ``acecal`` command line. Command modules register on ``acecal.cli.main.app``."""

@@ -1,0 +1,49 @@
+"""The ``acecal`` command line (typer).
+
+Each command group lives in its own module and registers itself on :data:`app`; heavy imports (torch, monai, the
+server) happen inside the commands, so ``acecal models --server ...`` works from the light client install.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(
+    name="acecal",
+    help="Calibrated segmentation: train, evaluate, serve and query mL1-ACE SegResNet models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+
+# Modules that add commands to `app` when imported. Missing modules are skipped so a partial install still runs.
+COMMAND_MODULES = ("acecal.cli.train", "acecal.cli.serve", "acecal.cli.remote", "acecal.cli.finetune")
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True)):
+    if version:
+        from acecal import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+def _register() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a real missing dependency inside the module: surface it
+                raise
+
+
+def main() -> None:
+    _register()
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

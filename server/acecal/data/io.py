@@ -1,0 +1,166 @@
+"""Image I/O with SimpleITK, and the bridge into MONAI.
+
+- :func:`read_volume` reads and validates a 3-D scalar volume (NIfTI, NRRD, MetaImage) with messages a clinician can act on.
+- :class:`SimpleITKReader` is a MONAI ``ImageReader`` so ``LoadImaged(reader=SimpleITKReader())`` gives the same
+  arrays and RAS affines in training datasets as :func:`to_metatensor` gives at inference.
+- :func:`grid_of` / :func:`write_volume` move between SimpleITK images and :class:`acecal.geometry.Grid`.
+
+Array orders: SimpleITK arrays are (z, y, x); MONAI tensors here are (C, x, y, z) with an RAS affine.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from acecal.errors import InvalidInputError
+from acecal.geometry import Grid, affine_lps_to_ras
+
+#: file name endings the project reads and writes
+SUPPORTED_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def has_supported_suffix(name: str | os.PathLike) -> bool:
+    n = str(name).lower()
+    return any(n.endswith(s) for s in SUPPORTED_SUFFIXES)
+
+
+def suffix_of(name: str | os.PathLike) -> str:
+    n = str(name).lower()
+    for s in SUPPORTED_SUFFIXES:
+        if n.endswith(s):
+            return s
+    return ""
+
+
+def read_volume(path: str | os.PathLike, *, what: str = "image", allow_vector: bool = False) -> sitk.Image:
+    """Read a 3-D volume and check it is usable.
+
+    Raises:
+        InvalidInputError: unreadable or corrupt file, not 3-D, multi-component (unless ``allow_vector``),
+            or containing NaN/inf voxels.
+    """
+    path = Path(path)
+    name = path.name
+    if not path.is_file() or path.stat().st_size == 0:
+        raise InvalidInputError(f"the {what} file {name!r} is empty or missing; send a NIfTI, NRRD or MHA volume")
+    if not has_supported_suffix(name):
+        raise InvalidInputError(
+            f"the {what} file {name!r} has an unsupported type; use one of {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    try:
+        img = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
+        raise InvalidInputError(
+            f"the {what} file {name!r} could not be read as an image ({first[:200]}); is it a complete NIfTI/NRRD/MHA file?"
+        ) from None
+    if img.GetDimension() != 3:
+        raise InvalidInputError(
+            f"the {what} {name!r} is {img.GetDimension()}-D ({'x'.join(map(str, img.GetSize()))}); a 3-D volume is needed"
+        )
+    if min(img.GetSize()) < 2:
+        raise InvalidInputError(
+            f"the {what} {name!r} has size {'x'.join(map(str, img.GetSize()))}: a single slice is not a 3-D volume"
+        )
+    ncomp = img.GetNumberOfComponentsPerPixel()
+    if ncomp != 1 and not allow_vector:
+        raise InvalidInputError(
+            f"the {what} {name!r} has {ncomp} components per voxel; a single-channel (scalar) volume is needed"
+        )
+    arr = sitk.GetArrayViewFromImage(img)
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise InvalidInputError(f"the {what} {name!r} contains {bad} NaN or infinite voxels; fix or mask them first")
+    return img
+
+
+def grid_of(img: sitk.Image) -> Grid:
+    return Grid(img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+
+
+def apply_grid(img: sitk.Image, grid: Grid) -> sitk.Image:
+    if tuple(img.GetSize()) != grid.size:
+        raise ValueError(f"image size {img.GetSize()} does not match grid size {grid.size}")
+    img.SetSpacing(grid.spacing)
+    img.SetOrigin(grid.origin)
+    img.SetDirection(grid.direction)
+    return img
+
+
+def image_from_array(array_zyx: np.ndarray, grid: Grid) -> sitk.Image:
+    """A SimpleITK image from a (z, y, x) array on ``grid``."""
+    arr = np.ascontiguousarray(array_zyx)
+    if arr.shape != grid.shape_zyx:
+        raise ValueError(f"array shape {arr.shape} (z, y, x) does not match the grid's {grid.shape_zyx}")
+    return apply_grid(sitk.GetImageFromArray(arr), grid)
+
+
+def write_volume(array_zyx: np.ndarray, grid: Grid, path: str | os.PathLike, *, compress: bool = True) -> Path:
+    """Write a (z, y, x) array on ``grid`` to ``path`` (type from the file ending)."""
+    path = Path(path)
+    sitk.WriteImage(image_from_array(array_zyx, grid), str(path), useCompression=compress)
+    return path
+
+
+def ras_affine(img: sitk.Image) -> np.ndarray:
+    """MONAI's affine of a SimpleITK image: index (i, j, k) -> RAS millimetres."""
+    return affine_lps_to_ras(grid_of(img).ijk_to_lps)
+
+
+def to_metatensor(img: sitk.Image, dtype: Any = None):
+    """A MONAI ``MetaTensor`` of shape (1, x, y, z) with the image's RAS affine, as ``LoadImage`` + channel-first give."""
+    import torch
+    from monai.data import MetaTensor
+
+    arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
+    t = torch.as_tensor(np.ascontiguousarray(arr)[None], dtype=dtype or torch.float32)
+    affine = torch.as_tensor(ras_affine(img), dtype=torch.float64)
+    return MetaTensor(t, affine=affine, meta={"original_affine": affine.clone(), "spatial_shape": np.array(arr.shape),
+                                              "space": "RAS", "original_channel_dim": 0})
+
+
+def _monai_reader_base():
+    from monai.data.image_reader import ImageReader
+
+    return ImageReader
+
+
+class SimpleITKReader(_monai_reader_base()):  # type: ignore[misc]
+    """MONAI ``ImageReader`` backed by SimpleITK (NIfTI, NRRD, MetaImage), RAS affines like MONAI's own readers.
+
+    Use as ``LoadImaged(keys, reader=SimpleITKReader())``. Each array is returned (x, y, z) without a channel axis
+    (``original_channel_dim`` = "no_channel"), so follow it with ``EnsureChannelFirstd``.
+    """
+
+    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
+        names = filename if isinstance(filename, (list, tuple)) else [filename]
+        return all(has_supported_suffix(n) for n in names)
+
+    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs):
+        names = data if isinstance(data, (list, tuple)) else [data]
+        imgs = [read_volume(n) for n in names]
+        return imgs if len(imgs) > 1 else imgs[0]
+
+    def get_data(self, img) -> tuple[np.ndarray, dict]:
+        imgs = img if isinstance(img, (list, tuple)) else [img]
+        arrays, meta = [], {}
+        for im in imgs:
+            arrays.append(sitk.GetArrayFromImage(im).transpose(2, 1, 0))
+            affine = ras_affine(im)
+            meta = {
+                "affine": affine,
+                "original_affine": affine.copy(),
+                "spatial_shape": np.asarray(arrays[-1].shape),
+                "space": "RAS",
+                "original_channel_dim": float("nan"),
+                "spacing": np.asarray(im.GetSpacing()),
+            }
+        data = np.stack(arrays, axis=0) if len(arrays) > 1 else arrays[0]
+        if len(arrays) > 1:
+            meta["original_channel_dim"] = 0
+        return data, meta
