@@ -1,1 +1,1 @@
-"""acecal.inference"""
+"""Inference: bundle -> segmentation, confidence, uncertainty and flagged regions on the input's exact grid."""
