@@ -1,1 +1,27 @@
-"""acecal.training"""
+"""Training and fine-tuning engine (``acecal train``), evaluation (``acecal evaluate``).
+
+Import the submodules (torch and MONAI are needed): ``from acecal.training.engine import Engine``,
+``from acecal.training.config import TrainConfig``, ``from acecal.training.evaluate import evaluate``.
+``Engine`` and ``TrainConfig`` are also available lazily from this package.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_LAZY = {
+    "Engine": "acecal.training.engine", "TrainResult": "acecal.training.engine", "train": "acecal.training.engine",
+    "TrainConfig": "acecal.training.config", "finetune": "acecal.training.finetune",
+    "evaluate": "acecal.training.evaluate",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(name)
+
+
+__all__ = list(_LAZY)

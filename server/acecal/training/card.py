@@ -1,0 +1,96 @@
+"""The model card (``README.md`` of a bundle): what the model is, what it was trained on, how, and how well it is
+calibrated on held-out data (measured, not claimed)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from acecal.bundles import BundleConfig
+
+
+def _num(v: Any, nd: int = 4) -> str:
+    if v is None:
+        return "n/a"
+    try:
+        return f"{float(v):.{nd}f}"
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _dur(seconds: Any) -> str:
+    s = float(seconds or 0)
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
+    t, m = bc.training or {}, bc.metrics or {}
+    data = t.get("data", {})
+    split = t.get("split", {})
+    lines = [f"# {bc.id}", ""]
+    if bc.description:
+        lines += [bc.description, ""]
+    lines += [
+        f"3-D segmentation of **{', '.join(n for k, n in bc.labels.items() if k != '0')}** in {bc.modality}, "
+        f"MONAI {bc.network.name} trained with the `{bc.loss.name}` loss"
+        + (f", fine-tuned from `{base_id}`" if base_id else "") + ".",
+        "",
+        "## Model",
+        "",
+        f"- Network: `{bc.network.name}` {bc.network.args}; {bc.in_channels} input channel(s), {bc.num_classes} classes.",
+        "- Labels: " + ", ".join(f"{k} = {v}" for k, v in bc.labels.items()),
+        f"- Model space: orientation {bc.orientation}, spacing {tuple(bc.spacing)} mm, intensity `{bc.intensity.mode}`.",
+        f"- Sliding window: ROI {tuple(bc.roi_size)}, overlap {bc.sw_overlap}, {bc.sw_mode} blending.",
+        f"- Temperature: {_num(bc.temperature, 3) if bc.temperature else 'not fitted'}; default uncertainty threshold "
+        f"{_num(bc.uncertainty_threshold, 2)} ({t.get('uncertainty_threshold_rule', '')}).",
+        "",
+        "## Data",
+        "",
+        f"- Source: {data.get('source_note') or data.get('source', 'n/a')} ({data.get('num_cases', '?')} cases).",
+        f"- Licence: {data.get('licence') or 'not stated'}.",
+        f"- Split: {len(split.get('train', []))} training / {len(split.get('val', []))} validation cases, "
+        + (f"drawn with seed {split.get('seed')} (fraction {split.get('val_fraction')})" if split.get("val_fraction")
+           is not None else "explicit validation list") + "; the validation case names are in `bundle.json` "
+        "(`training.split.val`).",
+        "",
+        "## Training",
+        "",
+        f"- Loss: `{bc.loss.name}` {bc.loss.params or ''}",
+        f"- Epochs: {t.get('epochs')} (batch {t.get('batch_size')} volumes x {t.get('num_samples')} patches, AdamW lr "
+        f"{t.get('lr')}, weight decay {t.get('weight_decay')}, warm-up cosine, seed {t.get('seed')}); weights: "
+        f"{t.get('weights')}.",
+        f"- Wall time: {_dur(t.get('wall_time_seconds'))} on {t.get('device')} x {t.get('world_size', 1)} "
+        f"(torch {t.get('torch')}).",
+    ]
+    if t.get("base"):
+        lines.append(f"- Fine-tuned from `{t['base']}`" + (" with the encoder frozen." if t.get("freeze_encoder") else "."))
+    if t.get("command"):
+        lines += ["- Command:", "", "```", t["command"], "```"]
+    lines += ["", "## Validation metrics", ""]
+    if m:
+        lines += [
+            f"Measured on the {m.get('num_cases')} held-out validation cases in model space, hard binning with 20 bins; "
+            "macro = per case over the foreground classes (background excluded), then mean over cases.",
+            "",
+            "| | Dice | ACE | ECE | MCE |",
+            "|---|---|---|---|---|",
+            f"| {bc.id} | {_num(m.get('dice'))} | {_num(m.get('ace'))} | {_num(m.get('ece'))} | {_num(m.get('mce'))} |",
+        ]
+        wt = m.get("with_temperature")
+        if wt:
+            lines.append(f"| + temperature {_num(wt.get('temperature'), 3)} | {_num(wt.get('dice'))} | "
+                         f"{_num(wt.get('ace'))} | {_num(wt.get('ece'))} | {_num(wt.get('mce'))} |")
+    else:
+        lines.append("No validation data was held out; the model's calibration has not been measured.")
+    lines += [
+        "",
+        "## Limitations",
+        "",
+        "- Validated only on the data above; performance and calibration on other scanners, protocols or populations "
+        "are unknown. Not a medical device; for research use.",
+        "",
+    ]
+    return "\n".join(lines)

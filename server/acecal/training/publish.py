@@ -1,0 +1,98 @@
+"""Turn a finished run into a bundle: final validation pass with the chosen weights, optional temperature fit, the
+uncertainty threshold, the model card, and an atomic :func:`acecal.bundles.write_bundle`."""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from acecal.bundles import Bundle, BundleConfig, write_bundle
+from acecal.data.datasets import Case, DatasetInfo
+from acecal.training.card import model_card
+from acecal.training.config import TrainConfig
+from acecal.training.progress import CancelToken
+
+
+def publish(
+    cfg: TrainConfig,
+    bc: BundleConfig,
+    network: torch.nn.Module,
+    *,
+    work_dir: Path,
+    out_dir: Path,
+    info: DatasetInfo,
+    train_cases: list[Case],
+    val_cases: list[Case],
+    val_items: Optional[Callable[[], Iterable[dict]]],
+    history: list[dict],
+    best: dict,
+    base: Optional[Bundle] = None,
+    cancel: CancelToken = None,
+    world_size: int = 1,
+) -> Bundle:
+    from acecal.training.engine import BEST
+    from acecal.training.validation import run_pass, summarise, uncertainty_threshold
+
+    t0 = time.time()
+    chosen = "last"
+    state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
+    if best.get("epoch") is not None and (work_dir / BEST).is_file():
+        ck = torch.load(work_dir / BEST, map_location="cpu", weights_only=False)
+        state = ck["model"]
+        chosen = f"best (epoch {ck['epoch']}, by validation Dice)"
+    import copy
+
+    device = next(network.parameters()).device
+    evalnet = copy.deepcopy(network)  # leave the live module untouched
+    evalnet.load_state_dict(state)
+    evalnet.to(device).eval()
+
+    metrics: dict[str, Any] = {}
+    temperature = None
+    threshold = bc.uncertainty_threshold
+    threshold_note = "inherited from the base model" if base is not None else "default (no validation data)"
+    if val_items is not None:
+        vp = run_pass(evalnet, val_items(), bc, collect_logits=cfg.fit_temperature, cancel=cancel)
+        m = summarise(vp)
+        metrics = {"split": "validation", "num_cases": len(vp.cases), "weights": chosen, **m}
+        threshold = uncertainty_threshold(vp.top_counts, vp.top_correct, target=cfg.uncertainty_accuracy,
+                                          num_classes=bc.num_classes)
+        threshold_note = (f"lowest top-label confidence bin edge from which every populated validation bin "
+                          f"(>= 100 voxels) was right >= {cfg.uncertainty_accuracy:.0%} of the time")
+        if cfg.fit_temperature:
+            from acecal.calibration import fit_temperature
+
+            pairs = [(z[0], y[0]) for z, y in zip(vp.logits, vp.labels)]
+            temperature = float(fit_temperature(pairs))
+            vt = run_pass(evalnet, val_items(), bc, temperature=temperature, cancel=cancel)
+            metrics["with_temperature"] = {"temperature": temperature, **summarise(vt)}
+            threshold = uncertainty_threshold(vt.top_counts, vt.top_correct, target=cfg.uncertainty_accuracy,
+                                              num_classes=bc.num_classes)
+        metrics["top_label_bins"] = {"counts": vp.top_counts.tolist(), "correct": vp.top_correct.tolist()}
+    epoch_seconds = sum(float(h.get("seconds") or 0.0) for h in history)
+    wall = epoch_seconds + (time.time() - t0)
+    training = {
+        "data": {**info.record(), "source_note": cfg.data_source or info.name or info.source,
+                 "licence": cfg.data_licence or info.licence},
+        "split": {"seed": cfg.seed if cfg.split_seed is None else cfg.split_seed,
+                  "val_fraction": cfg.val_fraction if cfg.val_cases is None else None,
+                  "train": [c.name for c in train_cases], "val": [c.name for c in val_cases]},
+        "loss": {"name": cfg.loss, "params": cfg.loss_params},
+        "epochs": len(history), "batch_size": cfg.batch_size, "num_samples": cfg.num_samples, "lr": cfg.lr,
+        "weight_decay": cfg.weight_decay, "warmup_epochs": cfg.warmup_epochs, "val_every": cfg.val_every,
+        "seed": cfg.seed, "augment": cfg.augment, "wall_time_seconds": round(wall, 1),
+        "weights": chosen, "best_epoch": best.get("epoch"), "world_size": world_size,
+        "device": str(device), "torch": torch.__version__, "host": platform.machine(),
+        "command": cfg.command, "base": base.id if base else None, "freeze_encoder": cfg.freeze_encoder,
+        "uncertainty_threshold_rule": threshold_note,
+        "history": [{k: h.get(k) for k in ("epoch", "train_loss", "val", "seconds", "lr")} for h in history],
+    }
+    final = bc.model_copy(update={"metrics": metrics, "training": training, "temperature": temperature,
+                                  "uncertainty_threshold": round(float(threshold), 4)})
+    final = BundleConfig.model_validate(final.model_dump())
+    card = model_card(final, base_id=base.id if base else None)
+    return write_bundle(out_dir, final, state, card, half_precision=cfg.half_precision, overwrite=cfg.overwrite)

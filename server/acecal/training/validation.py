@@ -1,0 +1,162 @@
+"""Validation and evaluation passes: sliding-window logits -> softmax -> streaming calibration metrics.
+
+One function, :func:`run_pass`, serves the engine's validation (every N epochs, sharded over DDP ranks), the final
+pass before publishing (temperature fitting, uncertainty threshold) and ``acecal evaluate``.
+
+Metrics: macro over foreground classes (background excluded) with ``M = 20`` hard bins, through
+``acecal.metrics.CalibrationAccumulator``. Besides it we keep a top-label histogram (confidence = max softmax
+probability, correct = argmax equals the label), which sets the bundle's ``uncertainty_threshold``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+
+from acecal.bundles import BundleConfig
+from acecal.inference.window import sliding_window_logits
+from acecal.training.ddp import DistContext
+from acecal.training.progress import CancelToken, is_cancelled
+
+NUM_BINS = 20
+
+
+class Cancelled(Exception):
+    """Raised inside a pass when the cancel token fires."""
+
+
+@dataclass
+class PassResult:
+    accumulator: Any
+    top_counts: torch.Tensor  # (NUM_BINS,) int64: voxels per top-label confidence bin
+    top_correct: torch.Tensor  # (NUM_BINS,) int64: of which the argmax was right
+    cases: list[str] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # (1, C, ...) per case, when collected
+    labels: list[torch.Tensor] = field(default_factory=list)  # (1, 1, ...) per case, when collected
+
+
+def make_accumulator(num_classes: int, num_bins: int = NUM_BINS, class_names=None):
+    from acecal.metrics import CalibrationAccumulator
+
+    return CalibrationAccumulator(num_classes, num_bins=num_bins, include_background=False, class_names=class_names)
+
+
+def top_label_bins(probs: torch.Tensor, label: torch.Tensor, num_bins: int = NUM_BINS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts and correct counts per top-label confidence bin, bins (k/M, (k+1)/M] as the calibration metrics use."""
+    conf, pred = probs.max(dim=1)  # (B, ...)
+    correct = pred == label.reshape(pred.shape).long()
+    idx = (torch.ceil(conf.double() * num_bins).long() - 1).clamp_(0, num_bins - 1).reshape(-1)
+    counts = torch.bincount(idx, minlength=num_bins)
+    right = torch.bincount(idx, weights=correct.reshape(-1).double(), minlength=num_bins).round().long()
+    return counts.cpu(), right.cpu()
+
+
+def uncertainty_threshold(counts: torch.Tensor, correct: torch.Tensor, *, target: float = 0.9,
+                          min_count: int = 100, num_classes: int = 2) -> float:
+    """The bundle's default confidence threshold, from the validation top-label reliability.
+
+    Rule: scan the confidence bins from the most confident down; the threshold is the lower edge of the lowest bin
+    such that it and every populated bin above it (>= ``min_count`` voxels) have an observed accuracy of at least
+    ``target``. Voxels below the threshold are those whose bin, on validation data, was right less than ``target``
+    of the time. Clamped to [max(0.5, 1/C) rounded up to a bin edge, 0.95]; 0.95 when even the top bin misses the
+    target (everything but the most confident voxels is then suspect).
+    """
+    m = counts.numel()
+    floor = math.ceil(max(0.5, 1.0 / num_classes) * m) / m
+    thr = 1.0
+    for k in range(m - 1, -1, -1):
+        n = int(counts[k])
+        if n < min_count:
+            continue
+        if int(correct[k]) / n >= target:
+            thr = k / m
+        else:
+            break
+    return float(min(max(thr, floor), (m - 1) / m))
+
+
+@torch.no_grad()
+def run_pass(
+    network: torch.nn.Module,
+    items: Iterable[dict],
+    config: BundleConfig,
+    *,
+    temperature: Optional[float] = None,
+    collect_logits: bool = False,
+    cancel: CancelToken = None,
+    on_case: Optional[Any] = None,
+) -> PassResult:
+    """Run the network over ``items`` ({"image": (1, Cin, ...), "label": (1, 1, ...), "case": name}) in model space.
+
+    Logits from :func:`acecal.inference.window.sliding_window_logits` (the serving path), divided by ``temperature``
+    when given, softmax, then the accumulator (one update per case, ``case_id`` = the case name).
+    """
+    was_training = network.training
+    network.eval()
+    acc = make_accumulator(config.num_classes, class_names=config.class_names)
+    counts = torch.zeros(NUM_BINS, dtype=torch.int64)
+    right = torch.zeros(NUM_BINS, dtype=torch.int64)
+    out = PassResult(acc, counts, right)
+    try:
+        for item in items:
+            if is_cancelled(cancel):
+                raise Cancelled()
+            image, label = item["image"], item["label"]
+            if image.ndim == 4:
+                image, label = image[None], label[None]
+            name = item.get("case")
+            if isinstance(name, (list, tuple)):
+                name = name[0]
+            logits = sliding_window_logits(network, torch.as_tensor(image), config, temperature=temperature)
+            probs = torch.softmax(logits, dim=1)
+            lab = torch.as_tensor(label).to(probs.device).long()
+            acc.update(probs.cpu(), lab.cpu(), case_id=str(name))
+            c, r = top_label_bins(probs, lab)
+            counts += c
+            right += r
+            out.cases.append(str(name))
+            if collect_logits:
+                out.logits.append(torch.as_tensor(logits).cpu())
+                out.labels.append(lab.cpu())
+            if on_case is not None:
+                on_case(str(name))
+    finally:
+        network.train(was_training)
+    return out
+
+
+def reduce_pass(result: PassResult, ctx: DistContext) -> PassResult:
+    """Combine the per-rank passes (each rank saw its own shard of the validation cases) on every rank."""
+    if not ctx.distributed:
+        return result
+    ctx.all_reduce_sum(result.top_counts)
+    ctx.all_reduce_sum(result.top_correct)
+    acc = result.accumulator
+    merged = make_accumulator(acc.num_classes, acc.num_bins, class_names=acc.class_names)
+    for state in ctx.gather_objects(acc.state_dict()):  # exact: every rank gets every case's row
+        merged.merge(state, on_duplicate="skip")
+    result.accumulator = merged
+    result.cases = [c for cs in ctx.gather_objects(result.cases) for c in cs]
+    return result
+
+
+def summarise(result: PassResult) -> dict:
+    """Macro metrics {"dice", "ace", "ece", "mce"} from a pass, as plain floats (None when undefined)."""
+    return metrics_from_report(result.accumulator.aggregate())
+
+
+def _f(v: Any) -> Optional[float]:
+    if v is None:
+        return None
+    if hasattr(v, "item"):
+        v = v.item()
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def metrics_from_report(report: Any) -> dict:
+    """The macro Dice/ACE/ECE/MCE of a ``CalibrationReport``."""
+    return {k: _f(report.macro.get(k)) for k in ("dice", "ace", "ece", "mce")}
