@@ -1,1 +1,38 @@
-"""acecal.metrics"""
+"""acecal.metrics: calibration errors (ECE, ACE, MCE), Dice, and streaming accumulation over a dataset.
+
+- :func:`binning_sums` / :func:`calibration_errors`: MONAI-identical hard binning per (image, class), vectorised and
+  accumulated in int64/float64; ``errors_from_sums`` turns additive per-bin sums into ECE/ACE/MCE.
+- :func:`dice_counts` / :func:`dice_scores`: Dice of the argmax segmentation per (image, class).
+- :class:`CalibrationAccumulator`: macro (per image, then mean) and micro (pooled) metrics, per-class and per-case
+  tables and the dataset reliability histogram, with (classes x bins) memory per image and DDP merge/reduce.
+"""
+
+from acecal.metrics.accumulator import METRICS, CalibrationAccumulator, CalibrationReport
+from acecal.metrics.calibration import (
+    DEFAULT_NUM_BINS,
+    PROB_TOLERANCE,
+    bin_edges,
+    bin_means,
+    binning_sums,
+    calibration_errors,
+    errors_from_sums,
+    validate_probabilities,
+)
+from acecal.metrics.dice import dice_counts, dice_from_counts, dice_scores
+
+__all__ = [
+    "CalibrationAccumulator",
+    "CalibrationReport",
+    "DEFAULT_NUM_BINS",
+    "METRICS",
+    "PROB_TOLERANCE",
+    "bin_edges",
+    "bin_means",
+    "binning_sums",
+    "calibration_errors",
+    "dice_counts",
+    "dice_from_counts",
+    "dice_scores",
+    "errors_from_sums",
+    "validate_probabilities",
+]
