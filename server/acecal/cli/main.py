@@ -46,4 +46,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # `python -m acecal.cli.main` (and `torchrun -m acecal.cli.main`) runs this file as __main__; the command modules
+    # register on the importable acecal.cli.main.app, so start that one, not this module's copy.
+    from acecal.cli.main import main as _main
+
+    _main()

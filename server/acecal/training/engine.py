@@ -84,22 +84,15 @@ def freeze(modules: list[torch.nn.Module]) -> int:
 
 
 def build_loss(name: str, num_classes: int, params: dict) -> torch.nn.Module:
-    try:
-        from acecal.losses.registry import LOSS_NAMES
-        from acecal.losses.registry import build_loss as _build
-    except ImportError:  # TEMPORARY until acecal.losses.registry lands: the baseline is plain MONAI DiceCE
-        if name != "baseline_dice_ce":
-            raise
-        from monai.losses import DiceCELoss
-
-        return DiceCELoss(include_background=True, to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0,
-                          smooth_dr=1e-5)
+    """The training loss by registry name (``acecal.losses.registry``); bad names/parameters -> InvalidInputError."""
+    from acecal.losses.registry import LOSS_NAMES
+    from acecal.losses.registry import build_loss as _build
 
     if name not in LOSS_NAMES:
         raise InvalidInputError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
     try:
         return _build(name, num_classes, **params)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise InvalidInputError(f"bad parameters for loss {name!r}: {e}") from None
 
 
@@ -253,6 +246,10 @@ class Engine:
         t_start = time.time()
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        from acecal.losses.registry import LOSS_NAMES
+
+        if cfg.loss not in LOSS_NAMES:  # before the (slower) dataset checks
+            raise InvalidInputError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSS_NAMES)}")
         base = self._resolve_base()
         model_id = ctx.broadcast_object(cfg.resolved_id())
         work_dir = Path(cfg.work_dir) if cfg.work_dir else default_data_dir() / "runs" / model_id
@@ -264,6 +261,7 @@ class Engine:
 
         info, labels = self._dataset(ctx, base)
         bc = _model_space(cfg, model_id, labels, base)
+        loss_fn = build_loss(cfg.loss, bc.num_classes, cfg.loss_params).to(ctx.device)
         split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
         train_cases, val_cases = split_cases(info.cases, val_fraction=cfg.val_fraction, seed=split_seed,
                                              val_cases=cfg.val_cases)
@@ -314,7 +312,6 @@ class Engine:
             freeze(frozen)
         net = net.to(device)
         trainable = [p for p in net.parameters() if p.requires_grad]
-        loss_fn = build_loss(cfg.loss, bc.num_classes, cfg.loss_params)
         from monai.optimizers import WarmupCosineSchedule
 
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -389,7 +386,8 @@ class Engine:
                                         work_dir / BEST)
                 rec = {"event": "epoch", "epoch": epoch + 1, "epochs": cfg.epochs,
                        "train_loss": float(loss_sum[0] / max(loss_sum[1], 1)), "lr": lr,
-                       "seconds": round(time.time() - t0, 3), "val": val, "best_dice": best["dice"],
+                       "seconds": round(time.time() - t0, 3), "val": val,
+                       "val_cases": len(vp.cases) if val is not None else 0, "best_dice": best["dice"],
                        "best_epoch": best["epoch"]}
                 history.append({k: v for k, v in rec.items() if k != "event"})
                 if ctx.is_main:

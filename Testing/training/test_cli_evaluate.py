@@ -1,0 +1,96 @@
+"""`acecal train` / `acecal evaluate` through typer's CliRunner, and the evaluation report."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from synthetic import make_dataset
+from typer.testing import CliRunner
+
+from acecal.bundles import Bundle
+from acecal.cli.main import _register, app
+
+_register()
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def eval_data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("eval") / "ds", 3, shape_zyx=(24, 24, 24), seed=21)
+
+
+def test_cli_module_imports_without_torch():
+    code = "import sys, acecal.cli.main as m; m._register(); assert 'torch' not in sys.modules and 'monai' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_evaluate_report(tmp_path, tiny_bundle, eval_data):
+    out = tmp_path / "report"
+    r = runner.invoke(app, ["evaluate", "--model", str(tiny_bundle), "--images", str(eval_data / "images"),
+                            "--labels", str(eval_data / "labels"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["model"] == "tiny-sphere"
+    assert set(rep["aggregate"]) == {"dice", "ace", "ece", "mce"}
+    assert rep["aggregate"]["dice"] > 0.9
+    assert set(rep["per_class"]) == {"sphere"}
+    assert {"dice", "ace", "ece", "mce"} <= set(rep["per_class"]["sphere"])
+    assert [c["case"] for c in rep["cases"]] == ["case_000", "case_001", "case_002"]
+    assert all(set(c) == {"case", "dice", "ace", "ece", "mce"} for c in rep["cases"])
+    assert "per case over the foreground classes present" in rep["note"].replace("for each case, the mean", "per case")
+    # macro = mean over cases of the per-case values
+    assert rep["aggregate"]["ace"] == pytest.approx(sum(c["ace"] for c in rep["cases"]) / 3)
+    pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert pngs == ["dataset_reliability_histogram.png", "figures/reliability_case_000.png",
+                    "figures/reliability_case_001.png", "figures/reliability_case_002.png"]
+    assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    md = (out / "report.md").read_text()
+    assert all(f"]({p})" in md for p in pngs) and "macro" in md
+
+
+def test_evaluate_bad_input_is_a_clear_error(tmp_path, tiny_bundle, eval_data):
+    args = ["--images", str(eval_data / "images"), "--labels", str(eval_data / "labels"), "--out", str(tmp_path / "o")]
+    r = runner.invoke(app, ["evaluate", "--model", str(tiny_bundle), "--temperature", *args])
+    assert r.exit_code == 2 and "has no fitted temperature" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["evaluate", "--model", "no-such-model", *args])
+    assert r.exit_code == 2 and "unknown model 'no-such-model'" in r.output
+    r = runner.invoke(app, ["evaluate", "--model", str(tiny_bundle), "--images", str(tmp_path / "none"),
+                            "--labels", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "does not exist" in r.output and r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_train_cli_with_yaml_config(tmp_path, eval_data):
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text(f"""
+data: {eval_data}
+network: {{name: SegResNet, args: {{init_filters: 8, blocks_down: [1, 1], blocks_up: [1]}}}}
+roi_size: [24, 24, 24]
+epochs: 1
+batch_size: 1
+num_samples: 1
+val_fraction: 0.34
+""")
+    r = runner.invoke(app, ["train", "--config", str(cfg), "--id", "cli-model", "--out", str(tmp_path / "models"),
+                            "--work-dir", str(tmp_path / "work"), "--lr", "0.005", "--quiet"])
+    assert r.exit_code == 0, r.output
+    assert "cli-model" in r.stdout.split()
+    b = Bundle.load(tmp_path / "models" / "cli-model")
+    assert b.config.training["lr"] == 0.005 and b.config.network.args["init_filters"] == 8
+    assert b.config.training["command"].startswith("acecal ")
+
+
+def test_train_cli_bad_input(tmp_path):
+    root = make_dataset(tmp_path / "ds", 3, shape_zyx=(12, 12, 12))
+    (root / "labels" / "case_001.nii.gz").unlink()
+    r = runner.invoke(app, ["train", str(root), "--out", str(tmp_path / "m"), "--work-dir", str(tmp_path / "w")])
+    assert r.exit_code == 2 and "case_001: missing label" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["train", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+    r = runner.invoke(app, ["train", str(root), "--loss", "nope"])
+    assert r.exit_code == 2 and "unknown loss 'nope'" in r.output
+    r = runner.invoke(app, ["train", str(root), "--roi", "1,2"])
+    assert r.exit_code == 2 and "--roi needs 3 integers" in r.output
+    r = runner.invoke(app, ["train", str(root), "--id", "Bad Id"])
+    assert r.exit_code == 2 and "model_id" in r.output
+    assert not (tmp_path / "m").exists()

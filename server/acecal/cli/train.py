@@ -1,0 +1,239 @@
+"""``acecal train`` and ``acecal evaluate``. torch / MONAI are imported inside the commands, so the CLI starts on a
+client-only install."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from acecal.cli.main import app
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _ints(text: Optional[str], n: Optional[int] = None, what: str = "value") -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        vals = [int(v) for v in text.replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be integers separated by commas, e.g. 64,64,32") from None
+    if n is not None and len(vals) != n:
+        raise typer.BadParameter(f"{what} needs {n} integers, got {text!r}")
+    return vals
+
+
+def _floats(text: Optional[str], n: int, what: str) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{what} must be numbers separated by commas") from None
+    if len(vals) != n:
+        raise typer.BadParameter(f"{what} needs {n} numbers, got {text!r}")
+    return vals
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _is_main_rank() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+@app.command(no_args_is_help=True)
+def train(
+    data: Optional[str] = typer.Argument(None, help="dataset.json, or a folder with dataset.json or images/ + labels/"),
+    images: Optional[Path] = typer.Option(None, "--images", help="images folder (with --labels)"),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="labels folder, same file names as the images"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="settings file (JSON or YAML); flags override it"),
+    loss: Optional[str] = typer.Option(None, help="baseline_dice_ce | hardl1ace_dice_ce | softl1ace_dice_ce | "
+                                                   "labelsmooth_dice_ce | nacl_dice"),
+    loss_param: Optional[list[str]] = typer.Option(None, "--loss-param", help="loss parameter NAME=VALUE (repeat)"),
+    epochs: Optional[int] = typer.Option(None, help="total epochs [100]"),
+    val_every: Optional[int] = typer.Option(None, help="validate every N epochs [10]"),
+    val_fraction: Optional[float] = typer.Option(None, help="share of cases held out for validation [0.2]"),
+    val_cases: Optional[str] = typer.Option(None, help="explicit validation case names, comma-separated"),
+    seed: Optional[int] = typer.Option(None, help="random seed (initialisation, sampling, split) [12345]"),
+    batch_size: Optional[int] = typer.Option(None, help="volumes per step [2]"),
+    num_samples: Optional[int] = typer.Option(None, help="patches per volume per step [2]"),
+    lr: Optional[float] = typer.Option(None, help="AdamW learning rate [2e-4]"),
+    weight_decay: Optional[float] = typer.Option(None),
+    warmup_epochs: Optional[int] = typer.Option(None, help="warm-up epochs of the cosine schedule [2]"),
+    roi: Optional[str] = typer.Option(None, help="patch / sliding-window size, e.g. 64,64,64"),
+    spacing: Optional[str] = typer.Option(None, help="model voxel spacing in mm, e.g. 1,1,1"),
+    intensity: Optional[str] = typer.Option(None, help="zscore_nonzero | zscore | clip_scale"),
+    network: Optional[str] = typer.Option(None, help="SegResNet | SegResNetDS"),
+    init_filters: Optional[int] = typer.Option(None, help="network width [16]"),
+    blocks_down: Optional[str] = typer.Option(None, help="encoder blocks per level, e.g. 1,2,2,4"),
+    blocks_up: Optional[str] = typer.Option(None, help="decoder blocks per level (SegResNet), e.g. 1,1,1"),
+    modality: Optional[str] = typer.Option(None, help="expected modality, recorded in the bundle [MRI]"),
+    no_augment: bool = typer.Option(False, "--no-augment", help="no flips / intensity augmentation"),
+    base: Optional[str] = typer.Option(None, "--base", help="fine-tune this bundle (id or folder)"),
+    freeze_encoder: bool = typer.Option(False, "--freeze-encoder", help="fine-tuning: train the decoder only"),
+    out: Optional[Path] = typer.Option(None, "--out", help="models folder to publish into [<data dir>/models]"),
+    model_id: Optional[str] = typer.Option(None, "--id", help="new model id [generated]"),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="checkpoints and log [<data dir>/runs/<id>]"),
+    log_file: Optional[Path] = typer.Option(None, "--log-file", help="JSON-lines progress log [<work dir>/train.jsonl]"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in the work dir (starts fresh if none)"),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", help="stop (resumable) after N epochs this sitting"),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="stop (resumable) after ~this many minutes"),
+    fit_temperature: bool = typer.Option(False, "--fit-temperature", help="fit a temperature on the validation set"),
+    half: bool = typer.Option(False, "--half", help="store float16 weights"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle with the same id"),
+    description: Optional[str] = typer.Option(None, help="one-line description for the card"),
+    data_source: Optional[str] = typer.Option(None, help="data source text for the card"),
+    data_licence: Optional[str] = typer.Option(None, help="data licence for the card"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N [cuda if available]"),
+    num_workers: Optional[int] = typer.Option(None, help="data loader worker processes [0]"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+):
+    """Train (or, with --base, fine-tune) a SegResNet and publish it as a model bundle.
+
+    Runs on several GPUs or nodes with torchrun: `torchrun --nproc_per_node 4 -m acecal.cli.main train ...`.
+    Interrupted runs continue with --resume (same --id or --work-dir).
+    """
+    from pydantic import ValidationError
+
+    from acecal.errors import ACECalError
+
+    params: dict[str, Any] = {}
+    for item in loss_param or []:
+        if "=" not in item:
+            _fail(f"--loss-param needs NAME=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        import json
+
+        try:
+            params[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            params[k.strip()] = v
+    net_args: dict[str, Any] = {}
+    if init_filters is not None:
+        net_args["init_filters"] = init_filters
+    if blocks_down is not None:
+        net_args["blocks_down"] = _ints(blocks_down, what="--blocks-down")
+    if blocks_up is not None:
+        net_args["blocks_up"] = _ints(blocks_up, what="--blocks-up")
+    settings: dict[str, Any] = {
+        "data": data, "images": str(images) if images else None, "labels_dir": str(labels) if labels else None,
+        "loss": loss, "loss_params": params or None, "epochs": epochs, "val_every": val_every,
+        "val_fraction": val_fraction, "val_cases": [v.strip() for v in val_cases.split(",")] if val_cases else None,
+        "seed": seed, "batch_size": batch_size, "num_samples": num_samples, "lr": lr, "weight_decay": weight_decay,
+        "warmup_epochs": warmup_epochs, "roi_size": _ints(roi, 3, "--roi"), "spacing": _floats(spacing, 3, "--spacing"),
+        "modality": modality, "base": base, "out_dir": str(out) if out else None, "model_id": model_id,
+        "work_dir": str(work_dir) if work_dir else None, "log_file": str(log_file) if log_file else None,
+        "stop_after_epochs": stop_after, "time_limit_minutes": time_limit, "description": description,
+        "data_source": data_source, "data_licence": data_licence, "device": device, "num_workers": num_workers,
+        "num_threads": threads,
+    }
+    for flag, key in ((no_augment, "augment"), (freeze_encoder, "freeze_encoder"), (resume, "resume"),
+                      (fit_temperature, "fit_temperature"), (half, "half_precision"), (overwrite, "overwrite")):
+        if flag:
+            settings[key] = (not flag) if key == "augment" else True
+    settings = {k: v for k, v in settings.items() if v is not None}
+    settings["command"] = "acecal " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        from acecal.training.config import TrainConfig
+
+        if config is not None:
+            if not config.is_file():
+                _fail(f"the config file {str(config)!r} does not exist")
+            cfg = TrainConfig.from_file(config, **settings)
+        else:
+            cfg = TrainConfig(**settings)
+        if intensity is not None or network is not None or net_args:
+            upd: dict[str, Any] = {}
+            if intensity is not None:
+                upd["intensity"] = cfg.intensity.model_copy(update={"mode": intensity})
+            if network is not None or net_args:
+                upd["network"] = cfg.network.model_copy(update={
+                    "name": network or cfg.network.name, "args": {**cfg.network.args, **net_args}})
+            cfg = TrainConfig.model_validate({**cfg.model_dump(), **{k: v.model_dump() for k, v in upd.items()}})
+    except ValidationError as e:
+        _fail("bad training settings:\n  " + "\n  ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in e.errors()))
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+
+    from acecal.training.engine import Engine
+
+    main_rank = _is_main_rank()
+    try:
+        result = Engine(cfg, show_progress=False if quiet else None).run()
+    except KeyboardInterrupt:
+        if main_rank:
+            typer.secho(f"interrupted; continue with --resume --id {cfg.model_id or '<id>'}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except ACECalError as e:
+        _fail(e.detail)
+    if not main_rank:
+        return
+    if result.status == "published":
+        m = result.metrics
+        if m.get("dice") is not None:
+            typer.echo(f"validation: dice {m['dice']:.4f}  ace {m['ace']:.4f}  ece {m['ece']:.4f}  mce {m['mce']:.4f}",
+                       err=True)
+        typer.echo(f"published model {result.model_id} at {result.bundle_path}", err=True)
+        typer.echo(result.model_id)
+    elif result.status == "stopped":
+        typer.echo(f"stopped after epoch {result.epochs_done}/{result.epochs}; continue with: "
+                   f"acecal train ... --id {result.model_id} --resume (work dir {result.work_dir})", err=True)
+    elif result.status == "cancelled":
+        typer.echo(f"cancelled at epoch {result.epochs_done}/{result.epochs}", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    else:
+        typer.echo(f"finished {result.epochs_done} epochs (not published); checkpoints in {result.work_dir}", err=True)
+
+
+@app.command(no_args_is_help=True)
+def evaluate(
+    model: str = typer.Option(..., "--model", "-m", help="bundle id or folder"),
+    images: Path = typer.Option(..., "--images", help="images folder"),
+    labels: Path = typer.Option(..., "--labels", help="labels folder (same file names)"),
+    out: Path = typer.Option(..., "--out", help="report folder (report.json, report.md, PNGs)"),
+    temperature: bool = typer.Option(False, "--temperature", help="apply the bundle's fitted temperature"),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="also look up ids in this models folder"),
+    device: Optional[str] = typer.Option(None, help="cpu | cuda"),
+    no_plots: bool = typer.Option(False, "--no-plots", help="skip the PNG figures"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+):
+    """Evaluate a model on a labelled folder: Dice, ACE, ECE, MCE per case and per class, reliability figures."""
+    from acecal.errors import ACECalError
+
+    try:
+        from acecal.bundles import ModelRegistry
+        from acecal.bundles.registry import default_data_dir, default_models_dir
+        from acecal.training.evaluate import evaluate as run_evaluate
+
+        dirs = ([models_dir] if models_dir else []) + [default_models_dir(), default_data_dir() / "models"]
+
+        def show(e: dict) -> None:
+            if not quiet:
+                typer.echo(f"[{e['index']}/{e['total']}] {e['case']}", err=True)
+
+        report = run_evaluate(model, images, labels, out, temperature=temperature, registry=ModelRegistry(dirs),
+                              device=device, plots=not no_plots, progress=show)
+    except ACECalError as e:
+        _fail(e.detail)
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED)
+    a = report["aggregate"]
+
+    def n(v):
+        return "n/a" if v is None else f"{v:.4f}"
+
+    typer.echo(f"{report['model']}: {report['num_cases']} cases  dice {n(a['dice'])}  ace {n(a['ace'])}  "
+               f"ece {n(a['ece'])}  mce {n(a['mce'])}")
+    typer.echo(f"report: {Path(out) / 'report.json'}")
