@@ -229,8 +229,7 @@ def plot_dataset_reliability_histogram(
     fig = _figure(4.8 * cols + 0.8, 3.6 * rows + 1.0)
     gs = fig.add_gridspec(rows, cols)
     axes = []
-    cmap = colormaps["YlOrRd"].copy()
-    cmap.set_bad("0.88")
+    cmap = colormaps["YlOrRd"].with_extremes(bad="0.88")
     norm = PowerNorm(gamma=0.35, vmin=0.0, vmax=1.0)
     image = None
     for i, (name, counts) in enumerate(panels):
