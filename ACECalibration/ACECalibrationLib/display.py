@@ -28,7 +28,7 @@ from typing import Iterable
 
 import numpy as np
 
-from ._mrml import mrml, vtk
+from ._mrml import mrml
 
 __all__ = [
     "LABEL_PALETTE",

@@ -15,7 +15,7 @@ a row; :func:`start_segmentation` runs the middle one on a :class:`~ACECalibrati
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -87,41 +87,48 @@ def make_client(server_url: str, api_key: str | None = None, **kwargs: Any):
     return ACEClient(normalize_server_url(server_url), api_key=api_key or None, **kwargs)
 
 
-def _get(obj: Any, *names: str, default: Any = None) -> Any:
-    for n in names:
-        if isinstance(obj, Mapping):
-            if n in obj and obj[n] is not None:
-                return obj[n]
-        elif getattr(obj, n, None) is not None:
-            return getattr(obj, n)
-    return default
-
-
 def _to_output(result: Any, model_id: str) -> InferenceOutput:
-    """Adapt the client's inference result to :class:`InferenceOutput`."""
-    arrays = _get(result, "arrays", default=result)
-    grid = _get(result, "grid")
-    labels = _get(arrays, "labels", "label")
-    if isinstance(labels, tuple):  # (array, grid) pairs
-        labels, grid = labels
-    def arr(name: str) -> np.ndarray:
-        a = _get(arrays, name)
-        return a[0] if isinstance(a, tuple) else a
-    names = _get(result, "label_names", "labels_table", default=None)
-    if names is None and isinstance(_get(result, "labels"), Mapping):
-        names = _get(result, "labels")
+    """The client's :class:`acecal.client.InferenceResult` as an :class:`InferenceOutput`."""
+    arrays = result.arrays
+    missing = [n for n in ("labels", "confidence", "uncertainty", "flags") if arrays.get(n) is None]
+    if missing:
+        raise ACECalError(f"The server's result lacks the {', '.join(missing)} volume(s).", code="bad_response")
     return InferenceOutput(
-        labels=np.asarray(labels),
-        confidence=np.asarray(arr("confidence"), dtype=np.float32),
-        uncertainty=np.asarray(arr("uncertainty"), dtype=np.float32),
-        flags=np.asarray(arr("flags")),
-        grid=grid,
-        label_names={str(k): str(v) for k, v in dict(names or {}).items()},
-        regions=list(_get(result, "regions", default=[]) or []),
-        summary=dict(_get(result, "summary", default={}) or {}),
-        result_id=str(_get(result, "result_id", "id", default="")),
-        model_id=model_id,
+        labels=np.asarray(arrays["labels"]),
+        confidence=np.asarray(arrays["confidence"], dtype=np.float32),
+        uncertainty=np.asarray(arrays["uncertainty"], dtype=np.float32),
+        flags=np.asarray(arrays["flags"]),
+        grid=result.grid,
+        label_names={str(k): str(v) for k, v in dict(result.labels).items()},
+        regions=[getattr(r, "raw", None) or r for r in result.regions],
+        summary=dict(result.summary or {}),
+        result_id=str(result.result_id),
+        model_id=str(result.model_id or model_id),
     )
+
+
+def _progress_callback(context: TaskContext):
+    """Map the client's ``progress(stage, done, total)`` onto the task: upload 0-30 %, downloads 70-100 %.
+
+    It also checks the cancel flag on every chunk, so Cancel stops an upload or download within one chunk.
+    """
+    downloads = ("labels", "confidence", "uncertainty", "flags")
+
+    def progress(stage: str, done: int, total: int | None) -> None:
+        if stage == "upload":
+            if total and done >= total:
+                context.progress(None, "Running the model on the server")
+            else:
+                context.bytes_callback("Uploading", 0.0, 0.3)(done, total)
+        elif stage.startswith("download:"):
+            name = stage.split(":", 1)[1]
+            i = downloads.index(name) if name in downloads else 0
+            lo = 0.7 + 0.3 * i / len(downloads)
+            context.bytes_callback(f"Downloading {name}", lo, lo + 0.3 / len(downloads))(done, total)
+        else:
+            context.progress(None, stage)
+
+    return progress
 
 
 def prepare_input(volume_node) -> tuple[np.ndarray, Grid]:
@@ -143,12 +150,11 @@ def infer(
     params: dict[str, Any] = {}
     if uncertainty_threshold is not None and uncertainty_threshold > 0:
         params["uncertainty_threshold"] = float(uncertainty_threshold)
-    kwargs: dict[str, Any] = {}
+    progress = None
     if context is not None:
         context.progress(0.0, "Uploading")
-        kwargs["upload_progress"] = context.bytes_callback("Uploading", 0.0, 0.3)
-        kwargs["download_progress"] = context.bytes_callback("Downloading results", 0.7, 1.0)
-    result = client.infer((array_zyx, grid), model_id, params=params or None, **kwargs)
+        progress = _progress_callback(context)
+    result = client.infer((array_zyx, grid), model_id, params=params or None, progress=progress)
     if context is not None:
         context.check()
     out = _to_output(result, model_id)
@@ -266,19 +272,24 @@ def user_message(exc: BaseException, server_url: str = "") -> str:
         return "Cancelled."
     if isinstance(exc, UnauthorizedError):
         return (f"The server{where} refused the API key. Enter the key the server was started with "
-                f"(acecal serve --api-key ...) in the API key field. Server said: {exc.detail}")
+                f"(acecal serve --api-key ... or ACECAL_API_KEY) in the API key field. Server said: {exc.detail}")
+    if isinstance(exc, TimeoutError):  # the client's ServerTimeoutError included
+        return (f"The ACECalibration server{where} did not answer in time. It may be busy or the volume very large; "
+                f"try again, or check the server's log. ({exc})")
+    if isinstance(exc, ConnectionError):  # the client's ServerUnreachableError included
+        return (f"Cannot reach the ACECalibration server{where}. Check that it is running ('acecal serve' or "
+                f"'make serve') and that the address and port are right. ({exc})")
     if isinstance(exc, ACECalError):
         return exc.detail
     try:
         import requests
 
         if isinstance(exc, requests.exceptions.ConnectionError):
-            return (f"Cannot reach the ACECalibration server{where}. Check that it is running "
-                    "('acecal serve' or 'make serve') and that the address is right.")
+            return user_message(ConnectionError(str(exc)), server_url)
         if isinstance(exc, requests.exceptions.Timeout):
-            return f"The server{where} did not answer in time. It may be busy; try again, or check its log."
+            return user_message(TimeoutError(str(exc)), server_url)
     except ImportError:  # pragma: no cover
         pass
-    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
+    if isinstance(exc, OSError):
         return f"Cannot reach the ACECalibration server{where}: {exc}"
     return f"Unexpected error: {exc}"

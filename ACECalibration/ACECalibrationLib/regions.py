@@ -65,8 +65,9 @@ def region_from_reply(d: Any, labels: Mapping[Any, str] | None = None) -> Region
 
     ``class`` may be a label value or a name; with ``labels`` (value -> name) values become names.
     """
-    if not isinstance(d, Mapping):
-        d = {k: getattr(d, k) for k in dir(d) if not k.startswith("_")}
+    if not isinstance(d, Mapping):  # acecal.client.Region: its server dict, or its attributes
+        raw = getattr(d, "raw", None)
+        d = raw if isinstance(raw, Mapping) and raw else {k: getattr(d, k) for k in dir(d) if not k.startswith("_")}
     cls = _first(d, "class_name", "class", "label_name", "label", default="")
     if labels is not None and not isinstance(cls, str):
         cls = labels.get(str(cls), labels.get(cls, str(cls)))  # type: ignore[arg-type]

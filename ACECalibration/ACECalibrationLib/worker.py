@@ -20,6 +20,7 @@ from typing import Any, Callable
 __all__ = ["Cancelled", "TaskContext", "Task", "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "pending", "running", "succeeded", "failed", "cancelled"
+_KEEP = object()
 
 
 class Cancelled(Exception):
@@ -45,10 +46,13 @@ class TaskContext:
         if self.cancelled:
             raise Cancelled()
 
-    def progress(self, fraction: float | None = None, message: str | None = None) -> None:
-        """Report progress (fraction 0..1 or None for "busy") and a short message; also checks for cancel."""
+    def progress(self, fraction: Any = _KEEP, message: str | None = None) -> None:
+        """Report progress (fraction 0..1, or None for "busy, amount unknown"; omitted = unchanged) and a short
+        message; also checks for cancel."""
         with self._task._lock:
-            if fraction is not None:
+            if fraction is None:
+                self._task._progress = None
+            elif fraction is not _KEEP:
                 self._task._progress = max(0.0, min(1.0, float(fraction)))
             if message is not None:
                 self._task._message = message

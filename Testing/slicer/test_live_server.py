@@ -1,0 +1,170 @@
+"""ACECalibrationLib against a real ACECal server on loopback (uvicorn, the tiny trained bundle), on real MRML.
+
+The volume is an oblique (tilted, axes permuted and flipped), anisotropic, offset grid holding a physical sphere
+whose position is known, so "the segment is where the truth is" is checked in world coordinates too.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, torch, monai) is needed")
+
+from acecal.client import ACEClient  # noqa: E402
+from acecal.errors import ModelNotFoundError, UnauthorizedError  # noqa: E402
+from acecal.geometry import lps_to_ras  # noqa: E402
+
+from ACECalibrationLib import display, nodes, regions, segmentation  # noqa: E402
+from ACECalibrationLib.logic import (  # noqa: E402
+    create_result_nodes,
+    infer,
+    prepare_input,
+    run_segmentation,
+    start_segmentation,
+    user_message,
+)
+from ACECalibrationLib.worker import Cancelled  # noqa: E402
+from slicer_test_helpers import oblique_grid, sphere_case  # noqa: E402
+
+KEY = "slicer-test-key"
+MODEL = "tiny-sphere"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle, tmp_path_factory):
+    from live_server import LiveServer, make_settings
+
+    settings = make_settings(tmp_path_factory.mktemp("slicer_server"), [tiny_bundle.parent], api_key=KEY)
+    with LiveServer(settings) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with ACEClient(server.url, api_key=KEY, timeout=(5.0, 120.0)) as c:
+        yield c
+
+
+@pytest.fixture
+def case(scene):
+    grid = oblique_grid(shape_zyx=(22, 26, 30), spacing=(0.9, 1.1, 1.4))
+    image, label, centre_lps = sphere_case(grid, radius_mm=5.5, seed=3)
+    volume = nodes.add_volume_from_array(scene, image, grid, "Oblique sphere")
+    return volume, grid, label, centre_lps
+
+
+def _dice(a, b):
+    a, b = a > 0, b > 0
+    return 2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1)
+
+
+def test_segmentation_overlays_and_table_from_the_server(scene, case, client):
+    volume, grid, truth, centre_lps = case
+    array, sent_grid = prepare_input(volume)
+    assert sent_grid.same_as(grid, atol=1e-9)
+    # a high threshold so the model's (few) doubtful boundary voxels are flagged as regions
+    output = infer(client, MODEL, array, sent_grid, uncertainty_threshold=0.999)
+    result = create_result_nodes(scene, volume, output)
+
+    # overlays: on the input's exact grid
+    for node in (result.confidence_node, result.uncertainty_node):
+        assert nodes.volume_nodes_share_grid(volume, node)
+        a = nodes.array_from_volume_node(node)
+        assert a.shape == grid.shape_zyx and a.dtype == np.float32 and a.min() >= 0.0 and a.max() <= 1.0
+
+    # segments: named as the model names them, standard colours, where the ground truth is
+    seg = result.segmentation_node.GetSegmentation()
+    names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
+    assert names == ["sphere", display.UNCERTAIN_SEGMENT_NAME]
+    assert np.allclose(seg.GetSegment(result.segment_ids[1]).GetColor(), display.segment_color(1, "sphere"))
+    assert np.allclose(seg.GetSegment(result.uncertain_segment_id).GetColor(), display.UNCERTAIN_COLOR)
+    mask = segmentation.segment_mask(result.segmentation_node, result.segment_ids[1], volume)
+    assert np.array_equal(mask, (output.labels == 1).astype(np.uint8))
+    assert _dice(mask, truth) > 0.8, _dice(mask, truth)
+    m = vtk_matrix(volume)
+    k, j, i = np.nonzero(mask)
+    centroid_ras = (np.stack([i, j, k, np.ones_like(i)], 1) @ m.T)[:, :3].mean(0)
+    assert np.linalg.norm(centroid_ras - lps_to_ras(centre_lps)) < 1.5  # mm
+    flags = segmentation.segment_mask(result.segmentation_node, result.uncertain_segment_id, volume)
+    assert np.array_equal(flags, (output.flags > 0).astype(np.uint8))
+
+    # the regions table matches the server's regions, row by row
+    assert len(output.regions) > 0, "expected flagged regions at threshold 0.999"
+    rows = regions.regions_from_table(result.regions_table_node)
+    assert len(rows) == len(output.regions) == result.summary["region_count"]
+    for row, r in zip(rows, output.regions):
+        assert row.id == r["id"] and row.class_name == r["class_name"] == "sphere"
+        assert row.voxel_count == r["voxels"]
+        assert row.volume_ml == pytest.approx(r["volume_ml"]) and row.mean_confidence == pytest.approx(r["mean_confidence"])
+        assert np.allclose(row.centroid_ras, r["centroid_ras"])
+        assert np.allclose(row.centroid_ras, lps_to_ras(r["centroid_lps"]))
+    # navigation goes to the first region's centroid
+    assert np.allclose(result.navigator().next(scene), rows[0].centroid_ras)
+
+
+def vtk_matrix(node):
+    from ACECalibrationLib._mrml import vtk
+
+    mat = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(mat)
+    return nodes.matrix_to_numpy(mat)
+
+
+def test_run_segmentation_entry_point(scene, case, server):
+    volume, grid, truth, _ = case
+    result = run_segmentation(scene, volume, server.url, MODEL, api_key=KEY)
+    assert result.model_id == MODEL and result.label_names == {"0": "background", "1": "sphere"}
+    for name in ("segmentation_node", "confidence_node", "uncertainty_node", "regions_table_node"):
+        assert getattr(result, name) is not None and getattr(result, name).GetScene() is scene
+    assert result.regions_table_node.GetNumberOfColumns() == len(regions.COLUMNS)
+    assert result.regions_table_node.GetNumberOfRows() == len(result.regions)
+
+
+def test_worker_path_progress_and_cancel(scene, case, server):
+    volume, grid, truth, _ = case
+    task = start_segmentation(volume, server.url, MODEL, api_key=KEY)
+    seen = set()
+    deadline = time.monotonic() + 60
+    while not task.done() and time.monotonic() < deadline:
+        seen.add(task.progress[1])
+        time.sleep(0.005)
+    output = task.result(0)
+    assert task.progress[0] == 1.0
+    result = create_result_nodes(scene, volume, output)
+    assert nodes.volume_nodes_share_grid(volume, result.confidence_node)
+
+    # cancel: the UI is free at once, the worker unwinds at its next progress callback, the server carries on
+    task = start_segmentation(volume, server.url, MODEL, api_key=KEY)
+    assert task.cancel() and task.done()
+    with pytest.raises(Cancelled):
+        task.result(0)
+    assert task.worker_finished(60)
+    assert ACEClient(server.url).health()["status"] == "ok"
+
+
+def test_errors_server_down_wrong_key_unknown_model(scene, case, server):
+    from live_server import free_port
+
+    volume = case[0]
+    down = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionError) as e:
+        run_segmentation(scene, volume, down, MODEL, api_key=KEY)
+    msg = user_message(e.value, down)
+    assert msg.startswith(f"Cannot reach the ACECalibration server at {down}") and "acecal serve" in msg
+
+    with pytest.raises(UnauthorizedError) as e:
+        run_segmentation(scene, volume, server.url, MODEL, api_key="wrong-key")
+    msg = user_message(e.value, server.url)
+    assert "refused the API key" in msg and e.value.detail in msg
+
+    with pytest.raises(UnauthorizedError):  # no key at all
+        run_segmentation(scene, volume, server.url, MODEL, api_key=None, client=ACEClient(server.url, api_key=""))
+
+    with pytest.raises(ModelNotFoundError) as e:
+        run_segmentation(scene, volume, server.url, "no-such-model", api_key=KEY)
+    assert "no-such-model" in user_message(e.value)
+    # nothing half-made was left in the scene by the failures
+    assert scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode") == 0
