@@ -1,1 +1,48 @@
-"""acecal.losses"""
+"""acecal.losses: marginal L1 average calibration error (mL1-ACE) losses, hard- and soft-binned.
+
+Public API::
+
+    hard_binned_calibration(probs, target, num_bins=20, right=False) -> (mean_p, mean_y, counts)
+    soft_binned_calibration(probs, target, num_bins=20, empty_weight=0.01) -> (mean_p, mean_y, counts)
+    HardL1ACELoss, SoftL1ACELoss                      the ACE losses (MONAI-style arguments)
+    HardL1ACEandDiceCELoss, SoftL1ACEandDiceCELoss    paper configurations (0.33 ACE + 0.33 Dice + 0.33 CE)
+    HardL1ACEandDiceLoss, SoftL1ACEandDiceLoss        0.5 ACE + 0.5 Dice
+    HardL1ACEandCELoss, SoftL1ACEandCELoss            0.5 ACE + 0.5 CE
+    build_loss(name, num_classes, **overrides), LOSS_NAMES   training losses by name: loss(logits, label_map)
+
+Typical training use::
+
+    loss_fn = HardL1ACEandDiceCELoss(to_onehot_y=True, softmax=True)   # or build_loss("hardl1ace_dice_ce", C)
+    loss = loss_fn(model(images), labels)   # logits (B, C, H, W, D), labels (B, 1, H, W, D)
+    loss.backward()
+
+References: Barfoot et al., IEEE TMI, arXiv:2506.03942; Barfoot et al., MICCAI 2024, arXiv:2403.06759.
+"""
+
+from .ace import HardL1ACELoss, SoftL1ACELoss
+from .binning import hard_binned_calibration, soft_binned_calibration
+from .combined import (
+    HardL1ACEandCELoss,
+    HardL1ACEandDiceCELoss,
+    HardL1ACEandDiceLoss,
+    SoftL1ACEandCELoss,
+    SoftL1ACEandDiceCELoss,
+    SoftL1ACEandDiceLoss,
+)
+from .registry import LOSS_NAMES, NACLandDiceLoss, build_loss
+
+__all__ = [
+    "LOSS_NAMES",
+    "HardL1ACELoss",
+    "HardL1ACEandCELoss",
+    "HardL1ACEandDiceCELoss",
+    "HardL1ACEandDiceLoss",
+    "NACLandDiceLoss",
+    "SoftL1ACELoss",
+    "SoftL1ACEandCELoss",
+    "SoftL1ACEandDiceCELoss",
+    "SoftL1ACEandDiceLoss",
+    "build_loss",
+    "hard_binned_calibration",
+    "soft_binned_calibration",
+]

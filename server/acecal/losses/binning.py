@@ -1,0 +1,538 @@
+"""Hard and soft per-(image, class) calibration binning with compact custom autograd functions.
+
+Both binnings work per image and per class channel ("marginal" calibration): for a probability map ``probs`` of
+shape ``(B, C, spatial...)`` they return three ``(B, C, num_bins)`` tensors ``(mean_p, mean_y, counts)``.
+They are the building blocks of :class:`~acecal.losses.HardL1ACELoss` and :class:`~acecal.losses.SoftL1ACELoss`.
+
+Implementation notes (see ``shared/reference/calibration.md`` sections 2, 3, 8 and 12):
+
+- No Python loop over batch or class: every per-bin statistic is one ``scatter_add_`` along the flattened
+  spatial axis into a ``(B, C, bins)`` accumulator. Statistics are accumulated in **float64** whatever the input
+  dtype (float32 accumulation of counts stalls at 2**24 = 16,777,216).
+- A label-map target ``(B, 1, spatial...)`` is used directly: the bin of each voxel's own class is gathered, so a
+  float one-hot target is never materialised.
+- Custom ``torch.autograd.Function``\\ s with closed-form backward passes. Hard binning saves one ``uint8`` bin
+  index per element; soft binning saves nothing per element beyond the probabilities (usually the softmax output,
+  already kept by autograd) and, for a label map, a ``uint8`` copy of the labels; its weights are recomputed.
+- One fused validation (a handful of reductions, a single host synchronisation) per call; the binning itself
+  never synchronises with the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["hard_binned_calibration", "soft_binned_calibration"]
+
+_EPS32 = float(torch.finfo(torch.float32).eps)
+_EDGE_TABLES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor | None]] = {}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# validation (one fused host synchronisation)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_num_bins(num_bins: int, who: str) -> int:
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+        raise ValueError(f"{who}: num_bins must be an integer >= 1, got {num_bins!r}.")
+    if num_bins > 32767:
+        raise ValueError(f"{who}: num_bins must be <= 32767, got {num_bins}; 20 is the usual choice.")
+    return num_bins
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Element-wise working precision: float64 stays float64, everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fused_checks(who: str, checks: Sequence[tuple[str, torch.Tensor]]) -> dict[str, float]:
+    """Evaluate named 0-d tensors with a single device -> host copy."""
+    if not checks:
+        return {}
+    values = torch.stack([t.detach().to(torch.float64).reshape(()) for _, t in checks]).tolist()
+    return {name: v for (name, _), v in zip(checks, values)}
+
+
+def _range_checks(prefix: str, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    lo, hi = torch.aminmax(x.detach())
+    return [(prefix + "_min", lo), (prefix + "_max", hi)]
+
+
+def _label_checks(label: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+    lab = label.detach()
+    if lab.dtype == torch.bool:
+        lab = lab.to(torch.uint8)
+    checks = _range_checks("label", lab)
+    if lab.is_floating_point():
+        checks.append(("label_nonint", (lab != torch.round(lab)).any()))
+    return checks
+
+
+def _raise_if_bad(
+    who: str,
+    values: dict[str, float],
+    *,
+    input_name: str = "input",
+    probs_name: str | None = None,
+    num_classes: int | None = None,
+) -> None:
+    """Turn the fused check results into a ValueError that says what was wrong and what to do."""
+    if "input_min" in values:
+        lo, hi = values["input_min"], values["input_max"]
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(
+                f"{who}: {input_name} contains NaN or infinite values (min={lo}, max={hi}). Check the network output "
+                "for divergence (lower the learning rate, use gradient clipping, or check AMP loss scaling)."
+            )
+    if "probs_min" in values:
+        lo, hi = values["probs_min"], values["probs_max"]
+        name = probs_name or "probabilities"
+        if math.isnan(lo) or math.isnan(hi):
+            raise ValueError(
+                f"{who}: {name} contain NaN values. Check the network output for divergence (lower the learning "
+                "rate, use gradient clipping, or check AMP loss scaling)."
+            )
+        if not (lo >= 0.0 and hi <= 1.0):
+            raise ValueError(
+                f"{who}: {name} must lie in [0, 1], got values in [{lo}, {hi}]. Pass probabilities, or pass logits "
+                "with softmax=True (or sigmoid=True) so the loss applies the activation itself."
+            )
+    if "target_min" in values:
+        lo, hi = values["target_min"], values["target_max"]
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{who}: target contains NaN or infinite values (min={lo}, max={hi}).")
+        if not (lo >= 0.0 and hi <= 1.0):
+            raise ValueError(
+                f"{who}: a one-hot / probability target must lie in [0, 1], got values in [{lo}, {hi}]. "
+                "For a label map of shape (B, 1, spatial...) set to_onehot_y=True."
+            )
+    if "label_min" in values:
+        lo, hi = values["label_min"], values["label_max"]
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{who}: label map contains NaN or infinite values (min={lo}, max={hi}).")
+        if values.get("label_nonint", 0.0) != 0.0:
+            raise ValueError(
+                f"{who}: label map contains non-integer values (range [{lo}, {hi}]). Resample label maps with "
+                "nearest-neighbour interpolation, or round them, before the loss."
+            )
+        if num_classes is not None and not (lo >= 0 and hi <= num_classes - 1):
+            raise ValueError(
+                f"{who}: label map values must be class indices in [0, {num_classes - 1}] for an input with "
+                f"{num_classes} channels, got values in [{int(lo)}, {int(hi)}]. Check the number of output channels "
+                "of the network against the labels."
+            )
+
+
+def _check_same_shape(who: str, probs: torch.Tensor, target: torch.Tensor) -> None:
+    if not isinstance(probs, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise ValueError(f"{who}: probs and target must be torch.Tensor, got {type(probs)} and {type(target)}.")
+    if probs.ndim < 3:
+        raise ValueError(
+            f"{who}: probs must have shape (B, C, spatial...) with at least one spatial dimension, "
+            f"got shape {tuple(probs.shape)}."
+        )
+    if probs.shape != target.shape:
+        raise ValueError(
+            f"{who}: probs and target must have the same shape (B, C, spatial...), got {tuple(probs.shape)} and "
+            f"{tuple(target.shape)}. One-hot encode a label map first (e.g. monai.networks.utils.one_hot)."
+        )
+    if probs.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{who}: probs must be a floating point tensor, got dtype {probs.dtype}.")
+    if probs[0, 0].numel() == 0 or probs.shape[0] == 0 or probs.shape[1] == 0:
+        raise ValueError(f"{who}: probs must not be empty, got shape {tuple(probs.shape)}.")
+
+
+def _validate_probs_and_target(who: str, probs: torch.Tensor, target: torch.Tensor) -> None:
+    checks = _range_checks("probs", probs)
+    if target.dtype == torch.bool:
+        target = target.to(torch.uint8)
+    checks += _range_checks("target", target)
+    values = _fused_checks(who, checks)
+    _raise_if_bad(who, values, probs_name="probs")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hard binning: MONAI's edges and tie rule without a binary search
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _edge_tables_from(edges: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Lookup tables for :func:`_bin_index` from float32 edges ``e_0 = 0 < e_1 < ... < e_M`` (``e_M > 1``).
+
+    Returns ``lo`` of shape ``(M + 1,)`` with ``lo[g] = e_g`` and ``lo[0] = -inf``, and ``hi`` with
+    ``hi[g] = e_{g+1}`` and ``hi[M] = +inf``, or None when every edge satisfies ``e_m >= m / M`` (then ``e_{g+1}``
+    never decides). One host sync; callers cache the result.
+    """
+    num_bins = edges.numel() - 1
+    lo = edges.clone()
+    lo[0] = -math.inf
+    exact = torch.arange(1, num_bins + 1, dtype=torch.float64, device=edges.device)
+    below = bool((edges[1:].double() * num_bins < exact).any())  # e_m * M is exact in float64
+    hi = torch.cat([edges[1:], edges.new_full((1,), math.inf)]) if below else None
+    return lo, hi
+
+
+def _edge_tables(num_bins: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """MONAI's bin edges ``linspace(0, 1 + eps32, M + 1)`` (float32, on ``device``) as lookup tables, cached."""
+    key = (num_bins, str(device))
+    tables = _EDGE_TABLES.get(key)
+    if tables is None:
+        edges = torch.linspace(0.0, 1.0 + _EPS32, num_bins + 1, dtype=torch.float32, device=device)
+        tables = _edge_tables_from(edges)
+        _EDGE_TABLES[key] = tables
+    return tables
+
+
+def _bin_index(
+    v: torch.Tensor, num_bins: int, right: bool, lo: torch.Tensor, hi: torch.Tensor | None, fast: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bucketize(v, e[1:], right).clamp(max=M - 1)`` for float32 ``v`` in [0, 1], without a binary search.
+
+    ``bucketize`` gives ``#{m >= 1 : e_m < v}`` (``<=`` when ``right=True``). With ``g = floor(v * M)`` every edge
+    ``e_m`` with ``m <= g - 1`` lies below ``v`` and every edge with ``m >= g + 2`` above it (an edge is within a few
+    ulps of ``m / M``), so at most ``e_g`` and ``e_{g+1}`` need a comparison, one table lookup each; when ``hi`` is
+    None only ``e_g`` can decide. Returns the index as int64 (for scatter) and in the compact dtype that is saved for
+    the backward pass (uint8 for M <= 255), both contiguous with ``v``'s shape.
+    """
+    if fast and hi is None and num_bins <= 255:
+        # g = floor(fl32(v * M)) is floor(v * M) or, when the product rounds up to an integer, one more; in both
+        # cases the bin is g - [e_g >= v], because m / M <= e_m < (m + 1) / M - 1 ulp for every edge.
+        s = v * num_bins
+        e = lo.index_select(0, s.to(torch.int32).reshape(-1)).view(s.shape)
+        below = (e > v) if right else (e >= v)
+        del e
+        compact = s.to(torch.uint8)
+        compact.sub_(below.view(torch.uint8))
+        return compact.long(), compact
+    # general path: exact floor in float64, both neighbouring edges
+    g = (v.double() * num_bins).long()
+    e = lo.index_select(0, g.reshape(-1)).view(g.shape)
+    below = (e > v) if right else (e >= v)
+    if hi is not None:
+        e2 = hi.index_select(0, g.reshape(-1)).view(g.shape)
+        above = (e2 <= v) if right else (e2 < v)
+        g.add_(above.long())
+    g.sub_(below.long())
+    return g, g.to(_index_dtype(num_bins))
+
+
+def _hard_bin_index(probs: torch.Tensor, num_bins: int, right: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bin index of every element of ``probs`` (in [0, 1]), identical to ``monai.metrics.calibration_binning``.
+
+    MONAI bins ``probs.float()``; so do we (for float64 input the float32-rounded value decides the bin).
+    """
+    lo, hi = _edge_tables(num_bins, probs.device)
+    return _bin_index(probs.float(), num_bins, right, lo, hi)
+
+
+def _index_dtype(n: int) -> torch.dtype:
+    return torch.uint8 if n <= 256 else torch.int16 if n <= 32768 else torch.int32
+
+
+def _prepare_labels(label: torch.Tensor, label_offset: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, 1, N) label map -> (int64 channel index clamped to >= 0, float64 validity mask or None)."""
+    lab = label.long()
+    if label_offset == 0:
+        return lab, None
+    lab = lab - label_offset
+    valid = (lab >= 0).to(torch.float64)
+    return lab.clamp_(min=0), valid
+
+
+class _HardBinningFunction(torch.autograd.Function):
+    """Per-(image, class, bin) sums of a hard binning; differentiable in the probabilities.
+
+    forward(probs (B, C, N), target, num_bins, right, label_offset) -> (sum_p, counts, sum_y, y_total), the first
+    three of shape (B, C, num_bins) and the last (B, C), all float64. ``target`` is either a one-hot / probability
+    tensor of shape (B, C, N) (``label_offset < 0``) or a label map (B, 1, N) whose value ``l`` means channel
+    ``l - label_offset`` (values below ``label_offset`` belong to no channel, e.g. background when it is excluded).
+
+    Only ``sum_p`` depends on the probabilities (bin membership is piecewise constant), so
+    ``d sum_p[b, c, m] / d p[b, c, i] = [bin(i) == m]`` and the backward is a gather of the incoming gradient by the
+    saved ``uint8`` bin index. With the L1-ACE on top this is the closed form of the reference sheet, section 2:
+    ``sign(mean_p_m - mean_y_m) / (K * n_m)``.
+    """
+
+    @staticmethod
+    def forward(ctx, probs, target, num_bins, right, label_offset):  # type: ignore[override]
+        bsz, nch, _ = probs.shape
+        idx, compact = _hard_bin_index(probs.detach(), num_bins, right)
+        pd = probs.detach().double()
+        sum_p = pd.new_zeros((bsz, nch, num_bins))
+        counts = torch.zeros_like(sum_p)
+        sum_y = torch.zeros_like(sum_p)
+        sum_p.scatter_add_(2, idx, pd)
+        counts.scatter_add_(2, idx, pd.new_ones(()).expand_as(pd))
+        if label_offset >= 0:
+            lab, valid = _prepare_labels(target, label_offset)
+            own_bin = idx.gather(1, lab)  # (B, 1, N): bin of each voxel in its own class channel
+            flat = (lab * num_bins).add_(own_bin).view(bsz, -1)
+            src = valid.view(bsz, -1) if valid is not None else pd.new_ones(()).expand(flat.shape)
+            sum_y.view(bsz, -1).scatter_add_(1, flat, src)
+        else:
+            sum_y.scatter_add_(2, idx, target.detach().double())
+        y_total = sum_y.sum(-1)
+        ctx.save_for_backward(compact)
+        ctx.in_dtype = probs.dtype
+        ctx.mark_non_differentiable(counts, sum_y, y_total)
+        return sum_p, counts, sum_y, y_total
+
+    @staticmethod
+    def backward(ctx, grad_sum_p, *unused):  # type: ignore[override]
+        (idx,) = ctx.saved_tensors
+        if grad_sum_p is None:
+            return None, None, None, None, None
+        table = grad_sum_p.to(_compute_dtype(ctx.in_dtype))
+        grad = table.gather(2, idx.long())
+        return grad.to(ctx.in_dtype), None, None, None, None
+
+
+def _hard_sums(
+    probs: torch.Tensor, target: torch.Tensor, num_bins: int, right: bool, label_offset: int = -1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unvalidated entry point: probs (B, C, spatial...) in [0, 1] -> (sum_p, counts, sum_y, y_total)."""
+    bsz, nch = probs.shape[:2]
+    p = probs.reshape(bsz, nch, -1)
+    t = target.reshape(target.shape[0], target.shape[1], -1)
+    return _HardBinningFunction.apply(p, t, num_bins, right, label_offset)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# soft binning: triangular kernel, cells between neighbouring bin centres
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _soft_cells(p: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell index ``J = floor(p * M + 0.5)`` in [0, M] (int64) and position ``f = p * M + 0.5 - J`` in [0, 1).
+
+    Cell 0 (``p < c_0``) and cell M (``p >= c_{M-1}``) give all weight to the end bins; an inner cell j sits
+    between the centres ``c_{j-1}`` and ``c_j`` and gives weight ``1 - f`` to bin j - 1 and ``f`` to bin j.
+    Everywhere ``p = (J - 0.5 + f) / M``. Computed in ``p``'s dtype (exact in float64 for float32 input).
+    """
+    u = torch.add(p.new_full((), 0.5), p, alpha=num_bins)
+    cell = u.long()  # u >= 0.5: truncation is floor
+    return cell, u.frac_()
+
+
+class _SoftBinningFunction(torch.autograd.Function):
+    """Per-(image, class, bin) weighted sums of the triangular soft binning; differentiable in the probabilities.
+
+    forward(probs (B, C, N), target, num_bins, label_offset) -> (W, sum_wp, sum_wy, y_total): ``W_k = sum_i w_ik``,
+    ``sum_wp_k = sum_i w_ik p_i``, ``sum_wy_k = sum_i w_ik y_i`` (each (B, C, num_bins)), ``y_total`` (B, C); float64.
+    Target conventions as in :class:`_HardBinningFunction`.
+
+    Each voxel falls in a cell (see :func:`_soft_cells`); per cell only three sums over the probabilities are needed
+    (count, sum f, sum f^2), because ``p`` is a linear function of ``f`` inside a cell. Backward: with incoming
+    gradients gW, gP, gY per bin, an element in inner cell j gets
+    ``gP_{j-1} + M (gW_j - gW_{j-1}) + (gP_j - gP_{j-1}) (j - 1/2) + 2 (gP_j - gP_{j-1}) f + M (gY_j - gY_{j-1}) y``
+    (the chain rule through ``w_ik`` and ``w'_ik = -+M``), and an element in an end cell gets ``gP`` of its end bin.
+    With the L1-ACE on top this is the closed form of the reference sheet, section 3.
+    """
+
+    @staticmethod
+    def forward(ctx, probs, target, num_bins, label_offset):  # type: ignore[override]
+        bsz, nch, _ = probs.shape
+        m = num_bins
+        pd = probs.detach().double()
+        cell, f = _soft_cells(pd, m)
+        acc = pd.new_zeros((5, bsz, nch, m + 1))  # count, sum f, sum f^2, sum y, sum f y   per cell
+        acc[0].scatter_add_(2, cell, pd.new_ones(()).expand_as(pd))
+        acc[1].scatter_add_(2, cell, f)
+        acc[2].scatter_add_(2, cell, f * f)
+        if label_offset >= 0:
+            lab, valid = _prepare_labels(target, label_offset)
+            own_cell = cell.gather(1, lab)
+            own_f = f.gather(1, lab)
+            flat = (lab * (m + 1)).add_(own_cell).view(bsz, -1)
+            own_f = own_f.view(bsz, -1)
+            if valid is None:
+                acc[3].view(bsz, -1).scatter_add_(1, flat, pd.new_ones(()).expand(flat.shape))
+            else:
+                acc[3].view(bsz, -1).scatter_add_(1, flat, valid.view(bsz, -1))
+                own_f = own_f * valid.view(bsz, -1)
+            acc[4].view(bsz, -1).scatter_add_(1, flat, own_f)
+            saved_target = target.detach().to(_index_dtype(nch + max(label_offset, 0)))
+        else:
+            yd = target.detach().double()
+            acc[3].scatter_add_(2, cell, yd)
+            acc[4].scatter_add_(2, cell, f * yd)
+            saved_target = target.detach()
+        del cell, f
+        cnt, fs, f2s, ys, fys = acc.unbind(0)
+        j = torch.arange(m + 1, dtype=torch.float64, device=pd.device) - 0.5  # p = (j + f) / M in cell j
+        sum_p = (fs + j * cnt) / m
+        sum_fp = (f2s + j * fs) / m
+        stats = []
+        for full, frac in ((cnt, fs), (sum_p, sum_fp), (ys, fys)):
+            out = pd.new_zeros((bsz, nch, m))
+            out[..., 0] += full[..., 0]  # lower end cell
+            out[..., m - 1] += full[..., m]  # upper end cell
+            if m > 1:
+                out[..., : m - 1] += full[..., 1:m] - frac[..., 1:m]  # inner cell j -> bin j - 1 with weight 1 - f
+                out[..., 1:m] += frac[..., 1:m]  # inner cell j -> bin j with weight f
+            stats.append(out)
+        y_total = ys.sum(-1)
+        ctx.save_for_backward(probs, saved_target)
+        ctx.num_bins = m
+        ctx.label_offset = label_offset
+        ctx.mark_non_differentiable(y_total)
+        return stats[0], stats[1], stats[2], y_total
+
+    @staticmethod
+    def backward(ctx, g_w, g_p, g_y, _unused):  # type: ignore[override]
+        probs, target = ctx.saved_tensors
+        m = ctx.num_bins
+        bsz, nch, _ = probs.shape
+        cd = _compute_dtype(probs.dtype)
+        zeros = None
+        grads = []
+        for g in (g_w, g_p, g_y):
+            if g is None:
+                if zeros is None:
+                    zeros = torch.zeros((bsz, nch, m), dtype=torch.float64, device=probs.device)
+                g = zeros
+            grads.append(g.to(torch.float64))
+        g_w, g_p, g_y = grads
+        # per-cell tables (B, C, M + 1): grad_i = u[J_i] + v[J_i] * f_i + wy[J_i] * y_i
+        u = g_p.new_zeros((bsz, nch, m + 1))
+        v = torch.zeros_like(u)
+        wy = torch.zeros_like(u)
+        u[..., 0] = g_p[..., 0]
+        u[..., m] = g_p[..., m - 1]
+        if m > 1:
+            beta = g_p[..., 1:] - g_p[..., :-1]
+            j = torch.arange(1, m, dtype=torch.float64, device=probs.device) - 0.5
+            u[..., 1:m] = g_p[..., :-1] + m * (g_w[..., 1:] - g_w[..., :-1]) + beta * j
+            v[..., 1:m] = 2.0 * beta
+            wy[..., 1:m] = m * (g_y[..., 1:] - g_y[..., :-1])
+        u, v, wy = u.to(cd), v.to(cd), wy.to(cd)
+        cell, f = _soft_cells(probs.detach().to(cd), m)
+        grad = u.gather(2, cell)
+        grad.addcmul_(v.gather(2, cell), f)
+        del f
+        if ctx.label_offset >= 0:
+            lab, valid = _prepare_labels(target, ctx.label_offset)
+            own_cell = cell.gather(1, lab)
+            flat = (lab * (m + 1)).add_(own_cell).view(bsz, -1)
+            add = wy.view(bsz, -1).gather(1, flat).view_as(lab)
+            if valid is not None:
+                add.mul_(valid.to(cd))
+            grad.scatter_add_(1, lab, add)
+        else:
+            grad.addcmul_(wy.gather(2, cell), target.to(cd))
+        return grad.to(probs.dtype), None, None, None
+
+
+def _soft_sums(
+    probs: torch.Tensor, target: torch.Tensor, num_bins: int, label_offset: int = -1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unvalidated entry point: probs (B, C, spatial...) in [0, 1] -> (W, sum_wp, sum_wy, y_total)."""
+    bsz, nch = probs.shape[:2]
+    p = probs.reshape(bsz, nch, -1)
+    t = target.reshape(target.shape[0], target.shape[1], -1)
+    return _SoftBinningFunction.apply(p, t, num_bins, label_offset)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public functions
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def hard_binned_calibration(
+    probs: torch.Tensor, target: torch.Tensor, num_bins: int = 20, right: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hard-binned reliability statistics per image, class and confidence bin.
+
+    Bin-for-bin identical to ``monai.metrics.calibration_binning``: edges ``linspace(0, 1 + eps32, num_bins + 1)``
+    in float32 and MONAI's tie rule, so bins are ``(k/M, (k+1)/M]`` and a value exactly on ``k/M`` goes to the
+    lower bin (0 goes to bin 0, 1 to bin M - 1); ``right=True`` reproduces ``bucketize(..., right=True)``.
+    Unlike MONAI there is no loop over batch and class and the sums are accumulated in float64.
+
+    Args:
+        probs: probabilities of shape ``(B, C, spatial...)``, values in [0, 1] (any float dtype; binned as float32,
+            like MONAI).
+        target: one-hot (or probability) target of the same shape, values in [0, 1].
+        num_bins: number of equal-width bins M on [0, 1]. Defaults to 20.
+        right: MONAI's ``right`` option (which side of an edge a value exactly on it goes to). Defaults to False.
+
+    Returns:
+        ``(mean_p, mean_y, counts)``, each of shape ``(B, C, num_bins)`` and dtype float64: mean probability,
+        mean target (observed frequency) and number of elements per bin. ``mean_p`` and ``mean_y`` are NaN for empty
+        bins. ``mean_p`` is differentiable with respect to ``probs``; ``mean_y`` and ``counts`` are not.
+
+    Raises:
+        ValueError: if shapes differ, ``probs`` has fewer than 3 dimensions or is empty, values are NaN/inf or
+            outside [0, 1], or ``num_bins`` is not a positive integer.
+
+    References:
+        Barfoot et al., "Average Calibration Losses for Reliable Uncertainty in Medical Image Segmentation",
+        IEEE TMI, arXiv:2506.03942. Barfoot et al., "Average Calibration Error: A Differentiable Loss for Improved
+        Reliability in Image Segmentation", MICCAI 2024, arXiv:2403.06759.
+    """
+    who = "hard_binned_calibration"
+    _check_num_bins(num_bins, who)
+    _check_same_shape(who, probs, target)
+    _validate_probs_and_target(who, probs, target)
+    sum_p, counts, sum_y, _ = _hard_sums(probs, target, num_bins, bool(right))
+    nonempty = counts > 0
+    safe = torch.where(nonempty, counts, torch.ones_like(counts))
+    nan = counts.new_full((), math.nan)
+    mean_p = torch.where(nonempty, sum_p / safe, nan)
+    mean_y = torch.where(nonempty, sum_y / safe, nan)
+    return mean_p, mean_y, counts
+
+
+def soft_binned_calibration(
+    probs: torch.Tensor, target: torch.Tensor, num_bins: int = 20, empty_weight: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Soft-binned (triangular kernel) reliability statistics per image, class and confidence bin.
+
+    Bin k has centre ``c_k = (k + 1/2) / M``; each value is shared linearly between its two neighbouring centres
+    (a triangular kernel of half-width ``1/M``), and values below ``c_0`` / from ``c_{M-1}`` up go wholly to the
+    first / last bin. So every element spreads a total weight of 1 over at most two bins. Examples (M = 20):
+    0.05 -> bins 0 and 1 at 0.5 each; 0.0625 -> 0.25 / 0.75; 0.075 -> bin 1 only; 0.02 -> bin 0 only.
+
+    Args:
+        probs: probabilities of shape ``(B, C, spatial...)``, values in [0, 1].
+        target: one-hot (or probability) target of the same shape, values in [0, 1].
+        num_bins: number of bins M. Defaults to 20.
+        empty_weight: a bin whose total weight ``W_k`` is below this (or zero) counts as empty. Defaults to 0.01.
+
+    Returns:
+        ``(mean_p, mean_y, counts)``, each ``(B, C, num_bins)`` float64: the weighted means
+        ``sum_i w_ik p_i / W_k`` and ``sum_i w_ik y_i / W_k`` (NaN for empty bins) and the bin weights ``W_k``.
+        All three are differentiable with respect to ``probs`` (the weights depend on the probabilities).
+
+    Raises:
+        ValueError: as :func:`hard_binned_calibration`, and for a negative or non-finite ``empty_weight``.
+
+    References:
+        Barfoot et al., IEEE TMI, arXiv:2506.03942 (soft-binned L1-ACE); arXiv:2403.06759 (MICCAI 2024).
+    """
+    who = "soft_binned_calibration"
+    _check_num_bins(num_bins, who)
+    _check_empty_weight(empty_weight, who)
+    _check_same_shape(who, probs, target)
+    _validate_probs_and_target(who, probs, target)
+    weights, sum_p, sum_y, _ = _soft_sums(probs, target, num_bins)
+    nonempty = (weights >= empty_weight) & (weights > 0)
+    safe = torch.where(nonempty, weights, torch.ones_like(weights))
+    nan = weights.new_full((), math.nan)
+    mean_p = torch.where(nonempty, sum_p / safe, nan)
+    mean_y = torch.where(nonempty, sum_y / safe, nan)
+    return mean_p, mean_y, weights
+
+
+def _check_empty_weight(empty_weight: float, who: str) -> float:
+    try:
+        value = float(empty_weight)
+    except (TypeError, ValueError):
+        raise ValueError(f"{who}: empty_weight must be a non-negative number, got {empty_weight!r}.") from None
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"{who}: empty_weight must be a finite number >= 0, got {empty_weight!r} (default 0.01).")
+    return value

@@ -1,0 +1,180 @@
+"""Training losses by name, all with one call signature: ``loss(logits, label_map) -> 0-d tensor``.
+
+``logits`` has shape ``(B, C, spatial...)`` and ``label_map`` ``(B, 1, spatial...)`` (integer class indices, any
+integer or integer-valued float dtype), so the training engine can swap losses without changing anything else and
+can wrap any of them in ``monai.losses.DeepSupervisionLoss``.
+
+=======================  =================================================================================
+name                     loss
+=======================  =================================================================================
+``baseline_dice_ce``     MONAI ``DiceCELoss(include_background=True, to_onehot_y=True, softmax=True,
+                         squared_pred=True, smooth_nr=0, smooth_dr=1e-5)`` (the papers' baseline)
+``hardl1ace_dice_ce``    :class:`HardL1ACEandDiceCELoss`, 0.33 / 0.33 / 0.33, ``to_onehot_y``, ``softmax``
+``softl1ace_dice_ce``    :class:`SoftL1ACEandDiceCELoss`, 0.33 / 0.33 / 0.33, ``to_onehot_y``, ``softmax``
+``labelsmooth_dice_ce``  the baseline with ``label_smoothing=0.1`` in its cross-entropy
+``nacl_dice``            MONAI ``NACLLoss`` (CE + neighbour-aware logit penalty) plus the baseline's Dice
+=======================  =================================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from monai.losses import DiceCELoss, DiceLoss, NACLLoss
+from torch.nn.modules.loss import _Loss
+
+from .combined import HardL1ACEandDiceCELoss, SoftL1ACEandDiceCELoss
+
+__all__ = ["LOSS_NAMES", "NACLandDiceLoss", "build_loss"]
+
+LOSS_NAMES: tuple[str, ...] = (
+    "baseline_dice_ce",
+    "hardl1ace_dice_ce",
+    "softl1ace_dice_ce",
+    "labelsmooth_dice_ce",
+    "nacl_dice",
+)
+
+_BASELINE_DICE_CE: dict[str, Any] = {
+    "include_background": True,
+    "to_onehot_y": True,
+    "softmax": True,
+    "squared_pred": True,
+    "smooth_nr": 0.0,
+    "smooth_dr": 1e-5,
+}
+_DICE: dict[str, Any] = {k: v for k, v in _BASELINE_DICE_CE.items()}
+
+
+class NACLandDiceLoss(_Loss):
+    """MONAI ``NACLLoss`` plus MONAI ``DiceLoss`` on a label map: ``nacl_weight * NACL + dice_weight * Dice``.
+
+    ``NACLLoss`` (Murugesan et al., "Trust your neighbours: penalty-based constraints for model calibration",
+    MICCAI 2023) is cross-entropy plus ``alpha`` times the mean L1 gap between the logits and a spatially smoothed
+    one-hot target. MONAI's class wants an integer target ``(B, spatial...)`` without a channel dimension and the
+    number of classes and spatial dimensions up front; this wrapper takes the registry's ``(B, 1, spatial...)``
+    label map like every other registry loss.
+
+    Args:
+        num_classes: number of output channels C.
+        spatial_dims: 2 or 3. Defaults to 3.
+        nacl_weight, dice_weight: term weights. Default to 1.0 each.
+        nacl_params: overrides of ``NACLLoss`` arguments (``kernel_size=3``, ``kernel_ops="mean"``,
+            ``distance_type="l1"``, ``alpha=0.1``, ``sigma=1.0``).
+        dice_params: overrides of the baseline Dice arguments (``include_background=True``, ``squared_pred=True``,
+            ``smooth_nr=0``, ``smooth_dr=1e-5``).
+
+    Shapes:
+        ``logits`` ``(B, C, spatial...)``; ``label_map`` ``(B, 1, spatial...)``; output ``()``.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        spatial_dims: int = 3,
+        nacl_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        nacl_params: dict[str, Any] | None = None,
+        dice_params: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"NACLandDiceLoss: spatial_dims must be 2 or 3, got {spatial_dims!r}.")
+        for name, value in (("nacl_weight", nacl_weight), ("dice_weight", dice_weight)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"NACLandDiceLoss: {name} must be a finite number >= 0, got {value!r}.")
+        self.num_classes = num_classes
+        self.spatial_dims = spatial_dims
+        self.nacl_weight = float(nacl_weight)
+        self.dice_weight = float(dice_weight)
+        self.nacl = NACLLoss(classes=num_classes, dim=spatial_dims, **(nacl_params or {}))
+        self.dice = DiceLoss(**{**_DICE, **(dice_params or {})})
+
+    def forward(self, logits: torch.Tensor, label_map: torch.Tensor) -> torch.Tensor:
+        if logits.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"NACLandDiceLoss: built for {self.spatial_dims}-D images, got logits of shape {tuple(logits.shape)}; "
+                f"build it with spatial_dims={logits.ndim - 2}."
+            )
+        labels = label_map[:, 0].long()
+        return self.nacl_weight * self.nacl(logits, labels) + self.dice_weight * self.dice(logits, label_map)
+
+
+class _RegistryLoss(_Loss):
+    """Uniform front door: checks ``(logits (B, C, spatial...), label_map (B, 1, spatial...))`` and the number of
+    classes with clear messages, then calls ``self.loss``. Label values are checked by the ACE losses (one fused
+    check); for the MONAI losses they are checked here with one reduction."""
+
+    def __init__(self, name: str, num_classes: int, loss: torch.nn.Module, check_labels: bool) -> None:
+        super().__init__()
+        self.name = name
+        self.num_classes = num_classes
+        self.loss = loss
+        self.check_labels = check_labels
+
+    def forward(self, logits: torch.Tensor, label_map: torch.Tensor) -> torch.Tensor:
+        who = f"loss {self.name!r}"
+        if not isinstance(logits, torch.Tensor) or not isinstance(label_map, torch.Tensor):
+            raise ValueError(f"{who}: logits and label_map must be torch.Tensor.")
+        if logits.ndim < 3 or logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"{who}: logits must have shape (B, {self.num_classes}, spatial...), got {tuple(logits.shape)}."
+            )
+        expected = (logits.shape[0], 1, *logits.shape[2:])
+        if tuple(label_map.shape) != expected:
+            hint = " Add the channel dimension with label_map.unsqueeze(1)." if label_map.ndim == logits.ndim - 1 else ""
+            raise ValueError(f"{who}: label_map must have shape {expected}, got {tuple(label_map.shape)}.{hint}")
+        if self.check_labels:
+            lab = label_map.detach()
+            lab = lab.to(torch.uint8) if lab.dtype == torch.bool else lab
+            lo, hi = torch.aminmax(lab)
+            zmin, zmax = torch.aminmax(logits.detach())
+            stats = torch.stack([zmin.double(), zmax.double(), lo.double(), hi.double()]).tolist()  # one sync
+            if not all(math.isfinite(v) for v in stats[:2]):
+                raise ValueError(f"{who}: logits contain NaN or infinite values (min={stats[0]}, max={stats[1]}).")
+            if not (stats[2] >= 0 and stats[3] <= self.num_classes - 1):
+                raise ValueError(
+                    f"{who}: label values must be class indices in [0, {self.num_classes - 1}], "
+                    f"got values in [{stats[2]}, {stats[3]}]."
+                )
+        return self.loss(logits, label_map)
+
+
+def build_loss(name: str, num_classes: int, **overrides: Any) -> torch.nn.Module:
+    """Build a training loss by name (see :data:`LOSS_NAMES`); ``loss(logits, label_map) -> 0-d tensor``.
+
+    Args:
+        name: one of :data:`LOSS_NAMES`.
+        num_classes: number of output channels C (background included).
+        overrides: keyword arguments merged over the defaults of the underlying class:
+            ``baseline_dice_ce`` / ``labelsmooth_dice_ce``: ``monai.losses.DiceCELoss`` arguments
+            (e.g. ``lambda_dice``, ``label_smoothing``); ``hardl1ace_dice_ce`` / ``softl1ace_dice_ce``: the combined
+            loss's arguments (``ace_weight``, ``dice_weight``, ``ce_weight``, ``ace_params``, ``dice_params``,
+            ``ce_params``); ``nacl_dice``: :class:`NACLandDiceLoss` arguments (``spatial_dims``, ``nacl_weight``,
+            ``dice_weight``, ``nacl_params``, ``dice_params``).
+
+    Returns:
+        a ``torch.nn.Module``; its ``.loss`` attribute is the underlying loss.
+
+    Raises:
+        ValueError: unknown name, ``num_classes < 2``, or overrides the underlying class rejects.
+    """
+    if name not in LOSS_NAMES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}.")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an integer >= 2 (background included), got {num_classes!r}.")
+    try:
+        if name == "baseline_dice_ce":
+            loss: torch.nn.Module = DiceCELoss(**{**_BASELINE_DICE_CE, **overrides})
+        elif name == "labelsmooth_dice_ce":
+            loss = DiceCELoss(**{**_BASELINE_DICE_CE, "label_smoothing": 0.1, **overrides})
+        elif name in ("hardl1ace_dice_ce", "softl1ace_dice_ce"):
+            cls = HardL1ACEandDiceCELoss if name == "hardl1ace_dice_ce" else SoftL1ACEandDiceCELoss
+            loss = cls(**{"to_onehot_y": True, "softmax": True, **overrides})
+        else:
+            loss = NACLandDiceLoss(num_classes, **overrides)
+    except TypeError as err:  # unexpected keyword argument
+        raise ValueError(f"loss {name!r}: bad override: {err}") from None
+    return _RegistryLoss(name, num_classes, loss, check_labels=name not in ("hardl1ace_dice_ce", "softl1ace_dice_ce"))
