@@ -260,5 +260,6 @@ def add_color_legend(volume_node, title: str = "Confidence"):
     legend = mrml.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(volume_node)
     if legend is not None:
         legend.SetTitleText(title)
+        legend.SetNumberOfLabels(6)  # 0.0, 0.2, ..., 1.0: exact with one decimal
         legend.SetLabelFormat("%.1f")
     return legend
