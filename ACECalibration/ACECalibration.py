@@ -4,8 +4,6 @@ The widget is thin: everything that is not GUI lives in ``ACECalibrationLib`` (t
 and talks to the server through the project's one client, ``acecal.client.ACEClient``.
 """
 
-from __future__ import annotations
-
 import importlib
 import os
 from typing import Annotated, Optional
@@ -235,7 +233,8 @@ class ACECalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             url = ""
         message = user_message(exc, url)
         self.ui.statusLabel.text = message
-        slicer.util.errorDisplay(f"{what}\n\n{message}", detailedText="".join(traceback.format_exception(exc)))
+        slicer.util.errorDisplay(f"{what}\n\n{message}",
+                                detailedText="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
 
     def onTestConnection(self) -> None:
         if not ensureClient():
