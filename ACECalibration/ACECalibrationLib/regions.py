@@ -169,12 +169,22 @@ def to_world_ras(point_ras, node=None) -> np.ndarray:
     return np.asarray(transform.TransformPoint(*p), dtype=float)
 
 
-def jump_slices_to(scene, point_ras, view_group: int = -1) -> np.ndarray:
-    """Centre every slice view of ``scene`` on the world RAS point and move the crosshair there. Returns the point."""
+def jump_slices_to(scene, point_ras, view_group: int = -1, move_3d: bool = True) -> np.ndarray:
+    """Centre every slice view of ``scene`` on the world RAS point, move the crosshair there and (``move_3d``) shift
+    every 3D view's camera so it looks at the point from the same direction and distance. Returns the point."""
     r, a, s = (float(x) for x in point_ras)
     mrml.vtkMRMLSliceNode.JumpAllSlices(scene, r, a, s, mrml.vtkMRMLSliceNode.CenteredJumpSlice, view_group)
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLCrosshairNode")):
         scene.GetNthNodeByClass(i, "vtkMRMLCrosshairNode").SetCrosshairRAS(r, a, s)
+    if move_3d:
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLCameraNode")):
+            camera = scene.GetNthNodeByClass(i, "vtkMRMLCameraNode")
+            shift = np.array([r, a, s]) - np.array(camera.GetFocalPoint())
+            position = np.array(camera.GetPosition()) + shift
+            was = camera.StartModify()
+            camera.SetFocalPoint(r, a, s)
+            camera.SetPosition(*position)
+            camera.EndModify(was)
     return np.array([r, a, s])
 
 

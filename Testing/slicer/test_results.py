@@ -158,6 +158,9 @@ def test_navigation_centres_slice_views(result):
         scene.AddNode(sn)
         slices.append(sn)
     scene.AddNode(mrml.vtkMRMLCrosshairNode())
+    camera = scene.AddNewNodeByClass("vtkMRMLCameraNode")
+    camera.SetPosition(0.0, 500.0, 0.0)
+    camera.SetFocalPoint(0.0, 0.0, 0.0)
     nav = res.navigator()
     assert len(nav) == 2
     p = nav.next(scene)
@@ -168,6 +171,7 @@ def test_navigation_centres_slice_views(result):
         assert np.allclose(centre[:3], p, atol=1e-6), sn.GetName()
     cross = scene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
     assert np.allclose(cross.GetCrosshairRAS(), p)
+    assert np.allclose(camera.GetFocalPoint(), p) and np.allclose(camera.GetPosition(), p + [0.0, 500.0, 0.0])
     assert np.allclose(nav.next(scene), [-1.0, -2.0, 3.0]) and nav.index == 1
     nav.next()
     assert nav.index == 0  # wraps
