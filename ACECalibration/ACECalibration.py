@@ -361,10 +361,11 @@ class ACECalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # --- display and navigation ------------------------------------------------------------------------------------
     def onDisplayChanged(self, value=None) -> None:
+        # read the sliders themselves: this slot may run before the parameter node has taken the new value
         p = self._parameterNode
         if p and p.confidenceVolume:
             self.logic.updateDisplay(p.inputVolume, p.confidenceVolume, p.uncertaintyVolume,
-                                     p.confidenceDisplayThreshold, p.overlayOpacity)
+                                     self.ui.confidenceThresholdSlider.value, self.ui.overlayOpacitySlider.value)
 
     def _regionNavigator(self):
         p = self._parameterNode
