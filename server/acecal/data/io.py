@@ -59,6 +59,10 @@ def read_volume(path: str | os.PathLike, *, what: str = "image", allow_vector: b
         raise InvalidInputError(
             f"the {what} file {name!r} could not be read as an image ({first[:200]}); is it a complete NIfTI/NRRD/MHA file?"
         ) from None
+    if suffix_of(name) in (".nii", ".nii.gz") and not _nifti_data_complete(path):
+        raise InvalidInputError(
+            f"the {what} file {name!r} is truncated or corrupt: it holds fewer voxels than its header announces"
+        )
     if img.GetDimension() != 3:
         raise InvalidInputError(
             f"the {what} {name!r} is {img.GetDimension()}-D ({'x'.join(map(str, img.GetSize()))}); a 3-D volume is needed"
@@ -77,6 +81,50 @@ def read_volume(path: str | os.PathLike, *, what: str = "image", allow_vector: b
         bad = int((~np.isfinite(arr)).sum())
         raise InvalidInputError(f"the {what} {name!r} contains {bad} NaN or infinite voxels; fix or mask them first")
     return img
+
+
+def _nifti_data_complete(path: Path) -> bool:
+    """False when a NIfTI file (or its gzip stream) ends before the voxel data its header announces.
+
+    ITK reads such files with a warning and zeros for the missing voxels; a clinician would never notice.
+    """
+    import gzip
+    import struct
+    import zlib
+
+    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            hdr = f.read(540)
+            if len(hdr) < 348:
+                return False
+            for e in ("<", ">"):
+                sizeof_hdr = struct.unpack(e + "i", hdr[:4])[0]
+                if sizeof_hdr in (348, 540):
+                    break
+            else:
+                return True  # not a header we know: leave the verdict to ITK
+            if sizeof_hdr == 348:
+                dims = struct.unpack(e + "8h", hdr[40:56])
+                bitpix = struct.unpack(e + "h", hdr[72:74])[0]
+                vox_offset = int(struct.unpack(e + "f", hdr[108:112])[0])
+            else:
+                dims = struct.unpack(e + "8q", hdr[16:80])
+                bitpix = struct.unpack(e + "h", hdr[14:16])[0]
+                vox_offset = struct.unpack(e + "q", hdr[168:176])[0]
+            ndim = max(1, min(int(dims[0]), 7))
+            need = vox_offset + int(np.prod([max(int(d), 1) for d in dims[1:1 + ndim]])) * max(int(bitpix), 8) // 8
+            if opener is open:
+                return path.stat().st_size >= need
+            total = len(hdr)
+            while True:
+                chunk = f.read(1 << 22)
+                if not chunk:
+                    break
+                total += len(chunk)
+            return total >= need
+    except (EOFError, OSError, zlib.error, struct.error):
+        return False
 
 
 def grid_of(img: sitk.Image) -> Grid:
