@@ -1,0 +1,135 @@
+"""From probabilities to the four output volumes and the report; the same code serves ``/infer`` and ``acecal infer``.
+
+The report (a JSON-able dict) is what the server returns and what ``summary.json`` holds::
+
+    {"model_id", "labels": {"0": "background", ...}, "grid": {size, spacing, origin, direction} (LPS),
+     "summary": {"classes": [...], "uncertain_volume_ml", ...}, "regions": [...], "params": {...}, "timings": {...}}
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from acecal.bundles import BundleConfig
+from acecal.geometry import Grid
+from acecal.inference.uncertainty import (
+    DEFAULT_BAND_VOXELS,
+    DEFAULT_CONNECTIVITY,
+    DEFAULT_MIN_REGION_VOXELS,
+    confidence_maps,
+    describe_regions,
+    summarize,
+    uncertain_boundary_flags,
+)
+from acecal.nrrd import write_nrrd
+
+#: the output volumes, in the order they are listed everywhere
+VOLUMES = ("labels", "confidence", "uncertainty", "flags")
+#: file name of each volume in a result folder
+FILE_NAMES = {name: f"{name}.nrrd" for name in VOLUMES}
+SUMMARY_NAME = "summary.json"
+
+
+@dataclass
+class InferenceOptions:
+    """Post-processing options (the server's ``params`` minus transport details). None = the bundle's default."""
+
+    uncertainty_threshold: Optional[float] = None
+    overlap: Optional[float] = None
+    use_temperature: bool = True
+    band_mm: Optional[float] = None
+    band_voxels: float = DEFAULT_BAND_VOXELS
+    min_region_voxels: int = DEFAULT_MIN_REGION_VOXELS
+    connectivity: int = DEFAULT_CONNECTIVITY
+
+    def effective(self, config: BundleConfig) -> dict:
+        """The options with the bundle's defaults filled in, as reported back."""
+        return {
+            "uncertainty_threshold": float(self.uncertainty_threshold if self.uncertainty_threshold is not None
+                                           else config.uncertainty_threshold),
+            "overlap": float(self.overlap if self.overlap is not None else config.sw_overlap),
+            "use_temperature": bool(self.use_temperature),
+            "band_mm": None if self.band_mm is None else float(self.band_mm),
+            "band_voxels": float(self.band_voxels),
+            "min_region_voxels": int(self.min_region_voxels),
+            "connectivity": int(self.connectivity),
+        }
+
+
+@dataclass
+class InferenceOutput:
+    """The four volumes ((z, y, x) on ``grid``, the input's grid) and the report."""
+
+    grid: Grid
+    labels: np.ndarray
+    confidence: np.ndarray
+    uncertainty: np.ndarray
+    flags: np.ndarray
+    report: dict = field(default_factory=dict)
+
+    def volumes(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in VOLUMES}
+
+
+def analyse(probs: np.ndarray, grid: Grid, config: BundleConfig, options: InferenceOptions, *,
+            temperature: Optional[float] = None, model_id: Optional[str] = None,
+            timings: Optional[dict] = None) -> InferenceOutput:
+    """Labels, confidence, uncertainty, flags, per-class summary and regions from probabilities (C, z, y, x)."""
+    t0 = time.perf_counter()
+    eff = options.effective(config)
+    names = config.class_names
+    labels, confidence, uncertainty = confidence_maps(probs)
+    spacing_zyx = grid.spacing[::-1]
+    flags, regions, n = uncertain_boundary_flags(
+        labels, confidence, eff["uncertainty_threshold"], spacing_zyx, band_mm=eff["band_mm"],
+        band_voxels=eff["band_voxels"], min_region_voxels=eff["min_region_voxels"],
+        connectivity=eff["connectivity"],
+    )
+    region_list = describe_regions(regions, n, probs, confidence, grid, names)
+    summary = summarize(labels, confidence, flags, grid, names)
+    summary["region_count"] = n
+    summary["temperature"] = temperature
+    times = dict(timings or {})
+    times["analyse_s"] = time.perf_counter() - t0
+    report = {
+        "model_id": model_id or config.id,
+        "labels": dict(config.labels),
+        "grid": grid.to_dict(),
+        "summary": summary,
+        "regions": region_list,
+        "params": eff,
+        "timings": {k: round(float(v), 4) for k, v in times.items()},
+    }
+    return InferenceOutput(grid, labels, confidence, uncertainty, flags, report)
+
+
+def run_inference(predictor, image: Union[str, os.PathLike], options: Optional[InferenceOptions] = None) -> InferenceOutput:
+    """In-process inference of one image file: the same result the server gives for it."""
+    options = options or InferenceOptions()
+    t0 = time.perf_counter()
+    pred = predictor.predict(image, overlap=options.overlap, use_temperature=options.use_temperature)
+    out = analyse(pred.probs, pred.grid, predictor.config, options, temperature=pred.temperature,
+                  model_id=predictor.bundle.id, timings=pred.timings)
+    out.report["timings"]["total_s"] = round(time.perf_counter() - t0, 4)
+    return out
+
+
+def write_volumes(out_dir: Union[str, os.PathLike], output: InferenceOutput, *, compress: bool = False) -> dict[str, Path]:
+    """Write the four volumes as NRRD into ``out_dir`` (``labels.nrrd``, ...); returns name -> path.
+
+    Masks (labels, flags) are always gzip-compressed (level 1: fast, and they shrink a lot); the float maps are raw
+    unless ``compress``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, arr in output.volumes().items():
+        enc = "gzip" if (compress or arr.dtype.kind in "ub") else "raw"
+        paths[name] = write_nrrd(out / FILE_NAMES[name], arr, output.grid, encoding=enc, level=1)
+    return paths

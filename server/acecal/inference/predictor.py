@@ -1,0 +1,217 @@
+"""Predictor: a bundle's network applied to a volume, with the class probabilities returned on the input's exact grid.
+
+The path (one chain shared with training, see :mod:`acecal.data.transforms`)::
+
+    read + validate (SimpleITK)  ->  MetaTensor (C, x, y, z), RAS affine
+    -> model space: orientation, spacing, intensity normalisation     (model_space_transforms)
+    -> sliding-window logits / temperature -> softmax                (acecal.inference.window)
+    -> MONAI Invertd: back through the spacing and orientation steps onto the input grid (bilinear on probabilities)
+
+The three stages are separate methods so the server can run the device stage on its device queue and the CPU
+stages elsewhere; :meth:`Predictor.predict` runs them in a row for in-process use.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from acecal.bundles import Bundle
+from acecal.data.io import grid_of, read_volume, to_metatensor
+from acecal.data.transforms import IMAGE, model_space_transforms
+from acecal.errors import InvalidInputError
+from acecal.geometry import Grid
+from acecal.inference.window import sliding_window_logits
+
+PRED = "pred"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> the first CUDA GPU if there is one, else the CPU; otherwise the named torch device."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use 'cpu' or 'auto'")
+    return dev
+
+
+@dataclass
+class Prediction:
+    """Class probabilities on the input grid."""
+
+    probs: np.ndarray  # (C, z, y, x) float32, summing to 1 over C
+    grid: Grid
+    temperature: Optional[float]  # the temperature applied, None when none was
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Predictor:
+    """Runs one bundle on one device. Create through :class:`PredictorCache` in a server (load once, reuse).
+
+    The network is loaded lazily, on first use, under a lock: constructing a Predictor is cheap.
+    """
+
+    def __init__(self, bundle: Bundle, device: Union[str, torch.device] = "cpu"):
+        self.bundle = bundle
+        self.config = bundle.config
+        self.device = torch.device(device) if not isinstance(device, torch.device) else device
+        self.transforms = model_space_transforms(self.config, label_key=None, load=False)
+        self._network: Optional[torch.nn.Module] = None
+        self._lock = threading.Lock()
+
+    @property
+    def network(self) -> torch.nn.Module:
+        if self._network is None:
+            with self._lock:
+                if self._network is None:
+                    self._network = self.bundle.load_network(self.device)
+        return self._network
+
+    # --- stage 1: CPU ------------------------------------------------------------------------------------------
+    def load_image(self, path: Union[str, os.PathLike], *, name: Optional[str] = None) -> sitk.Image:
+        """Read and validate an image file for this model (3-D, finite, the model's channel count).
+
+        ``name`` is the name to use in messages (the user's file name rather than a server temp name).
+        """
+        img = read_volume(path, what="image", allow_vector=True) if name is None else \
+            _read_named(path, name)
+        self.check_channels(img, name or Path(path).name)
+        return img
+
+    def check_channels(self, img: sitk.Image, name: str = "image") -> None:
+        n = img.GetNumberOfComponentsPerPixel()
+        if n != self.config.in_channels:
+            raise InvalidInputError(
+                f"the image {name!r} has {n} channel(s) per voxel but model {self.bundle.id!r} expects "
+                f"{self.config.in_channels}"
+            )
+
+    def preprocess(self, img: sitk.Image) -> dict:
+        """The image in model space: {"image": MetaTensor (in_channels, x, y, z)} with its transform record."""
+        if img.GetNumberOfComponentsPerPixel() == 1:
+            mt = to_metatensor(img)
+        else:  # multi-channel: one MetaTensor per component, stacked on the channel axis
+            parts = [to_metatensor(sitk.VectorIndexSelectionCast(img, c, sitk.sitkFloat32))
+                     for c in range(img.GetNumberOfComponentsPerPixel())]
+            mt = torch.cat(parts, dim=0)
+        return self.transforms({IMAGE: mt})
+
+    # --- stage 2: device ---------------------------------------------------------------------------------------
+    def temperature(self, use_temperature: bool = True) -> Optional[float]:
+        t = self.config.temperature
+        return float(t) if (use_temperature and t is not None and t != 1.0) else None
+
+    def forward(self, data: dict, *, overlap: Optional[float] = None, use_temperature: bool = True) -> torch.Tensor:
+        """Class probabilities in model space, (C, x, y, z) float32 on the CPU."""
+        x = data[IMAGE]
+        logits = sliding_window_logits(self.network, x.as_tensor()[None] if hasattr(x, "as_tensor") else x[None],
+                                       self.config, temperature=self.temperature(use_temperature), overlap=overlap)
+        probs = torch.softmax(logits, dim=1)[0]
+        return probs.to("cpu", torch.float32)
+
+    # --- stage 3: CPU ------------------------------------------------------------------------------------------
+    def postprocess(self, data: dict, probs_model: torch.Tensor) -> np.ndarray:
+        """Model-space probabilities back onto the input grid: (C, z, y, x) float32 numpy, summing to 1."""
+        from monai.data import MetaTensor
+        from monai.transforms import Invertd
+
+        x = data[IMAGE]
+        pred = MetaTensor(probs_model, affine=x.affine.clone())
+        inv = Invertd(keys=PRED, transform=self.transforms, orig_keys=IMAGE, nearest_interp=False, to_tensor=True)
+        out = inv({IMAGE: x, PRED: pred})[PRED]
+        arr = out.as_tensor() if hasattr(out, "as_tensor") else out
+        p = arr.permute(0, 3, 2, 1).contiguous().numpy().astype(np.float32, copy=False)  # (C, x, y, z) -> (C, z, y, x)
+        np.clip(p, 0.0, 1.0, out=p)
+        s = p.sum(axis=0, keepdims=True)
+        np.divide(p, s, out=p, where=s > 0)
+        return p
+
+    # --- all three -----------------------------------------------------------------------------------------------
+    def predict(self, image: Union[str, os.PathLike, sitk.Image], *, overlap: Optional[float] = None,
+                use_temperature: bool = True) -> Prediction:
+        """Probabilities on the input's exact grid for a file path or a SimpleITK image."""
+        t0 = time.perf_counter()
+        img = self.load_image(image) if not isinstance(image, sitk.Image) else image
+        if isinstance(image, sitk.Image):
+            self.check_channels(img)
+        t1 = time.perf_counter()
+        data = self.preprocess(img)
+        t2 = time.perf_counter()
+        probs_model = self.forward(data, overlap=overlap, use_temperature=use_temperature)
+        t3 = time.perf_counter()
+        probs = self.postprocess(data, probs_model)
+        t4 = time.perf_counter()
+        return Prediction(probs, grid_of(img), self.temperature(use_temperature),
+                          {"read_s": t1 - t0, "preprocess_s": t2 - t1, "inference_s": t3 - t2, "invert_s": t4 - t3})
+
+
+def _read_named(path: Union[str, os.PathLike], name: str) -> sitk.Image:
+    """read_volume on a server temp file, with the user's file name in the messages."""
+    try:
+        return read_volume(path, what="image", allow_vector=True)
+    except InvalidInputError as e:
+        detail = e.detail.replace(str(path), name).replace(repr(Path(path).name), repr(name))
+        detail = detail.replace(Path(path).name, name)
+        raise InvalidInputError(detail, code=e.code) from None
+
+
+class PredictorCache:
+    """Predictors kept per (bundle, device): a model's network is loaded once and reused (LRU, ``capacity``).
+
+    The key includes the weights file's modification time, so a bundle republished under the same id is reloaded.
+    """
+
+    def __init__(self, device: Union[str, torch.device] = "auto", capacity: int = 4):
+        self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        self.capacity = max(int(capacity), 1)
+        self._items: "OrderedDict[tuple, Predictor]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _key(self, bundle: Bundle) -> tuple:
+        try:
+            mtime = bundle.weights_path.stat().st_mtime_ns
+        except OSError:
+            mtime = None
+        return (bundle.id, str(bundle.path), mtime, str(self.device))
+
+    def get(self, bundle: Bundle) -> Predictor:
+        key = self._key(bundle)
+        with self._lock:
+            p = self._items.get(key)
+            if p is not None:
+                self._items.move_to_end(key)
+                return p
+            p = Predictor(bundle, self.device)
+            self._items[key] = p
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+            return p
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return [k[0] for k, p in self._items.items() if p._network is not None]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+def describe_device(device: Any) -> str:
+    """A short human description: ``cpu`` or ``cuda:0 (NVIDIA H200)``."""
+    d = torch.device(device)
+    if d.type == "cuda":
+        try:
+            return f"{d} ({torch.cuda.get_device_name(d)})"
+        except Exception:  # pragma: no cover
+            return str(d)
+    return str(d)

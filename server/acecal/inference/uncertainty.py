@@ -1,0 +1,250 @@
+"""Voxel-wise confidence, uncertainty and the uncertain boundary regions, from calibrated class probabilities.
+
+numpy + scipy only; every array is (z, y, x) on one :class:`acecal.geometry.Grid` (probabilities (C, z, y, x)).
+
+Definitions (also in ``docs/api.md``):
+
+- **labels**: the predicted class, ``argmax_c p_c``.
+- **confidence**: the (temperature-calibrated) probability of the predicted class, ``max_c p_c`` in [1/C, 1].
+- **uncertainty**: normalised entropy ``-sum_c p_c log p_c / log C`` in [0, 1] (0 = certain, 1 = uniform).
+- **boundary**: voxels with at least one face neighbour (6-connectivity) of a different predicted class.
+- **band**: voxels whose distance to the nearest boundary voxel is at most ``band_mm`` millimetres (physical distance,
+  so anisotropic spacing is honoured) or, when ``band_mm`` is not given, ``band_voxels`` voxel steps.
+- **flags**: voxels in the band whose confidence is below the threshold, grouped into connected components
+  (``connectivity`` 6, 18 or 26); components with fewer than ``min_region_voxels`` voxels are dropped from the mask
+  and from the region list. Low confidence far from any predicted boundary (a structure missed altogether) is not
+  flagged: the regions are meant for reviewing and correcting boundaries.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from acecal.geometry import Grid, lps_to_ras
+
+#: defaults shared by the server's params schema, the CLI and in-process inference
+DEFAULT_BAND_VOXELS = 2.0
+DEFAULT_MIN_REGION_VOXELS = 10
+DEFAULT_CONNECTIVITY = 26
+_CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    """uint8 label maps up to 255 classes (the documented case), uint16 beyond."""
+    return np.dtype(np.uint8) if num_classes <= 256 else np.dtype(np.uint16)
+
+
+def confidence_maps(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, confidence, uncertainty) from class probabilities of shape (C, z, y, x).
+
+    Returns: labels (uint8 or uint16), confidence float32 (probability of the predicted class), uncertainty float32
+    (entropy normalised by log C).
+    """
+    p = np.asarray(probs)
+    if p.ndim != 4 or p.shape[0] < 2:
+        raise ValueError(f"expected probabilities of shape (C >= 2, z, y, x), got {p.shape}")
+    labels = np.argmax(p, axis=0).astype(label_dtype(p.shape[0]))
+    confidence = np.max(p, axis=0).astype(np.float32)
+    ent = np.zeros(p.shape[1:], np.float32)
+    for c in range(p.shape[0]):  # class by class: no (C, z, y, x) temporary
+        pc = p[c].astype(np.float32, copy=False)
+        ent -= pc * np.log(np.clip(pc, 1e-12, 1.0))
+    ent /= math.log(p.shape[0])
+    np.clip(ent, 0.0, 1.0, out=ent)
+    return labels, confidence, ent
+
+
+def boundary_mask(labels: np.ndarray) -> np.ndarray:
+    """Voxels with at least one face neighbour of a different label (both sides of every interface)."""
+    lab = np.asarray(labels)
+    b = np.zeros(lab.shape, bool)
+    for ax in range(lab.ndim):
+        a = np.swapaxes(lab, 0, ax)
+        bb = np.swapaxes(b, 0, ax)
+        diff = a[1:] != a[:-1]
+        bb[1:] |= diff
+        bb[:-1] |= diff
+    return b
+
+
+def _margin_voxels(spacing_zyx: Sequence[float], band_mm: Optional[float], band_voxels: float) -> np.ndarray:
+    if band_mm is not None:
+        return np.ceil(band_mm / np.asarray(spacing_zyx, float)).astype(int) + 1
+    return np.full(3, int(math.ceil(band_voxels)) + 1)
+
+
+def boundary_band(
+    labels: np.ndarray,
+    spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0),
+    *,
+    band_mm: Optional[float] = None,
+    band_voxels: float = DEFAULT_BAND_VOXELS,
+    within: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Voxels within the band around predicted boundaries (see the module docstring).
+
+    Args:
+        spacing_zyx: voxel size in mm along (z, y, x) (``Grid.spacing`` reversed).
+        band_mm: half-width in millimetres; wins over ``band_voxels`` when given.
+        band_voxels: half-width in voxel steps (Euclidean in index space).
+        within: optional mask of the only voxels the caller cares about: the distance transform then runs on their
+            bounding box (plus the band) instead of the whole volume. Voxels outside ``within`` come back False.
+    """
+    lab = np.asarray(labels)
+    band = np.zeros(lab.shape, bool)
+    boundary = boundary_mask(lab)
+    if not boundary.any():
+        return band
+    if within is not None:
+        if not within.any():
+            return band
+        idx = np.nonzero(within)
+        margin = _margin_voxels(spacing_zyx, band_mm, band_voxels)
+        sl = tuple(slice(max(int(i.min()) - m, 0), min(int(i.max()) + m + 1, n))
+                   for i, m, n in zip(idx, margin, lab.shape))
+    else:
+        sl = tuple(slice(0, n) for n in lab.shape)
+    sub = boundary[sl]
+    if not sub.any():
+        return band
+    if band_mm is not None:
+        dist = ndimage.distance_transform_edt(~sub, sampling=tuple(float(s) for s in spacing_zyx))
+        band[sl] = dist <= band_mm + 1e-6
+    else:
+        dist = ndimage.distance_transform_edt(~sub)
+        band[sl] = dist <= band_voxels + 1e-6
+    if within is not None:
+        band &= within
+    return band
+
+
+def uncertain_boundary_flags(
+    labels: np.ndarray,
+    confidence: np.ndarray,
+    threshold: float,
+    spacing_zyx: Sequence[float] = (1.0, 1.0, 1.0),
+    *,
+    band_mm: Optional[float] = None,
+    band_voxels: float = DEFAULT_BAND_VOXELS,
+    min_region_voxels: int = DEFAULT_MIN_REGION_VOXELS,
+    connectivity: int = DEFAULT_CONNECTIVITY,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Flag uncertain boundary voxels and group them into regions.
+
+    Returns:
+        flags: uint8 mask (1 = in a kept uncertain region);
+        regions: int32 map, 0 outside, 1..n inside the kept regions, numbered by decreasing size;
+        n: the number of regions.
+    """
+    if connectivity not in _CONNECTIVITY_RANK:
+        raise ValueError("connectivity must be 6, 18 or 26")
+    candidates = np.asarray(confidence) < threshold
+    band = boundary_band(labels, spacing_zyx, band_mm=band_mm, band_voxels=band_voxels, within=candidates)
+    structure = ndimage.generate_binary_structure(3, _CONNECTIVITY_RANK[connectivity])
+    comp, n = ndimage.label(band, structure=structure)
+    regions = np.zeros(comp.shape, np.int32)
+    if n == 0:
+        return np.zeros(comp.shape, np.uint8), regions, 0
+    sizes = np.bincount(comp.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    keep = np.nonzero(sizes >= max(int(min_region_voxels), 1))[0]
+    order = keep[np.argsort(-sizes[keep], kind="stable")]  # biggest first; ties by original (scan) order
+    lut = np.zeros(n + 1, np.int32)
+    lut[order] = np.arange(1, len(order) + 1, dtype=np.int32)
+    regions = lut[comp]
+    return (regions > 0).astype(np.uint8), regions, int(len(order))
+
+
+def _box(grid: Grid, lo_ijk: np.ndarray, hi_ijk: np.ndarray, to_ras: bool) -> dict:
+    """Axis-aligned box (in LPS or RAS) enclosing the voxels lo..hi (inclusive), voxel edges included."""
+    lo, hi = lo_ijk - 0.5, hi_ijk + 0.5
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    pts = grid.index_to_lps(corners)
+    if to_ras:
+        pts = lps_to_ras(pts)
+    return {"min": [float(v) for v in pts.min(0)], "max": [float(v) for v in pts.max(0)]}
+
+
+def describe_regions(
+    regions: np.ndarray,
+    n: int,
+    probs: np.ndarray,
+    confidence: np.ndarray,
+    grid: Grid,
+    class_names: Sequence[str],
+) -> list[dict]:
+    """One dict per region (id 1..n): class, voxels, volume, confidence, centroid and bounding boxes (LPS and RAS).
+
+    ``class`` is the foreground class whose boundary the region sits on: the non-background class with the largest
+    summed probability over the region's voxels (the region straddles the boundary, so it holds voxels predicted as
+    that class and as its neighbour).
+    """
+    out: list[dict] = []
+    if n == 0:
+        return out
+    voxel_ml = grid.voxel_volume_ml
+    slices = ndimage.find_objects(regions, max_label=n)
+    for rid, sl in enumerate(slices, start=1):
+        if sl is None:  # pragma: no cover - every kept id has voxels
+            continue
+        m = regions[sl] == rid
+        zz, yy, xx = np.nonzero(m)
+        offset = np.array([s.start for s in sl])
+        kji = np.stack([zz, yy, xx], 1) + offset
+        ijk = kji[:, ::-1].astype(np.float64)
+        conf = confidence[sl][m]
+        fg = [float(probs[c][sl][m].sum()) for c in range(1, probs.shape[0])]
+        cls = int(np.argmax(fg)) + 1
+        centroid_ijk = ijk.mean(0)
+        centroid_lps = grid.index_to_lps(centroid_ijk)
+        lo, hi = ijk.min(0), ijk.max(0)
+        out.append({
+            "id": rid,
+            "class": cls,
+            "class_name": class_names[cls],
+            "voxels": int(m.sum()),
+            "volume_ml": float(m.sum() * voxel_ml),
+            "mean_confidence": float(conf.mean()),
+            "min_confidence": float(conf.min()),
+            "centroid_ijk": [float(v) for v in centroid_ijk],
+            "centroid_lps": [float(v) for v in centroid_lps],
+            "centroid_ras": [float(v) for v in lps_to_ras(centroid_lps)],
+            "bbox_ijk": {"min": [int(v) for v in lo], "max": [int(v) for v in hi]},
+            "bbox_lps": _box(grid, lo, hi, to_ras=False),
+            "bbox_ras": _box(grid, lo, hi, to_ras=True),
+        })
+    return out
+
+
+def summarize(labels: np.ndarray, confidence: np.ndarray, flags: np.ndarray, grid: Grid,
+              class_names: Sequence[str]) -> dict:
+    """Per class: voxels, volume (ml), mean confidence and uncertain volume; overall uncertain volume."""
+    nc = len(class_names)
+    lab = labels.ravel().astype(np.int64)
+    counts = np.bincount(lab, minlength=nc)[:nc]
+    conf_sum = np.bincount(lab, weights=confidence.ravel().astype(np.float64), minlength=nc)[:nc]
+    unc = np.bincount(lab, weights=flags.ravel().astype(np.float64), minlength=nc)[:nc]
+    voxel_ml = grid.voxel_volume_ml
+    classes = []
+    for c in range(nc):
+        classes.append({
+            "value": c,
+            "name": class_names[c],
+            "voxels": int(counts[c]),
+            "volume_ml": float(counts[c] * voxel_ml),
+            "mean_confidence": float(conf_sum[c] / counts[c]) if counts[c] else None,
+            "uncertain_voxels": int(unc[c]),
+            "uncertain_volume_ml": float(unc[c] * voxel_ml),
+        })
+    n_unc = int(flags.sum())
+    return {
+        "classes": classes,
+        "mean_confidence": float(confidence.mean()),
+        "uncertain_voxels": n_unc,
+        "uncertain_volume_ml": float(n_unc * voxel_ml),
+        "voxel_volume_ml": float(voxel_ml),
+    }
