@@ -1,0 +1,86 @@
+"""The bounded inference queue: device work runs on dedicated worker threads, never on the event loop.
+
+A request first *reserves* a slot (:meth:`InferenceQueue.slot`); at most ``workers + queue_size`` requests hold one
+at a time and the next gets :class:`acecal.errors.ServerBusyError` (503, ``Retry-After`` estimated from recent job
+durations). Inside its slot a request runs CPU stages in the normal thread pool and its device stage through
+:meth:`InferenceQueue.run`, on ``workers`` threads (one by default: the device is used by one forward pass at a time,
+like a GPU lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from typing import Any, Callable
+
+from acecal.errors import ServerBusyError
+
+
+class InferenceQueue:
+    def __init__(self, queue_size: int = 8, workers: int = 1):
+        self.queue_size = int(queue_size)
+        self.workers = int(workers)
+        self.capacity = self.workers + self.queue_size
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="acecal-device")
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._running = 0
+        self._durations: deque[float] = deque(maxlen=20)
+        self.completed = 0
+        self.rejected = 0
+
+    # --- slots --------------------------------------------------------------------------------------------------
+    def _retry_after(self) -> float:
+        mean = sum(self._durations) / len(self._durations) if self._durations else 5.0
+        waves = math.ceil(max(self._in_flight, 1) / self.workers)
+        return max(1.0, min(mean * waves, 600.0))
+
+    @asynccontextmanager
+    async def slot(self):
+        """Hold one of the ``capacity`` places for the duration of a request (503 when none is free)."""
+        with self._lock:
+            if self._in_flight >= self.capacity:
+                self.rejected += 1
+                raise ServerBusyError(
+                    f"the server is busy: {self._in_flight} inference request(s) in progress or waiting "
+                    f"(capacity {self.capacity}); retry later",
+                    retry_after=self._retry_after(),
+                )
+            self._in_flight += 1
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._durations.append(time.perf_counter() - t0)
+                self.completed += 1
+
+    # --- device work --------------------------------------------------------------------------------------------
+    def _wrap(self, fn: Callable, args, kwargs):
+        with self._lock:
+            self._running += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            with self._lock:
+                self._running -= 1
+
+    async def run(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` on a device worker thread and await its result without blocking the event loop."""
+        fut = self._executor.submit(self._wrap, fn, args, kwargs)
+        return await asyncio.wrap_future(fut)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"in_flight": self._in_flight, "running": self._running, "capacity": self.capacity,
+                    "workers": self.workers, "queue_size": self.queue_size, "completed": self.completed,
+                    "rejected": self.rejected}
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,1 @@
+"""One router per resource. ``acecal.api.app.ROUTERS`` lists them; later resources add theirs there."""

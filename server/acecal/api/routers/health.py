@@ -1,0 +1,18 @@
+"""GET /health: liveness and basic facts; never needs the key and never waits for inference."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends
+
+from acecal import __version__
+from acecal.api.deps import ServerState, get_state
+from acecal.api.schemas import HealthResponse
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health", response_model=HealthResponse, summary="Server status, version and device")
+async def health(state: ServerState = Depends(get_state)) -> HealthResponse:
+    s = state.settings
+    return HealthResponse(version=__version__, device=state.device, auth_required=s.api_key is not None,
+                          max_upload_mb=s.max_upload_mb, result_ttl_s=s.result_ttl_s, queue=state.queue.stats())

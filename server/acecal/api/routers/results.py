@@ -1,0 +1,55 @@
+"""GET /results/{id}, GET /results/{id}/files/{name}, DELETE /results/{id}: stored inference results (they expire)."""
+
+from __future__ import annotations
+
+import os
+
+from fastapi import APIRouter, Depends
+from fastapi.responses import StreamingResponse
+
+from acecal.api.deps import ServerState, get_state
+from acecal.api.schemas import DeleteResponse, ErrorResponse, InferResponse, VolumeName
+from acecal.inference.pipeline import FILE_NAMES
+
+router = APIRouter(tags=["results"])
+
+_NOT_FOUND = {404: {"model": ErrorResponse, "description": "unknown, expired or deleted result id"}}
+_CHUNK = 1 << 20
+
+
+@router.get("/results/{result_id}", response_model=InferResponse, summary="The reply of a finished inference again",
+            responses=_NOT_FOUND)
+def get_result(result_id: str, state: ServerState = Depends(get_state)) -> dict:
+    return state.results.get(result_id)
+
+
+@router.get(
+    "/results/{result_id}/files/{name}",
+    response_class=StreamingResponse,
+    summary="One result volume as NRRD, on the input's exact grid",
+    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                     "description": "the NRRD file"}, **_NOT_FOUND},
+)
+def get_result_file(result_id: str, name: VolumeName, state: ServerState = Depends(get_state)) -> StreamingResponse:
+    path = state.results.file(result_id, name, FILE_NAMES[name])
+    fh = open(path, "rb")  # opened here: a sweep deleting the folder now cannot break the download
+    size = os.fstat(fh.fileno()).st_size
+
+    def chunks():
+        with fh:
+            while True:
+                b = fh.read(_CHUNK)
+                if not b:
+                    break
+                yield b
+
+    return StreamingResponse(chunks(), media_type="application/octet-stream",
+                             headers={"Content-Length": str(size),
+                                      "Content-Disposition": f'attachment; filename="{name}.nrrd"'})
+
+
+@router.delete("/results/{result_id}", response_model=DeleteResponse, summary="Delete a result now",
+               responses=_NOT_FOUND)
+def delete_result(result_id: str, state: ServerState = Depends(get_state)) -> DeleteResponse:
+    state.results.delete(result_id)
+    return DeleteResponse(result_id=result_id)

@@ -1,0 +1,113 @@
+"""Server settings: pydantic-settings with ``ACECAL_`` environment variables; ``acecal serve`` flags override them.
+
+| setting | env | default |
+|---|---|---|
+| host | ``ACECAL_HOST`` | ``127.0.0.1`` (loopback only) |
+| port | ``ACECAL_PORT`` | ``8000`` |
+| data_dir | ``ACECAL_DATA_DIR`` | ``~/.acecal`` (results, temporary uploads, user models) |
+| models_dirs | ``ACECAL_MODELS_DIRS`` (``os.pathsep``-separated or a JSON list) | the shipped ``models/`` |
+| api_key | ``ACECAL_API_KEY`` | none (no authentication) |
+| max_upload_mb | ``ACECAL_MAX_UPLOAD_MB`` | ``2048`` |
+| result_ttl_s | ``ACECAL_RESULT_TTL_S`` | ``3600`` (results are deleted one hour after they were made) |
+| queue_size | ``ACECAL_QUEUE_SIZE`` | ``8`` (inference requests waiting beyond the running ones; more -> 503) |
+| inference_workers | ``ACECAL_INFERENCE_WORKERS`` | ``1`` (concurrent forward passes on the device) |
+| device | ``ACECAL_DEVICE`` | ``auto`` (first CUDA GPU, else CPU) |
+| max_loaded_models | ``ACECAL_MAX_LOADED_MODELS`` | ``4`` (networks kept in memory, least recently used dropped) |
+| cors_origins | ``ACECAL_CORS_ORIGINS`` | none (no CORS headers) |
+
+Every default works on a laptop without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from acecal.bundles import default_data_dir, default_models_dir
+
+
+def _split_paths(v):
+    if v is None:
+        return v
+    if isinstance(v, (str, os.PathLike)):
+        s = str(v).strip()
+        if s.startswith("["):
+            return json.loads(s)
+        return [p for p in s.split(os.pathsep) if p]
+    return v
+
+
+class Settings(BaseSettings):
+    """Everything the server needs to start; see the module docstring for the environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="ACECAL_", extra="ignore", validate_default=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    data_dir: Path = Field(default_factory=default_data_dir)
+    models_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [default_models_dir()])
+    api_key: Optional[SecretStr] = None
+    max_upload_mb: float = Field(2048.0, gt=0)
+    result_ttl_s: float = Field(3600.0, gt=0)
+    queue_size: int = Field(8, ge=0)
+    inference_workers: int = Field(1, ge=1)
+    device: str = "auto"
+    max_loaded_models: int = Field(4, ge=1)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    log_level: str = "info"
+
+    @field_validator("models_dirs", mode="before")
+    @classmethod
+    def _paths(cls, v):
+        return _split_paths(v)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _origins(cls, v):
+        if isinstance(v, str):
+            s = v.strip()
+            return json.loads(s) if s.startswith("[") else [o.strip() for o in s.split(",") if o.strip()]
+        return v
+
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return Path(os.path.expanduser(str(v)))
+
+    @field_validator("models_dirs", mode="after")
+    @classmethod
+    def _expand_all(cls, v: list[Path]) -> list[Path]:
+        return [Path(os.path.expanduser(str(p))) for p in v]
+
+    @field_validator("api_key", mode="after")
+    @classmethod
+    def _empty_key_is_none(cls, v: Optional[SecretStr]) -> Optional[SecretStr]:
+        if v is None or not v.get_secret_value():
+            return None
+        key = v.get_secret_value()
+        if not all(33 <= ord(c) < 127 for c in key):
+            raise ValueError("the API key must be printable ASCII without spaces (it travels in an HTTP header)")
+        return v
+
+    # --- derived paths ---------------------------------------------------------------------------------------------
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+    @property
+    def user_models_dir(self) -> Path:
+        """Where fine-tuned bundles are published (searched after ``models_dirs``)."""
+        return self.data_dir / "models"
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)

@@ -1,0 +1,152 @@
+"""Inference results on disk, with expiry.
+
+Each result is a folder ``<data_dir>/results/<result_id>/`` holding ``result.json`` (the reply of ``POST /infer``)
+and the four NRRD volumes. A result is written into a hidden sibling folder and renamed into place, so a reader never
+sees half of one. Results expire ``ttl_s`` seconds after they were made (default one hour, ``ACECAL_RESULT_TTL_S``):
+an expired result answers 404 and a periodic sweep deletes it; ``DELETE /results/{id}`` removes one at once.
+Results survive a server restart until they expire.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import errno
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable, Optional
+
+from acecal.errors import ResultNotFoundError, StorageError
+
+RESULT_JSON = "result.json"
+_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _iso(t: float) -> str:
+    return _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def storage_guard(what: str):
+    """Context manager turning disk-full / permission errors into :class:`StorageError` (507)."""
+    class _Guard:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, et, e, tb):
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
+                raise StorageError(f"cannot write {what}: {os.strerror(e.errno)}; free disk space or fix the data "
+                                   "directory's permissions") from None
+            return False
+    return _Guard()
+
+
+class ResultStore:
+    def __init__(self, root: Path, ttl_s: float):
+        self.root = Path(root)
+        self.ttl_s = float(ttl_s)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    # --- writing ------------------------------------------------------------------------------------------------
+    def create(self, write: Callable[[Path], dict], url_prefix: str = "") -> dict:
+        """Make a new result: ``write(folder)`` writes the volumes and returns the report; returns the stored reply.
+
+        The reply adds ``result_id``, ``files`` (URL paths), ``created``, ``expires_at`` and ``expires_in_s``.
+        """
+        rid = uuid.uuid4().hex
+        tmp = self.root / f".{rid}.tmp"
+        try:
+            with storage_guard("the inference result"):
+                tmp.mkdir(parents=True)
+                report = write(tmp)
+                now = time.time()
+                reply = {
+                    "result_id": rid,
+                    **report,
+                    "files": {name: f"{url_prefix}/results/{rid}/files/{name}" for name in report.pop("_volumes")},
+                    "created": _iso(now),
+                    "expires_at": _iso(now + self.ttl_s),
+                    "expires_in_s": self.ttl_s,
+                    "_expires_epoch": now + self.ttl_s,
+                }
+                (tmp / RESULT_JSON).write_text(json.dumps(reply))
+                os.rename(tmp, self.root / rid)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return self._public(reply)
+
+    # --- reading ------------------------------------------------------------------------------------------------
+    def _dir(self, rid: str) -> Path:
+        if not isinstance(rid, str) or not _ID.match(rid):
+            raise ResultNotFoundError(f"unknown result id {rid!r}: results have 32-character hexadecimal ids")
+        return self.root / rid
+
+    def _load(self, rid: str) -> dict:
+        d = self._dir(rid)
+        try:
+            reply = json.loads((d / RESULT_JSON).read_text())
+        except (OSError, ValueError):
+            raise ResultNotFoundError(f"unknown result id {rid!r}; it may have expired or been deleted "
+                                      f"(results are kept {self.ttl_s:g} s)") from None
+        if reply.get("_expires_epoch", 0) <= time.time():
+            shutil.rmtree(d, ignore_errors=True)
+            raise ResultNotFoundError(f"result {rid!r} has expired (results are kept {self.ttl_s:g} s)")
+        return reply
+
+    @staticmethod
+    def _public(reply: dict) -> dict:
+        out = {k: v for k, v in reply.items() if not k.startswith("_")}
+        if "expires_in_s" in out and "_expires_epoch" in reply:
+            out["expires_in_s"] = max(0.0, round(reply["_expires_epoch"] - time.time(), 1))
+        return out
+
+    def get(self, rid: str) -> dict:
+        return self._public(self._load(rid))
+
+    def file(self, rid: str, name: str, filename: str) -> Path:
+        self._load(rid)
+        p = self._dir(rid) / filename
+        if not p.is_file():
+            raise ResultNotFoundError(f"result {rid!r} has no {name} volume")
+        return p
+
+    def delete(self, rid: str) -> None:
+        d = self._dir(rid)
+        if not d.is_dir():
+            raise ResultNotFoundError(f"unknown result id {rid!r}; it may have expired or been deleted")
+        shutil.rmtree(d, ignore_errors=True)
+
+    # --- housekeeping -------------------------------------------------------------------------------------------
+    def sweep(self, now: Optional[float] = None, *, partial_older_than_s: float = 3600.0) -> int:
+        """Delete expired results and half-written ones older than ``partial_older_than_s`` (0 at start-up, when
+        nothing can be writing); returns how many folders went."""
+        now = time.time() if now is None else now
+        removed = 0
+        for d in list(self.root.iterdir()) if self.root.is_dir() else []:
+            if not d.is_dir():
+                continue
+            if d.name.startswith("."):
+                try:
+                    stale = d.stat().st_mtime <= now - partial_older_than_s
+                except OSError:
+                    continue
+                if stale:
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed += 1
+                continue
+            try:
+                exp = json.loads((d / RESULT_JSON).read_text()).get("_expires_epoch", 0)
+            except (OSError, ValueError):
+                exp = 0
+            if exp <= now:
+                shutil.rmtree(d, ignore_errors=True)
+                removed += 1
+        return removed
+
+    def count(self) -> int:
+        return sum(1 for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")) \
+            if self.root.is_dir() else 0
