@@ -1,0 +1,221 @@
+"""``acecal infer`` and ``acecal models``: headless use, through a server (``--server URL``) or in-process.
+
+Both modes write the same outputs per image: ``OUT/<image name>/{labels,confidence,uncertainty,flags}.nrrd`` and
+``summary.json`` (the server's reply, with ``files`` naming the local files). Heavy modules (torch, monai, SimpleITK)
+are imported only for in-process inference, so ``--server`` works from the light client install.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from acecal.cli.main import app
+
+_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+
+
+def case_name(path: Path) -> str:
+    name = path.name
+    for s in _SUFFIXES:
+        if name.lower().endswith(s):
+            return name[: -len(s)] or "image"
+    return path.stem or "image"
+
+
+def _unique_dirs(images: List[Path], out: Path) -> list[Path]:
+    seen: dict[str, int] = {}
+    dirs = []
+    for p in images:
+        base = re.sub(r"[^\w.-]+", "_", case_name(p))
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        dirs.append(out / (base if n == 0 else f"{base}_{n + 1}"))
+    return dirs
+
+
+def _local_files() -> dict[str, str]:
+    from acecal.client.client import VOLUMES
+
+    return {name: f"{name}.nrrd" for name in VOLUMES}
+
+
+def _params(threshold, overlap, no_temperature, band_mm, band_voxels, min_region_voxels, connectivity) -> dict:
+    p = {"uncertainty_threshold": threshold, "overlap": overlap, "band_mm": band_mm, "band_voxels": band_voxels,
+         "min_region_voxels": min_region_voxels, "connectivity": connectivity}
+    p = {k: v for k, v in p.items() if v is not None}
+    if no_temperature:
+        p["use_temperature"] = False
+    return p
+
+
+@app.command("infer")
+def infer(
+    images: List[Path] = typer.Argument(..., help="Image files (.nii, .nii.gz, .nrrd, .mha)."),
+    model: str = typer.Option(..., "--model", "-m", help="Model id (or, without --server, a bundle folder)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: one sub-folder per image."),
+    server: Optional[str] = typer.Option(None, "--server", "-s", envvar="ACECAL_SERVER",
+                                         help="Server URL; without it inference runs in this process."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="ACECAL_API_KEY", show_envvar=True),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="Uncertainty threshold (default: "
+                                                                        "the model's)."),
+    overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap (default: the model's)."),
+    no_temperature: bool = typer.Option(False, "--no-temperature", help="Do not apply the model's temperature."),
+    band_mm: Optional[float] = typer.Option(None, "--band-mm", help="Boundary band half-width in mm."),
+    band_voxels: Optional[float] = typer.Option(None, "--band-voxels", help="Boundary band half-width in voxels."),
+    min_region_voxels: Optional[int] = typer.Option(None, "--min-region-voxels", help="Drop smaller regions."),
+    connectivity: Optional[int] = typer.Option(None, help="Region connectivity: 6, 18 or 26."),
+    timeout: float = typer.Option(600.0, help="Read timeout in seconds for each server reply."),
+    device: str = typer.Option("auto", help="In-process only: auto, cpu, cuda, cuda:N."),
+    models_dir: Optional[List[Path]] = typer.Option(None, "--models", help="In-process only: bundle folders to "
+                                                                           "search (default: shipped models/ and "
+                                                                           "~/.acecal/models)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Segment images: four volumes (labels, confidence, uncertainty, flags) and summary.json per image."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from acecal.errors import ACECalError
+
+    console = Console(stderr=True)
+    params = _params(threshold, overlap, no_temperature, band_mm, band_voxels, min_region_voxels, connectivity)
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        console.print(f"[red]no such file(s): {', '.join(missing)}")
+        raise typer.Exit(2)
+    out.mkdir(parents=True, exist_ok=True)
+    dirs = _unique_dirs(images, out)
+    run_one = _remote_runner(server, api_key, model, params, timeout) if server else \
+        _local_runner(model, params, device, models_dir)
+    failures: list[tuple[Path, str]] = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, disable=quiet, transient=False) as bar:
+        task = bar.add_task("images", total=len(images))
+        for img, d in zip(images, dirs):
+            bar.update(task, description=f"{img.name}")
+
+            def stage(text: str, _img=img) -> None:
+                bar.update(task, description=f"{_img.name}: {text}")
+
+            try:
+                summary = run_one(img, d, stage)
+                n = summary["summary"]["region_count"]
+                bar.console.print(f"{img.name} -> {d}  ({n} uncertain region(s), "
+                                  f"{summary['summary']['uncertain_volume_ml']:.2f} ml)", highlight=False)
+            except ACECalError as e:
+                failures.append((img, e.detail))
+                bar.console.print(f"[red]{img.name}: {e.detail}", highlight=False)
+                if getattr(e, "code", "") in ("unreachable", "timeout", "unauthorized", "model_not_found"):
+                    break  # the same for every image: stop
+            bar.advance(task)
+        bar.update(task, description="images")
+    if failures:
+        console.print(f"[red]{len(failures)} of {len(images)} image(s) failed")
+        raise typer.Exit(1)
+
+
+def _remote_runner(server, api_key, model, params, timeout):
+    from acecal.client import ACEClient
+
+    client = ACEClient(server, api_key=api_key, timeout=(10.0, timeout))
+
+    def run(img: Path, out_dir: Path, stage) -> dict:
+        def progress(what: str, done: int, total: Optional[int]) -> None:
+            pct = f" {100 * done / total:.0f}%" if total else ""
+            stage(("uploading" if what == "upload" else what.replace(":", " ")) + pct)
+            if what == "upload" and total and done >= total:
+                stage("inferring on the server")
+
+        res = client.infer(img, model, params=params, out_dir=out_dir, progress=progress)
+        summary = dict(res.raw, files=_local_files(), source={"server": client.base_url, "image": str(img)})
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    return run
+
+
+def _local_runner(model, params, device, models_dirs):
+    from acecal.bundles import ModelRegistry, default_data_dir, default_models_dir, resolve_bundle
+    from acecal.errors import ACECalError
+    from acecal.inference.pipeline import InferenceOptions, run_inference, write_volumes
+    from acecal.inference.predictor import Predictor, resolve_device
+
+    registry = ModelRegistry([*(models_dirs or [default_models_dir()]), default_data_dir() / "models"])
+    bundle = resolve_bundle(model, registry)
+    try:
+        dev = resolve_device(device)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    predictor = Predictor(bundle, dev)
+    try:
+        options = InferenceOptions(**params)
+    except TypeError as e:  # pragma: no cover - options mirror the CLI flags
+        raise ACECalError(str(e)) from None
+
+    def run(img: Path, out_dir: Path, stage) -> dict:
+        stage("inferring")
+        output = run_inference(predictor, img, options)
+        stage("writing")
+        write_volumes(out_dir, output)
+        summary = {"result_id": None, **output.report, "files": _local_files(),
+                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                   "source": {"bundle": str(bundle.path), "device": str(dev), "image": str(img)}}
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    return run
+
+
+@app.command("models")
+def models(
+    server: Optional[str] = typer.Option(None, "--server", "-s", envvar="ACECAL_SERVER",
+                                         help="Server URL; without it, the local model folders are listed."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="ACECAL_API_KEY", show_envvar=True),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    timeout: float = typer.Option(30.0, help="Read timeout in seconds."),
+) -> None:
+    """List the models a server (or this machine) offers."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from acecal.errors import ACECalError
+
+    try:
+        if server:
+            from acecal.client import ACEClient
+
+            with ACEClient(server, api_key=api_key, timeout=(10.0, timeout)) as c:
+                rows = [m.raw for m in c.models()]
+        else:
+            from acecal.api.routers.models import model_info
+            from acecal.bundles import ModelRegistry, default_data_dir, default_models_dir
+
+            reg = ModelRegistry([default_models_dir(), default_data_dir() / "models"])
+            rows = [model_info(b).model_dump() for b in reg.list()]
+    except ACECalError as e:
+        typer.echo(f"error: {e.detail}", err=True)
+        raise typer.Exit(1)
+    if as_json:
+        typer.echo(json.dumps({"models": rows}, indent=2))
+        return
+    table = Table(title=f"models on {server}" if server else "local models")
+    table.add_column("id", no_wrap=True, style="bold")
+    for col in ("classes", "loss", "T", "threshold", "validation"):
+        table.add_column(col)
+    for m in rows:
+        metrics = m.get("metrics") or {}
+        shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("dice", "ece", "ace") if isinstance(metrics.get(k),
+                                                                                                (int, float)))
+        classes = ", ".join(v for k, v in sorted(m.get("labels", {}).items(), key=lambda kv: int(kv[0])) if k != "0")
+        table.add_row(m["id"], classes, str(m.get("loss", "")),
+                      "-" if m.get("temperature") is None else f"{m['temperature']:.3g}",
+                      str(m.get("uncertainty_threshold", "")), shown)
+    Console().print(table)
+    if not rows:
+        typer.echo("no models found", err=True)
