@@ -121,3 +121,40 @@ def test_finetune_with_frozen_encoder(tmp_path, tiny_bundle):
     assert changed and all(not k.startswith(("convInit", "down_layers")) for k in changed)
     # the base bundle is untouched
     assert json.loads((tiny_bundle / "bundle.json").read_text())["id"] == "tiny-sphere"
+
+
+@pytest.mark.parametrize("loss", ["hardl1ace_dice_ce", "softl1ace_dice_ce", "labelsmooth_dice_ce", "nacl_dice"])
+def test_every_registry_loss_trains(tmp_path, small_data, loss):
+    res = Engine(cfg(tmp_path, small_data, loss=loss, epochs=1, val_fraction=0.0), show_progress=False).run()
+    assert res.status == "published"
+    b = Bundle.load(res.bundle_path)
+    assert b.config.loss.name == loss and b.config.metrics == {}
+    assert "not been measured" in b.card_path.read_text()
+    assert torch.isfinite(torch.tensor(res.history[0]["train_loss"]))
+
+
+def test_fit_temperature_and_loss_params(tmp_path, small_data):
+    res = Engine(cfg(tmp_path, small_data, loss="hardl1ace_dice_ce", loss_params={"ace_weight": 0.5}, epochs=2,
+                     fit_temperature=True, half_precision=True), show_progress=False).run()
+    b = Bundle.load(res.bundle_path)
+    assert b.config.temperature is not None and 0.05 <= b.config.temperature <= 20
+    wt = b.config.metrics["with_temperature"]
+    assert wt["temperature"] == b.config.temperature and wt["dice"] == pytest.approx(b.config.metrics["dice"])
+    assert b.config.loss.params == {"ace_weight": 0.5}
+    assert "+ temperature" in b.card_path.read_text()
+    from safetensors.torch import load_file
+    assert all(t.dtype == torch.float16 for t in load_file(str(b.weights_path)).values() if t.is_floating_point())
+    b.load_network()  # float16 weights load back into the float32 network
+
+
+def test_sizes_must_fit_the_network(tmp_path, small_data):
+    with pytest.raises(Exception, match="patch size 15x16x16 must be divisible by 2"):
+        Engine(cfg(tmp_path, small_data, patch_size=(15, 16, 16)), show_progress=False).run()
+    assert not (tmp_path / "work" / LAST).exists()
+
+
+def test_patch_smaller_than_roi(tmp_path, small_data):
+    res = Engine(cfg(tmp_path, small_data, epochs=1, patch_size=(8, 8, 8), roi_size=(16, 16, 16), val_every=1),
+                 show_progress=False).run()
+    b = Bundle.load(res.bundle_path)
+    assert b.config.roi_size == (16, 16, 16) and b.config.training["patch_size"] == [8, 8, 8]

@@ -44,7 +44,8 @@ class TrainConfig(BaseModel):
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     orientation: str = "RAS"
     intensity: IntensityConfig = Field(default_factory=IntensityConfig)
-    roi_size: tuple[int, int, int] = (64, 64, 64)
+    roi_size: tuple[int, int, int] = Field((64, 64, 64), description="sliding-window ROI (validation, inference)")
+    patch_size: Optional[tuple[int, int, int]] = Field(None, description="training patch (default: roi_size)")
     sw_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     sw_batch_size: int = Field(4, ge=1)
 

@@ -133,11 +133,12 @@ def train_transforms(bc: BundleConfig, cfg: TrainConfig):
     from acecal.data.transforms import IMAGE, LABEL, model_space_transforms
 
     keys = [IMAGE, LABEL]
+    patch = tuple(cfg.patch_size or bc.roi_size)
     chain = list(model_space_transforms(bc).transforms)
     chain += [
-        mt.SpatialPadd(keys=keys, spatial_size=bc.roi_size, mode="constant"),
+        mt.SpatialPadd(keys=keys, spatial_size=patch, mode="constant"),
         mt.RandCropByPosNegLabeld(
-            keys=keys, label_key=LABEL, spatial_size=bc.roi_size, pos=cfg.pos_fraction, neg=1.0 - cfg.pos_fraction,
+            keys=keys, label_key=LABEL, spatial_size=patch, pos=cfg.pos_fraction, neg=1.0 - cfg.pos_fraction,
             num_samples=cfg.num_samples, image_key=None, allow_smaller=False,
         ),
     ]
@@ -150,6 +151,17 @@ def train_transforms(bc: BundleConfig, cfg: TrainConfig):
             mt.RandShiftIntensityd(keys=IMAGE, offsets=0.1, prob=0.5),
         ]
     return mt.Compose(chain)
+
+
+def _check_sizes(bc: BundleConfig, patch: tuple) -> None:
+    """SegResNet halves the resolution len(blocks_down) - 1 times: ROI and patch must be divisible by 2**that."""
+    levels = len(bc.network.args.get("blocks_down", (1, 2, 2, 4))) - 1
+    f = 2 ** max(levels, 0)
+    for what, size in (("ROI", tuple(bc.roi_size)), ("patch", patch)):
+        if any(int(s) % f for s in size):
+            raise InvalidInputError(f"the {what} size {'x'.join(map(str, size))} must be divisible by {f} for a "
+                                    f"{bc.network.name} with {levels + 1} levels, e.g. "
+                                    f"{'x'.join(str(-(-int(s) // f) * f) for s in size)}")
 
 
 def _model_space(cfg: TrainConfig, model_id: str, labels: dict[str, str], base: Optional[Bundle]) -> BundleConfig:
@@ -261,6 +273,7 @@ class Engine:
 
         info, labels = self._dataset(ctx, base)
         bc = _model_space(cfg, model_id, labels, base)
+        _check_sizes(bc, tuple(cfg.patch_size or bc.roi_size))
         loss_fn = build_loss(cfg.loss, bc.num_classes, cfg.loss_params).to(ctx.device)
         split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
         train_cases, val_cases = split_cases(info.cases, val_fraction=cfg.val_fraction, seed=split_seed,
@@ -358,8 +371,9 @@ class Engine:
                 for step, batch in enumerate(loader):
                     if ctx.any_flag(is_cancelled(self.cancel)):
                         raise Cancelled()
-                    x = batch["image"].to(device, non_blocking=True)
-                    y = batch["label"].to(device, non_blocking=True).long()
+                    # plain tensors: MONAI's MetaTensor bookkeeping on every op costs real time on the CPU
+                    x = _plain(batch["image"]).to(device, non_blocking=True)
+                    y = _plain(batch["label"]).to(device, non_blocking=True).long()
                     opt.zero_grad(set_to_none=True)
                     with torch.autocast(device_type=device.type, enabled=use_amp):
                         out = model(x)
@@ -424,9 +438,9 @@ class Engine:
                 try:
                     bundle = publish(
                         cfg, bc, ddp.unwrap(model), work_dir=work_dir, out_dir=out_dir, info=info,
-                        train_cases=train_cases, val_cases=val_cases, val_items=(lambda: _items(
-                            CacheDataset([c.as_dict() for c in val_cases], model_space_transforms(bc),
-                                         cache_rate=1.0, progress=False))) if val_cases else None,
+                        train_cases=train_cases, val_cases=val_cases, val_items=(lambda: _items(val_ds if not ctx.distributed else CacheDataset(
+                            [c.as_dict() for c in val_cases], model_space_transforms(bc), cache_rate=cfg.cache_rate,
+                            progress=False))) if val_cases else None,
                         history=history, best=best, base=base, cancel=self.cancel,
                         world_size=ctx.world_size,
                     )
@@ -464,6 +478,10 @@ class Engine:
         if cfg.time_limit_minutes and (time.time() - t_start) / 60.0 >= cfg.time_limit_minutes:
             over = True
         return ctx.any_flag(over)
+
+
+def _plain(t):
+    return t.as_tensor() if hasattr(t, "as_tensor") else t
 
 
 def _items(ds):

@@ -82,7 +82,7 @@ def publish(
                   "val_fraction": cfg.val_fraction if cfg.val_cases is None else None,
                   "train": [c.name for c in train_cases], "val": [c.name for c in val_cases]},
         "loss": {"name": cfg.loss, "params": cfg.loss_params},
-        "epochs": len(history), "batch_size": cfg.batch_size, "num_samples": cfg.num_samples, "lr": cfg.lr,
+        "epochs": len(history), "patch_size": list(cfg.patch_size or bc.roi_size), "batch_size": cfg.batch_size, "num_samples": cfg.num_samples, "lr": cfg.lr,
         "weight_decay": cfg.weight_decay, "warmup_epochs": cfg.warmup_epochs, "val_every": cfg.val_every,
         "seed": cfg.seed, "augment": cfg.augment, "wall_time_seconds": round(wall, 1),
         "weights": chosen, "best_epoch": best.get("epoch"), "world_size": world_size,

@@ -110,7 +110,9 @@ def run_pass(
             name = item.get("case")
             if isinstance(name, (list, tuple)):
                 name = name[0]
-            logits = sliding_window_logits(network, torch.as_tensor(image), config, temperature=temperature)
+            if hasattr(image, "as_tensor"):  # MetaTensor -> plain tensor (no per-op metadata overhead)
+                image, label = image.as_tensor(), label.as_tensor()
+            logits = sliding_window_logits(network, image, config, temperature=temperature)
             probs = torch.softmax(logits, dim=1)
             lab = torch.as_tensor(label).to(probs.device).long()
             acc.update(probs.cpu(), lab.cpu(), case_id=str(name))
