@@ -9,13 +9,13 @@ from acecal.errors import InvalidInputError
 
 from ACECalibrationLib import dependencies, nodes, segmentation
 from ACECalibrationLib.finetune import labelmap_from_segmentation, segment_values, start_finetune, training_pair
-from slicer_test_helpers import oblique_grid
+from oblique import oblique_grid
 
 LABELS = {"0": "background", "1": "liver", "2": "tumour"}
 
 
 def _scene_with_result(scene):
-    grid = oblique_grid(shape_zyx=(10, 12, 14))
+    grid = oblique_grid(size=(14, 12, 10))
     volume = nodes.add_volume_from_array(scene, np.random.default_rng(0).random(grid.shape_zyx).astype(np.float32),
                                          grid, "img")
     label = np.zeros(grid.shape_zyx, np.uint8)

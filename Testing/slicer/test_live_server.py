@@ -27,7 +27,7 @@ from ACECalibrationLib.logic import (  # noqa: E402
     user_message,
 )
 from ACECalibrationLib.worker import Cancelled  # noqa: E402
-from slicer_test_helpers import oblique_grid, sphere_case  # noqa: E402
+from oblique import oblique_grid, sphere_on_grid  # noqa: E402
 
 KEY = "slicer-test-key"
 MODEL = "tiny-sphere"
@@ -50,8 +50,8 @@ def client(server):
 
 @pytest.fixture
 def case(scene):
-    grid = oblique_grid(shape_zyx=(22, 26, 30), spacing=(0.9, 1.1, 1.4))
-    image, label, centre_lps = sphere_case(grid, radius_mm=5.5, seed=3)
+    grid = oblique_grid()  # tilted, axes permuted and flipped, anisotropic, offset (Testing/oblique.py)
+    image, label, centre_lps = sphere_on_grid(grid, radius_mm=5.5, seed=3)
     volume = nodes.add_volume_from_array(scene, image, grid, "Oblique sphere")
     return volume, grid, label, centre_lps
 

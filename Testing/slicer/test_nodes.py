@@ -10,7 +10,9 @@ from acecal.geometry import LPS_TO_RAS, Grid
 
 from ACECalibrationLib import nodes
 from ACECalibrationLib._mrml import mrml, vtk
-from slicer_test_helpers import oblique_grid, sphere_case
+from oblique import oblique_grid
+
+SPACING = (0.7, 1.3, 2.5)  # strongly anisotropic
 
 
 def _ijk_to_ras(node) -> np.ndarray:
@@ -28,7 +30,7 @@ def test_matrix_round_trip():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.int16, np.uint8, np.float64])
 def test_oblique_anisotropic_offset_round_trip(scene, dtype):
-    grid = oblique_grid()
+    grid = oblique_grid(spacing=SPACING)
     rng = np.random.default_rng(1)
     array = (rng.random(grid.shape_zyx) * 100).astype(dtype)
     node = nodes.add_volume_from_array(scene, array, grid, "oblique")
@@ -45,9 +47,9 @@ def test_oblique_anisotropic_offset_round_trip(scene, dtype):
 
 def test_physical_position_of_a_voxel_matches_lps_to_ras(scene):
     """A voxel Slicer places at RAS (r, a, s) is the voxel the grid places at LPS (-r, -a, s)."""
-    grid = oblique_grid()
-    image, label, centre_lps = sphere_case(grid, centre_ijk=(9.0, 13.0, 6.0))
-    node = nodes.add_volume_from_array(scene, label, grid, "sphere")
+    grid = oblique_grid(spacing=SPACING)
+    centre_lps = grid.index_to_lps([9.0, 13.0, 6.0])
+    node = nodes.add_volume_from_array(scene, np.zeros(grid.shape_zyx, np.uint8), grid, "sphere")
     ras_of_centre = _ijk_to_ras(node) @ np.array([9.0, 13.0, 6.0, 1.0])
     assert np.allclose(ras_of_centre[:3], [-centre_lps[0], -centre_lps[1], centre_lps[2]])
     # and Slicer's RAS->IJK brings it back to the same index
@@ -87,7 +89,7 @@ def test_extent_not_starting_at_zero_is_folded_into_the_origin(scene):
 
 
 def test_volume_under_a_parent_transform_keeps_it_for_results(scene):
-    grid = oblique_grid()
+    grid = oblique_grid(spacing=SPACING)
     ref = nodes.add_volume_from_array(scene, np.zeros(grid.shape_zyx, np.float32), grid, "ref")
     t = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "shift")
     m = vtk.vtkMatrix4x4()
@@ -101,7 +103,7 @@ def test_volume_under_a_parent_transform_keeps_it_for_results(scene):
 
 
 def test_shape_mismatch_and_bad_inputs(scene):
-    grid = oblique_grid()
+    grid = oblique_grid(spacing=SPACING)
     with pytest.raises(ValueError, match="does not match"):
         nodes.add_volume_from_array(scene, np.zeros((2, 2, 2)), grid, "bad")
     with pytest.raises(InvalidInputError, match="No volume selected"):

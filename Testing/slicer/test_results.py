@@ -10,7 +10,7 @@ from acecal.geometry import lps_to_ras
 from ACECalibrationLib import display, nodes, regions, segmentation
 from ACECalibrationLib._mrml import mrml, numpy_support, vtk
 from ACECalibrationLib.logic import InferenceOutput, create_result_nodes
-from slicer_test_helpers import oblique_grid, sphere_case
+from oblique import oblique_grid, sphere_on_grid
 
 LABELS = {"0": "background", "1": "liver", "2": "my lesion"}
 
@@ -24,7 +24,7 @@ def _output(grid, label, flags, regions_list=()):
 
 
 def _two_class_case(grid):
-    image, sphere, centre_lps = sphere_case(grid, radius_mm=6.0)
+    image, sphere, centre_lps = sphere_on_grid(grid, radius_mm=6.0)
     label = sphere.copy()
     label[:3, :4, :5] = 2  # a small box of class 2 in a corner
     # flags: the sphere's boundary shell (dilated minus eroded by one voxel along each array axis)
@@ -197,7 +197,7 @@ def test_navigation_follows_a_parent_transform(scene):
 
 
 def test_absent_labels_still_get_segments_and_unknown_values_are_refused(scene):
-    grid = oblique_grid(shape_zyx=(6, 7, 8))
+    grid = oblique_grid(size=(8, 7, 6))
     volume = nodes.add_volume_from_array(scene, np.zeros(grid.shape_zyx, np.float32), grid, "blank")
     empty = np.zeros(grid.shape_zyx, np.uint8)
     seg, ids, uid = segmentation.create_segmentation_node(scene, volume, empty, LABELS, empty)

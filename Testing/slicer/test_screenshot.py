@@ -18,19 +18,20 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = textwrap.dedent('''
     import json, sys
     import numpy as np
-    sys.path[:0] = [sys.argv[1] + "/docs", sys.argv[1] + "/Testing/slicer"]
+    sys.path[:0] = [sys.argv[1] + "/docs", sys.argv[1] + "/Testing"]
     import make_screenshot as ms
     from ACECalibrationLib import display, nodes
     from ACECalibrationLib.logic import InferenceOutput, create_result_nodes
-    from slicer_test_helpers import oblique_grid, sphere_case
+    from oblique import oblique_grid, sphere_on_grid
 
     scene = nodes.new_scene()
     ms.add_default_colors(scene)
-    grid = oblique_grid(shape_zyx=(20, 40, 40), spacing=(1.0, 1.0, 1.5))
-    image, label, centre = sphere_case(grid, radius_mm=9.0)
+    grid = oblique_grid(size=(40, 40, 20), spacing=(1.0, 1.0, 1.5))
+    image, label, centre = sphere_on_grid(grid, radius_mm=9.0)
     volume = nodes.add_volume_from_array(scene, image, grid, "img")
     flags = np.zeros_like(label)
     flags[8:12, 10:30, 10:30] = label[8:12, 10:30, 10:30]
+    assert flags.sum() > 100
     conf = np.where(flags > 0, 0.3, 0.99).astype(np.float32)
     out = InferenceOutput(labels=label, confidence=conf, uncertainty=1 - conf, flags=flags, grid=grid,
                           label_names={"0": "background", "1": "liver"})
