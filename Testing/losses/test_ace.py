@@ -386,3 +386,29 @@ def test_argument_errors(cls):
     if cls is SoftL1ACELoss:
         with pytest.raises(ValueError, match="empty_weight"):
             cls(empty_weight=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cls", [HardL1ACELoss, SoftL1ACELoss])
+def test_cuda_matches_cpu_without_host_syncs_in_the_binning(cls):
+    from acecal.losses.binning import _hard_sums, _soft_sums
+
+    logits, labels, _ = make_case(10, shape=(2, 4, 16, 16, 16), dtype=torch.float32)
+    x_cpu = logits.clone().requires_grad_()
+    ref = cls(to_onehot_y=True, softmax=True)(x_cpu, labels)
+    ref.backward()
+    x = logits.cuda().requires_grad_()
+    out = cls(to_onehot_y=True, softmax=True)(x, labels.cuda())
+    out.backward()
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.cpu(), x_cpu.grad, rtol=1e-4, atol=1e-7)
+    # the binning and its backward never synchronise with the host (the edge tables are cached by now)
+    probs = torch.softmax(x.detach(), 1).requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sums = (_hard_sums(probs, labels.cuda(), 20, False, 0) if cls is HardL1ACELoss
+                else _soft_sums(probs, labels.cuda(), 20, 0))
+        sums[0].sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -189,7 +189,13 @@ def _edge_tables(num_bins: int, device: torch.device) -> tuple[torch.Tensor, tor
 
 
 def _bin_index(
-    v: torch.Tensor, num_bins: int, right: bool, lo: torch.Tensor, hi: torch.Tensor | None, fast: bool = True
+    v: torch.Tensor,
+    num_bins: int,
+    right: bool,
+    lo: torch.Tensor,
+    hi: torch.Tensor | None,
+    fast: bool = True,
+    work: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``bucketize(v, e[1:], right).clamp(max=M - 1)`` for float32 ``v`` in [0, 1], without a binary search.
 
@@ -197,18 +203,27 @@ def _bin_index(
     ``e_m`` with ``m <= g - 1`` lies below ``v`` and every edge with ``m >= g + 2`` above it (an edge is within a few
     ulps of ``m / M``), so at most ``e_g`` and ``e_{g+1}`` need a comparison, one table lookup each; when ``hi`` is
     None only ``e_g`` can decide. Returns the index as int64 (for scatter) and in the compact dtype that is saved for
-    the backward pass (uint8 for M <= 255), both contiguous with ``v``'s shape.
+    the backward pass (uint8 for M <= 255), both contiguous with ``v``'s shape. ``work``, if given, is scratch space
+    of at least ``4 * v.numel()`` bytes (fresh large allocations are a large part of the cost on the CPU).
     """
     if fast and hi is None and num_bins <= 255:
         # g = floor(fl32(v * M)) is floor(v * M) or, when the product rounds up to an integer, one more; in both
         # cases the bin is g - [e_g >= v], because m / M <= e_m < (m + 1) / M - 1 ulp for every edge.
-        s = v * num_bins
-        e = lo.index_select(0, s.to(torch.int32).reshape(-1)).view(s.shape)
+        n = v.numel()
+        idx = torch.empty(v.shape, dtype=torch.int64, device=v.device)
+        if work is None:
+            work = torch.empty(n, dtype=torch.float32, device=v.device)
+        s = work.view(-1).view(torch.float32)[:n].view(v.shape)
+        torch.mul(v, num_bins, out=s)
+        compact = s.to(torch.uint8)  # floor
+        g = idx.view(-1).view(torch.int32)[:n]  # int32 scratch inside the int64 output
+        g.copy_(s.view(-1))
+        e = torch.index_select(lo, 0, g, out=s.view(-1)).view(v.shape)  # e_g, over s
         below = (e > v) if right else (e >= v)
-        del e
-        compact = s.to(torch.uint8)
         compact.sub_(below.view(torch.uint8))
-        return compact.long(), compact
+        del below, e, s
+        idx.copy_(compact)
+        return idx, compact
     # general path: exact floor in float64, both neighbouring edges
     g = (v.double() * num_bins).long()
     e = lo.index_select(0, g.reshape(-1)).view(g.shape)
@@ -221,13 +236,15 @@ def _bin_index(
     return g, g.to(_index_dtype(num_bins))
 
 
-def _hard_bin_index(probs: torch.Tensor, num_bins: int, right: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _hard_bin_index(
+    probs: torch.Tensor, num_bins: int, right: bool, work: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Bin index of every element of ``probs`` (in [0, 1]), identical to ``monai.metrics.calibration_binning``.
 
     MONAI bins ``probs.float()``; so do we (for float64 input the float32-rounded value decides the bin).
     """
     lo, hi = _edge_tables(num_bins, probs.device)
-    return _bin_index(probs.float(), num_bins, right, lo, hi)
+    return _bin_index(probs.float(), num_bins, right, lo, hi, work=work)
 
 
 def _index_dtype(n: int) -> torch.dtype:
@@ -261,8 +278,11 @@ class _HardBinningFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, probs, target, num_bins, right, label_offset):  # type: ignore[override]
         bsz, nch, _ = probs.shape
-        idx, compact = _hard_bin_index(probs.detach(), num_bins, right)
-        pd = probs.detach().double()
+        p = probs.detach()
+        # one float64 buffer: scratch for the bin index first, then the probabilities in float64 for the sums
+        work = None if p.dtype == torch.float64 else torch.empty(p.shape, dtype=torch.float64, device=p.device)
+        idx, compact = _hard_bin_index(p, num_bins, right, work)
+        pd = p if work is None else work.copy_(p)
         sum_p = pd.new_zeros((bsz, nch, num_bins))
         counts = torch.zeros_like(sum_p)
         sum_y = torch.zeros_like(sum_p)
@@ -307,14 +327,15 @@ def _hard_sums(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _soft_cells(p: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _soft_cells(p: torch.Tensor, num_bins: int, inplace: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Cell index ``J = floor(p * M + 0.5)`` in [0, M] (int64) and position ``f = p * M + 0.5 - J`` in [0, 1).
 
     Cell 0 (``p < c_0``) and cell M (``p >= c_{M-1}``) give all weight to the end bins; an inner cell j sits
     between the centres ``c_{j-1}`` and ``c_j`` and gives weight ``1 - f`` to bin j - 1 and ``f`` to bin j.
-    Everywhere ``p = (J - 0.5 + f) / M``. Computed in ``p``'s dtype (exact in float64 for float32 input).
+    Everywhere ``p = (J - 0.5 + f) / M``. Computed in ``p``'s dtype (exact in float64 for float32 input);
+    ``inplace=True`` overwrites ``p`` with ``f``.
     """
-    u = torch.add(p.new_full((), 0.5), p, alpha=num_bins)
+    u = torch.add(p.new_full((), 0.5), p, alpha=num_bins, out=p if inplace else None)
     cell = u.long()  # u >= 0.5: truncation is floor
     return cell, u.frac_()
 
@@ -339,11 +360,10 @@ class _SoftBinningFunction(torch.autograd.Function):
         bsz, nch, _ = probs.shape
         m = num_bins
         pd = probs.detach().double()
-        cell, f = _soft_cells(pd, m)
-        acc = pd.new_zeros((5, bsz, nch, m + 1))  # count, sum f, sum f^2, sum y, sum f y   per cell
-        acc[0].scatter_add_(2, cell, pd.new_ones(()).expand_as(pd))
+        cell, f = _soft_cells(pd, m, inplace=pd.data_ptr() != probs.data_ptr())  # pd is a fresh copy: reuse it
+        acc = f.new_zeros((5, bsz, nch, m + 1))  # count, sum f, sum f^2, sum y, sum f y   per cell
+        acc[0].scatter_add_(2, cell, f.new_ones(()).expand_as(f))
         acc[1].scatter_add_(2, cell, f)
-        acc[2].scatter_add_(2, cell, f * f)
         if label_offset >= 0:
             lab, valid = _prepare_labels(target, label_offset)
             own_cell = cell.gather(1, lab)
@@ -360,16 +380,17 @@ class _SoftBinningFunction(torch.autograd.Function):
         else:
             yd = target.detach().double()
             acc[3].scatter_add_(2, cell, yd)
-            acc[4].scatter_add_(2, cell, f * yd)
+            acc[4].scatter_add_(2, cell, yd.mul_(f) if yd.data_ptr() != target.data_ptr() else f * yd)
             saved_target = target.detach()
+        acc[2].scatter_add_(2, cell, f.mul_(f))  # f is not needed any more
         del cell, f
         cnt, fs, f2s, ys, fys = acc.unbind(0)
-        j = torch.arange(m + 1, dtype=torch.float64, device=pd.device) - 0.5  # p = (j + f) / M in cell j
+        j = torch.arange(m + 1, dtype=torch.float64, device=acc.device) - 0.5  # p = (j + f) / M in cell j
         sum_p = (fs + j * cnt) / m
         sum_fp = (f2s + j * fs) / m
         stats = []
         for full, frac in ((cnt, fs), (sum_p, sum_fp), (ys, fys)):
-            out = pd.new_zeros((bsz, nch, m))
+            out = acc.new_zeros((bsz, nch, m))
             out[..., 0] += full[..., 0]  # lower end cell
             out[..., m - 1] += full[..., m]  # upper end cell
             if m > 1:
@@ -411,9 +432,9 @@ class _SoftBinningFunction(torch.autograd.Function):
             v[..., 1:m] = 2.0 * beta
             wy[..., 1:m] = m * (g_y[..., 1:] - g_y[..., :-1])
         u, v, wy = u.to(cd), v.to(cd), wy.to(cd)
-        cell, f = _soft_cells(probs.detach().to(cd), m)
-        grad = u.gather(2, cell)
-        grad.addcmul_(v.gather(2, cell), f)
+        cell, f = _soft_cells(probs.detach().to(cd), m, inplace=probs.dtype != cd)
+        grad = v.gather(2, cell).mul_(f)
+        grad.add_(torch.gather(u, 2, cell, out=f))  # f is not needed any more
         del f
         if ctx.label_offset >= 0:
             lab, valid = _prepare_labels(target, ctx.label_offset)
