@@ -191,3 +191,29 @@ def test_retries_only_where_safe(other_server, tmp_path):
     with pytest.raises(ServerBusyError) as e:
         c.infer((arr, Grid.from_zyx_shape(arr.shape)), "busy")
     assert e.value.retry_after == 2.0 and e.value.status_code == 503 and len(_Recorder.hits) == 1
+
+
+class _Cancelled(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stage", ["upload", "download:confidence"])
+def test_a_progress_callback_can_cancel(client_server, stage):
+    """What the Slicer module's Cancel button does: raise from the callback; the exception comes out unchanged and
+    the server keeps neither a temporary file nor the result."""
+    from acecal.geometry import Grid
+
+    arr = np.random.default_rng(0).random((40, 40, 40), dtype=np.float32)
+    before = client_server.state.results.count()
+
+    def progress(st, done, total):
+        if st == stage and done > 10_000:
+            raise _Cancelled(st)
+
+    with ACEClient(client_server.url) as c, pytest.raises(_Cancelled):
+        c.infer((arr, Grid.from_zyx_shape(arr.shape)), "tiny-sphere", progress=progress)
+    deadline = time.monotonic() + 10
+    while client_server.state.queue.stats()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client_server.state.results.count() == before
+    assert list(client_server.settings.tmp_dir.iterdir()) == []

@@ -421,6 +421,38 @@ class ACEClient:
         return self._json(self.request("DELETE", path, **kwargs))
 
     @staticmethod
+    def file_part(source: ImageInput, filename: Optional[str] = None, *,
+                  compress: bool = False) -> tuple[str, Union[bytes, Path]]:
+        """A multipart file part from a path (streamed from disk) or ``(array_zyx, Grid)`` (encoded as NRRD)."""
+        if isinstance(source, tuple):
+            array, grid = source
+            if not isinstance(grid, Grid):
+                raise TypeError("an image must be a path or (array_zyx, Grid)")
+            return filename or "image.nrrd", encode_nrrd(np.asarray(array), grid,
+                                                         encoding="gzip" if compress else "raw")
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"no such image file: {path}")
+        return filename or path.name, path
+
+    def post_multipart(self, path: str, fields: Optional[dict[str, str]] = None,
+                       files: Optional[dict[str, tuple[str, Union[bytes, Path]]]] = None, *,
+                       progress: Optional[ProgressCallback] = None, **kwargs: Any) -> requests.Response:
+        """POST a streamed ``multipart/form-data`` body (text ``fields``; ``files``: name -> (filename, bytes|path)).
+
+        Upload progress is reported as stage ``"upload"``. Used by :meth:`infer`; later resources (dataset cases)
+        upload through it too. Repeated only when the connection could not be opened (or on busy, if enabled).
+        """
+        boundary = uuid.uuid4().hex
+        fields, files = dict(fields or {}), dict(files or {})
+
+        def body() -> MultipartBody:  # a fresh stream per attempt, same boundary as the Content-Type header
+            return MultipartBody(fields, files, progress, boundary=boundary)
+
+        return self.request("POST", path, body_factory=body,
+                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, **kwargs)
+
+    @staticmethod
     def _json(resp: requests.Response) -> Any:
         try:
             return resp.json()
@@ -530,27 +562,10 @@ class ACEClient:
         unknown = [v for v in volumes if v not in VOLUMES]
         if unknown:
             raise ValueError(f"unknown volume(s) {unknown}; choose from {VOLUMES}")
-        if isinstance(image, tuple):
-            array, grid = image
-            if not isinstance(grid, Grid):
-                raise TypeError("image must be a path or (array_zyx, Grid)")
-            content: Union[bytes, Path] = encode_nrrd(np.asarray(array), grid,
-                                                      encoding="gzip" if compress_upload else "raw")
-            fname = filename or "image.nrrd"
-        else:
-            path = Path(image)
-            if not path.is_file():
-                raise FileNotFoundError(f"no such image file: {path}")
-            content, fname = path, filename or path.name
         fields = {"params": json.dumps(p)} if p else {}
-
-        boundary = uuid.uuid4().hex
-
-        def body() -> MultipartBody:  # a fresh stream per attempt, same boundary as the Content-Type header
-            return MultipartBody(fields, {"image": (fname, content)}, progress, boundary=boundary)
-
-        resp = self.request("POST", f"/infer/{_seg(model_id)}", body_factory=body,
-                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        resp = self.post_multipart(f"/infer/{_seg(model_id)}", fields,
+                                   {"image": self.file_part(image, filename, compress=compress_upload)},
+                                   progress=progress)
         result = InferenceResult.from_reply(self._json(resp))
         try:
             self.fetch_volumes(result, out_dir=out_dir, load_arrays=load_arrays, volumes=volumes, progress=progress)
