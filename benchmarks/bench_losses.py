@@ -188,7 +188,8 @@ def main() -> None:
     print("# time = median fwd+bwd ms; B/el = autograd-saved bytes per (voxel x class), softmax output included")
     header = (
         f"{'B,C,S^3':>10} | {'DiceCE ms':>9} {'B/el':>5} | {'loop hard':>9} {'B/el':>5} | {'hard':>7} {'B/el':>5} "
-        f"{'/DiceCE':>7} {'/loop':>6} | {'loop soft':>9} {'B/el':>5} | {'soft':>7} {'B/el':>5} {'/DiceCE':>7} {'/loop':>6}"
+        f"{'/DiceCE':>7} {'/loop':>6} | {'loop soft':>9} {'B/el':>5} | {'soft':>7} {'B/el':>5} "
+        f"{'/DiceCE':>7} {'/loop':>6}"
     )
     print(header)
     print("-" * len(header))

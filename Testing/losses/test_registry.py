@@ -47,7 +47,9 @@ def test_every_loss_has_the_same_call_signature(name):
 
 def test_registry_values_equal_the_configured_classes():
     logits, labels = _case()
-    torch.testing.assert_close(build_loss("baseline_dice_ce", 3)(logits, labels), DiceCELoss(**BASELINE)(logits, labels))
+    torch.testing.assert_close(
+        build_loss("baseline_dice_ce", 3)(logits, labels), DiceCELoss(**BASELINE)(logits, labels)
+    )
     torch.testing.assert_close(
         build_loss("labelsmooth_dice_ce", 3)(logits, labels),
         DiceCELoss(**BASELINE, label_smoothing=0.1)(logits, labels),

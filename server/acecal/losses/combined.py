@@ -150,25 +150,26 @@ class _ACECombinedLoss(_Loss):
         return self.cross_entropy(logits, target.to(logits.dtype))
 
 
-_COMBINED_DOC = """{title}
+class HardL1ACEandDiceCELoss(_ACECombinedLoss):
+    """Hard-binned L1-ACE plus Dice plus cross-entropy: ``0.33 * hL1-ACE + 0.33 * Dice + 0.33 * CE``.
 
-    ``{formula}``, computed on logits ``input`` of shape ``(B, C, spatial...)`` and a target that is a label map
-    ``(B, 1, spatial...)`` (``to_onehot_y=True``) or one-hot ``(B, C, spatial...)``. One softmax is shared by the ACE
-    and Dice terms; CE (``torch.nn.CrossEntropyLoss``) always takes the logits. Defaults reproduce the paper's
-    configuration{paper}: ACE with 20 bins, background included, ``ignore_empty_classes=True`` (absent classes are
-    left out of the ACE mean, see :class:`~acecal.losses.HardL1ACELoss`){soft}; MONAI ``DiceLoss(include_background=True,
-    squared_pred=True, smooth_nr=0, smooth_dr=1e-5)``; CE with mean reduction. The registry
-    (:func:`~acecal.losses.build_loss`) builds the paper's training losses with ``to_onehot_y=True, softmax=True``.
+    The defaults reproduce the paper's ``hardl1ace_dice_ce`` configuration: :class:`~acecal.losses.HardL1ACELoss`
+    with 20 bins, background included and ``ignore_empty_classes=True`` (classes absent from an image are left out of
+    the ACE mean); MONAI ``DiceLoss(include_background=True, squared_pred=True, smooth_nr=0, smooth_dr=1e-5)``;
+    ``torch.nn.CrossEntropyLoss`` (mean) on the logits. One softmax is shared by the ACE and Dice terms; a label-map
+    target is used directly by ACE and one-hot encoded once for Dice and CE. The paper trains with
+    ``to_onehot_y=True, softmax=True`` (what :func:`~acecal.losses.build_loss` builds).
 
-    Args (keyword only):
-        ace_weight: weight of the ACE term. Defaults to {wa}.
-{weight_args}        to_onehot_y: the target is a label map of class indices (used directly by ACE, one-hot encoded once
-            for Dice). Defaults to False.
-        softmax: apply a softmax to ``input`` for the ACE and Dice terms. Defaults to False (MONAI's convention);
-            the paper configurations use True.
-        ace_params: overrides of the {ace} arguments (``num_bins``, ``include_background``, ``reduction``,
-            ``weight``, ``ignore_empty_classes``{soft_arg}).
-{params_args}
+    Args (keyword only; the published classes order them differently):
+        ace_weight, dice_weight, ce_weight: term weights. Default to 0.33 each.
+        to_onehot_y: the target is a label map ``(B, 1, spatial...)`` of class indices. Defaults to False.
+        softmax: apply a softmax to ``input`` for the ACE and Dice terms (CE always takes the logits).
+            Defaults to False, MONAI's convention.
+        ace_params: overrides of the :class:`~acecal.losses.HardL1ACELoss` arguments (``num_bins``,
+            ``include_background``, ``reduction``, ``weight``, ``ignore_empty_classes``, ``right``).
+        dice_params: overrides of the ``monai.losses.DiceLoss`` arguments.
+        ce_params: ``torch.nn.CrossEntropyLoss`` arguments (e.g. ``weight``, ``label_smoothing``).
+
     Shapes:
         ``input`` ``(B, C, spatial...)``; ``target`` ``(B, 1, spatial...)`` or ``(B, C, spatial...)``; output ``()``.
 
@@ -176,35 +177,8 @@ _COMBINED_DOC = """{title}
         Barfoot et al., "Average Calibration Losses for Reliable Uncertainty in Medical Image Segmentation",
         IEEE TMI, arXiv:2506.03942; Barfoot et al., "Average Calibration Error: A Differentiable Loss for Improved
         Reliability in Image Segmentation", MICCAI 2024, arXiv:2403.06759.
-"""
+    """
 
-_DICE_ARG = "        dice_weight: weight of the Dice term. Defaults to {w}.\n"
-_CE_ARG = "        ce_weight: weight of the cross-entropy term. Defaults to {w}.\n"
-_DICE_PARAMS = "        dice_params: overrides of the ``monai.losses.DiceLoss`` arguments.\n"
-_CE_PARAMS = "        ce_params: keyword arguments of ``torch.nn.CrossEntropyLoss`` (e.g. ``label_smoothing``).\n"
-
-
-def _doc(kind: str, terms: tuple[str, ...], weights: dict[str, float]) -> str:
-    soft = kind == "Soft"
-    names = {"dice": "Dice", "ce": "CE"}
-    formula = " + ".join([f"{weights['ace']} * {kind[0].lower()}L1-ACE"] + [f"{weights[t]} * {names[t]}" for t in terms])
-    return _COMBINED_DOC.format(
-        title=f"{'Soft' if soft else 'Hard'}-binned L1-ACE plus {' plus '.join(names[t] for t in terms)}.",
-        formula=formula,
-        paper=" (`{}l1ace_dice_ce`)".format(kind.lower()) if terms == ("dice", "ce") else " (MICCAI 2024 ablations)",
-        soft=", ``empty_weight=0.01``" if soft else "",
-        wa=weights["ace"],
-        weight_args="".join(
-            (_DICE_ARG if t == "dice" else _CE_ARG).format(w=weights[t]) for t in terms
-        ),
-        ace=f":class:`~acecal.losses.{kind}L1ACELoss`",
-        soft_arg=", ``empty_weight``" if soft else ", ``right``",
-        params_args="".join(_DICE_PARAMS if t == "dice" else _CE_PARAMS for t in terms),
-    )
-
-
-class HardL1ACEandDiceCELoss(_ACECombinedLoss):
-    __doc__ = _doc("Hard", ("dice", "ce"), {"ace": 0.33, "dice": 0.33, "ce": 0.33})
     _ace_class = HardL1ACELoss
     _terms = ("dice", "ce")
 
@@ -227,7 +201,26 @@ class HardL1ACEandDiceCELoss(_ACECombinedLoss):
 
 
 class SoftL1ACEandDiceCELoss(_ACECombinedLoss):
-    __doc__ = _doc("Soft", ("dice", "ce"), {"ace": 0.33, "dice": 0.33, "ce": 0.33})
+    """Soft-binned L1-ACE plus Dice plus cross-entropy: ``0.33 * sL1-ACE + 0.33 * Dice + 0.33 * CE``.
+
+    The paper's ``softl1ace_dice_ce`` configuration: as :class:`HardL1ACEandDiceCELoss` with
+    :class:`~acecal.losses.SoftL1ACELoss` (``empty_weight=0.01``) as the ACE term.
+
+    Args (keyword only):
+        ace_weight, dice_weight, ce_weight: term weights. Default to 0.33 each.
+        to_onehot_y, softmax, dice_params, ce_params: as :class:`HardL1ACEandDiceCELoss`.
+        ace_params: overrides of the :class:`~acecal.losses.SoftL1ACELoss` arguments (``num_bins``,
+            ``include_background``, ``reduction``, ``weight``, ``ignore_empty_classes``, ``empty_weight``).
+
+    Shapes:
+        ``input`` ``(B, C, spatial...)``; ``target`` ``(B, 1, spatial...)`` or ``(B, C, spatial...)``; output ``()``.
+
+    References:
+        Barfoot et al., "Average Calibration Losses for Reliable Uncertainty in Medical Image Segmentation",
+        IEEE TMI, arXiv:2506.03942; Barfoot et al., "Average Calibration Error: A Differentiable Loss for Improved
+        Reliability in Image Segmentation", MICCAI 2024, arXiv:2403.06759.
+    """
+
     _ace_class = SoftL1ACELoss
     _ace_extra_defaults = {"empty_weight": 0.01}
     _terms = ("dice", "ce")
@@ -251,7 +244,23 @@ class SoftL1ACEandDiceCELoss(_ACECombinedLoss):
 
 
 class HardL1ACEandDiceLoss(_ACECombinedLoss):
-    __doc__ = _doc("Hard", ("dice",), {"ace": 0.5, "dice": 0.5})
+    """Hard-binned L1-ACE plus Dice: ``0.5 * hL1-ACE + 0.5 * Dice`` (the MICCAI 2024 paper's headline result).
+
+    Terms and defaults as in :class:`HardL1ACEandDiceCELoss`, without cross-entropy.
+
+    Args (keyword only):
+        ace_weight, dice_weight: term weights. Default to 0.5 each.
+        to_onehot_y, softmax, ace_params, dice_params: as :class:`HardL1ACEandDiceCELoss`.
+
+    Shapes:
+        ``input`` ``(B, C, spatial...)``; ``target`` ``(B, 1, spatial...)`` or ``(B, C, spatial...)``; output ``()``.
+
+    References:
+        Barfoot et al., "Average Calibration Losses for Reliable Uncertainty in Medical Image Segmentation",
+        IEEE TMI, arXiv:2506.03942; Barfoot et al., "Average Calibration Error: A Differentiable Loss for Improved
+        Reliability in Image Segmentation", MICCAI 2024, arXiv:2403.06759.
+    """
+
     _ace_class = HardL1ACELoss
     _terms = ("dice",)
 
@@ -272,7 +281,23 @@ class HardL1ACEandDiceLoss(_ACECombinedLoss):
 
 
 class SoftL1ACEandDiceLoss(_ACECombinedLoss):
-    __doc__ = _doc("Soft", ("dice",), {"ace": 0.5, "dice": 0.5})
+    """Soft-binned L1-ACE plus Dice: ``0.5 * sL1-ACE + 0.5 * Dice``.
+
+    Terms and defaults as in :class:`SoftL1ACEandDiceCELoss`, without cross-entropy.
+
+    Args (keyword only):
+        ace_weight, dice_weight: term weights. Default to 0.5 each.
+        to_onehot_y, softmax, ace_params, dice_params: as :class:`SoftL1ACEandDiceCELoss`.
+
+    Shapes:
+        ``input`` ``(B, C, spatial...)``; ``target`` ``(B, 1, spatial...)`` or ``(B, C, spatial...)``; output ``()``.
+
+    References:
+        Barfoot et al., "Average Calibration Losses for Reliable Uncertainty in Medical Image Segmentation",
+        IEEE TMI, arXiv:2506.03942; Barfoot et al., "Average Calibration Error: A Differentiable Loss for Improved
+        Reliability in Image Segmentation", MICCAI 2024, arXiv:2403.06759.
+    """
+
     _ace_class = SoftL1ACELoss
     _ace_extra_defaults = {"empty_weight": 0.01}
     _terms = ("dice",)
@@ -294,7 +319,24 @@ class SoftL1ACEandDiceLoss(_ACECombinedLoss):
 
 
 class HardL1ACEandCELoss(_ACECombinedLoss):
-    __doc__ = _doc("Hard", ("ce",), {"ace": 0.5, "ce": 0.5})
+    """Hard-binned L1-ACE plus cross-entropy: ``0.5 * hL1-ACE + 0.5 * CE``.
+
+    Terms and defaults as in :class:`HardL1ACEandDiceCELoss`, without Dice. For a label map without CE class weights
+    the CE uses the class-index form (same value as the one-hot form, less memory).
+
+    Args (keyword only):
+        ace_weight, ce_weight: term weights. Default to 0.5 each.
+        to_onehot_y, softmax, ace_params, ce_params: as :class:`HardL1ACEandDiceCELoss`.
+
+    Shapes:
+        ``input`` ``(B, C, spatial...)``; ``target`` ``(B, 1, spatial...)`` or ``(B, C, spatial...)``; output ``()``.
+
+    References:
+        Barfoot et al., "Average Calibration Losses for Reliable Uncertainty in Medical Image Segmentation",
+        IEEE TMI, arXiv:2506.03942; Barfoot et al., "Average Calibration Error: A Differentiable Loss for Improved
+        Reliability in Image Segmentation", MICCAI 2024, arXiv:2403.06759.
+    """
+
     _ace_class = HardL1ACELoss
     _terms = ("ce",)
 
@@ -315,7 +357,23 @@ class HardL1ACEandCELoss(_ACECombinedLoss):
 
 
 class SoftL1ACEandCELoss(_ACECombinedLoss):
-    __doc__ = _doc("Soft", ("ce",), {"ace": 0.5, "ce": 0.5})
+    """Soft-binned L1-ACE plus cross-entropy: ``0.5 * sL1-ACE + 0.5 * CE``.
+
+    Terms and defaults as in :class:`SoftL1ACEandDiceCELoss`, without Dice.
+
+    Args (keyword only):
+        ace_weight, ce_weight: term weights. Default to 0.5 each.
+        to_onehot_y, softmax, ace_params, ce_params: as :class:`SoftL1ACEandDiceCELoss`.
+
+    Shapes:
+        ``input`` ``(B, C, spatial...)``; ``target`` ``(B, 1, spatial...)`` or ``(B, C, spatial...)``; output ``()``.
+
+    References:
+        Barfoot et al., "Average Calibration Losses for Reliable Uncertainty in Medical Image Segmentation",
+        IEEE TMI, arXiv:2506.03942; Barfoot et al., "Average Calibration Error: A Differentiable Loss for Improved
+        Reliability in Image Segmentation", MICCAI 2024, arXiv:2403.06759.
+    """
+
     _ace_class = SoftL1ACELoss
     _ace_extra_defaults = {"empty_weight": 0.01}
     _terms = ("ce",)

@@ -124,7 +124,9 @@ class _RegistryLoss(_Loss):
             )
         expected = (logits.shape[0], 1, *logits.shape[2:])
         if tuple(label_map.shape) != expected:
-            hint = " Add the channel dimension with label_map.unsqueeze(1)." if label_map.ndim == logits.ndim - 1 else ""
+            hint = ""
+            if label_map.ndim == logits.ndim - 1:
+                hint = " Add the channel dimension with label_map.unsqueeze(1)."
             raise ValueError(f"{who}: label_map must have shape {expected}, got {tuple(label_map.shape)}.{hint}")
         if self.check_labels:
             lab = label_map.detach()
