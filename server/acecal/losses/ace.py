@@ -284,8 +284,8 @@ class HardL1ACELoss(_L1ACELoss):
     ``ignore_empty_classes=False`` an absent class's ACE pushes its probabilities towards 0 and every entry counts.
 
     The target may be a one-hot / probability tensor ``(B, C, spatial...)``, or with ``to_onehot_y=True`` a label map
-    ``(B, 1, spatial...)``, which is used directly (no one-hot tensor is built). Statistics are accumulated in
-    float64. Memory: besides the probabilities (the softmax output autograd keeps anyway) one ``uint8`` bin index
+    ``(B, 1, spatial...)``, which is used directly (no one-hot tensor is built); the target is a constant (no gradient
+    flows to it). Statistics are accumulated in float64. Memory: besides the probabilities (the softmax output autograd keeps anyway) one ``uint8`` bin index
     per element is saved for the backward pass; no Python loop over batch or class.
 
     Args:

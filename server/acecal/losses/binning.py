@@ -143,7 +143,7 @@ def _check_same_shape(who: str, probs: torch.Tensor, target: torch.Tensor) -> No
         )
     if probs.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"{who}: probs must be a floating point tensor, got dtype {probs.dtype}.")
-    if probs[0, 0].numel() == 0 or probs.shape[0] == 0 or probs.shape[1] == 0:
+    if probs.numel() == 0:
         raise ValueError(f"{who}: probs must not be empty, got shape {tuple(probs.shape)}.")
 
 
