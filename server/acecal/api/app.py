@@ -28,7 +28,8 @@ from acecal.bundles import ModelRegistry
 log = logging.getLogger("acecal.api")
 
 #: routers that need the API key when one is set (every one but /health)
-ROUTERS = ("acecal.api.routers.models", "acecal.api.routers.infer", "acecal.api.routers.results")
+ROUTERS = ("acecal.api.routers.models", "acecal.api.routers.infer", "acecal.api.routers.results",
+           "acecal.api.routers.datasets", "acecal.api.routers.jobs", "acecal.api.routers.evaluate")
 
 #: documented on every route: FastAPI's default 422 schema is replaced by ours
 _ERROR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
@@ -67,6 +68,9 @@ def create_app(settings: Optional[Settings] = None, *, extra_routers: Iterable[A
         results=ResultStore(settings.results_dir, settings.result_ttl_s),
         device=describe_device(predictors.device),
     )
+    from acecal.api.jobs import install as install_finetuning
+
+    finetuning = install_finetuning(state)  # datasets, fine-tuning jobs, evaluations (SQLite state + job runner)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -74,6 +78,7 @@ def create_app(settings: Optional[Settings] = None, *, extra_routers: Iterable[A
         for f in settings.tmp_dir.glob("upload-*"):
             f.unlink(missing_ok=True)
         await asyncio.to_thread(state.results.sweep, partial_older_than_s=0.0)
+        await asyncio.to_thread(finetuning.start)  # settles jobs a dead server left running, starts the scheduler
         models = await asyncio.to_thread(registry.list)
         log.info("acecal %s serving %d model(s) on %s from %s; data in %s", __version__, len(models), state.device,
                  ", ".join(str(d) for d in registry.search_dirs), settings.data_dir)
@@ -101,6 +106,7 @@ def create_app(settings: Optional[Settings] = None, *, extra_routers: Iterable[A
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             state.queue.shutdown()
+            await asyncio.to_thread(finetuning.stop)  # running jobs stop and resume at the next start
 
     app = FastAPI(title="ACECalibration server", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.acecal = state

@@ -14,6 +14,14 @@
 | device | ``ACECAL_DEVICE`` | ``auto`` (first CUDA GPU, else CPU) |
 | max_loaded_models | ``ACECAL_MAX_LOADED_MODELS`` | ``4`` (networks kept in memory, least recently used dropped) |
 | cors_origins | ``ACECAL_CORS_ORIGINS`` | none (no CORS headers) |
+| job_slots | ``ACECAL_JOB_SLOTS`` | ``1`` (fine-tuning jobs running at once: one per device) |
+| job_queue_size | ``ACECAL_JOB_QUEUE_SIZE`` | ``16`` (queued fine-tuning jobs beyond the running ones; more -> 503) |
+| job_threads | ``ACECAL_JOB_THREADS`` | half the CPU cores, at most 4 (torch threads of a job process) |
+| job_max_epochs | ``ACECAL_JOB_MAX_EPOCHS`` | ``1000`` |
+| job_resume | ``ACECAL_JOB_RESUME`` | ``true`` (a job interrupted by a server stop or crash resumes from its checkpoint) |
+| job_min_free_mb | ``ACECAL_JOB_MIN_FREE_MB`` | ``200`` (free disk space a job needs to start) |
+| job_cancel_grace_s | ``ACECAL_JOB_CANCEL_GRACE_S`` | ``10`` (a cancelled job process is killed after this) |
+| job_gpu_memory_fraction | ``ACECAL_JOB_GPU_MEMORY_FRACTION`` | ``0.6`` (share of the GPU a job may use; the rest is inference's) |
 
 Every default works on a laptop without a GPU.
 """
@@ -60,6 +68,15 @@ class Settings(BaseSettings):
     max_loaded_models: int = Field(4, ge=1)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: str = "info"
+    # fine-tuning jobs (acecal.api.jobs)
+    job_slots: int = Field(1, ge=1)
+    job_queue_size: int = Field(16, ge=0)
+    job_threads: Optional[int] = Field(None, ge=1)
+    job_max_epochs: int = Field(1000, ge=1)
+    job_resume: bool = True
+    job_min_free_mb: float = Field(200.0, ge=0)
+    job_cancel_grace_s: float = Field(10.0, gt=0)
+    job_gpu_memory_fraction: Optional[float] = Field(0.6, gt=0, le=1)
 
     @field_validator("models_dirs", mode="before")
     @classmethod

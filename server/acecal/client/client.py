@@ -620,6 +620,156 @@ class ACEClient:
             if not missing_ok:
                 raise
 
+    # --- datasets, fine-tuning jobs and evaluation ------------------------------------------------------------
+    def create_dataset(self, name: str, *, model: Optional[str] = None) -> dict:
+        """``POST /datasets`` -> ``{"id", "name", "model", "created"}``. With ``model`` every uploaded case is
+        checked against that model's labels at once."""
+        return self.post_json("/datasets", {"name": name, **({"model": model} if model else {})})
+
+    def datasets(self) -> list[dict]:
+        """``GET /datasets``: ``[{"id", "name", "model", "num_cases", "created"}, ...]``."""
+        return self.get_json("/datasets")["datasets"]
+
+    def dataset(self, dataset_id: str) -> dict:
+        """``GET /datasets/{id}``: ``{"id", "name", "model", "num_cases", "cases": [{"case_id", "name", ...}]}``."""
+        return self.get_json(f"/datasets/{_seg(dataset_id)}")
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """``DELETE /datasets/{id}`` (``ConflictError`` while a queued or running job uses it)."""
+        self.delete(f"/datasets/{_seg(dataset_id)}")
+
+    def add_case(self, dataset_id: str, image: ImageInput, label: ImageInput, *, name: Optional[str] = None,
+                 model: Optional[str] = None, progress: Optional[ProgressCallback] = None,
+                 compress_upload: bool = True) -> dict:
+        """``POST /datasets/{id}/cases``: upload one labelled case; returns ``{"case_id", "name", ...}``.
+
+        ``image`` and ``label``: file paths or ``(array_zyx, Grid)`` (sent as NRRD, gzip-compressed by default).
+        The server checks the pair on arrival; a bad one raises ``InvalidInputError`` naming the problem.
+        """
+        img_content, img_name = _upload_content(image, "image.nrrd", compress_upload)
+        lab_content, lab_name = _upload_content(label, "label.nrrd", compress_upload)
+        fields = {k: v for k, v in (("name", name), ("model", model)) if v}
+        boundary = uuid.uuid4().hex
+
+        def body() -> MultipartBody:
+            return MultipartBody(fields, {"image": (img_name, img_content), "label": (lab_name, lab_content)},
+                                 progress, boundary=boundary)
+
+        resp = self.request("POST", f"/datasets/{_seg(dataset_id)}/cases", body_factory=body,
+                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        return self._json(resp)
+
+    def delete_case(self, dataset_id: str, case_id: str) -> None:
+        """``DELETE /datasets/{id}/cases/{case_id}``."""
+        self.delete(f"/datasets/{_seg(dataset_id)}/cases/{_seg(case_id)}")
+
+    def upload_dataset(self, images_dir: Union[str, os.PathLike], labels_dir: Union[str, os.PathLike], *,
+                       name: Optional[str] = None, model: Optional[str] = None, dataset_id: Optional[str] = None,
+                       on_case: Optional[Callable[[int, int, str], None]] = None) -> dict:
+        """Upload every (image, label) pair of two folders (same file names; the type may differ) as one dataset.
+
+        Pairs are checked locally first (a missing label or a label without an image is reported before anything
+        is sent), then each case is uploaded and checked by the server. Adds to ``dataset_id`` when given, else
+        creates a dataset named ``name`` (default: the images folder's name). ``on_case(index, total, file_name)``
+        is called before each upload. Returns :meth:`dataset`'s reply.
+        """
+        pairs = pair_folders(images_dir, labels_dir)
+        if dataset_id is None:
+            dataset_id = self.create_dataset(name or Path(images_dir).resolve().name, model=model)["id"]
+        for i, (img, lab) in enumerate(pairs):
+            if on_case is not None:
+                on_case(i, len(pairs), img.name)
+            try:
+                self.add_case(dataset_id, img, lab, model=model)
+            except InvalidInputError as e:
+                raise type(e)(f"{img.name}: {e.detail}", code=e.code) from None
+        return self.dataset(dataset_id)
+
+    def finetune(self, base_model: str, dataset: str, *, loss: str = "hardl1ace_dice_ce", epochs: int = 20,
+                 **options: Any) -> dict:
+        """``POST /finetune``: queue a fine-tuning job; returns ``{"job_id", "status", "model_id", "url"}``.
+
+        ``options``: ``lr``, ``freeze_encoder``, ``val_fraction``, ``val_cases``, ``val_every``, ``batch_size``,
+        ``num_samples``, ``patch_size``, ``loss_params``, ``fit_temperature``, ``seed``, ``model_id``,
+        ``description`` (see the server's ``/docs``). ``model_id`` is the id the new model gets on success.
+        """
+        payload = {"base_model": base_model, "dataset": dataset, "loss": loss, "epochs": int(epochs),
+                   **{k: v for k, v in options.items() if v is not None}}
+        return self.post_json("/finetune", payload)
+
+    def jobs(self, status: Optional[str] = None, limit: int = 100) -> list[dict]:
+        """``GET /jobs``: the jobs, newest first (optionally only those in ``status``)."""
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        return self.get_json("/jobs", params=params)["jobs"]
+
+    def job(self, job_id: str, *, wait: Optional[float] = None, after: Optional[int] = None) -> dict:
+        """``GET /jobs/{id}``: ``{"status", "progress", "metrics", "model_id", "error", "log_tail", "rev", ...}``.
+
+        With ``wait`` (seconds, at most 30) the server answers as soon as the job changes from revision ``after``
+        (default: its current one), or when ``wait`` runs out.
+        """
+        params: dict[str, Any] = {}
+        timeout = None
+        if wait:
+            params["wait"] = min(float(wait), 30.0)
+            timeout = (self.timeout[0], max(self.timeout[1], params["wait"] + 30.0))
+            if after is not None:
+                params["after"] = int(after)
+        return self.get_json(f"/jobs/{_seg(job_id)}", params=params, timeout=timeout)
+
+    def cancel_job(self, job_id: str) -> dict:
+        """``DELETE /jobs/{id}``: cancel (a running job stops within seconds and publishes nothing)."""
+        return self.delete(f"/jobs/{_seg(job_id)}")
+
+    def wait_job(self, job_id: str, *, timeout: Optional[float] = None, poll_s: float = 15.0,
+                 on_update: Optional[Callable[[dict], None]] = None) -> dict:
+        """Follow a job (long-polling) until it succeeds, fails or is cancelled; returns the final job.
+
+        ``on_update(job)`` is called with every new state. ``ServerTimeoutError`` if ``timeout`` seconds pass first
+        (the job goes on).
+        """
+        deadline = None if timeout is None else time.monotonic() + float(timeout)
+        job = self.job(job_id)
+        if on_update is not None:
+            on_update(job)
+        while job["status"] not in JOB_FINAL_STATUSES:
+            wait = poll_s
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ServerTimeoutError(f"job {job_id} is still {job['status']} after {timeout:g} s")
+                wait = max(0.1, min(wait, left))
+            new = self.job(job_id, wait=wait, after=job.get("rev"))
+            if on_update is not None and (new.get("rev") != job.get("rev") or new["status"] != job["status"]):
+                on_update(new)
+            job = new
+        return job
+
+    def evaluate(self, model_id: str, dataset: str, *, temperature: bool = False,
+                 cases: Optional[Sequence[str]] = None,
+                 out_dir: Optional[Union[str, os.PathLike]] = None) -> dict:
+        """``POST /evaluate/{model_id}`` on a stored dataset: Dice/ACE/ECE/MCE (macro, micro, per class, per case)
+        and the figures' URL paths. With ``out_dir`` the reply (``evaluation.json``) and every reliability PNG are
+        saved there (``figures/<name>.png``); ``reply["files"]`` then maps URL paths to local files."""
+        payload: dict[str, Any] = {"dataset": dataset, "temperature": bool(temperature)}
+        if cases:
+            payload["cases"] = list(cases)
+        reply = self.post_json(f"/evaluate/{_seg(model_id)}", payload)
+        if out_dir is not None:
+            out = Path(out_dir)
+            (out / "figures").mkdir(parents=True, exist_ok=True)
+            urls = [reply["figures"].get("dataset_histogram")] + list((reply["figures"].get("cases") or {}).values())
+            files = {}
+            for url in (u for u in urls if u):
+                dest = out / "figures" / url.rsplit("/", 1)[-1]
+                self.download(url, dest, stage="download:figure")
+                files[url] = str(dest)
+            reply = dict(reply, files=files)
+            (out / "evaluation.json").write_text(json.dumps(reply, indent=2))
+        return reply
+
 
 def _seg(s: str) -> str:
     """One URL path segment, quoted."""
@@ -635,3 +785,58 @@ def _short(e: Exception) -> str:
         if marker in text:
             return marker.lower()
     return text[:200]
+
+
+#: job states after which nothing changes
+JOB_FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+#: single-file volume types a case can be uploaded as (detached headers cannot travel alone)
+UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+
+
+def _upload_content(x: ImageInput, default_name: str, compress: bool) -> tuple[Union[bytes, Path], str]:
+    """(bytes or path, file name) of an image given as a path or as ``(array_zyx, Grid)``."""
+    if isinstance(x, tuple):
+        array, grid = x
+        if not isinstance(grid, Grid):
+            raise TypeError("give a file path or (array_zyx, Grid)")
+        return encode_nrrd(np.asarray(array), grid, encoding="gzip" if compress else "raw"), default_name
+    path = Path(x)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    return path, path.name
+
+
+def _case_key(name: str) -> Optional[str]:
+    low = name.lower()
+    for s in UPLOAD_SUFFIXES:
+        if low.endswith(s):
+            return name[: -len(s)]
+    return None
+
+
+def pair_folders(images_dir: Union[str, os.PathLike], labels_dir: Union[str, os.PathLike]) -> list[tuple[Path, Path]]:
+    """(image, label) pairs of two folders with the same file names (a label may differ only in its type).
+
+    Raises ``InvalidInputError`` listing every image without a label and every label without an image.
+    """
+    images_dir, labels_dir = Path(images_dir), Path(labels_dir)
+    for d in (images_dir, labels_dir):
+        if not d.is_dir():
+            raise InvalidInputError(f"no such folder: {d}")
+
+    def files(d: Path) -> dict[str, Path]:
+        out: dict[str, Path] = {}
+        for p in sorted(d.iterdir()):
+            key = _case_key(p.name) if p.is_file() and not p.name.startswith(".") else None
+            if key is not None:
+                out.setdefault(key, p)
+        return out
+
+    imgs, labs = files(images_dir), files(labels_dir)
+    problems = [f"{imgs[k].name}: no label with the same name in {labels_dir}" for k in imgs if k not in labs]
+    problems += [f"{labs[k].name}: a label without an image in {images_dir}" for k in labs if k not in imgs]
+    if problems:
+        raise InvalidInputError("the folders do not pair up:\n  " + "\n  ".join(problems))
+    if not imgs:
+        raise InvalidInputError(f"no images (.nii.gz, .nii, .nrrd, .mha) in {images_dir}")
+    return [(imgs[k], labs[k]) for k in imgs]

@@ -1,0 +1,263 @@
+"""Stored datasets: labelled cases uploaded once, validated on arrival, kept under the data directory.
+
+Layout (every file name chosen by the server; the user's file name is kept in the database for display only)::
+
+    <data_dir>/datasets/<dataset_id>/images/<case_id><suffix>
+    <data_dir>/datasets/<dataset_id>/labels/<case_id><suffix>
+
+A case is checked before it is stored (:func:`check_pair`): both files readable, 3-D, scalar (or the declared
+model's channel count), finite; the label map whole numbers on exactly the image's grid (size, spacing, origin,
+direction); and its values among the labels of the dataset's model (declared at ``POST /datasets`` or given with the
+upload as ``model``), otherwise in 0..255 and checked against the base model when a job is submitted. A refused case
+is a 422 naming the file and the problem.
+
+Durability: the files are moved into place with ``fsync`` (:func:`acecal.api.state.durable_move`) before the row is
+committed, and the reply is sent after the commit. A crash in between leaves an orphan file that
+:meth:`DatasetStore.reconcile` removes at the next start; a deleted dataset's row goes first, then its folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from acecal.api.state import StateDB, durable_move, fsync_path, storage_error
+from acecal.errors import ConflictError, InvalidInputError, NotFoundError
+
+log = logging.getLogger("acecal.api")
+
+DATASETS_DIR = "datasets"
+#: label values accepted when no model is declared (class numbers of a uint8 label map)
+MAX_LABEL_VALUES = 256
+_ID = re.compile(r"^[a-z0-9_]{1,40}$")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+def dataset_not_found(ds_id: str) -> NotFoundError:
+    return NotFoundError(f"unknown dataset {ds_id!r}; list them with GET /datasets (or `acecal datasets`)",
+                         code="dataset_not_found")
+
+
+def case_not_found(ds_id: str, case_id: str) -> NotFoundError:
+    return NotFoundError(f"dataset {ds_id!r} has no case {case_id!r}", code="case_not_found")
+
+
+def _suffix(path: Path) -> str:
+    from acecal.data.io import suffix_of
+
+    return suffix_of(path.name) or path.suffix
+
+
+def clean_name(name: Optional[str], fallback: str) -> str:
+    """A display name: printable, one line, at most 100 characters, without the image suffix."""
+    from acecal.data.io import suffix_of
+
+    base = re.split(r"[\\/]", name or "")[-1]
+    s = suffix_of(base)
+    if s:
+        base = base[: -len(s)]
+    base = "".join(ch if ch.isprintable() else "?" for ch in base).strip()[:100]
+    return base or fallback
+
+
+def check_pair(image: Path, label: Path, *, image_name: str, label_name: str, num_classes: int,
+               in_channels: int = 1, model_note: str = "") -> dict:
+    """Validate one uploaded (image, label) pair; returns ``{"size", "spacing", "label_values"}``.
+
+    Raises :class:`InvalidInputError` (422) naming the user's files and every problem found.
+    """
+    from acecal.data.datasets import Case, DatasetError, validate_cases
+
+    try:
+        summary = validate_cases([Case("case", str(image), str(label))], num_classes, in_channels=in_channels)[0]
+    except DatasetError as e:
+        problems = []
+        for p in e.problems or [e.detail]:
+            p = p[len("case: "):] if p.startswith("case: ") else p
+            p = p.replace(image.name, image_name).replace(label.name, label_name)
+            if "unknown to the model" in p and model_note:
+                p += f" {model_note}"
+            problems.append(p)
+        raise InvalidInputError(f"case refused ({image_name} + {label_name}): " + "; ".join(problems),
+                                code="invalid_case") from None
+    return {"size": list(summary.shape_xyz), "spacing": [round(float(s), 6) for s in summary.spacing],
+            "label_values": list(summary.label_values)}
+
+
+class DatasetStore:
+    """Datasets and cases: rows in :class:`StateDB`, files under ``<data_dir>/datasets``."""
+
+    def __init__(self, data_dir: Path, db: StateDB, registry):
+        self.data_dir = Path(data_dir)
+        self.root = self.data_dir / DATASETS_DIR
+        self.db = db
+        self.registry = registry
+
+    # --- helpers -------------------------------------------------------------------------------------------------
+    def rel(self, p: Path) -> str:
+        return str(Path(p).relative_to(self.data_dir))
+
+    def abs(self, rel: str) -> Path:
+        return self.data_dir / rel
+
+    def folder(self, ds_id: str) -> Path:
+        return self.root / ds_id
+
+    def get(self, ds_id: str) -> dict:
+        row = self.db.get_dataset(ds_id) if isinstance(ds_id, str) and _ID.match(ds_id) else None
+        if row is None:
+            raise dataset_not_found(ds_id)
+        return row
+
+    def _model(self, model_id: Optional[str]):
+        return self.registry.get(model_id) if model_id else None
+
+    # --- datasets ------------------------------------------------------------------------------------------------
+    def create(self, name: str, model: Optional[str] = None) -> dict:
+        if model:
+            self.registry.get(model)  # 404 model_not_found for an unknown model
+        ds_id = new_id("ds")
+        d = self.folder(ds_id)
+        try:
+            for sub in ("images", "labels"):
+                (d / sub).mkdir(parents=True, exist_ok=True)
+            fsync_path(self.root)
+        except OSError as e:
+            shutil.rmtree(d, ignore_errors=True)
+            raise storage_error(e, "the dataset folder") from None
+        return self.db.add_dataset(ds_id, name, model)
+
+    def list(self) -> list[dict]:
+        return self.db.list_datasets()
+
+    def describe(self, ds_id: str) -> dict:
+        row = self.get(ds_id)
+        cases = self.db.list_cases(ds_id)
+        return {**row, "num_cases": len(cases), "cases": [self.case_view(c) for c in cases]}
+
+    @staticmethod
+    def case_view(c: dict) -> dict:
+        info = c.get("info") or {}
+        return {"case_id": c["id"], "name": c["name"], "size": info.get("size"), "spacing": info.get("spacing"),
+                "label_values": info.get("label_values", []), "bytes": info.get("bytes"), "created": c["created"]}
+
+    def _refuse_if_in_use(self, ds_id: str, what: str) -> None:
+        active = self.db.active_jobs_using(ds_id)
+        if active:
+            ids = ", ".join(j["id"] for j in active)
+            raise ConflictError(f"cannot delete {what}: fine-tuning job(s) {ids} use dataset {ds_id!r}; wait for them "
+                                "or cancel them (DELETE /jobs/{id}) first", code="dataset_in_use")
+
+    def delete(self, ds_id: str) -> None:
+        self.get(ds_id)
+        self._refuse_if_in_use(ds_id, f"dataset {ds_id!r}")
+        self.db.delete_dataset(ds_id)  # the row first: a crash now leaves a folder the next start removes
+        self._remove_folder(self.folder(ds_id))
+
+    def _remove_folder(self, d: Path) -> None:
+        if not d.exists():
+            return
+        trash = d.with_name(f".trash-{d.name}-{uuid.uuid4().hex[:6]}")
+        try:
+            os.rename(d, trash)
+        except OSError:
+            trash = d
+        shutil.rmtree(trash, ignore_errors=True)
+
+    # --- cases ---------------------------------------------------------------------------------------------------
+    def add_case(self, ds_id: str, image_tmp: Path, label_tmp: Path, *, image_name: str, label_name: str,
+                 name: Optional[str] = None, model: Optional[str] = None) -> dict:
+        """Validate an uploaded pair (temporary files, moved or deleted here) and store it as a new case."""
+        try:
+            ds = self.get(ds_id)
+            bundle = self._model(model or ds.get("model"))
+            if bundle is not None:
+                num_classes, in_ch = bundle.config.num_classes, bundle.config.in_channels
+                note = f"(model {bundle.id!r} has labels {', '.join(f'{k}={v}' for k, v in bundle.config.labels.items())})"
+            else:
+                num_classes, in_ch, note = MAX_LABEL_VALUES, 1, ""
+            info = check_pair(image_tmp, label_tmp, image_name=image_name, label_name=label_name,
+                              num_classes=num_classes, in_channels=in_ch, model_note=note)
+            info["bytes"] = image_tmp.stat().st_size + label_tmp.stat().st_size
+            case_id = new_id("c")
+            d = self.folder(ds_id)
+            img = d / "images" / f"{case_id}{_suffix(image_tmp)}"
+            lab = d / "labels" / f"{case_id}{_suffix(label_tmp)}"
+            try:
+                for sub in ("images", "labels"):
+                    (d / sub).mkdir(parents=True, exist_ok=True)
+                durable_move(image_tmp, img)
+                durable_move(label_tmp, lab)
+            except OSError as e:
+                img.unlink(missing_ok=True)
+                lab.unlink(missing_ok=True)
+                raise storage_error(e, "the uploaded case") from None
+            row = {"id": case_id, "dataset_id": ds_id, "name": clean_name(name or image_name, case_id),
+                   "image": self.rel(img), "label": self.rel(lab), "info": info}
+            try:
+                case = self.db.add_case(row)
+            except sqlite3.IntegrityError:  # the dataset was deleted meanwhile
+                img.unlink(missing_ok=True)
+                lab.unlink(missing_ok=True)
+                raise dataset_not_found(ds_id) from None
+            except BaseException:
+                img.unlink(missing_ok=True)
+                lab.unlink(missing_ok=True)
+                raise
+            return self.case_view(case)
+        finally:
+            image_tmp.unlink(missing_ok=True)
+            label_tmp.unlink(missing_ok=True)
+
+    def delete_case(self, ds_id: str, case_id: str) -> None:
+        self.get(ds_id)
+        c = self.db.get_case(ds_id, case_id)
+        if c is None:
+            raise case_not_found(ds_id, case_id)
+        self._refuse_if_in_use(ds_id, f"case {case_id!r}")
+        self.db.delete_case(ds_id, case_id)
+        for rel in (c["image"], c["label"]):
+            self.abs(rel).unlink(missing_ok=True)
+
+    def case_files(self, ds_id: str, case_ids: Optional[list[str]] = None) -> list[tuple[str, Path, Path]]:
+        """(case id, image path, label path) of the dataset's cases (or of ``case_ids``, in that order)."""
+        rows = {c["id"]: c for c in self.db.list_cases(ds_id)}
+        ids = list(rows) if case_ids is None else case_ids
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise InvalidInputError(f"dataset {ds_id!r} no longer has case(s) {', '.join(missing)}")
+        return [(i, self.abs(rows[i]["image"]), self.abs(rows[i]["label"])) for i in ids]
+
+    # --- start-up ------------------------------------------------------------------------------------------------
+    def reconcile(self) -> int:
+        """Remove what a crash left behind: folders of deleted datasets, files of uncommitted uploads. Run at start
+        by the server that owns the data directory (nothing is being written then)."""
+        if not self.root.is_dir():
+            return 0
+        known = {r["id"] for r in self.db.list_datasets()}
+        files = self.db.all_case_files()
+        removed = 0
+        for d in list(self.root.iterdir()):
+            if not d.is_dir():
+                continue
+            if d.name.startswith(".trash-") or d.name not in known:
+                shutil.rmtree(d, ignore_errors=True)
+                removed += 1
+                continue
+            for sub in ("images", "labels"):
+                for f in list((d / sub).iterdir()) if (d / sub).is_dir() else []:
+                    if self.rel(f) not in files:
+                        f.unlink(missing_ok=True)
+                        removed += 1
+        if removed:
+            log.info("removed %d leftover dataset file(s)/folder(s) of interrupted uploads or deletions", removed)
+        return removed

@@ -1,0 +1,122 @@
+"""Stored datasets for fine-tuning and evaluation: ``/datasets`` and ``/datasets/{id}/cases``.
+
+Each case (image + label map) is checked when it arrives and refused with a 422 naming the problem (see
+:mod:`acecal.api.datastore`); it is acknowledged only once its files and its row are durably stored.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from acecal.api.deps import ServerState, get_state
+from acecal.api.finetune_schemas import (
+    CaseCreated,
+    CaseInfo,
+    DatasetCreate,
+    DatasetCreated,
+    DatasetInfo,
+    DatasetsResponse,
+    Deleted,
+)
+from acecal.api.jobs import services
+from acecal.api.schemas import ErrorResponse
+from acecal.errors import InvalidInputError
+
+router = APIRouter(tags=["datasets"])
+_400 = {400: {"model": ErrorResponse, "description": "the body is not valid JSON"}}
+
+_404 = {404: {"model": ErrorResponse, "description": "unknown dataset (or case)"}}
+_409 = {409: {"model": ErrorResponse, "description": "a queued or running fine-tuning job uses the dataset"}}
+_507 = {507: {"model": ErrorResponse, "description": "the server's disk is full"}}
+
+
+@router.post("/datasets", response_model=DatasetCreated, status_code=201, summary="Create an empty dataset",
+             responses={**_400, 404: {"model": ErrorResponse, "description": "unknown model"}, **_507})
+def create_dataset(body: DatasetCreate, state: ServerState = Depends(get_state)) -> dict:
+    return services(state).datasets.create(body.name, body.model)
+
+
+@router.get("/datasets", response_model=DatasetsResponse, summary="List the stored datasets")
+def list_datasets(state: ServerState = Depends(get_state)) -> dict:
+    return {"datasets": services(state).datasets.list()}
+
+
+@router.get("/datasets/{dataset_id}", response_model=DatasetInfo, summary="One dataset with its cases",
+            responses=_404)
+def get_dataset(dataset_id: str, state: ServerState = Depends(get_state)) -> dict:
+    return services(state).datasets.describe(dataset_id)
+
+
+@router.delete("/datasets/{dataset_id}", response_model=Deleted, summary="Delete a dataset and its files",
+               responses={**_404, **_409})
+def delete_dataset(dataset_id: str, state: ServerState = Depends(get_state)) -> dict:
+    services(state).datasets.delete(dataset_id)
+    return {"id": dataset_id}
+
+
+@router.post(
+    "/datasets/{dataset_id}/cases",
+    response_model=CaseCreated,
+    status_code=201,
+    summary="Add a labelled case (validated on arrival)",
+    responses={
+        400: {"model": ErrorResponse, "description": "malformed multipart body"},
+        **_404,
+        413: {"model": ErrorResponse, "description": "upload larger than the server's limit"},
+        422: {"model": ErrorResponse, "description": "the case is unusable: unreadable or corrupt file, not 3-D, NaN "
+                                                     "voxels, image and label on different grids, non-integer label "
+                                                     "values or values the model does not know"},
+        **_507,
+    },
+)
+async def add_case(
+    dataset_id: str,
+    image: UploadFile = File(..., description="the image: .nii, .nii.gz, .nrrd or .mha (3-D)"),
+    label: UploadFile = File(..., description="its label map (whole numbers) on exactly the image's grid"),
+    name: Optional[str] = Form(None, max_length=200, description="a display name (default: the image file name)"),
+    model: Optional[str] = Form(None, max_length=200,
+                                description="check the label values against this model's labels (default: the "
+                                            "dataset's model, if it has one)"),
+    state: ServerState = Depends(get_state),
+) -> dict:
+    from acecal.api.routers.infer import display_name, save_upload
+
+    svc = services(state)
+    await run_in_threadpool(svc.datasets.get, dataset_id)  # 404 before any file work
+    tmp_dir = state.settings.tmp_dir
+    img = await run_in_threadpool(save_upload, image, tmp_dir)
+    try:
+        lab = await run_in_threadpool(save_upload, label, tmp_dir)
+    except InvalidInputError as e:
+        img.unlink(missing_ok=True)
+        raise InvalidInputError(e.detail.replace("the image file", "the label file")) from None
+    except BaseException:
+        img.unlink(missing_ok=True)
+        raise
+    case = await run_in_threadpool(
+        lambda: svc.datasets.add_case(dataset_id, img, lab, image_name=display_name(image.filename),
+                                      label_name=display_name(label.filename), name=name, model=model))
+    return {**case, "dataset": dataset_id}
+
+
+@router.get("/datasets/{dataset_id}/cases/{case_id}", response_model=CaseInfo, summary="One case",
+            responses=_404)
+def get_case(dataset_id: str, case_id: str, state: ServerState = Depends(get_state)) -> dict:
+    from acecal.api.datastore import case_not_found
+
+    svc = services(state)
+    svc.datasets.get(dataset_id)
+    c = svc.db.get_case(dataset_id, case_id)
+    if c is None:
+        raise case_not_found(dataset_id, case_id)
+    return svc.datasets.case_view(c)
+
+
+@router.delete("/datasets/{dataset_id}/cases/{case_id}", response_model=Deleted, summary="Delete a case",
+               responses={**_404, **_409})
+def delete_case(dataset_id: str, case_id: str, state: ServerState = Depends(get_state)) -> dict:
+    services(state).datasets.delete_case(dataset_id, case_id)
+    return {"id": case_id}

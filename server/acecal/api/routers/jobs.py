@@ -1,0 +1,86 @@
+"""``POST /finetune`` and ``/jobs``: fine-tuning jobs (queued, run in their own process, kept in the database).
+
+Poll ``GET /jobs/{id}``; to long-poll pass ``wait`` (seconds, at most 30) and ``after`` (the ``rev`` of the reply you
+have): the reply comes as soon as the job changes (a finished epoch, a new status) or when ``wait`` runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Optional
+
+from fastapi import APIRouter, Depends, Query, Response
+from starlette.concurrency import run_in_threadpool
+
+from acecal.api.deps import ServerState, get_state
+from acecal.api.finetune_schemas import FinetuneRequest, JobAccepted, JobInfo, JobsResponse, JobStatus
+from acecal.api.jobs import services
+from acecal.api.schemas import ErrorResponse
+from acecal.api.state import FINAL_STATUSES
+
+router = APIRouter(tags=["fine-tuning"])
+_400 = {400: {"model": ErrorResponse, "description": "the body is not valid JSON"}}
+
+MAX_WAIT_S = 30.0
+_404 = {404: {"model": ErrorResponse, "description": "unknown job"}}
+
+
+@router.post(
+    "/finetune",
+    response_model=JobAccepted,
+    status_code=202,
+    summary="Fine-tune a model on a stored dataset (a queued job; poll GET /jobs/{job_id})",
+    responses={
+        **_400,
+        404: {"model": ErrorResponse, "description": "unknown base model or dataset"},
+        409: {"model": ErrorResponse, "description": "a model with the requested model_id exists or is being trained"},
+        422: {"model": ErrorResponse, "description": "invalid settings, a dataset with fewer than 2 cases, or label "
+                                                     "values the base model does not know"},
+        503: {"model": ErrorResponse, "description": "the job queue is full; retry after Retry-After seconds",
+              "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
+        507: {"model": ErrorResponse, "description": "the server's disk is full"},
+    },
+)
+def finetune(body: FinetuneRequest, response: Response, state: ServerState = Depends(get_state)) -> dict:
+    job = services(state).runner.submit(body)
+    response.headers["Location"] = f"/jobs/{job['id']}"
+    return {"job_id": job["id"], "status": job["status"], "model_id": job["model_id"], "url": f"/jobs/{job['id']}"}
+
+
+@router.get("/jobs", response_model=JobsResponse, summary="All fine-tuning jobs, newest first")
+def list_jobs(status: Optional[JobStatus] = Query(None, description="only jobs in this state"),
+              limit: int = Query(100, ge=1, le=1000, description="at most this many jobs"),
+              state: ServerState = Depends(get_state)) -> dict:
+    runner = services(state).runner
+    positions = runner.queue_positions()
+    jobs = [runner.view(j, positions) for j in runner.db.list_jobs(status, limit)]
+    return {"jobs": jobs, **runner.stats()}
+
+
+@router.get("/jobs/{job_id}", response_model=JobInfo, summary="One job: status, progress, metrics, log tail",
+            responses=_404)
+async def get_job(
+    job_id: str,
+    wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S, description="long-poll: wait up to this many seconds for a "
+                                                                "change (0 = answer at once)"),
+    after: Optional[int] = Query(None, ge=0, description="long-poll: the rev you already have (default: the "
+                                                         "current one)"),
+    state: ServerState = Depends(get_state),
+) -> dict:
+    runner = services(state).runner
+    job = await run_in_threadpool(runner.get, job_id)
+    if wait > 0:
+        ref = job["rev"] if after is None else after
+        deadline = time.monotonic() + wait
+        while job["rev"] <= ref and job["status"] not in FINAL_STATUSES and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+            job = await run_in_threadpool(runner.get, job_id)
+    return await run_in_threadpool(runner.view, job)
+
+
+@router.delete("/jobs/{job_id}", response_model=JobInfo,
+               summary="Cancel a job (a running one stops within seconds and publishes nothing)", responses=_404)
+def cancel_job(job_id: str, state: ServerState = Depends(get_state)) -> dict:
+    runner = services(state).runner
+    return runner.view(runner.cancel(job_id))
