@@ -158,3 +158,21 @@ def test_summary_volumes_and_confidence_per_class():
     # a class with no voxels has no mean confidence
     s2 = summarize(lab, conf, flags, grid, ["background", "lesion", "other"])
     assert s2["classes"][2]["voxels"] == 0 and s2["classes"][2]["mean_confidence"] is None
+
+
+@pytest.mark.parametrize("kw", [dict(band_voxels=0), dict(band_voxels=1.5), dict(band_voxels=2.5),
+                                dict(band_mm=2.0), dict(band_mm=3.5), dict(band_mm=9.0)])
+def test_band_equals_the_distance_transform_definition(kw):
+    """The fast path (dilation by a ball) and the slow one (distance transform) are the same definition."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    lab = (ndimage.gaussian_filter(rng.random((20, 22, 24)), 2) > 0.5).astype(np.uint8)
+    spacing = (1.5, 0.7, 1.2)
+    band = boundary_band(lab, spacing, **kw)
+    b = boundary_mask(lab)
+    if "band_mm" in kw:
+        expected = ndimage.distance_transform_edt(~b, sampling=spacing) <= kw["band_mm"] + 1e-6
+    else:
+        expected = ndimage.distance_transform_edt(~b) <= kw["band_voxels"] + 1e-6
+    np.testing.assert_array_equal(band, expected)

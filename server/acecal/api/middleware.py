@@ -20,7 +20,7 @@ _BODYLESS = {"GET", "HEAD", "OPTIONS", "DELETE"}
 def _too_large_message(limit: int, size: int | None = None) -> str:
     mb = limit / (1024 * 1024)
     got = f"{size / (1024 * 1024):.1f} MB" if size is not None else "larger than the limit"
-    return (f"the upload is {got}; this server accepts at most {mb:g} MB per request "
+    return (f"the upload is {got}; this server accepts at most {mb:.4g} MB per request "
             "(raise it with --max-upload-mb or ACECAL_MAX_UPLOAD_MB)")
 
 

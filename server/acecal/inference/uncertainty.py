@@ -47,8 +47,13 @@ def confidence_maps(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     p = np.asarray(probs)
     if p.ndim != 4 or p.shape[0] < 2:
         raise ValueError(f"expected probabilities of shape (C >= 2, z, y, x), got {p.shape}")
-    labels = np.argmax(p, axis=0).astype(label_dtype(p.shape[0]))
-    confidence = np.max(p, axis=0).astype(np.float32)
+    # class by class over contiguous (z, y, x) planes: faster than argmax over the strided class axis
+    labels = np.zeros(p.shape[1:], label_dtype(p.shape[0]))
+    confidence = p[0].astype(np.float32, copy=True)
+    for c in range(1, p.shape[0]):
+        better = p[c] > confidence  # strict: ties go to the lowest class, as argmax does
+        labels[better] = c
+        np.maximum(confidence, p[c], out=confidence)
     ent = np.zeros(p.shape[1:], np.float32)
     for c in range(p.shape[0]):  # class by class: no (C, z, y, x) temporary
         pc = p[c].astype(np.float32, copy=False)
@@ -69,6 +74,16 @@ def boundary_mask(labels: np.ndarray) -> np.ndarray:
         bb[1:] |= diff
         bb[:-1] |= diff
     return b
+
+
+_MAX_BALL = 250  # structuring elements up to this many voxels: dilation; larger bands: distance transform
+
+
+def _ball(sampling: np.ndarray, radius: float) -> np.ndarray:
+    """Offsets (z, y, x) whose physical length (``sampling`` per axis) is at most ``radius``."""
+    half = np.floor(radius / sampling + 1e-9).astype(int)
+    grids = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, sampling)], indexing="ij")
+    return sum(g ** 2 for g in grids) <= radius ** 2 + 1e-6
 
 
 def _margin_voxels(spacing_zyx: Sequence[float], band_mm: Optional[float], band_voxels: float) -> np.ndarray:
@@ -102,21 +117,25 @@ def boundary_band(
     if within is not None:
         if not within.any():
             return band
-        idx = np.nonzero(within)
         margin = _margin_voxels(spacing_zyx, band_mm, band_voxels)
-        sl = tuple(slice(max(int(i.min()) - m, 0), min(int(i.max()) + m + 1, n))
-                   for i, m, n in zip(idx, margin, lab.shape))
+        sl = []
+        for ax, (m, n) in enumerate(zip(margin, lab.shape)):
+            hit = np.nonzero(within.any(axis=tuple(a for a in range(within.ndim) if a != ax)))[0]
+            sl.append(slice(max(int(hit[0]) - m, 0), min(int(hit[-1]) + m + 1, n)))
+        sl = tuple(sl)
     else:
         sl = tuple(slice(0, n) for n in lab.shape)
     sub = boundary[sl]
     if not sub.any():
         return band
-    if band_mm is not None:
-        dist = ndimage.distance_transform_edt(~sub, sampling=tuple(float(s) for s in spacing_zyx))
-        band[sl] = dist <= band_mm + 1e-6
+    sampling = np.asarray(spacing_zyx, float) if band_mm is not None else np.ones(3)
+    radius = float(band_mm) if band_mm is not None else float(band_voxels)
+    ball = _ball(sampling, radius)
+    if ball.sum() <= _MAX_BALL:  # small band: one dilation by the (ellipsoidal) ball is exact and much faster
+        band[sl] = ndimage.binary_dilation(sub, structure=ball)
     else:
-        dist = ndimage.distance_transform_edt(~sub)
-        band[sl] = dist <= band_voxels + 1e-6
+        dist = ndimage.distance_transform_edt(~sub, sampling=tuple(sampling))
+        band[sl] = dist <= radius + 1e-6
     if within is not None:
         band &= within
     return band
@@ -187,29 +206,33 @@ def describe_regions(
     if n == 0:
         return out
     voxel_ml = grid.voxel_volume_ml
+    flat = regions.ravel()
+    counts = np.bincount(flat, minlength=n + 1)
+    conf_sum = np.bincount(flat, weights=confidence.ravel(), minlength=n + 1)
+    fg = np.stack([np.bincount(flat, weights=probs[c].ravel(), minlength=n + 1)
+                   for c in range(1, probs.shape[0])])  # (C-1, n+1) summed probability per region
     slices = ndimage.find_objects(regions, max_label=n)
     for rid, sl in enumerate(slices, start=1):
         if sl is None:  # pragma: no cover - every kept id has voxels
             continue
         m = regions[sl] == rid
-        zz, yy, xx = np.nonzero(m)
-        offset = np.array([s.start for s in sl])
-        kji = np.stack([zz, yy, xx], 1) + offset
-        ijk = kji[:, ::-1].astype(np.float64)
-        conf = confidence[sl][m]
-        fg = [float(probs[c][sl][m].sum()) for c in range(1, probs.shape[0])]
-        cls = int(np.argmax(fg)) + 1
-        centroid_ijk = ijk.mean(0)
+        count = int(counts[rid])
+        # centroid from the mask's marginal sums: no per-voxel coordinate arrays
+        kji = [float(np.dot(m.sum(axis=tuple(a for a in range(3) if a != ax)), np.arange(m.shape[ax]))) / count
+               + sl[ax].start for ax in range(3)]
+        centroid_ijk = np.array(kji[::-1])
+        lo = np.array([s.start for s in sl][::-1], float)  # find_objects gives the tight box
+        hi = np.array([s.stop - 1 for s in sl][::-1], float)
+        cls = int(np.argmax(fg[:, rid])) + 1
         centroid_lps = grid.index_to_lps(centroid_ijk)
-        lo, hi = ijk.min(0), ijk.max(0)
         out.append({
             "id": rid,
             "class": cls,
             "class_name": class_names[cls],
-            "voxels": int(m.sum()),
-            "volume_ml": float(m.sum() * voxel_ml),
-            "mean_confidence": float(conf.mean()),
-            "min_confidence": float(conf.min()),
+            "voxels": count,
+            "volume_ml": float(count * voxel_ml),
+            "mean_confidence": float(conf_sum[rid] / count),
+            "min_confidence": float(confidence[sl][m].min()),
             "centroid_ijk": [float(v) for v in centroid_ijk],
             "centroid_lps": [float(v) for v in centroid_lps],
             "centroid_ras": [float(v) for v in lps_to_ras(centroid_lps)],

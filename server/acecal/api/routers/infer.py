@@ -160,7 +160,7 @@ async def infer(
                 except MemoryError:
                     raise PayloadTooLargeError(f"the image {name!r} is too large for this server's memory") from None
                 except RuntimeError as e:
-                    if "out of memory" in str(e).lower():
+                    if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower():
                         raise PayloadTooLargeError(
                             f"the image {name!r} is too large for the device's memory; try a smaller volume or a "
                             "server with more memory") from None
