@@ -91,6 +91,10 @@ def test_train_cli_bad_input(tmp_path):
     assert r.exit_code == 2 and "unknown loss 'nope'" in r.output
     r = runner.invoke(app, ["train", str(root), "--roi", "1,2"])
     assert r.exit_code == 2 and "--roi needs 3 integers" in r.output
+    r = runner.invoke(app, ["train", str(root), "--freeze-encoder"])
+    assert r.exit_code == 2 and "--freeze-encoder needs --base" in r.output
+    r = runner.invoke(app, ["train", str(root), "--base", "no-such-base"])
+    assert r.exit_code == 2 and "unknown model 'no-such-base'" in r.output
     r = runner.invoke(app, ["train", str(root), "--id", "Bad Id"])
     assert r.exit_code == 2 and "model_id" in r.output
     assert not (tmp_path / "m").exists()

@@ -155,6 +155,6 @@ def test_sizes_must_fit_the_network(tmp_path, small_data):
 
 def test_patch_smaller_than_roi(tmp_path, small_data):
     res = Engine(cfg(tmp_path, small_data, epochs=1, patch_size=(8, 8, 8), roi_size=(16, 16, 16), val_every=1),
-                 show_progress=False).run()
+                 show_progress=True).run()  # the tqdm bar path too
     b = Bundle.load(res.bundle_path)
     assert b.config.roi_size == (16, 16, 16) and b.config.training["patch_size"] == [8, 8, 8]

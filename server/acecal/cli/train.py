@@ -71,7 +71,8 @@ def train(
     weight_decay: Optional[float] = typer.Option(None),
     warmup_epochs: Optional[int] = typer.Option(None, help="warm-up epochs of the cosine schedule [2]"),
     roi: Optional[str] = typer.Option(None, help="sliding-window ROI (validation, inference), e.g. 64,64,64"),
-    patch: Optional[str] = typer.Option(None, help="training patch size [the ROI], e.g. 32,48,32"),
+    patch: Optional[str] = typer.Option(None, help="training patch size [the ROI]; keep it equal to the ROI with "
+                                                    "GroupNorm networks (see docs/training.md)"),
     spacing: Optional[str] = typer.Option(None, help="model voxel spacing in mm, e.g. 1,1,1"),
     intensity: Optional[str] = typer.Option(None, help="zscore_nonzero | zscore | clip_scale"),
     network: Optional[str] = typer.Option(None, help="SegResNet | SegResNetDS"),

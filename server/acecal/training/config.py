@@ -45,7 +45,9 @@ class TrainConfig(BaseModel):
     orientation: str = "RAS"
     intensity: IntensityConfig = Field(default_factory=IntensityConfig)
     roi_size: tuple[int, int, int] = Field((64, 64, 64), description="sliding-window ROI (validation, inference)")
-    patch_size: Optional[tuple[int, int, int]] = Field(None, description="training patch (default: roi_size)")
+    patch_size: Optional[tuple[int, int, int]] = Field(
+        None, description="training patch (default: roi_size). GroupNorm statistics depend on the window: a patch "
+                          "smaller than the ROI can cost a lot of Dice at inference (docs/training.md)")
     sw_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     sw_batch_size: int = Field(4, ge=1)
 

@@ -267,8 +267,14 @@ class Engine:
         work_dir = Path(cfg.work_dir) if cfg.work_dir else default_data_dir() / "runs" / model_id
         out_dir = Path(cfg.out_dir) if cfg.out_dir else default_data_dir() / "models"
         log_file = Path(cfg.log_file) if cfg.log_file else work_dir / "train.jsonl"
-        if ctx.is_main and cfg.publish and (out_dir / model_id).exists() and not cfg.overwrite:
-            raise InvalidInputError(f"a model with id {model_id!r} already exists in {out_dir}; choose another --id")
+        problem = None
+        if cfg.freeze_encoder and not cfg.base:
+            problem = "--freeze-encoder needs --base (a trained model to fine-tune)"
+        elif ctx.is_main and cfg.publish and (out_dir / model_id).exists() and not cfg.overwrite:
+            problem = f"a model with id {model_id!r} already exists in {out_dir}; choose another --id"
+        problem = ctx.broadcast_object(problem)  # every rank stops with the same message
+        if problem:
+            raise InvalidInputError(problem)
         reporter = Reporter(log_file, self.progress, self.show_progress, enabled=ctx.is_main)
 
         info, labels = self._dataset(ctx, base)
@@ -319,8 +325,6 @@ class Engine:
             net.load_state_dict(base.state_dict(), strict=True)
         frozen: list[torch.nn.Module] = []
         if cfg.freeze_encoder:
-            if base is None:
-                raise InvalidInputError("--freeze-encoder needs --base (a trained model to fine-tune)")
             frozen = encoder_modules(net)
             freeze(frozen)
         net = net.to(device)
@@ -338,6 +342,7 @@ class Engine:
             net.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
+            sched.t_total = cfg.epochs  # --epochs may be raised on resume: the cosine then spans the new total
             if state.get("scaler") and use_amp:
                 scaler.load_state_dict(state["scaler"])
             start_epoch, history, best = state["epoch"], state["history"], state["best"]
@@ -390,7 +395,9 @@ class Engine:
                 sched.step()
                 val = None
                 if val_cases and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-                    vp = run_pass(ddp.unwrap(model), _items(val_ds), bc, cancel=self.cancel)
+                    # under DDP a cancel is honoured at the next training step (all ranks agree there)
+                    vp = run_pass(ddp.unwrap(model), _items(val_ds), bc,
+                                  cancel=None if ctx.distributed else self.cancel)
                     vp = reduce_pass(vp, ctx)
                     val = summarise(vp)
                     if val["dice"] is not None and (best["dice"] is None or val["dice"] > best["dice"]):

@@ -132,8 +132,12 @@ class Reporter:
         rec = self.log.write(record) if log else _clean({**record, "time": now()})
         if self.bar is not None and record.get("event") == "epoch" and record.get("val"):
             v = record["val"]
-            self.bar.write(f"epoch {record['epoch']}: loss {record['train_loss']:.4f}  val dice {v.get('dice', float('nan')):.4f}"
-                           f"  ace {v.get('ace', float('nan')):.4f}")
+
+            def n(x: Any) -> str:
+                return "n/a" if x is None else f"{x:.4f}"
+
+            self.bar.write(f"epoch {record['epoch']}: loss {n(record.get('train_loss'))}  val dice {n(v.get('dice'))}"
+                           f"  ace {n(v.get('ace'))}  ece {n(v.get('ece'))}  mce {n(v.get('mce'))}")
         self._notify(rec)
         return rec
 
