@@ -117,3 +117,11 @@ def test_infer_reports_bad_images_and_carries_on(cli, served, tmp_path):
     r = cli.invoke(app, ["infer", "-s", served, "-m", "tiny-sphere", str(tmp_path / "nope.nrrd"), "-o",
                          str(tmp_path / "out")])
     assert r.exit_code == 2 and "no such file" in r.output
+
+
+def test_infer_in_process_with_an_unknown_model_says_so(cli, tmp_path):
+    good = make_case((12, 12, 12), seed=3)
+    write_case(good, tmp_path / "good.nrrd")
+    r = cli.invoke(app, ["infer", "-m", "no-such-model", "--models", str(tmp_path), str(tmp_path / "good.nrrd"),
+                         "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1 and "unknown model 'no-such-model'" in r.output

@@ -91,8 +91,12 @@ def infer(
         raise typer.Exit(2)
     out.mkdir(parents=True, exist_ok=True)
     dirs = _unique_dirs(images, out)
-    run_one = _remote_runner(server, api_key, model, params, timeout) if server else \
-        _local_runner(model, params, device, models_dir)
+    try:
+        run_one = _remote_runner(server, api_key, model, params, timeout) if server else \
+            _local_runner(model, params, device, models_dir)
+    except ACECalError as e:  # unknown model, broken bundle
+        console.print(f"[red]{e.detail}", highlight=False)
+        raise typer.Exit(1)
     failures: list[tuple[Path, str]] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, disable=quiet, transient=False) as bar:
