@@ -24,12 +24,15 @@ if _TESTING not in _sys.path:  # lets tests `import synthetic` under --import-mo
     _sys.path.insert(0, _TESTING)
 
 
-def train_tiny_bundle(root, *, num_classes: int = 2, model_id: str = "tiny-sphere", epochs: int = 12, n_cases: int = 10,
+def train_tiny_bundle(root, *, num_classes: int = 2, model_id: str = "tiny-sphere", epochs=None, n_cases: int = 10,
                       val_fraction: float = 0.2, **overrides):
     """Train a tiny SegResNet with the real engine on synthetic spheres under ``root``; return the bundle folder.
 
     ``root/data`` holds the dataset (MSD layout), ``root/models/<model_id>`` the bundle, ``root/work`` the run.
+    Default epochs: 12 for 2 classes (~10 s, validation Dice ~0.97), 30 for 3 classes (~25 s, Dice ~0.98).
     """
+    if epochs is None:
+        epochs = 12 if num_classes == 2 else 30
     from synthetic import make_dataset
 
     from acecal.bundles import NetworkConfig
