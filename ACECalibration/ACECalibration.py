@@ -117,6 +117,7 @@ class ACECalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._task = None
         self._taskVolume = None
         self._finetuneTask = None
+        self._evalTask = None
         self._navigator = None
         self._timer = qt.QTimer()
         self._timer.setInterval(POLL_MS)
@@ -162,7 +163,7 @@ class ACECalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def cleanup(self) -> None:
         self._timer.stop()
-        for task in (self._task, self._finetuneTask):
+        for task in (self._task, self._finetuneTask, self._evalTask):
             if task is not None:
                 task.cancel()
         self.removeObservers()
@@ -328,7 +329,9 @@ class ACECalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._finishSegmentation(task)
         if self._finetuneTask is not None:
             self._pollFinetune()
-        if self._task is None and self._finetuneTask is None:
+        if self._evalTask is not None:
+            self._pollEvaluation()
+        if self._task is None and self._finetuneTask is None and self._evalTask is None:
             self._timer.stop()
         self._checkCanApply()
 
@@ -466,7 +469,8 @@ class ACECalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onEvaluate(self) -> None:
         if not ensureClient():
             return
-        from ACECalibrationLib.finetune import training_pair
+        from ACECalibrationLib.finetune import evaluate_case, training_pair
+        from ACECalibrationLib.worker import Task
 
         p = self._parameterNode
         model = self._models.get(self._currentModelId())
@@ -474,20 +478,40 @@ class ACECalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if model is None or p.inputVolume is None or reference is None:
             slicer.util.warningDisplay(_("Choose a model, an input volume and its reference segmentation."))
             return
-        client = self._client()
-        if not hasattr(client, "evaluate_case"):
-            self.ui.evaluateResultLabel.text = _("This server does not offer per-case evaluation yet.")
-            return
         try:
             with slicer.util.WaitCursor():
                 pair = training_pair(p.inputVolume, reference, model["labels"])
-                png = client.evaluate_case(model["id"], (pair.image, pair.grid), (pair.label, pair.grid))
+            client = self._client()
+            self._evalTask = Task(lambda ctx: evaluate_case(client, pair, model["id"], ctx=ctx),
+                                  name="ACECalibration evaluation").start()
         except Exception as e:  # noqa: BLE001
             self._showError(e, _("Evaluation failed."))
             return
-        pixmap = qt.QPixmap()
-        pixmap.loadFromData(png)
-        self.ui.evaluateResultLabel.setPixmap(pixmap.scaledToWidth(380, qt.Qt.SmoothTransformation))
+        self.ui.evaluateButton.enabled = False
+        self.ui.evaluateResultLabel.text = _("Evaluating...")
+        self._timer.start()
+
+    def _pollEvaluation(self) -> None:
+        if not self._evalTask.done():
+            self.ui.evaluateResultLabel.text = self._evalTask.progress[1] or _("Evaluating...")
+            return
+        task, self._evalTask = self._evalTask, None
+        self.ui.evaluateButton.enabled = True
+        try:
+            reply, png = task.result(0)
+        except Exception as e:  # noqa: BLE001
+            self.ui.evaluateResultLabel.text = ""
+            self._showError(e, _("Evaluation failed."))
+            return
+        m = reply.get("aggregate") or {}
+        self.ui.evaluateResultLabel.toolTip = _("Dice {d}, ACE {a}, ECE {e}, MCE {c}").format(
+            d=m.get("dice"), a=m.get("ace"), e=m.get("ece"), c=m.get("mce"))
+        if png:
+            pixmap = qt.QPixmap()
+            pixmap.loadFromData(qt.QByteArray(png))
+            self.ui.evaluateResultLabel.setPixmap(pixmap.scaledToWidth(380, qt.Qt.SmoothTransformation))
+        else:
+            self.ui.evaluateResultLabel.text = self.ui.evaluateResultLabel.toolTip
 
 
 #

@@ -24,7 +24,8 @@ from .nodes import volume_node_to_array
 from .segmentation import segment_label_value, segment_mask
 from .worker import Task, TaskContext
 
-__all__ = ["TrainingPair", "segment_values", "labelmap_from_segmentation", "training_pair", "start_finetune"]
+__all__ = ["TrainingPair", "segment_values", "labelmap_from_segmentation", "training_pair", "upload_pairs",
+           "describe_job", "start_finetune", "evaluate_case"]
 
 
 @dataclass
@@ -81,42 +82,85 @@ def training_pair(volume_node, segmentation_node, labels: Mapping[str, str]) -> 
     return TrainingPair(volume_node.GetName(), image, label, grid)
 
 
-def start_finetune(client, pairs: Sequence[TrainingPair], base_model: str, loss: str, epochs: int,
-                   dataset_name: str = "Slicer corrections", poll_s: float = 2.0) -> Task:
-    """Upload ``pairs`` as a dataset, start a fine-tuning job and follow it until it ends, on a worker thread.
+def _upload_progress(ctx: TaskContext | None, lo: float, hi: float, message: str):
+    if ctx is None:
+        return None
 
-    The task's progress message carries the epoch and the latest validation metrics; its result is the final job
-    (a dict with ``model_id`` when it succeeded). Cancelling the task cancels the job on the server.
+    def progress(stage: str, done: int, total: int | None) -> None:  # the client's callback; checks cancel per chunk
+        ctx.bytes_callback(message, lo, hi)(done, total)
+
+    return progress
+
+
+def upload_pairs(client, pairs: Sequence[TrainingPair], model_id: str, dataset_name: str,
+                 ctx: TaskContext | None = None, share: float = 0.1) -> str:
+    """Create a dataset checked against ``model_id``'s labels and upload ``pairs`` into it; returns its id.
+
+    The server validates each case on arrival (a bad one raises ``InvalidInputError`` naming it); on any failure
+    the half-filled dataset is deleted again.
     """
     if not pairs:
         raise InvalidInputError("Add at least one (image, corrected segmentation) pair first.")
-    for needed in ("create_dataset", "add_case", "finetune", "job", "cancel_job"):
-        if not hasattr(client, needed):
-            raise InvalidInputError("This version of the acecal client cannot fine-tune yet (update the extension).")
+    ds_id = client.create_dataset(dataset_name, model=model_id)["id"]
+    try:
+        for i, p in enumerate(pairs):
+            lo, hi = share * i / len(pairs), share * (i + 1) / len(pairs)
+            if ctx is not None:
+                ctx.progress(lo, f"Uploading case {i + 1}/{len(pairs)}: {p.name}")
+            try:
+                client.add_case(ds_id, (p.image, p.grid), (p.label, p.grid), name=p.name,
+                                progress=_upload_progress(ctx, lo, hi, f"Uploading case {i + 1}/{len(pairs)}"))
+            except InvalidInputError as e:
+                raise InvalidInputError(f"{p.name}: {e.detail}", code=e.code) from None
+    except BaseException:
+        try:
+            client.delete_dataset(ds_id)
+        except Exception:  # noqa: BLE001 - best effort cleanup
+            pass
+        raise
+    return ds_id
+
+
+def describe_job(job: Mapping[str, Any]) -> str:
+    """One line for the log: status, epoch and the latest validation metrics."""
+    prog = job.get("progress") or {}
+    text = f"{job.get('status')}: epoch {prog.get('epoch', 0)}/{prog.get('epochs', job.get('epochs', '?'))}"
+    validated = [m for m in (job.get("metrics") or []) if m.get("dice") is not None]
+    last = (job.get("metrics") or [{}])[-1]
+    if last.get("train_loss") is not None:
+        text += f", loss {last['train_loss']:.4f}"
+    if validated:
+        v = validated[-1]
+        text += ", validation " + ", ".join(f"{k} {v[k]:.3f}" for k in ("dice", "ace", "ece", "mce")
+                                              if v.get(k) is not None)
+    if job.get("error"):
+        text += f" ({job['error']})"
+    return text
+
+
+def start_finetune(client, pairs: Sequence[TrainingPair], base_model: str, loss: str, epochs: int,
+                   dataset_name: str = "Slicer corrections", poll_s: float = 2.0, **options: Any) -> Task:
+    """Upload ``pairs`` as a dataset, start a fine-tuning job and follow it until it ends, on a worker thread.
+
+    The task's progress is the job's (uploads take the first 10 %); its message is :func:`describe_job`'s line.
+    Its result is the final job (a dict; ``model_id`` is the new model when ``status == "succeeded"``).
+    Cancelling the task cancels the job on the server. ``options`` go to ``client.finetune`` (``val_fraction``, ...).
+    """
+    if not pairs:
+        raise InvalidInputError("Add at least one (image, corrected segmentation) pair first.")
 
     def work(ctx: TaskContext) -> Any:
-        import time
-
-        ds = client.create_dataset(dataset_name)
-        ds_id = ds["id"] if isinstance(ds, Mapping) else getattr(ds, "id", ds)
-        for i, p in enumerate(pairs):
-            ctx.progress(0.1 * i / len(pairs), f"Uploading case {i + 1}/{len(pairs)}: {p.name}")
-            client.add_case(ds_id, (p.image, p.grid), (p.label, p.grid))
-        job = client.finetune(base_model=base_model, dataset=ds_id, loss=loss, epochs=int(epochs))
-        job_id = job["job_id"] if isinstance(job, Mapping) else getattr(job, "job_id", job)
+        ds_id = upload_pairs(client, pairs, base_model, dataset_name, ctx)
+        ctx.progress(0.1, "Starting the fine-tuning job")
+        job_id = client.finetune(base_model, ds_id, loss=loss, epochs=int(epochs), **options)["job_id"]
         try:
+            job = client.job(job_id)
             while True:
-                ctx.check()
-                state = client.job(job_id)
-                st = state if isinstance(state, Mapping) else vars(state)
-                prog = st.get("progress") or {}
-                ep, n = prog.get("epoch", 0) or 0, prog.get("epochs", epochs) or epochs
-                metrics = (st.get("metrics") or [{}])[-1] if st.get("metrics") else {}
-                shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float))
-                ctx.progress(0.1 + 0.9 * ep / max(n, 1), f"{st.get('status')}: epoch {ep}/{n} {shown}".strip())
-                if st.get("status") in ("succeeded", "failed", "cancelled"):
-                    return st
-                time.sleep(poll_s)
+                prog = job.get("progress") or {}
+                ctx.progress(0.1 + 0.9 * float(prog.get("fraction") or 0.0), describe_job(job))
+                if job["status"] in ("succeeded", "failed", "cancelled"):
+                    return job
+                job = client.job(job_id, wait=poll_s, after=job.get("rev"))  # long-poll: answers on any change
         except BaseException:
             if ctx.cancelled:
                 try:
@@ -126,3 +170,31 @@ def start_finetune(client, pairs: Sequence[TrainingPair], base_model: str, loss:
             raise
 
     return Task(work, name="ACECalibration fine-tune").start()
+
+
+def evaluate_case(client, pair: TrainingPair, model_id: str, temperature: bool = False,
+                  ctx: TaskContext | None = None) -> tuple[dict, bytes]:
+    """The case's calibration against its reference segmentation: (the server's evaluation reply, reliability PNG).
+
+    Uploads the pair as a one-case dataset, runs ``POST /evaluate/{model_id}``, downloads the case's reliability
+    diagram and deletes the dataset again.
+    """
+    import io
+
+    ds_id = upload_pairs(client, [pair], model_id, f"Slicer evaluation of {pair.name}", ctx, share=0.3)
+    try:
+        if ctx is not None:
+            ctx.progress(None, "Evaluating on the server")
+        reply = client.evaluate(model_id, ds_id, temperature=temperature)
+        figures = (reply.get("figures") or {}).get("cases") or {}
+        png = b""
+        if figures:
+            buf = io.BytesIO()
+            client.download(next(iter(figures.values())), buf, stage="download:figure")
+            png = buf.getvalue()
+        return reply, png
+    finally:
+        try:
+            client.delete_dataset(ds_id)
+        except Exception:  # noqa: BLE001 - best effort cleanup
+            pass

@@ -28,3 +28,27 @@ def scene():
     s = new_scene()
     yield s
     s.Clear(1)
+
+
+#: API key of the live test server (so every call the Lib makes is authenticated)
+SERVER_KEY = "slicer-test-key"
+
+
+@pytest.fixture(scope="session")
+def server(tiny_bundle, tmp_path_factory):
+    """A real ACECal server (uvicorn on a free loopback port) serving the tiny trained bundle, with an API key."""
+    pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, torch, monai) is needed")
+    from live_server import LiveServer, make_settings
+
+    settings = make_settings(tmp_path_factory.mktemp("slicer_server"), [tiny_bundle.parent], api_key=SERVER_KEY,
+                             job_min_free_mb=1)
+    with LiveServer(settings) as live:
+        yield live
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from acecal.client import ACEClient
+
+    with ACEClient(server.url, api_key=SERVER_KEY, timeout=(5.0, 120.0)) as c:
+        yield c

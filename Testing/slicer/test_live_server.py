@@ -29,23 +29,8 @@ from ACECalibrationLib.logic import (  # noqa: E402
 from ACECalibrationLib.worker import Cancelled  # noqa: E402
 from oblique import oblique_grid, sphere_on_grid  # noqa: E402
 
-KEY = "slicer-test-key"
+KEY = "slicer-test-key"  # = conftest.SERVER_KEY
 MODEL = "tiny-sphere"
-
-
-@pytest.fixture(scope="module")
-def server(tiny_bundle, tmp_path_factory):
-    from live_server import LiveServer, make_settings
-
-    settings = make_settings(tmp_path_factory.mktemp("slicer_server"), [tiny_bundle.parent], api_key=KEY)
-    with LiveServer(settings) as live:
-        yield live
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with ACEClient(server.url, api_key=KEY, timeout=(5.0, 120.0)) as c:
-        yield c
 
 
 @pytest.fixture
