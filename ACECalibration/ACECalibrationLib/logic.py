@@ -230,6 +230,7 @@ def run_segmentation(
 ) -> SegmentationResult:
     """Segment ``volume_node`` with model ``model_id`` on the server and add the results to ``scene`` (blocking).
 
+    ``api_key`` None uses ``ACECAL_API_KEY`` from the environment when set (never a stored setting).
     ``uncertainty_threshold`` overrides the model's default confidence threshold for flagging uncertain regions.
     ``client`` reuses an existing :class:`acecal.client.ACEClient` (then ``server_url``/``api_key`` are ignored).
     Raises :class:`acecal.errors.ACECalError` subclasses (or the client's connection errors) with a message for the
