@@ -196,15 +196,16 @@ def _bin_index(
     hi: torch.Tensor | None,
     fast: bool = True,
     work: torch.Tensor | None = None,
+    compact: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``bucketize(v, e[1:], right).clamp(max=M - 1)`` for float32 ``v`` in [0, 1], without a binary search.
 
     ``bucketize`` gives ``#{m >= 1 : e_m < v}`` (``<=`` when ``right=True``). With ``g = floor(v * M)`` every edge
     ``e_m`` with ``m <= g - 1`` lies below ``v`` and every edge with ``m >= g + 2`` above it (an edge is within a few
     ulps of ``m / M``), so at most ``e_g`` and ``e_{g+1}`` need a comparison, one table lookup each; when ``hi`` is
-    None only ``e_g`` can decide. Returns the index as int64 (for scatter) and in the compact dtype that is saved for
-    the backward pass (uint8 for M <= 255), both contiguous with ``v``'s shape. ``work``, if given, is scratch space
-    of at least ``4 * v.numel()`` bytes (fresh large allocations are a large part of the cost on the CPU).
+    None only ``e_g`` can decide. Returns the index as int64 (contiguous, for scatter) and in the compact dtype that
+    is saved for the backward pass (uint8 for M <= 255), written into ``compact`` when given (it may be a strided
+    slice). ``work``, if given, is scratch space of at least ``4 * v.numel()`` bytes.
     """
     if fast and hi is None and num_bins <= 255:
         # g = floor(fl32(v * M)) is floor(v * M) or, when the product rounds up to an integer, one more; in both
@@ -215,7 +216,10 @@ def _bin_index(
             work = torch.empty(n, dtype=torch.float32, device=v.device)
         s = work.view(-1).view(torch.float32)[:n].view(v.shape)
         torch.mul(v, num_bins, out=s)
-        compact = s.to(torch.uint8)  # floor
+        if compact is None:
+            compact = s.to(torch.uint8)  # floor
+        else:
+            compact.copy_(s)
         g = idx.view(-1).view(torch.int32)[:n]  # int32 scratch inside the int64 output
         g.copy_(s.view(-1))
         e = torch.index_select(lo, 0, g, out=s.view(-1)).view(v.shape)  # e_g, over s
@@ -233,18 +237,41 @@ def _bin_index(
         above = (e2 <= v) if right else (e2 < v)
         g.add_(above.long())
     g.sub_(below.long())
-    return g, g.to(_index_dtype(num_bins))
+    if compact is None:
+        compact = g.to(_index_dtype(num_bins))
+    else:
+        compact.copy_(g)
+    return g, compact
 
 
 def _hard_bin_index(
-    probs: torch.Tensor, num_bins: int, right: bool, work: torch.Tensor | None = None
+    probs: torch.Tensor,
+    num_bins: int,
+    right: bool,
+    work: torch.Tensor | None = None,
+    compact: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bin index of every element of ``probs`` (in [0, 1]), identical to ``monai.metrics.calibration_binning``.
 
     MONAI bins ``probs.float()``; so do we (for float64 input the float32-rounded value decides the bin).
     """
     lo, hi = _edge_tables(num_bins, probs.device)
-    return _bin_index(probs.float(), num_bins, right, lo, hi, work=work)
+    return _bin_index(probs.float(), num_bins, right, lo, hi, work=work, compact=compact)
+
+
+# Elements per chunk of the element-wise work. Chunking bounds the scratch memory of the binning (about 20 bytes per
+# element of a chunk instead of per element of the volume) and, on the CPU, lets the allocator recycle the scratch
+# buffers instead of mapping fresh pages for every large temporary (page faults dominate otherwise). It is a loop over
+# memory blocks of the spatial axis, independent of batch and class; a 2 x 4 x 64^3 input is two chunks on the CPU.
+_CHUNK_CPU = 1 << 20
+_CHUNK_CUDA = 1 << 26
+
+
+def _spatial_chunks(shape: torch.Size, device: torch.device) -> list[slice]:
+    bsz, nch, n = shape
+    budget = _CHUNK_CUDA if device.type == "cuda" else _CHUNK_CPU
+    step = max(1, budget // max(1, bsz * nch))
+    return [slice(start, min(n, start + step)) for start in range(0, n, step)]
 
 
 def _index_dtype(n: int) -> torch.dtype:
@@ -277,25 +304,32 @@ class _HardBinningFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, probs, target, num_bins, right, label_offset):  # type: ignore[override]
-        bsz, nch, _ = probs.shape
+        bsz, nch, n = probs.shape
         p = probs.detach()
-        # one float64 buffer: scratch for the bin index first, then the probabilities in float64 for the sums
-        work = None if p.dtype == torch.float64 else torch.empty(p.shape, dtype=torch.float64, device=p.device)
-        idx, compact = _hard_bin_index(p, num_bins, right, work)
-        pd = p if work is None else work.copy_(p)
-        sum_p = pd.new_zeros((bsz, nch, num_bins))
+        dev = p.device
+        sum_p = torch.zeros((bsz, nch, num_bins), dtype=torch.float64, device=dev)
         counts = torch.zeros_like(sum_p)
         sum_y = torch.zeros_like(sum_p)
-        sum_p.scatter_add_(2, idx, pd)
-        counts.scatter_add_(2, idx, pd.new_ones(()).expand_as(pd))
-        if label_offset >= 0:
-            lab, valid = _prepare_labels(target, label_offset)
-            own_bin = idx.gather(1, lab)  # (B, 1, N): bin of each voxel in its own class channel
-            flat = (lab * num_bins).add_(own_bin).view(bsz, -1)
-            src = valid.view(bsz, -1) if valid is not None else pd.new_ones(()).expand(flat.shape)
-            sum_y.view(bsz, -1).scatter_add_(1, flat, src)
-        else:
-            sum_y.scatter_add_(2, idx, target.detach().double())
+        one = sum_p.new_ones(())
+        compact = torch.empty((bsz, nch, n), dtype=_index_dtype(num_bins), device=dev)
+        labels = _prepare_labels(target, label_offset) if label_offset >= 0 else None
+        for sl in _spatial_chunks(p.shape, dev):
+            pc = p[:, :, sl]
+            # one float64 buffer: scratch for the bin index first, then the probabilities in float64 for the sums
+            work = None if p.dtype == torch.float64 else torch.empty(pc.shape, dtype=torch.float64, device=dev)
+            idx, _ = _hard_bin_index(pc, num_bins, right, work, compact[:, :, sl])
+            pd = pc if work is None else work.copy_(pc)
+            sum_p.scatter_add_(2, idx, pd)
+            counts.scatter_add_(2, idx, one.expand_as(pd))
+            del pd, work
+            if labels is not None:
+                lab, valid = labels[0][:, :, sl], labels[1]
+                own_bin = idx.gather(1, lab)  # (B, 1, L): bin of each voxel in its own class channel
+                flat = (lab * num_bins).add_(own_bin).view(bsz, -1)
+                src = valid[:, :, sl].reshape(bsz, -1) if valid is not None else one.expand(flat.shape)
+                sum_y.view(bsz, -1).scatter_add_(1, flat, src)
+            else:
+                sum_y.scatter_add_(2, idx, target.detach()[:, :, sl].double())
         y_total = sum_y.sum(-1)
         ctx.save_for_backward(compact)
         ctx.in_dtype = probs.dtype
@@ -304,17 +338,18 @@ class _HardBinningFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_sum_p, *unused):  # type: ignore[override]
-        (idx,) = ctx.saved_tensors
+        (compact,) = ctx.saved_tensors
         if grad_sum_p is None:
             return None, None, None, None, None
-        bsz, nch, num_bins = grad_sum_p.shape
-        table = grad_sum_p.to(_compute_dtype(ctx.in_dtype)).reshape(-1)
-        # gather by a flat int32 index (b * C + c) * M + bin: 4 bytes per element instead of an int64 copy
-        flat = idx.to(torch.int32)
-        flat.add_(torch.arange(0, bsz * nch * num_bins, num_bins, dtype=torch.int32, device=flat.device).view(
-            bsz, nch, 1))
-        grad = table.index_select(0, flat.view(-1)).view(flat.shape)
-        return grad.to(ctx.in_dtype), None, None, None, None
+        cd = _compute_dtype(ctx.in_dtype)
+        table = grad_sum_p.to(cd)
+        grad = torch.empty(compact.shape, dtype=ctx.in_dtype, device=compact.device)
+        for sl in _spatial_chunks(compact.shape, compact.device):
+            if cd == ctx.in_dtype:
+                torch.gather(table, 2, compact[:, :, sl].long(), out=grad[:, :, sl])
+            else:
+                grad[:, :, sl] = table.gather(2, compact[:, :, sl].long())
+        return grad, None, None, None, None
 
 
 def _hard_sums(
@@ -357,40 +392,50 @@ class _SoftBinningFunction(torch.autograd.Function):
     gradients gW, gP, gY per bin, an element in inner cell j gets
     ``gP_{j-1} + M (gW_j - gW_{j-1}) + (gP_j - gP_{j-1}) (j - 1/2) + 2 (gP_j - gP_{j-1}) f + M (gY_j - gY_{j-1}) y``
     (the chain rule through ``w_ik`` and ``w'_ik = -+M``), and an element in an end cell gets ``gP`` of its end bin.
-    With the L1-ACE on top this is the closed form of the reference sheet, section 3.
+    With the L1-ACE on top this is the closed form of the reference sheet, section 3. Nothing per element is saved
+    except the probabilities themselves and, for a label map, a ``uint8`` copy of it; cells and weights are
+    recomputed in the backward pass.
     """
 
     @staticmethod
     def forward(ctx, probs, target, num_bins, label_offset):  # type: ignore[override]
-        bsz, nch, _ = probs.shape
+        bsz, nch, n = probs.shape
         m = num_bins
-        pd = probs.detach().double()
-        cell, f = _soft_cells(pd, m, inplace=pd.data_ptr() != probs.data_ptr())  # pd is a fresh copy: reuse it
-        acc = f.new_zeros((5, bsz, nch, m + 1))  # count, sum f, sum f^2, sum y, sum f y   per cell
-        acc[0].scatter_add_(2, cell, f.new_ones(()).expand_as(f))
-        acc[1].scatter_add_(2, cell, f)
-        if label_offset >= 0:
-            lab, valid = _prepare_labels(target, label_offset)
-            own_cell = cell.gather(1, lab)
-            own_f = f.gather(1, lab)
-            flat = (lab * (m + 1)).add_(own_cell).view(bsz, -1)
-            own_f = own_f.view(bsz, -1)
-            if valid is None:
-                acc[3].view(bsz, -1).scatter_add_(1, flat, pd.new_ones(()).expand(flat.shape))
+        p = probs.detach()
+        dev = p.device
+        acc = torch.zeros((5, bsz, nch, m + 1), dtype=torch.float64, device=dev)  # n, sum f, sum f^2, sum y, sum f y
+        one = acc.new_ones(())
+        labels = _prepare_labels(target, label_offset) if label_offset >= 0 else None
+        for sl in _spatial_chunks(p.shape, dev):
+            pc = p[:, :, sl]
+            pd = pc.double()
+            cell, f = _soft_cells(pd, m, inplace=pd.dtype != pc.dtype)  # pd is a fresh copy: reuse it
+            acc[0].scatter_add_(2, cell, one.expand_as(f))
+            acc[1].scatter_add_(2, cell, f)
+            if labels is not None:
+                lab = labels[0][:, :, sl]
+                own_cell = cell.gather(1, lab)
+                own_f = f.gather(1, lab).view(bsz, -1)
+                flat = (lab * (m + 1)).add_(own_cell).view(bsz, -1)
+                if labels[1] is None:
+                    acc[3].view(bsz, -1).scatter_add_(1, flat, one.expand(flat.shape))
+                else:
+                    valid = labels[1][:, :, sl].reshape(bsz, -1)
+                    acc[3].view(bsz, -1).scatter_add_(1, flat, valid)
+                    own_f.mul_(valid)
+                acc[4].view(bsz, -1).scatter_add_(1, flat, own_f)
             else:
-                acc[3].view(bsz, -1).scatter_add_(1, flat, valid.view(bsz, -1))
-                own_f = own_f * valid.view(bsz, -1)
-            acc[4].view(bsz, -1).scatter_add_(1, flat, own_f)
+                yd = target.detach()[:, :, sl].double()
+                acc[3].scatter_add_(2, cell, yd)
+                acc[4].scatter_add_(2, cell, f * yd)
+            acc[2].scatter_add_(2, cell, f.mul_(f))  # f is not needed any more
+            del cell, f, pd
+        if labels is not None:
             saved_target = target.detach().to(_index_dtype(nch + max(label_offset, 0)))
         else:
-            yd = target.detach().double()
-            acc[3].scatter_add_(2, cell, yd)
-            acc[4].scatter_add_(2, cell, yd.mul_(f) if yd.data_ptr() != target.data_ptr() else f * yd)
             saved_target = target.detach()
-        acc[2].scatter_add_(2, cell, f.mul_(f))  # f is not needed any more
-        del cell, f
         cnt, fs, f2s, ys, fys = acc.unbind(0)
-        j = torch.arange(m + 1, dtype=torch.float64, device=acc.device) - 0.5  # p = (j + f) / M in cell j
+        j = torch.arange(m + 1, dtype=torch.float64, device=dev) - 0.5  # p = (j + f) / M in cell j
         sum_p = (fs + j * cnt) / m
         sum_fp = (f2s + j * fs) / m
         stats = []
@@ -413,14 +458,15 @@ class _SoftBinningFunction(torch.autograd.Function):
     def backward(ctx, g_w, g_p, g_y, _unused):  # type: ignore[override]
         probs, target = ctx.saved_tensors
         m = ctx.num_bins
-        bsz, nch, _ = probs.shape
+        bsz, nch, n = probs.shape
+        dev = probs.device
         cd = _compute_dtype(probs.dtype)
         zeros = None
         grads = []
         for g in (g_w, g_p, g_y):
             if g is None:
                 if zeros is None:
-                    zeros = torch.zeros((bsz, nch, m), dtype=torch.float64, device=probs.device)
+                    zeros = torch.zeros((bsz, nch, m), dtype=torch.float64, device=dev)
                 g = zeros
             grads.append(g.to(torch.float64))
         g_w, g_p, g_y = grads
@@ -432,26 +478,34 @@ class _SoftBinningFunction(torch.autograd.Function):
         u[..., m] = g_p[..., m - 1]
         if m > 1:
             beta = g_p[..., 1:] - g_p[..., :-1]
-            j = torch.arange(1, m, dtype=torch.float64, device=probs.device) - 0.5
+            j = torch.arange(1, m, dtype=torch.float64, device=dev) - 0.5
             u[..., 1:m] = g_p[..., :-1] + m * (g_w[..., 1:] - g_w[..., :-1]) + beta * j
             v[..., 1:m] = 2.0 * beta
             wy[..., 1:m] = m * (g_y[..., 1:] - g_y[..., :-1])
         u, v, wy = u.to(cd), v.to(cd), wy.to(cd)
-        cell, f = _soft_cells(probs.detach().to(cd), m, inplace=probs.dtype != cd)
-        grad = v.gather(2, cell).mul_(f)
-        grad.add_(torch.gather(u, 2, cell, out=f))  # f is not needed any more
-        del f
-        if ctx.label_offset >= 0:
-            lab, valid = _prepare_labels(target, ctx.label_offset)
-            own_cell = cell.gather(1, lab)
-            flat = (lab * (m + 1)).add_(own_cell).view(bsz, -1)
-            add = wy.view(bsz, -1).gather(1, flat).view_as(lab)
-            if valid is not None:
-                add.mul_(valid.to(cd))
-            grad.scatter_add_(1, lab, add)
-        else:
-            grad.addcmul_(wy.gather(2, cell), target.to(cd))
-        return grad.to(probs.dtype), None, None, None
+        labels = _prepare_labels(target, ctx.label_offset) if ctx.label_offset >= 0 else None
+        grad = torch.empty((bsz, nch, n), dtype=probs.dtype, device=dev)
+        for sl in _spatial_chunks(probs.shape, dev):
+            pc = probs.detach()[:, :, sl]
+            cell, f = _soft_cells(pc.to(cd), m, inplace=pc.dtype != cd)
+            gs = grad[:, :, sl] if cd == probs.dtype else torch.empty(f.shape, dtype=cd, device=dev)
+            torch.gather(v, 2, cell, out=gs)
+            gs.mul_(f)
+            gs.add_(torch.gather(u, 2, cell, out=f))  # f is not needed any more
+            del f
+            if labels is not None:
+                lab = labels[0][:, :, sl]
+                own_cell = cell.gather(1, lab)
+                flat = (lab * (m + 1)).add_(own_cell).view(bsz, -1)
+                add = wy.view(bsz, -1).gather(1, flat).view_as(lab)
+                if labels[1] is not None:
+                    add.mul_(labels[1][:, :, sl].to(cd))
+                gs.scatter_add_(1, lab, add)
+            else:
+                gs.addcmul_(wy.gather(2, cell), target[:, :, sl].to(cd))
+            if gs.data_ptr() != grad[:, :, sl].data_ptr():
+                grad[:, :, sl] = gs
+        return grad, None, None, None
 
 
 def _soft_sums(
