@@ -14,6 +14,9 @@ Implementation notes (see ``shared/reference/calibration.md`` sections 2, 3, 8 a
 - Custom ``torch.autograd.Function``\\ s with closed-form backward passes. Hard binning saves one ``uint8`` bin
   index per element; soft binning saves nothing per element beyond the probabilities (usually the softmax output,
   already kept by autograd) and, for a label map, a ``uint8`` copy of the labels; its weights are recomputed.
+- The element-wise work runs over chunks of the spatial axis (about 2**20 elements per chunk on the CPU), so its
+  scratch memory is bounded whatever the volume size, and the CPU allocator recycles it instead of faulting in fresh
+  pages for every large temporary.
 - One fused validation (a handful of reductions, a single host synchronisation) per call; the binning itself
   never synchronises with the device.
 """
