@@ -412,3 +412,18 @@ def test_cuda_matches_cpu_without_host_syncs_in_the_binning(cls):
         sums[0].sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("cls", [HardL1ACELoss, SoftL1ACELoss])
+def test_monai_metatensor_inputs(cls):
+    from monai.data import MetaTensor
+
+    logits, labels, _ = make_case(11, dtype=torch.float32)
+    x = MetaTensor(logits.clone()).requires_grad_()
+    out = cls(to_onehot_y=True, softmax=True)(x, MetaTensor(labels.float()))
+    out.backward()
+    x_ref = logits.clone().requires_grad_()
+    ref = cls(to_onehot_y=True, softmax=True)(x_ref, labels)
+    ref.backward()
+    torch.testing.assert_close(out.as_tensor() if hasattr(out, "as_tensor") else out, ref)
+    torch.testing.assert_close(torch.as_tensor(x.grad), x_ref.grad)

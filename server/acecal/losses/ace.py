@@ -29,6 +29,7 @@ from .binning import (
     _fused_checks,
     _hard_sums,
     _label_checks,
+    _plain,
     _raise_if_bad,
     _range_checks,
     _soft_sums,
@@ -114,6 +115,7 @@ class _L1ACELoss(_Loss):
             ValueError: NaN/inf in ``input`` or ``target``, probabilities outside [0, 1] after the activation,
                 mismatched shapes, label values outside [0, C - 1], or a ``weight`` of the wrong length.
         """
+        input, target = _plain(input), _plain(target)
         use_labels = self._check_shapes(input, target)
         probs, activated = self._activate(input)
         self._validate(input, probs, activated, target, use_labels)

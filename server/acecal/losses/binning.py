@@ -40,6 +40,14 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A tensor subclass (e.g. MONAI's MetaTensor) as a plain tensor view, still attached to the autograd graph:
+    the element-wise work then runs without per-operation metadata handling."""
+    if isinstance(t, torch.Tensor) and type(t) is not torch.Tensor:
+        return t.as_subclass(torch.Tensor)
+    return t
+
+
 def _check_num_bins(num_bins: int, who: str) -> int:
     if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
         raise ValueError(f"{who}: num_bins must be an integer >= 1, got {num_bins!r}.")
@@ -558,6 +566,7 @@ def hard_binned_calibration(
         Reliability in Image Segmentation", MICCAI 2024, arXiv:2403.06759.
     """
     who = "hard_binned_calibration"
+    probs, target = _plain(probs), _plain(target)
     _check_num_bins(num_bins, who)
     _check_same_shape(who, probs, target)
     _validate_probs_and_target(who, probs, target)
@@ -598,6 +607,7 @@ def soft_binned_calibration(
         Barfoot et al., IEEE TMI, arXiv:2506.03942 (soft-binned L1-ACE); arXiv:2403.06759 (MICCAI 2024).
     """
     who = "soft_binned_calibration"
+    probs, target = _plain(probs), _plain(target)
     _check_num_bins(num_bins, who)
     _check_empty_weight(empty_weight, who)
     _check_same_shape(who, probs, target)

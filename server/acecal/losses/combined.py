@@ -23,6 +23,7 @@ from monai.networks.utils import one_hot
 from torch.nn.modules.loss import _Loss
 
 from .ace import HardL1ACELoss, SoftL1ACELoss, _L1ACELoss
+from .binning import _plain
 
 __all__ = [
     "HardL1ACEandCELoss",
@@ -116,6 +117,7 @@ class _ACECombinedLoss(_Loss):
             ValueError: as :class:`~acecal.losses.HardL1ACELoss` (NaN/inf, range, shapes, labels).
         """
         ace = self.ace
+        input, target = _plain(input), _plain(target)
         use_labels = ace._check_shapes(input, target)
         probs = input
         activated = False
