@@ -208,7 +208,7 @@ def main() -> None:
         with torch.no_grad():
             for fast, slow in (("hard", "loop_hard"), ("soft", "loop_soft")):
                 a, b = float(fns[fast](logits, labels)), float(fns[slow](logits, labels))
-                if abs(a - b) > 1e-4:
+                if abs(a - b) > 1e-3:  # the loop sums in float32
                     raise SystemExit(f"{fast} and {slow} disagree at {(bsz, nch, side)}: {a} vs {b}")
         mem = {k: saved_bytes_per_element(fn, logits, labels) for k, fn in fns.items()}
         repeats = args.repeats if side * side * side * nch * bsz <= 2 * 16 * 64**3 or device.type == "cuda" else 3
