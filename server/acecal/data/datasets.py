@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -310,4 +310,4 @@ def cases_to_dicts(cases: Iterable[Case]) -> list[dict]:
 
 
 __all__ = ["Case", "CaseSummary", "DatasetError", "DatasetInfo", "discover_dataset", "discover_folders",
-           "discover_msd", "validate_cases", "split_cases", "cases_to_dicts", "case_name", "asdict"]
+           "discover_msd", "validate_cases", "split_cases", "cases_to_dicts", "case_name"]

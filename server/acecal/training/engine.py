@@ -442,21 +442,22 @@ class Engine:
             if ctx.is_main:
                 from acecal.training.publish import publish
 
+                def val_items():
+                    ds = val_ds if not ctx.distributed else CacheDataset(  # rank 0 alone sees every case
+                        [c.as_dict() for c in val_cases], model_space_transforms(bc), cache_rate=cfg.cache_rate,
+                        progress=False)
+                    return _items(ds)
+
                 try:
                     bundle = publish(
                         cfg, bc, ddp.unwrap(model), work_dir=work_dir, out_dir=out_dir, info=info,
-                        train_cases=train_cases, val_cases=val_cases, val_items=(lambda: _items(val_ds if not ctx.distributed else CacheDataset(
-                            [c.as_dict() for c in val_cases], model_space_transforms(bc), cache_rate=cfg.cache_rate,
-                            progress=False))) if val_cases else None,
+                        train_cases=train_cases, val_cases=val_cases, val_items=val_items if val_cases else None,
                         history=history, best=best, base=base, cancel=self.cancel,
                         world_size=ctx.world_size,
                     )
                     bundle_path, metrics = bundle.path, bundle.config.metrics
-                    reporter.log.write({"event": "published", "model_id": model_id, "path": str(bundle_path),
-                                        "metrics": metrics})
-                    if self.progress:
-                        self.progress({"event": "published", "model_id": model_id, "path": str(bundle_path),
-                                       "metrics": metrics})
+                    reporter.event({"event": "published", "model_id": model_id, "path": str(bundle_path),
+                                    "metrics": metrics})
                 except Cancelled:
                     err = Cancelled()
                 except BaseException as e:
