@@ -1,7 +1,10 @@
-"""The process of one fine-tuning job: ``python -m acecal.api.jobproc <job_dir>/spec.json``.
+"""The process of one fine-tuning job.
 
-Started by :class:`acecal.api.jobs.JobRunner` in its own session (process group), with a low CPU priority and thread
-count, stdout/stderr appended to ``<job_dir>/job.log``. It runs :class:`acecal.training.engine.Engine` (resuming from
+Started by :class:`acecal.api.jobs.JobRunner`, either forked from a fork server that has torch and MONAI imported
+(:func:`child_main`, the default: a job starts in about a second) or as ``python -m acecal.api.jobproc
+<job_dir>/spec.json`` (``ACECAL_JOB_START_METHOD=subprocess``; also how to run a job by hand). Either way it runs in
+its own session (process group) with a low CPU priority and thread count, stdout/stderr appended to
+``<job_dir>/job.log``. It runs :class:`acecal.training.engine.Engine` (resuming from
 the last checkpoint in its work directory when there is one) and talks to the server through files only:
 
 - ``train.jsonl``: the engine's JSON-lines log (one record per epoch; the server tails it);
@@ -11,8 +14,8 @@ the last checkpoint in its work directory when there is one) and talks to the se
 Stopping: SIGTERM (or SIGINT) sets the engine's cancel token, so training stops within one step, keeps the last
 finished epoch's checkpoint and publishes nothing (publishing itself is an atomic rename). A watchdog thread exits
 the process hard if a cancel has not finished within the grace period (e.g. while caching a large dataset), and
-cancels the run when the server that started it has died (the process is re-parented), so an orphan never trains on
-or publishes behind the back of a restarted server.
+cancels the run when the server that started it has died (its pid and start time are in the spec), so an orphan
+never trains on or publishes behind the back of a restarted server.
 
 Exit status: 0 published, 3 cancelled, 2 refused/failed with a message in ``result.json``, 28 disk full (even when
 ``result.json`` could not be written), 1 unexpected error.
@@ -72,13 +75,15 @@ def disk_full(e: BaseException, *paths: Path) -> bool:
     text = str(e).lower()
     if "no space left" in text or "disk quota" in text:
         return True
-    if "write" in text or isinstance(e, OSError):
-        for p in paths:
-            try:
-                if shutil.disk_usage(p).free < 16 * 1024 * 1024:
-                    return True
-            except OSError:
-                continue
+    # torch.save reports a short write as e.g. "[enforce fail at inline_container.cc] . unexpected pos 62848 vs 62736"
+    writing = isinstance(e, OSError) or any(s in text for s in ("write", "unexpected pos", "inline_container"))
+    limit = (16 if writing else 1) * 1024 * 1024
+    for p in paths:
+        try:
+            if shutil.disk_usage(p).free < limit:
+                return True
+        except OSError:
+            continue
     return False
 
 
@@ -127,13 +132,35 @@ class _Progress:
             _say(f"stopped after epoch {ev.get('epoch')} ({ev.get('reason')})")
 
 
-def _watchdog(cancel: threading.Event, parent_pid: int, grace_s: float) -> None:
+def _server_alive(pid: int, started: float | None) -> bool:
+    """Whether the server process that started this job still runs (pid + creation time: a reused pid is not it)."""
+    if not pid:
+        return True
+    try:
+        import psutil
+
+        p = psutil.Process(pid)
+        return p.status() != psutil.STATUS_ZOMBIE and (started is None or abs(p.create_time() - started) < 0.5)
+    except ImportError:  # pragma: no cover - psutil is a server dependency
+        try:
+            os.kill(pid, 0)
+            return True
+        except OSError:
+            return False
+    except Exception:  # noqa: BLE001 - NoSuchProcess, AccessDenied...
+        return False
+
+
+def _watchdog(cancel: threading.Event, server_pid: int, server_started: float | None, grace_s: float) -> None:
     cancelled_at = None
+    last_check = 0.0
     while True:
         time.sleep(0.25)
-        if parent_pid and os.getppid() != parent_pid and not cancel.is_set():
-            _say("the server that started this job is gone: stopping (it resumes when the server restarts)")
-            cancel.set()
+        if not cancel.is_set() and time.monotonic() - last_check >= 0.5:
+            last_check = time.monotonic()
+            if not _server_alive(server_pid, server_started):
+                _say("the server that started this job is gone: stopping (it resumes when the server restarts)")
+                cancel.set()
         if cancel.is_set():
             cancelled_at = cancelled_at or time.monotonic()
             if time.monotonic() - cancelled_at > grace_s:
@@ -153,7 +180,7 @@ def run(spec_path: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    threading.Thread(target=_watchdog, args=(cancel, int(spec.get("server_pid") or 0),
+    threading.Thread(target=_watchdog, args=(cancel, int(spec.get("server_pid") or 0), spec.get("server_started"),
                                              float(spec.get("cancel_grace_s", 10.0))),
                      name="acecal-job-watchdog", daemon=True).start()
     if spec.get("nice"):
@@ -213,13 +240,52 @@ def run(spec_path: Path) -> int:
     return code
 
 
+def _exit(code: int) -> None:
+    """Exit without the interpreter's slow teardown of torch and MONAI (everything that matters is on disk)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def child_main(spec_path: str, log_path: str) -> None:
+    """Entry point of a job process forked by the server's fork server (``multiprocessing`` "forkserver", with torch
+    and MONAI already imported, so a job starts in about a second): own session, output to the job's log."""
+    os.setsid()  # own process group: the server signals the whole group; a terminal's Ctrl-C does not reach it
+    try:  # the fork server's "alive" pipe: holding it would keep the fork server up after the server dies
+        from multiprocessing import forkserver
+
+        fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+        if fd is not None:
+            os.close(fd)
+            forkserver._forkserver._forkserver_alive_fd = None
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", encoding="utf-8", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", encoding="utf-8", buffering=1, closefd=False)
+    code = EXIT_ERROR
+    try:
+        code = run(Path(spec_path))
+    except BaseException:  # noqa: BLE001 - e.g. an unreadable spec: say why in the job's log
+        traceback.print_exc()
+    finally:
+        _exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m acecal.api.jobproc <job_dir>/spec.json", file=sys.stderr)
         return 64
-    return run(Path(args[0]))
+    _exit(run(Path(args[0])))
+    return EXIT_ERROR  # not reached
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -112,6 +112,10 @@ class JobRunner:
         self.resume = bool(getattr(settings, "job_resume", True))
         self.min_free_mb = float(getattr(settings, "job_min_free_mb", 200.0))
         self.cancel_grace_s = float(getattr(settings, "job_cancel_grace_s", 10.0))
+        method = getattr(settings, "job_start_method", "forkserver")
+        if method == "forkserver" and "forkserver" not in _mp_methods():
+            method = "subprocess"
+        self.start_method = method
         self._procs: dict[str, _Running] = {}
         self._lock = threading.RLock()
         self._wake = threading.Event()
@@ -238,7 +242,8 @@ class JobRunner:
                 (d / stale).unlink(missing_ok=True)
             self._write_dataset_json(job)
             spec = {"job_id": job_id, "config": job["config"], "threads": self.threads, "nice": 10,
-                    "server_pid": os.getpid(), "cancel_grace_s": max(1.0, self.cancel_grace_s - 2.0),
+                    "server_pid": os.getpid(), "server_started": _process_started(os.getpid()),
+                    "cancel_grace_s": max(1.0, self.cancel_grace_s - 2.0),
                     "gpu_memory_fraction": getattr(self.settings, "job_gpu_memory_fraction", None)}
             atomic_write_text(d / SPEC, json.dumps(spec, indent=2))
             env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
@@ -246,11 +251,21 @@ class JobRunner:
             pkg_root = str(Path(__file__).resolve().parents[2])
             env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)
             attempt = int(job["attempts"]) + 1
-            self._log(job_id, f"starting the job process (attempt {attempt}, {self.threads} CPU thread(s))")
-            with open(d / JOB_LOG, "ab") as out:
-                proc = subprocess.Popen([sys.executable, "-m", "acecal.api.jobproc", str(d / SPEC)], cwd=str(d),
-                                        env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                        start_new_session=True, close_fds=True)
+            method = self.start_method
+            # running from now on (the first fork-server start takes a while: torch is being imported)
+            fields: dict[str, Any] = {"status": "running", "pid": None, "attempts": attempt, "step": None,
+                                      "steps": None, **({} if job.get("started") else {"started": now_iso()})}
+            if not self.db.update_job(job_id, only_if_status=("queued",), **fields):
+                return  # cancelled meanwhile
+            self._log(job_id, f"starting the job process (attempt {attempt}, {self.threads} CPU thread(s), "
+                              f"{method})")
+            if method == "forkserver":
+                proc = _start_forked(d / SPEC, d / JOB_LOG, job_id)
+            else:
+                with open(d / JOB_LOG, "ab") as out:
+                    proc = subprocess.Popen([sys.executable, "-m", "acecal.api.jobproc", str(d / SPEC)], cwd=str(d),
+                                            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True, close_fds=True)
         except _JobRefused as e:
             self._set_final(job_id, "failed", error=str(e))
             return
@@ -265,15 +280,9 @@ class JobRunner:
         r = _Running(job_id, proc)
         with self._lock:
             self._procs[job_id] = r
-        fields: dict[str, Any] = {"status": "running", "pid": proc.pid, "attempts": attempt, "step": None,
-                                  "steps": None}
-        if not job.get("started"):
-            fields["started"] = now_iso()
-        if not self.db.update_job(job_id, only_if_status=("queued",), **fields):  # cancelled meanwhile
-            r.interrupt = False
-            self.db.update_job(job_id, cancel_requested=1)
-            self._signal(r, signal.SIGTERM)
+        self.db.update_job(job_id, pid=proc.pid, pid_started=_process_started(proc.pid))
         log.info("job %s started (pid %d, attempt %d)", job_id, proc.pid, attempt)
+        self._check_cancel(r)  # a cancel that came while the process was starting
 
     def _write_dataset_json(self, job: dict) -> None:
         req = job["request"]
@@ -418,7 +427,7 @@ class JobRunner:
         if status == "error":
             self._set_final(job["id"], "failed", error=res.get("error") or "the job failed")
             return
-        if rc == 28:
+        if rc == 28 or (res is None and _nearly_full(self.job_dir(job["id"]), self.models_dir)):
             err = "the disk is full: free space in the server's data directory and submit the job again"
         elif rc is not None and rc < 0:
             name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
@@ -461,9 +470,9 @@ class JobRunner:
             import psutil
 
             p = psutil.Process(int(pid))
-            cmd = " ".join(p.cmdline())
-            if "acecal.api.jobproc" not in cmd or job["id"] not in cmd:
-                return
+            started = job.get("pid_started")
+            if started is None or abs(p.create_time() - float(started)) > 0.5:
+                return  # the pid was reused by another process
             log.warning("killing the leftover process %d of job %s", pid, job["id"])
             with contextlib.suppress(OSError):
                 os.killpg(int(pid), signal.SIGKILL)
@@ -617,6 +626,80 @@ class JobRunner:
 
 class _JobRefused(Exception):
     pass
+
+
+# --- starting job processes ----------------------------------------------------------------------------------------
+def _mp_methods() -> list[str]:
+    import multiprocessing
+
+    return multiprocessing.get_all_start_methods()
+
+
+def _process_started(pid: int) -> Optional[float]:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # noqa: BLE001
+        return None
+
+
+#: imported once by the fork server, so that every job process starts with them loaded
+FORKSERVER_PRELOAD = ["acecal.api.jobproc", "acecal.training.engine", "acecal.training.validation",
+                      "acecal.training.publish", "acecal.losses.registry", "monai.data", "monai.transforms",
+                      "safetensors.torch"]
+_preload_lock = threading.Lock()
+_preload_set = False
+
+
+class _ForkedProc:
+    """A ``multiprocessing`` process with the bits of the ``subprocess.Popen`` interface the runner uses."""
+
+    def __init__(self, p):
+        self._p = p
+        self.pid = p.pid
+
+    def poll(self) -> Optional[int]:
+        return self._p.exitcode
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self._p.exitcode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        self._p.join(timeout)
+        if self._p.exitcode is None:
+            raise subprocess.TimeoutExpired("job process", timeout)
+        return self._p.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+
+def _start_forked(spec: Path, log_file: Path, job_id: str) -> _ForkedProc:
+    global _preload_set
+    import multiprocessing
+
+    from acecal.api import jobproc
+
+    ctx = multiprocessing.get_context("forkserver")
+    with _preload_lock:
+        if not _preload_set:  # only has an effect before the fork server starts (the first job)
+            ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+            _preload_set = True
+    p = ctx.Process(target=jobproc.child_main, args=(str(spec), str(log_file)), name=f"acecal-{job_id}")
+    p.start()
+    return _ForkedProc(p)
+
+
+def _nearly_full(*paths: Path, limit: int = 1 << 20) -> bool:
+    for p in paths:
+        try:
+            if shutil.disk_usage(p).free < limit:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 # --- wiring into the app -------------------------------------------------------------------------------------------

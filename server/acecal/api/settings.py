@@ -22,6 +22,7 @@
 | job_min_free_mb | ``ACECAL_JOB_MIN_FREE_MB`` | ``200`` (free disk space a job needs to start) |
 | job_cancel_grace_s | ``ACECAL_JOB_CANCEL_GRACE_S`` | ``10`` (a cancelled job process is killed after this) |
 | job_gpu_memory_fraction | ``ACECAL_JOB_GPU_MEMORY_FRACTION`` | ``0.6`` (share of the GPU a job may use; the rest is inference's) |
+| job_start_method | ``ACECAL_JOB_START_METHOD`` | ``forkserver`` (jobs fork from a process with torch loaded); ``subprocess`` |
 
 Every default works on a laptop without a GPU.
 """
@@ -31,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -77,6 +78,7 @@ class Settings(BaseSettings):
     job_min_free_mb: float = Field(200.0, ge=0)
     job_cancel_grace_s: float = Field(10.0, gt=0)
     job_gpu_memory_fraction: Optional[float] = Field(0.6, gt=0, le=1)
+    job_start_method: Literal["forkserver", "subprocess"] = "forkserver"
 
     @field_validator("models_dirs", mode="before")
     @classmethod

@@ -77,6 +77,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     final_metrics     TEXT,                         -- JSON: validation metrics of the published weights
     error             TEXT,
     pid               INTEGER,
+    pid_started       REAL,            -- the job process's start time (a reused pid is not the job's)
     attempts          INTEGER NOT NULL DEFAULT 0,
     cancel_requested  INTEGER NOT NULL DEFAULT 0,
     created           TEXT NOT NULL,

@@ -670,12 +670,14 @@ class ACEClient:
 
         Pairs are checked locally first (a missing label or a label without an image is reported before anything
         is sent), then each case is uploaded and checked by the server. Adds to ``dataset_id`` when given, else
-        creates a dataset named ``name`` (default: the images folder's name). ``on_case(index, total, file_name)``
-        is called before each upload. Returns :meth:`dataset`'s reply.
+        creates a dataset named ``name`` (default: the images folder's name, or its parent's for ``images/``).
+        ``on_case(index, total, file_name)`` is called before each upload. Returns :meth:`dataset`'s reply.
         """
         pairs = pair_folders(images_dir, labels_dir)
         if dataset_id is None:
-            dataset_id = self.create_dataset(name or Path(images_dir).resolve().name, model=model)["id"]
+            folder = Path(images_dir).resolve()
+            default = folder.parent.name if folder.name.lower() in ("images", "imagestr") else folder.name
+            dataset_id = self.create_dataset(name or default or "uploaded cases", model=model)["id"]
         for i, (img, lab) in enumerate(pairs):
             if on_case is not None:
                 on_case(i, len(pairs), img.name)
