@@ -601,7 +601,8 @@ class JobRunner:
             min(1.0, (epoch + ((step or 0) / steps if steps else 0.0)) / max(epochs, 1))
         if job["status"] == "queued" and positions is None:
             positions = self.queue_positions()
-        public_req = {k: v for k, v in req.items() if k != "labels"}
+        public_req = {k: v for k, v in req.items() if k not in ("labels", "cases")}
+        public_req["num_cases"] = len(req.get("cases") or [])
         return {
             "id": job["id"], "kind": job.get("kind") or "finetune", "status": job["status"],
             "base_model": job.get("base_model"), "dataset": job.get("dataset_id"), "loss": req.get("loss"),

@@ -97,6 +97,10 @@ CREATE TABLE IF NOT EXISTS models (
 """
 
 
+#: columns added to ``jobs`` after the first version-1 databases were written (added in place when missing)
+_ADDED_JOB_COLUMNS = (("final_metrics", "TEXT"), ("pid_started", "REAL"))
+
+
 def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -188,13 +192,17 @@ class StateDB:
             if version > SCHEMA_VERSION:
                 raise StorageError(f"the state database {self.path} was written by a newer ACECal server (schema "
                                    f"{version}, this server knows {SCHEMA_VERSION}); upgrade acecal")
-            if version < 1:
-                with self.tx() as c:
-                    # statement by statement: executescript() would commit the open transaction
-                    for stmt in (s.strip() for s in _SCHEMA_V1.split(";")):
-                        if stmt:
-                            c.execute(stmt)
-                    c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            with self.tx() as c:
+                # statement by statement (executescript() would commit the open transaction); IF NOT EXISTS: the
+                # same statements bring an older version-1 database up to date
+                for stmt in (s.strip() for s in _SCHEMA_V1.split(";")):
+                    if stmt:
+                        c.execute(stmt)
+                have = {r["name"] for r in c.execute("PRAGMA table_info(jobs)").fetchall()}
+                for col, decl in _ADDED_JOB_COLUMNS:
+                    if col not in have:
+                        c.execute(f"ALTER TABLE jobs ADD COLUMN {col} {decl}")
+                c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:

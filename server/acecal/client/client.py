@@ -646,18 +646,13 @@ class ACEClient:
         ``image`` and ``label``: file paths or ``(array_zyx, Grid)`` (sent as NRRD, gzip-compressed by default).
         The server checks the pair on arrival; a bad one raises ``InvalidInputError`` naming the problem.
         """
-        img_content, img_name = _upload_content(image, "image.nrrd", compress_upload)
-        lab_content, lab_name = _upload_content(label, "label.nrrd", compress_upload)
+        files = {"image": self.file_part(image, "image.nrrd" if isinstance(image, tuple) else None,
+                                         compress=compress_upload),
+                 "label": self.file_part(label, "label.nrrd" if isinstance(label, tuple) else None,
+                                         compress=compress_upload)}
         fields = {k: v for k, v in (("name", name), ("model", model)) if v}
-        boundary = uuid.uuid4().hex
-
-        def body() -> MultipartBody:
-            return MultipartBody(fields, {"image": (img_name, img_content), "label": (lab_name, lab_content)},
-                                 progress, boundary=boundary)
-
-        resp = self.request("POST", f"/datasets/{_seg(dataset_id)}/cases", body_factory=body,
-                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-        return self._json(resp)
+        return self._json(self.post_multipart(f"/datasets/{_seg(dataset_id)}/cases", fields, files,
+                                              progress=progress))
 
     def delete_case(self, dataset_id: str, case_id: str) -> None:
         """``DELETE /datasets/{id}/cases/{case_id}``."""
@@ -793,19 +788,6 @@ def _short(e: Exception) -> str:
 JOB_FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 #: single-file volume types a case can be uploaded as (detached headers cannot travel alone)
 UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
-
-
-def _upload_content(x: ImageInput, default_name: str, compress: bool) -> tuple[Union[bytes, Path], str]:
-    """(bytes or path, file name) of an image given as a path or as ``(array_zyx, Grid)``."""
-    if isinstance(x, tuple):
-        array, grid = x
-        if not isinstance(grid, Grid):
-            raise TypeError("give a file path or (array_zyx, Grid)")
-        return encode_nrrd(np.asarray(array), grid, encoding="gzip" if compress else "raw"), default_name
-    path = Path(x)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    return path, path.name
 
 
 def _case_key(name: str) -> Optional[str]:
