@@ -92,6 +92,7 @@ def train(
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="stop (resumable) after ~this many minutes"),
     fit_temperature: bool = typer.Option(False, "--fit-temperature", help="fit a temperature on the validation set"),
     half: bool = typer.Option(False, "--half", help="store float16 weights"),
+    cpu_bf16: bool = typer.Option(False, "--cpu-bf16", help="bfloat16 autocast on CPUs with native bf16 (~2.5x faster)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle with the same id"),
     description: Optional[str] = typer.Option(None, help="one-line description for the card"),
     data_source: Optional[str] = typer.Option(None, help="data source text for the card"),
@@ -142,7 +143,8 @@ def train(
         "num_threads": threads,
     }
     for flag, key in ((no_augment, "augment"), (freeze_encoder, "freeze_encoder"), (resume, "resume"),
-                      (fit_temperature, "fit_temperature"), (half, "half_precision"), (overwrite, "overwrite")):
+                      (fit_temperature, "fit_temperature"), (half, "half_precision"), (overwrite, "overwrite"),
+                      (cpu_bf16, "cpu_bf16")):
         if flag:
             settings[key] = (not flag) if key == "augment" else True
     settings = {k: v for k, v in settings.items() if v is not None}

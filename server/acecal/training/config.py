@@ -70,6 +70,8 @@ class TrainConfig(BaseModel):
     val_every: int = Field(10, ge=1)
     seed: int = 12345
     amp: bool = Field(True, description="mixed precision (CUDA only; ignored on the CPU)")
+    cpu_bf16: bool = Field(False, description="bfloat16 autocast on CPUs with native bf16 (AVX512-BF16/AMX); "
+                                              "about 2.5x faster SegResNet steps there, ignored elsewhere")
     device: Optional[str] = Field(None, description="cpu, cuda, cuda:1 ... (default: cuda if available)")
     num_workers: int = Field(0, ge=0)
     cache_rate: float = Field(1.0, ge=0.0, le=1.0)
@@ -144,7 +146,7 @@ class TrainConfig(BaseModel):
         """The settings that change the trained weights (compared on resume)."""
         skip = {"resume", "stop_after_epochs", "time_limit_minutes", "out_dir", "log_file", "overwrite", "description",
                 "fit_temperature", "uncertainty_accuracy", "half_precision", "publish", "command", "num_workers",
-                "num_threads", "work_dir", "data_source", "data_licence", "epochs", "val_every", "device", "amp"}
+                "num_threads", "work_dir", "data_source", "data_licence", "epochs", "val_every", "device", "amp", "cpu_bf16"}
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
 
 

@@ -96,6 +96,15 @@ def build_loss(name: str, num_classes: int, params: dict) -> torch.nn.Module:
         raise InvalidInputError(f"bad parameters for loss {name!r}: {e}") from None
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on x86 CPUs with AVX512-BF16 or AMX-BF16 (read from /proc/cpuinfo; False where unknown)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
@@ -336,6 +345,8 @@ class Engine:
                                      warmup_multiplier=cfg.warmup_multiplier)
         use_amp = cfg.amp and device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        # bf16 needs no loss scaling; only where the CPU computes it natively, elsewhere it is slower than float32
+        cpu_bf16 = cfg.cpu_bf16 and device.type == "cpu" and cpu_has_native_bf16()
 
         start_epoch, history, best = 0, [], {"dice": None, "epoch": None}
         if state is not None:
@@ -380,7 +391,8 @@ class Engine:
                     x = _plain(batch["image"]).to(device, non_blocking=True)
                     y = _plain(batch["label"]).to(device, non_blocking=True).long()
                     opt.zero_grad(set_to_none=True)
-                    with torch.autocast(device_type=device.type, enabled=use_amp):
+                    with torch.autocast(device_type=device.type, enabled=use_amp or cpu_bf16,
+                                        dtype=torch.bfloat16 if cpu_bf16 else None):
                         out = model(x)
                     out = out.float() if not isinstance(out, (list, tuple)) else [o.float() for o in out]
                     loss = self._loss(loss_fn, out, y)
