@@ -209,3 +209,29 @@ def test_a_job_needs_free_space_to_start(tiny_bundle, cases_dir, tmp_path):
         job = c.wait_job(c.finetune("tiny-sphere", ds, epochs=1)["job_id"], timeout=30)
         assert job["status"] == "failed" and "not enough free disk space" in job["error"]
         assert job["attempts"] == 0
+
+
+def test_evaluation_refuses_what_it_cannot_do(ft_server, client, dataset_id, tmp_path):
+    from synthetic import make_case, write_case
+
+    with pytest.raises(NotFoundError) as e:
+        client.evaluate("no-such-model", dataset_id)
+    assert e.value.code == "model_not_found"
+    with pytest.raises(NotFoundError) as e:
+        client.evaluate("tiny-sphere", "ds_000000000000")
+    assert e.value.code == "dataset_not_found"
+    empty = client.create_dataset("empty")["id"]
+    with pytest.raises(InvalidInputError, match="no cases"):
+        client.evaluate("tiny-sphere", empty)
+    write_case(make_case((16, 16, 16), num_classes=3, seed=9), tmp_path / "i.nii.gz", tmp_path / "l.nii.gz")
+    client.add_case(empty, tmp_path / "i.nii.gz", tmp_path / "l.nii.gz", name="three")
+    with pytest.raises(InvalidInputError, match=r"three .*\[2\]"):
+        client.evaluate("tiny-sphere", empty)
+    with pytest.raises(InvalidInputError, match="no fitted temperature"):
+        client.evaluate("tiny-sphere", dataset_id, temperature=True)
+    with pytest.raises(InvalidInputError, match="c_nope"):
+        client.evaluate("tiny-sphere", dataset_id, cases=["c_nope"])
+    one = client.dataset(dataset_id)["cases"][0]["case_id"]
+    assert client.evaluate("tiny-sphere", dataset_id, cases=[one])["num_cases"] == 1
+    for path in ("/evaluations/ev_000000000000", "/evaluations/../../etc", "/evaluations/ev_000000000000/figures/x.png"):
+        assert requests.get(ft_server.url + path, timeout=10).status_code == 404

@@ -93,6 +93,18 @@ def check_pair(image: Path, label: Path, *, image_name: str, label_name: str, nu
             "label_values": list(summary.label_values)}
 
 
+def unknown_labels(cases: list[dict], bundle) -> Optional[InvalidInputError]:
+    """A 422 naming each case whose label values ``bundle`` does not know (from the values recorded at upload)."""
+    n = bundle.config.num_classes
+    wrong = [f"{c['name']} ({c['id']}): {[v for v in c['info'].get('label_values', []) if v >= n]}"
+             for c in cases if any(v >= n for v in c["info"].get("label_values", []))]
+    if not wrong:
+        return None
+    known = ", ".join(f"{k}={v}" for k, v in bundle.config.labels.items())
+    return InvalidInputError(f"label values unknown to model {bundle.id!r} (it knows 0..{n - 1}: {known}) in "
+                             f"case(s): " + "; ".join(wrong[:20]), code="invalid_dataset")
+
+
 class DatasetStore:
     """Datasets and cases: rows in :class:`StateDB`, files under ``<data_dir>/datasets``."""
 

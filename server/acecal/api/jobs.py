@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from acecal.api.datastore import DatasetStore, new_id
+from acecal.api.datastore import DatasetStore, new_id, unknown_labels
 from acecal.api.state import ACTIVE_STATUSES, FINAL_STATUSES, StateDB, atomic_write_text, now_iso
 from acecal.errors import ConflictError, InvalidInputError, NotFoundError, ServerBusyError
 
@@ -497,13 +497,9 @@ class JobRunner:
                 f"dataset {ds['id']!r} has {len(cases)} case(s); fine-tuning needs at least {MIN_CASES}: one to train "
                 "on and one held out for validation. Upload more cases (POST /datasets/{id}/cases)",
                 code="dataset_too_small")
-        wrong = [f"{c['name']} ({c['id']}): {[v for v in c['info'].get('label_values', []) if v >= bc.num_classes]}"
-                 for c in cases if any(v >= bc.num_classes for v in c["info"].get("label_values", []))]
-        if wrong:
-            raise InvalidInputError(
-                f"label values unknown to model {bc.id!r} (it knows 0..{bc.num_classes - 1}: "
-                f"{', '.join(f'{k}={v}' for k, v in bc.labels.items())}) in case(s): " + "; ".join(wrong[:20]),
-                code="invalid_dataset")
+        bad_labels = unknown_labels(cases, base)
+        if bad_labels is not None:
+            raise bad_labels
         if bc.in_channels != 1 and ds.get("model") is None:
             raise InvalidInputError(f"model {bc.id!r} takes {bc.in_channels} channels: create the dataset with "
                                     f"\"model\": \"{bc.id}\" so its cases are checked for that on upload")

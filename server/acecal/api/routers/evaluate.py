@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
-from acecal.api.datastore import new_id
+from acecal.api.datastore import new_id, unknown_labels
 from acecal.api.deps import ServerState, get_state
 from acecal.api.finetune_schemas import Deleted, EvaluateRequest, EvaluationResponse
 from acecal.api.jobs import services
@@ -117,6 +117,10 @@ async def evaluate_model(model_id: str, body: EvaluateRequest, state: ServerStat
         unknown = [c for c in body.cases if c not in names]
         if unknown:
             raise InvalidInputError(f"dataset {ds['id']!r} has no case(s) {', '.join(unknown[:20])}")
+    chosen = [c for c in cases if body.cases is None or c["id"] in body.cases]
+    bad_labels = unknown_labels(chosen, bundle)
+    if bad_labels is not None:
+        raise bad_labels
     files = await run_in_threadpool(svc.datasets.case_files, ds["id"], list(dict.fromkeys(body.cases))
                                     if body.cases else None)
     async with state.queue.slot():
