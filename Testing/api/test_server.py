@@ -12,6 +12,7 @@ from oblique import oblique_case
 from synthetic import dice, make_case, write_case
 
 from acecal import __version__
+from acecal.api.schemas import InferResponse
 from acecal.data.io import grid_of, write_volume
 from acecal.geometry import lps_to_ras
 from acecal.nrrd import read_nrrd
@@ -53,6 +54,7 @@ def test_oblique_anisotropic_offset_volume_round_trip(server, tmp_path, assert_n
     r = post_image(server.url, path)
     assert r.status_code == 200, r.text
     res = r.json()
+    InferResponse.model_validate(res)  # replies are sent without re-validation: hold them to the schema here
     assert res["model_id"] == "tiny-sphere" and len(res["result_id"]) == 32
     assert res["labels"] == {"0": "background", "1": "sphere"}
     g = res["grid"]
@@ -122,6 +124,7 @@ def test_results_can_be_fetched_again_and_deleted(server, tmp_path):
     again = requests.get(server.url + f"/results/{rid}", timeout=5)
     assert again.status_code == 200
     body = again.json()
+    InferResponse.model_validate(body)
     assert body["summary"] == res["summary"] and body["files"] == res["files"]
     assert 0 < body["expires_in_s"] <= 3600
     d = requests.delete(server.url + f"/results/{rid}", timeout=5)

@@ -132,3 +132,17 @@ def test_malformed_files_raise_nrrd_error(blob, message):
 def test_write_checks_shape_against_grid():
     with pytest.raises(ValueError, match="does not match"):
         encode_nrrd(np.zeros((2, 2, 2), np.float32), GRID)
+
+
+@pytest.mark.parametrize("encoding", ["raw", "gzip"])
+def test_arrays_are_writable_and_raw_buffers_are_used_in_place(tmp_path, encoding):
+    arr = _array(np.float32)
+    blob = encode_nrrd(arr, GRID, encoding=encoding)
+    for source in (blob, bytearray(blob), write_nrrd(tmp_path / "a.nrrd", arr, GRID, encoding=encoding)):
+        vol = read_nrrd(source)
+        assert vol.array.flags.writeable
+        vol.array[0, 0, 0] = 1.0
+    buf = bytearray(blob)
+    vol = decode_nrrd(buf)
+    if encoding == "raw":  # zero-copy: the array shares the buffer
+        assert np.shares_memory(vol.array, np.frombuffer(buf, np.uint8))

@@ -164,7 +164,7 @@ def _decode_payload(payload: bytes, encoding: str, dtype: np.dtype, count: int) 
         raw = payload
     elif enc in ("gzip", "gz"):
         try:
-            raw = gzip.decompress(payload) if payload[:2] == b"\x1f\x8b" else zlib.decompress(payload)
+            raw = gzip.decompress(payload) if bytes(payload[:2]) == b"\x1f\x8b" else zlib.decompress(payload)
         except (OSError, zlib.error, EOFError) as e:
             raise NrrdError(f"the gzip-compressed NRRD data is corrupt: {e}") from None
     elif enc in ("bzip2", "bz2"):
@@ -174,7 +174,7 @@ def _decode_payload(payload: bytes, encoding: str, dtype: np.dtype, count: int) 
             raise NrrdError(f"the bzip2-compressed NRRD data is corrupt: {e}") from None
     elif enc in ("ascii", "text", "txt"):
         try:
-            arr = np.array(payload.decode("latin-1").split(), dtype=np.float64)
+            arr = np.array(bytes(payload).decode("latin-1").split(), dtype=np.float64)
         except ValueError:
             raise NrrdError("the ascii NRRD data holds something that is not a number") from None
         if arr.size < count:
@@ -182,7 +182,7 @@ def _decode_payload(payload: bytes, encoding: str, dtype: np.dtype, count: int) 
         return arr[:count].astype(dtype.newbyteorder("="))
     elif enc == "hex":
         try:
-            raw = bytes.fromhex(payload.decode("latin-1"))
+            raw = bytes.fromhex(bytes(payload).decode("latin-1"))
         except ValueError:
             raise NrrdError("the hex NRRD data is corrupt") from None
     else:
@@ -259,21 +259,29 @@ def _volume_from_fields(fields: dict[str, str], payload: bytes) -> NrrdVolume:
     arr = _decode_payload(payload, encoding, dtype, count)
     # NRRD axis 0 is the fastest: reversed sizes give numpy's C order
     arr = arr.reshape(sizes[::-1])  # (z, y, x) or, with a component axis, (z, y, x, c)
+    if not arr.flags.writeable:  # read-only source (bytes, decompressed data): arrays are always writable
+        arr = arr.copy()
     return NrrdVolume(np.ascontiguousarray(arr), grid, {k: v for k, v in fields.items()})
 
 
 def decode_nrrd(data: Union[bytes, bytearray, memoryview]) -> NrrdVolume:
-    """Decode an NRRD with attached data held in memory."""
-    data = bytes(data)
-    lines, start = _split_header(data)
+    """Decode an NRRD with attached data held in memory.
+
+    Raw data in a writable buffer (``bytearray``, ``BytesIO.getbuffer()``) are used in place, without a copy: the
+    array then shares that memory. Data in ``bytes`` (read-only) are copied once, so arrays are always writable.
+    """
+    mv = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+    lines, start = _split_header(bytes(mv[: 1 << 20]))
     fields = _parse_header(lines)
     if "data file" in fields or "datafile" in fields:
         raise NrrdError("a detached NRRD header (.nhdr) must be read from a path, not from bytes")
-    return _volume_from_fields(fields, _skip(data[start:], fields))
+    return _volume_from_fields(fields, _skip(mv[start:], fields))
 
 
-def _skip(payload: bytes, fields: dict[str, str]) -> bytes:
+def _skip(payload, fields: dict[str, str]):
     line_skip = int(fields.get("line skip", fields.get("lineskip", "0")))
+    if line_skip:
+        payload = bytes(payload)
     for _ in range(line_skip):
         nl = payload.find(b"\n")
         payload = payload[nl + 1:] if nl >= 0 else b""
@@ -292,17 +300,19 @@ def read_nrrd(source: PathOrBytes) -> NrrdVolume:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return decode_nrrd(source)
     path = Path(source)
-    data = path.read_bytes()
-    lines, start = _split_header(data)
+    with open(path, "rb") as fh:  # into a writable buffer: raw arrays use it in place
+        data = bytearray(os.fstat(fh.fileno()).st_size)
+        fh.readinto(data)
+    lines, start = _split_header(bytes(data[: 1 << 20]))
     fields = _parse_header(lines)
     datafile = fields.get("data file", fields.get("datafile"))
     if datafile is None:
-        return _volume_from_fields(fields, _skip(data[start:], fields))
+        return _volume_from_fields(fields, _skip(memoryview(data)[start:], fields))
     if datafile.startswith("LIST") or len(datafile.split()) > 1:
         raise NrrdError("multi-file NRRD data (data file: LIST or a format string) is not supported")
     dpath = Path(datafile) if os.path.isabs(datafile) else path.parent / datafile
     try:
-        payload = dpath.read_bytes()
+        payload = bytearray(dpath.read_bytes())
     except OSError as e:
         raise NrrdError(f"the NRRD data file {datafile!r} cannot be read: {e.strerror}") from None
     return _volume_from_fields(fields, _skip(payload, fields))

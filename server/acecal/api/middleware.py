@@ -7,6 +7,8 @@ the usual ``{"error": "payload_too_large", "detail": ...}``.
 
 from __future__ import annotations
 
+import time
+
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
@@ -15,6 +17,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from acecal.api.errors import error_body
 
 _BODYLESS = {"GET", "HEAD", "OPTIONS", "DELETE"}
+#: scope key: perf_counter() when the request arrived
+RECEIVED_AT = "acecal.received_at"
 
 
 def _too_large_message(limit: int, size: int | None = None) -> str:
@@ -30,6 +34,7 @@ class UploadLimitMiddleware:
         self.max_bytes = int(max_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope[RECEIVED_AT] = time.perf_counter()  # when the request's headers arrived (handlers time the body)
         if scope["type"] != "http" or scope.get("method") in _BODYLESS:
             await self.app(scope, receive, send)
             return

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 from acecal.errors import ResultNotFoundError, StorageError
 
 RESULT_JSON = "result.json"
+EXPIRY_NAME = "expires"
 _ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -73,6 +74,7 @@ class ResultStore:
                     "_expires_epoch": now + self.ttl_s,
                 }
                 (tmp / RESULT_JSON).write_text(json.dumps(reply))
+                (tmp / EXPIRY_NAME).write_text(repr(now + self.ttl_s))  # checked on every file GET: tiny
                 os.rename(tmp, self.root / rid)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -107,9 +109,21 @@ class ResultStore:
     def get(self, rid: str) -> dict:
         return self._public(self._load(rid))
 
+    def _check_alive(self, rid: str) -> Path:
+        """The result's folder if it exists and has not expired (without parsing the reply)."""
+        d = self._dir(rid)
+        try:
+            expires = float((d / EXPIRY_NAME).read_text())
+        except (OSError, ValueError):
+            raise ResultNotFoundError(f"unknown result id {rid!r}; it may have expired or been deleted "
+                                      f"(results are kept {self.ttl_s:g} s)") from None
+        if expires <= time.time():
+            shutil.rmtree(d, ignore_errors=True)
+            raise ResultNotFoundError(f"result {rid!r} has expired (results are kept {self.ttl_s:g} s)")
+        return d
+
     def file(self, rid: str, name: str, filename: str) -> Path:
-        self._load(rid)
-        p = self._dir(rid) / filename
+        p = self._check_alive(rid) / filename
         if not p.is_file():
             raise ResultNotFoundError(f"result {rid!r} has no {name} volume")
         return p
@@ -139,9 +153,9 @@ class ResultStore:
                     removed += 1
                 continue
             try:
-                exp = json.loads((d / RESULT_JSON).read_text()).get("_expires_epoch", 0)
+                exp = float((d / EXPIRY_NAME).read_text())
             except (OSError, ValueError):
-                exp = 0
+                exp = 0.0
             if exp <= now:
                 shutil.rmtree(d, ignore_errors=True)
                 removed += 1

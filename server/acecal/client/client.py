@@ -455,7 +455,7 @@ class ACEClient:
     @staticmethod
     def _json(resp: requests.Response) -> Any:
         try:
-            return resp.json()
+            return json.loads(resp.content)  # UTF-8 JSON; no charset guessing over large replies
         except ValueError:
             raise ProtocolError(f"expected JSON from {resp.url}, got {resp.headers.get('Content-Type', 'nothing')}; "
                                 "is this the address of an ACECal server?") from None
@@ -499,9 +499,19 @@ class ACEClient:
                 if isinstance(dest, (str, os.PathLike)):
                     Path(str(dest) + ".part").unlink(missing_ok=True)
 
+    def download_bytes(self, path: str, *, progress: Optional[ProgressCallback] = None,
+                       stage: str = "download") -> memoryview:
+        """``GET path`` into memory: one buffer sized from ``Content-Length`` (no regrowth copies), returned as a
+        writable memoryview (``read_nrrd`` decodes raw volumes from it without copying)."""
+        sink = _Sink()
+        self.download(path, sink, progress=progress, stage=stage)
+        return sink.view()
+
     @staticmethod
     def _copy(resp: requests.Response, fh: BinaryIO, progress: Optional[ProgressCallback], stage: str,
               total: Optional[int]) -> int:
+        if isinstance(fh, _Sink) and total:
+            fh.reserve(total)
         done = 0
         for chunk in resp.iter_content(_CHUNK):
             fh.write(chunk)
@@ -594,10 +604,8 @@ class ACEClient:
                 if load:
                     result.arrays[name] = read_nrrd(dest).array
             else:
-                buf = io.BytesIO()
-                self.download(result.files[name], buf, progress=progress, stage=stage)
-                vol = read_nrrd(buf.getbuffer())
-                result.arrays[name] = vol.array
+                result.arrays[name] = read_nrrd(self.download_bytes(result.files[name], progress=progress,
+                                                                    stage=stage)).array
             if name in result.arrays and result.arrays[name].shape != result.grid.shape_zyx:
                 raise ProtocolError(f"the {name} volume has shape {result.arrays[name].shape}, not the input's "
                                     f"{result.grid.shape_zyx}")
@@ -766,6 +774,49 @@ class ACEClient:
             reply = dict(reply, files=files)
             (out / "evaluation.json").write_text(json.dumps(reply, indent=2))
         return reply
+
+
+class _Sink(io.RawIOBase):
+    """A growable in-memory file whose buffer can be preallocated (``reserve``) and handed out without a copy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buf = bytearray()
+        self._pos = 0
+
+    def reserve(self, n: int) -> None:
+        if len(self._buf) < n:
+            self._buf.extend(bytes(n - len(self._buf)))
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = pos if whence == 0 else (self._pos + pos if whence == 1 else self._pos + pos)
+        return self._pos
+
+    def truncate(self, size: Optional[int] = None) -> int:
+        size = self._pos if size is None else size
+        del self._buf[size:]
+        return size
+
+    def write(self, b) -> int:
+        n = len(b)
+        end = self._pos + n
+        if end > len(self._buf):
+            self._buf.extend(bytes(end - len(self._buf)))
+        self._buf[self._pos:end] = b
+        self._pos = end
+        return n
+
+    def view(self) -> memoryview:
+        return memoryview(self._buf)[: self._pos]
 
 
 def _seg(s: str) -> str:

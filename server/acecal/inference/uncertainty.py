@@ -185,7 +185,12 @@ def _box(grid: Grid, lo_ijk: np.ndarray, hi_ijk: np.ndarray, to_ras: bool) -> di
     pts = grid.index_to_lps(corners)
     if to_ras:
         pts = lps_to_ras(pts)
-    return {"min": [float(v) for v in pts.min(0)], "max": [float(v) for v in pts.max(0)]}
+    return {"min": [_r(v, 4) for v in pts.min(0)], "max": [_r(v, 4) for v in pts.max(0)]}
+
+
+def _r(v, digits: int) -> float:
+    """Rounded for the JSON reply: 4 decimals of a mm (0.1 um), 6 of a probability; keeps replies small."""
+    return round(float(v), digits)
 
 
 def describe_regions(
@@ -230,12 +235,12 @@ def describe_regions(
             "class": cls,
             "class_name": class_names[cls],
             "voxels": count,
-            "volume_ml": float(count * voxel_ml),
-            "mean_confidence": float(conf_sum[rid] / count),
-            "min_confidence": float(confidence[sl][m].min()),
-            "centroid_ijk": [float(v) for v in centroid_ijk],
-            "centroid_lps": [float(v) for v in centroid_lps],
-            "centroid_ras": [float(v) for v in lps_to_ras(centroid_lps)],
+            "volume_ml": _r(count * voxel_ml, 7),
+            "mean_confidence": _r(conf_sum[rid] / count, 6),
+            "min_confidence": _r(confidence[sl][m].min(), 6),
+            "centroid_ijk": [_r(v, 4) for v in centroid_ijk],
+            "centroid_lps": [_r(v, 4) for v in centroid_lps],
+            "centroid_ras": [_r(v, 4) for v in lps_to_ras(centroid_lps)],
             "bbox_ijk": {"min": [int(v) for v in lo], "max": [int(v) for v in hi]},
             "bbox_lps": _box(grid, lo, hi, to_ras=False),
             "bbox_ras": _box(grid, lo, hi, to_ras=True),

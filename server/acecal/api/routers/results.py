@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from acecal.api.deps import ServerState, get_state
 from acecal.api.schemas import DeleteResponse, ErrorResponse, InferResponse, VolumeName
@@ -19,8 +19,8 @@ _CHUNK = 1 << 20
 
 @router.get("/results/{result_id}", response_model=InferResponse, summary="The reply of a finished inference again",
             responses=_NOT_FOUND)
-def get_result(result_id: str, state: ServerState = Depends(get_state)) -> dict:
-    return state.results.get(result_id)
+def get_result(result_id: str, state: ServerState = Depends(get_state)) -> JSONResponse:
+    return JSONResponse(state.results.get(result_id))  # stored as built to the schema: no re-validation
 
 
 @router.get(
