@@ -84,8 +84,12 @@ def check_pair(image: Path, label: Path, *, image_name: str, label_name: str, nu
         for p in e.problems or [e.detail]:
             p = p[len("case: "):] if p.startswith("case: ") else p
             p = p.replace(image.name, image_name).replace(label.name, label_name)
-            if "unknown to the model" in p and model_note:
-                p += f" {model_note}"
+            if "unknown to the model" in p:
+                if model_note:
+                    p += f" {model_note}"
+                else:  # no model to check against: only class numbers of a label map
+                    p = re.sub(r"are unknown to the model \(it knows 0\.\.\d+\)",
+                               f"are not class numbers 0..{num_classes - 1}", p)
             problems.append(p)
         raise InvalidInputError(f"case refused ({image_name} + {label_name}): " + "; ".join(problems),
                                 code="invalid_case") from None

@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 from acecal.api.datastore import DatasetStore, new_id, unknown_labels
 from acecal.api.state import ACTIVE_STATUSES, FINAL_STATUSES, StateDB, atomic_write_text, now_iso
-from acecal.errors import ConflictError, InvalidInputError, NotFoundError, ServerBusyError
+from acecal.errors import ACECalError, ConflictError, InvalidInputError, NotFoundError, ServerBusyError
 
 log = logging.getLogger("acecal.api.jobs")
 
@@ -268,6 +268,9 @@ class JobRunner:
                                             start_new_session=True, close_fds=True)
         except _JobRefused as e:
             self._set_final(job_id, "failed", error=str(e))
+            return
+        except ACECalError as e:  # e.g. a case deleted from under a queued job
+            self._set_final(job_id, "failed", error=f"could not start: {e.detail}")
             return
         except Exception as e:  # noqa: BLE001 - e.g. disk full writing the spec: the job fails, not the server
             from acecal.api.state import is_disk_error
