@@ -75,3 +75,21 @@ def test_graceful_stop_without_resume_fails_the_job_with_a_reason(tiny_bundle, c
         job = c.job(job_id)
         assert job["status"] == "failed" and "not resumed: job_resume is off" in job["error"], job
         assert c.jobs(status="running") == [] and c.jobs(status="queued") == []
+
+
+def test_one_server_owns_a_data_directorys_jobs(tiny_bundle, tmp_path):
+    """A second server on the same data directory serves (and queues) but runs no jobs until the first one stops."""
+    settings = make_settings(tmp_path / "data", [tiny_bundle.parent])
+    first = LiveServer(settings).start()
+    try:
+        with LiveServer(settings) as second:
+            assert first.state.extras["finetune"].runner.owner
+            assert not second.state.extras["finetune"].runner.owner
+            with ACEClient(second.url) as c:  # the second one serves the shared state
+                ds = c.create_dataset("shared")["id"]
+            with ACEClient(first.url) as c:
+                assert c.dataset(ds)["name"] == "shared"
+            first.stop()
+            wait_for(lambda: second.state.extras["finetune"].runner.owner, 10, "the second server to take over")
+    finally:
+        first.stop()
