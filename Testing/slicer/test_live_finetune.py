@@ -39,6 +39,9 @@ def _run(task, timeout=180.0):
         if m and (not messages or messages[-1] != m):
             messages.append(m)
         time.sleep(0.05)
+    m = task.progress[1]  # the last message, posted just before the task finished
+    if m and (not messages or messages[-1] != m):
+        messages.append(m)
     return task.result(0), messages
 
 
