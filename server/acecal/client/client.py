@@ -24,7 +24,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, BinaryIO, Callable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import requests

@@ -9,7 +9,6 @@ and deleted whatever happens.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import time
