@@ -12,6 +12,7 @@ the client's upload/download progress callbacks call every chunk. A late result 
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 import traceback
@@ -21,6 +22,10 @@ __all__ = ["Cancelled", "TaskContext", "Task", "PENDING", "RUNNING", "SUCCEEDED"
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "pending", "running", "succeeded", "failed", "cancelled"
 _KEEP = object()
+
+
+#: how many progress messages a task keeps (a fine-tuning job reports one per epoch)
+MESSAGE_HISTORY = 500
 
 
 class Cancelled(Exception):
@@ -55,6 +60,8 @@ class TaskContext:
             elif fraction is not _KEEP:
                 self._task._progress = max(0.0, min(1.0, float(fraction)))
             if message is not None:
+                if message != self._task._message:
+                    self._task._messages.append(message)
                 self._task._message = message
         self.check()
 
@@ -84,6 +91,7 @@ class Task:
         self._traceback = ""
         self._progress: float | None = None
         self._message = ""
+        self._messages: collections.deque[str] = collections.deque(maxlen=MESSAGE_HISTORY)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.started_at: float | None = None
         self.finished_at: float | None = None
@@ -145,6 +153,12 @@ class Task:
         """(fraction 0..1 or None when unknown, message)."""
         with self._lock:
             return self._progress, self._message
+
+    @property
+    def messages(self) -> list[str]:
+        """Every distinct progress message so far, oldest first (the last ``MESSAGE_HISTORY``), for a log view."""
+        with self._lock:
+            return list(self._messages)
 
     @property
     def traceback(self) -> str:

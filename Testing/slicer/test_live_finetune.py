@@ -32,17 +32,8 @@ def _pair(scene, seed: int):
 
 
 def _run(task, timeout=180.0):
-    messages = []
-    deadline = time.monotonic() + timeout
-    while not task.done() and time.monotonic() < deadline:
-        m = task.progress[1]
-        if m and (not messages or messages[-1] != m):
-            messages.append(m)
-        time.sleep(0.05)
-    m = task.progress[1]  # the last message, posted just before the task finished
-    if m and (not messages or messages[-1] != m):
-        messages.append(m)
-    return task.result(0), messages
+    task.wait(timeout)
+    return task.result(0), task.messages
 
 
 def test_finetune_from_scene_pairs_publishes_a_new_model(scene, client):
