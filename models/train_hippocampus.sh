@@ -2,15 +2,16 @@
 # Trains the shipped hippocampus bundles (and the study's comparison models) with the acecal engine.
 # Same architecture, seed, split and schedule for every loss; only --loss differs.
 # Resumable: rerun the same command to continue from the last checkpoint in runs/<id> (--resume starts fresh when
-# there is none). Usage: models/train_hippocampus.sh LOSS ID [extra acecal train flags, e.g. --time-limit 50]
+# there is none). OUT= picks the models folder, WORK= the checkpoint folder. Usage: models/train_hippocampus.sh LOSS ID [extra acecal train flags, e.g. --time-limit 50]
 #   LOSS: baseline_dice_ce | hardl1ace_dice_ce | softl1ace_dice_ce | labelsmooth_dice_ce | nacl_dice
 set -euo pipefail
 cd "$(dirname "$0")/.."
 loss=$1; id=$2; shift 2
 data=${ACECAL_HIPPOCAMPUS:-../shared/data/msd_hippocampus/dataset.json}
 out=${OUT:-models}
+work=${WORK:-runs}   # checkpoints; put them outside the checkout (e.g. ~/.acecal/runs) to keep them across clones
 exec .venv/bin/acecal train "$data" \
-  --loss "$loss" --id "$id" --out "$out" --work-dir "runs/$id" --resume \
+  --loss "$loss" --id "$id" --out "$out" --work-dir "$work/$id" --resume \
   --roi 32,48,32 --batch-size 4 --num-samples 1 \
   --init-filters 8 --blocks-down 1,2,2,4 --blocks-up 1,1,1 \
   --epochs 60 --val-every 5 --val-fraction 0.2 --seed 12345 \
