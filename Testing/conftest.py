@@ -1,9 +1,12 @@
 """Suite-wide settings: deterministic, single-threaded torch so the suite behaves the same on a 2-core CI machine."""
 
 import os
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Never touch the user's ~/.acecal: runs, models and state written with default paths go to a throw-away folder.
+os.environ["ACECAL_DATA_DIR"] = tempfile.mkdtemp(prefix="acecal-test-data-")
 
 try:  # the client tests must also run where torch is absent
     import torch

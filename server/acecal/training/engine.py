@@ -284,9 +284,9 @@ class Engine:
         problem = ctx.broadcast_object(problem)  # every rank stops with the same message
         if problem:
             raise InvalidInputError(problem)
-        reporter = Reporter(log_file, self.progress, self.show_progress, enabled=ctx.is_main)
-
         info, labels = self._dataset(ctx, base)
+        # only now: a run refused for bad input leaves no work folder behind
+        reporter = Reporter(log_file, self.progress, self.show_progress, enabled=ctx.is_main)
         bc = _model_space(cfg, model_id, labels, base)
         _check_sizes(bc, tuple(cfg.patch_size or bc.roi_size))
         loss_fn = build_loss(cfg.loss, bc.num_classes, cfg.loss_params).to(ctx.device)
