@@ -36,7 +36,7 @@ def registry():
 def test_bundle_is_complete_small_and_states_measured_calibration(registry, model_id):
     b = registry.get(model_id)
     cfg = b.config
-    assert cfg.labels == {"0": "background", "1": "anterior", "2": "posterior"}
+    assert cfg.labels == {"0": "background", "1": "Anterior", "2": "Posterior"}  # as MSD dataset.json names them
     assert cfg.loss.name == LOSSES[model_id]
     assert cfg.temperature is not None and 0.05 < cfg.temperature < 20
     for f in b.path.iterdir():
@@ -72,7 +72,7 @@ def test_evaluate_a_shipped_model_on_real_cases(tmp_path):
     assert {c["case"] for c in rep["cases"]} == {"hippocampus_011", "hippocampus_020"}
     assert rep["aggregate"]["dice"] > 0.75, rep["aggregate"]
     assert 0 < rep["aggregate"]["ace"] < 0.3
-    assert set(rep["per_class"]) == {"anterior", "posterior"}
+    assert set(rep["per_class"]) == {"Anterior", "Posterior"}
     assert (out / "report.md").is_file() and (out / "dataset_reliability_histogram.png").is_file()
     assert len(list(out.rglob("reliability_*.png"))) == 2
 
