@@ -38,7 +38,8 @@ def test_bundle_is_complete_small_and_states_measured_calibration(registry, mode
     cfg = b.config
     assert cfg.labels == {"0": "background", "1": "Anterior", "2": "Posterior"}  # as MSD dataset.json names them
     assert cfg.loss.name == LOSSES[model_id]
-    assert cfg.temperature is not None and 0.05 < cfg.temperature < 20
+    wt = cfg.metrics["with_temperature"]  # fitted on validation; applied only where it lowers ACE
+    assert 0.05 < wt["temperature"] < 20 and cfg.temperature == (wt["temperature"] if wt["ace"] < cfg.metrics["ace"] else None)
     for f in b.path.iterdir():
         assert f.stat().st_size < 25 * 2**20, f"{f} is over 25 MiB"
     for m in ("dice", "ace", "ece", "mce"):

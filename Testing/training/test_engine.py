@@ -137,9 +137,11 @@ def test_fit_temperature_and_loss_params(tmp_path, small_data):
     res = Engine(cfg(tmp_path, small_data, loss="hardl1ace_dice_ce", loss_params={"ace_weight": 0.5}, epochs=2,
                      fit_temperature=True, half_precision=True), show_progress=False).run()
     b = Bundle.load(res.bundle_path)
-    assert b.config.temperature is not None and 0.05 <= b.config.temperature <= 20
     wt = b.config.metrics["with_temperature"]
-    assert wt["temperature"] == b.config.temperature and wt["dice"] == pytest.approx(b.config.metrics["dice"])
+    assert 0.05 <= wt["temperature"] <= 20 and wt["dice"] == pytest.approx(b.config.metrics["dice"])
+    # the fitted temperature is stored (applied at inference) exactly when it lowers the validation ACE
+    assert wt["applied"] == (wt["ace"] < b.config.metrics["ace"])
+    assert b.config.temperature == (wt["temperature"] if wt["applied"] else None)
     assert b.config.loss.params == {"ace_weight": 0.5}
     assert "+ temperature" in b.card_path.read_text()
     from safetensors.torch import load_file

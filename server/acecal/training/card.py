@@ -26,6 +26,16 @@ def _dur(seconds: Any) -> str:
     return f"{s / 3600:.2f} h"
 
 
+def _temperature_note(bc: BundleConfig) -> str:
+    if bc.temperature:
+        return f"{_num(bc.temperature, 3)} (applied at inference)"
+    wt = (bc.metrics or {}).get("with_temperature")
+    if wt:
+        return (f"fitted {_num(wt.get('temperature'), 3)} on the validation split but not applied: it raised the "
+                f"validation ACE from {_num((bc.metrics or {}).get('ace'))} to {_num(wt.get('ace'))}")
+    return "not fitted"
+
+
 def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
     t, m = bc.training or {}, bc.metrics or {}
     data = t.get("data", {})
@@ -44,7 +54,7 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
         "- Labels: " + ", ".join(f"{k} = {v}" for k, v in bc.labels.items()),
         f"- Model space: orientation {bc.orientation}, spacing {tuple(bc.spacing)} mm, intensity `{bc.intensity.mode}`.",
         f"- Sliding window: ROI {tuple(bc.roi_size)}, overlap {bc.sw_overlap}, {bc.sw_mode} blending.",
-        f"- Temperature: {_num(bc.temperature, 3) if bc.temperature else 'not fitted'}; default uncertainty threshold "
+        f"- Temperature: {_temperature_note(bc)}; default uncertainty threshold "
         f"{_num(bc.uncertainty_threshold, 2)} ({t.get('uncertainty_threshold_rule', '')}).",
         "",
         "## Data",
@@ -81,7 +91,7 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
         ]
         wt = m.get("with_temperature")
         if wt:
-            lines.append(f"| + temperature {_num(wt.get('temperature'), 3)} | {_num(wt.get('dice'))} | "
+            lines.append(f"| + temperature {_num(wt.get('temperature'), 3)}{'' if bc.temperature else ' (not applied)'} | {_num(wt.get('dice'))} | "
                          f"{_num(wt.get('ace'))} | {_num(wt.get('ece'))} | {_num(wt.get('mce'))} |")
     else:
         lines.append("No validation data was held out; the model's calibration has not been measured.")

@@ -67,11 +67,17 @@ def publish(
             from acecal.calibration import fit_temperature
 
             pairs = [(z[0], y[0]) for z, y in zip(vp.logits, vp.labels)]
-            temperature = float(fit_temperature(pairs))
-            vt = run_pass(evalnet, val_items(), bc, temperature=temperature, cancel=cancel)
-            metrics["with_temperature"] = {"temperature": temperature, **summarise(vt)}
-            threshold = uncertainty_threshold(vt.top_counts, vt.top_correct, target=cfg.uncertainty_accuracy,
-                                              num_classes=bc.num_classes)
+            fitted = float(fit_temperature(pairs))
+            vt = run_pass(evalnet, val_items(), bc, temperature=fitted, cancel=cancel)
+            mt = summarise(vt)
+            # Stored (and so applied at inference) only when it makes the served confidence better calibrated bin by
+            # bin: NLL-optimal temperatures can lower NLL and ECE yet raise ACE/MCE (an under-confident network).
+            applied = mt["ace"] is not None and m["ace"] is not None and mt["ace"] < m["ace"]
+            metrics["with_temperature"] = {"temperature": fitted, "applied": applied, **mt}
+            if applied:
+                temperature = fitted
+                threshold = uncertainty_threshold(vt.top_counts, vt.top_correct, target=cfg.uncertainty_accuracy,
+                                                  num_classes=bc.num_classes)
         metrics["top_label_bins"] = {"counts": vp.top_counts.tolist(), "correct": vp.top_correct.tolist()}
     epoch_seconds = sum(float(h.get("seconds") or 0.0) for h in history)
     wall = epoch_seconds + (time.time() - t0)
