@@ -28,6 +28,7 @@ from monai.losses import DiceCELoss
 from monai.networks.utils import one_hot
 
 from acecal.losses import HardL1ACELoss, SoftL1ACELoss
+from acecal.losses.memory import saved_bytes_per_element
 
 NUM_BINS = 20
 
@@ -111,22 +112,6 @@ class LoopSoftL1ACELoss(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # measurement
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def saved_bytes_per_element(loss_fn, logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Unique autograd-saved storage bytes (keyed by storage data_ptr) per (voxel x class)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    x = logits.detach().clone().requires_grad_()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(x, labels)
-    del loss
-    return sum(storages.values()) / logits.numel()
 
 
 def _sync(device: torch.device) -> None:

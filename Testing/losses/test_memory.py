@@ -12,22 +12,7 @@ from monai.losses import DiceCELoss
 
 from acecal.losses import HardL1ACEandDiceCELoss, HardL1ACELoss, SoftL1ACELoss
 from acecal.losses.binning import _hard_sums, _soft_sums
-
-
-def saved_bytes_per_element(loss_fn, logits: torch.Tensor, target: torch.Tensor) -> float:
-    """Unique storages (keyed by data_ptr) that autograd saves for backward, in bytes per (voxel x class)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        storages[st.data_ptr()] = st.nbytes()
-        return t
-
-    x = logits.detach().clone().requires_grad_()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn(x, target)
-    assert loss.requires_grad
-    return sum(storages.values()) / logits.numel()
+from acecal.losses.memory import saved_bytes_per_element
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +56,11 @@ def test_combined_loss_adds_little_to_dice_ce(budget_case):
     combined = saved_bytes_per_element(HardL1ACEandDiceCELoss(to_onehot_y=True, softmax=True), *small)
     dice_ce = saved_bytes_per_element(DiceCELoss(to_onehot_y=True, softmax=True), *small)
     assert combined <= dice_ce + 3.5, (combined, dice_ce)
+
+
+def test_the_instrument_counts_a_softmax_output_once():
+    logits = torch.randn(2, 3, 8, 8, 8)
+    # softmax saves its float32 output (4 B/element); the sum saves nothing
+    assert saved_bytes_per_element(lambda x, _: torch.softmax(x, 1).sum(), logits, None) == pytest.approx(4.0)
+    with pytest.raises(ValueError, match="does not require grad"):
+        saved_bytes_per_element(lambda x, _: x.detach().sum(), logits, None)
