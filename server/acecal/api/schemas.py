@@ -18,6 +18,16 @@ class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong and what to do about it")
 
 
+def busy_response(queue: str) -> dict:
+    """OpenAPI entry for the 503 a full ``queue`` answers, with its Retry-After header."""
+    return {503: {"model": ErrorResponse, "description": f"the {queue} is full; retry after Retry-After seconds",
+                  "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}}}
+
+
+#: OpenAPI entry for the 507 every writing endpoint answers when the data directory's disk is full
+DISK_FULL_RESPONSE = {507: {"model": ErrorResponse, "description": "the server's disk is full"}}
+
+
 # --- health ----------------------------------------------------------------------------------------------------------
 class QueueStats(BaseModel):
     in_flight: int = Field(description="inference requests in progress or waiting")

@@ -22,7 +22,7 @@ from acecal.api.finetune_schemas import (
     Deleted,
 )
 from acecal.api.jobs import services
-from acecal.api.schemas import ErrorResponse
+from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse
 from acecal.errors import InvalidInputError
 
 router = APIRouter(tags=["datasets"])
@@ -30,7 +30,7 @@ _400 = {400: {"model": ErrorResponse, "description": "the body is not valid JSON
 
 _404 = {404: {"model": ErrorResponse, "description": "unknown dataset (or case)"}}
 _409 = {409: {"model": ErrorResponse, "description": "a queued or running fine-tuning job uses the dataset"}}
-_507 = {507: {"model": ErrorResponse, "description": "the server's disk is full"}}
+_507 = DISK_FULL_RESPONSE
 
 
 @router.post("/datasets", response_model=DatasetCreated, status_code=201, summary="Create an empty dataset",

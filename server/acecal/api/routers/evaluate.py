@@ -24,7 +24,7 @@ from acecal.api.datastore import new_id, unknown_labels
 from acecal.api.deps import ServerState, get_state
 from acecal.api.finetune_schemas import Deleted, EvaluateRequest, EvaluationResponse
 from acecal.api.jobs import services
-from acecal.api.schemas import ErrorResponse
+from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse, busy_response
 from acecal.api.state import now_iso
 from acecal.api.store import storage_guard
 from acecal.errors import InvalidInputError, NotFoundError
@@ -100,9 +100,8 @@ def _run(state: ServerState, bundle, ds: dict, files: list, names: dict, tempera
         404: {"model": ErrorResponse, "description": "unknown model or dataset"},
         422: {"model": ErrorResponse, "description": "empty dataset, unknown case ids, label values the model does "
                                                      "not know, or temperature asked of a model without one"},
-        503: {"model": ErrorResponse, "description": "the device queue is full; retry after Retry-After seconds",
-              "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
-        507: {"model": ErrorResponse, "description": "the server's disk is full"},
+        **busy_response("device queue"),
+        **DISK_FULL_RESPONSE,
     },
 )
 async def evaluate_model(model_id: str, body: EvaluateRequest, state: ServerState = Depends(get_state)) -> dict:

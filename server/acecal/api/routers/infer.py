@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from acecal.api.deps import ServerState, get_state
 from acecal.api.middleware import RECEIVED_AT
-from acecal.api.schemas import ErrorResponse, InferParams, InferResponse
+from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse, busy_response, InferParams, InferResponse
 from acecal.api.store import storage_guard
 from acecal.errors import ACECalError, InvalidInputError, PayloadTooLargeError
 
@@ -38,9 +38,8 @@ _ERRORS = {
     413: {"model": ErrorResponse, "description": "upload larger than the server's limit"},
     422: {"model": ErrorResponse, "description": "unusable image (corrupt, empty, 2-D, NaN, wrong channel count) or "
                                                  "invalid params"},
-    503: {"model": ErrorResponse, "description": "the inference queue is full; retry after Retry-After seconds",
-          "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
-    507: {"model": ErrorResponse, "description": "the server's disk is full"},
+    **busy_response("inference queue"),
+    **DISK_FULL_RESPONSE,
 }
 
 

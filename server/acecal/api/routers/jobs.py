@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from acecal.api.deps import ServerState, get_state
 from acecal.api.finetune_schemas import FinetuneRequest, JobAccepted, JobInfo, JobsResponse, JobStatus
 from acecal.api.jobs import services
-from acecal.api.schemas import ErrorResponse
+from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse, busy_response
 from acecal.api.state import FINAL_STATUSES
 
 router = APIRouter(tags=["fine-tuning"])
@@ -37,9 +37,8 @@ _404 = {404: {"model": ErrorResponse, "description": "unknown job"}}
         409: {"model": ErrorResponse, "description": "a model with the requested model_id exists or is being trained"},
         422: {"model": ErrorResponse, "description": "invalid settings, a dataset with fewer than 2 cases, or label "
                                                      "values the base model does not know"},
-        503: {"model": ErrorResponse, "description": "the job queue is full; retry after Retry-After seconds",
-              "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
-        507: {"model": ErrorResponse, "description": "the server's disk is full"},
+        **busy_response("job queue"),
+        **DISK_FULL_RESPONSE,
     },
 )
 def finetune(body: FinetuneRequest, response: Response, state: ServerState = Depends(get_state)) -> dict:
