@@ -143,7 +143,8 @@ def test_fit_temperature_and_loss_params(tmp_path, small_data):
     assert wt["applied"] == (wt["ace"] < b.config.metrics["ace"])
     assert b.config.temperature == (wt["temperature"] if wt["applied"] else None)
     assert b.config.loss.params == {"ace_weight": 0.5}
-    assert "+ temperature" in b.card_path.read_text()
+    card = b.card_path.read_text()
+    assert "+ temperature" in card and "`hardl1ace_dice_ce` with `ace_weight=0.5`" in card
     from safetensors.torch import load_file
     assert all(t.dtype == torch.float16 for t in load_file(str(b.weights_path)).values() if t.is_floating_point())
     b.load_network()  # float16 weights load back into the float32 network

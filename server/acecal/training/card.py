@@ -3,6 +3,7 @@ calibrated on held-out data (measured, not claimed)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
 from acecal.bundles import BundleConfig
@@ -68,7 +69,8 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
         "",
         "## Training",
         "",
-        f"- Loss: `{bc.loss.name}` {bc.loss.params or ''}",
+        f"- Loss: `{bc.loss.name}`" + (" with " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in bc.loss.params.items())
+                                       if bc.loss.params else " (default weights)"),
         f"- Epochs: {t.get('epochs')} (batch {t.get('batch_size')} volumes x {t.get('num_samples')} patches, AdamW lr "
         f"{t.get('lr')}, weight decay {t.get('weight_decay')}, warm-up cosine, seed {t.get('seed')}); weights: "
         f"{t.get('weights')}.",
