@@ -79,6 +79,17 @@ val_fraction: 0.34
     assert b.config.training["lr"] == 0.005 and b.config.network.args["init_filters"] == 8
     assert b.config.training["command"].startswith("acecal ")
 
+    # --no-publish keeps the checkpoints only; a later --resume with more --epochs extends the run and publishes
+    common = ["--config", str(cfg), "--id", "cli-two", "--out", str(tmp_path / "models"), "--work-dir",
+              str(tmp_path / "work2"), "--lr", "0.005", "--quiet", "--resume"]
+    r = runner.invoke(app, ["train", *common, "--no-publish"])
+    assert r.exit_code == 0 and "not published" in r.output and not (tmp_path / "models" / "cli-two").exists()
+    r = runner.invoke(app, ["train", *common, "--epochs", "2"])
+    assert r.exit_code == 0, r.output
+    b = Bundle.load(tmp_path / "models" / "cli-two")
+    assert b.config.training["epochs"] == 2 and len(b.config.training["history"]) == 2
+    assert "extended from 1 to 2 epochs after epoch 1" in b.card_path.read_text()
+
 
 def test_train_cli_bad_input(tmp_path):
     root = make_dataset(tmp_path / "ds", 3, shape_zyx=(12, 12, 12))

@@ -62,6 +62,20 @@ def test_resume_refuses_changed_settings_and_existing_runs(tmp_path, small_data)
         Engine(cfg(tmp_path, small_data, publish=False), show_progress=False).run()
 
 
+def test_extending_a_finished_run_restarts_the_cosine(tmp_path, small_data):
+    first = Engine(cfg(tmp_path, small_data, publish=False, epochs=2), show_progress=False).run()
+    assert first.status == "completed" and first.history[-1]["epoch"] == 2
+    res = Engine(cfg(tmp_path, small_data, epochs=4, resume=True), show_progress=False).run()
+    assert res.status == "published" and res.epochs_done == 4
+    lrs = {r["epoch"]: r["lr"] for r in read_log(tmp_path / "work" / "train.jsonl") if r["event"] == "epoch"}
+    # epoch 3 runs at the 4-epoch cosine's value for step 2 (warm-up 1, lr 1e-2): 1e-2 * (1 + cos(pi / 3)) / 2,
+    # not at the 2-epoch schedule's final 0
+    assert lrs[3] == pytest.approx(1e-2 * 0.75) and lrs[4] < lrs[3]
+    b = Bundle.load(res.bundle_path)
+    assert [h["epochs"] for h in b.config.training["history"]] == [2, 2, 4, 4]
+    assert "extended from 2 to 4 epochs after epoch 2" in b.card_path.read_text()
+
+
 def test_publish_log_and_callback(tmp_path, small_data):
     events = []
     res = Engine(cfg(tmp_path, small_data, epochs=2, val_every=2), progress=events.append, show_progress=False).run()

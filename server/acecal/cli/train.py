@@ -94,6 +94,8 @@ def train(
     half: bool = typer.Option(False, "--half", help="store float16 weights"),
     cpu_bf16: bool = typer.Option(False, "--cpu-bf16", help="bfloat16 autocast on CPUs with native bf16 (~2.5x faster)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle with the same id"),
+    no_publish: bool = typer.Option(False, "--no-publish", help="train (or extend) and keep the checkpoints only; "
+                                    "a later --resume with more --epochs publishes"),
     description: Optional[str] = typer.Option(None, help="one-line description for the card"),
     data_source: Optional[str] = typer.Option(None, help="data source text for the card"),
     data_licence: Optional[str] = typer.Option(None, help="data licence for the card"),
@@ -144,9 +146,9 @@ def train(
     }
     for flag, key in ((no_augment, "augment"), (freeze_encoder, "freeze_encoder"), (resume, "resume"),
                       (fit_temperature, "fit_temperature"), (half, "half_precision"), (overwrite, "overwrite"),
-                      (cpu_bf16, "cpu_bf16")):
+                      (cpu_bf16, "cpu_bf16"), (no_publish, "publish")):
         if flag:
-            settings[key] = (not flag) if key == "augment" else True
+            settings[key] = False if key in ("augment", "publish") else True
     settings = {k: v for k, v in settings.items() if v is not None}
     settings["command"] = "acecal " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:

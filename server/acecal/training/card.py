@@ -37,6 +37,16 @@ def _temperature_note(bc: BundleConfig) -> str:
     return "not fitted"
 
 
+def schedule_extensions(history: list[dict]) -> list[tuple[int, int, int]]:
+    """``(after_epoch, old_total, new_total)`` wherever the run was resumed with more ``--epochs``, read from the
+    per-epoch history (each record carries the total it was trained under)."""
+    out = []
+    for prev, cur in zip(history, history[1:]):
+        if prev.get("epochs") and cur.get("epochs") and cur["epochs"] != prev["epochs"]:
+            out.append((prev["epoch"], prev["epochs"], cur["epochs"]))
+    return out
+
+
 def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
     t, m = bc.training or {}, bc.metrics or {}
     data = t.get("data", {})
@@ -74,6 +84,11 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
         f"- Epochs: {t.get('epochs')} (batch {t.get('batch_size')} volumes x {t.get('num_samples')} patches, AdamW lr "
         f"{t.get('lr')}, weight decay {t.get('weight_decay')}, warm-up cosine, seed {t.get('seed')}); weights: "
         f"{t.get('weights')}.",
+    ]
+    for after, old_total, new_total in schedule_extensions(t.get("history") or []):
+        lines.append(f"- Schedule: extended from {old_total} to {new_total} epochs after epoch {after} (resumed with "
+                     "more `--epochs`): the cosine restarts there and spans the new total, a warm restart.")
+    lines += [
         f"- Wall time: {_dur(t.get('wall_time_seconds'))} on {t.get('device')} x {t.get('world_size', 1)} "
         f"(torch {t.get('torch')}).",
     ]

@@ -353,7 +353,15 @@ class Engine:
             net.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-            sched.t_total = cfg.epochs  # --epochs may be raised on resume: the cosine then spans the new total
+            if sched.t_total != cfg.epochs:
+                # --epochs changed on resume: the cosine spans the new total from here, and the learning rate of
+                # the next epoch is the new schedule's (not the old schedule's last value, 0 at its end)
+                sched.t_total = cfg.epochs
+                new_lrs = [max(sched.end_lr, base * fn(sched.last_epoch)) if sched.last_epoch >= sched.warmup_steps
+                           else base * fn(sched.last_epoch) for fn, base in zip(sched.lr_lambdas, sched.base_lrs)]
+                for group, lr in zip(opt.param_groups, new_lrs):
+                    group["lr"] = lr
+                sched._last_lr = new_lrs
             if state.get("scaler") and use_amp:
                 scaler.load_state_dict(state["scaler"])
             start_epoch, history, best = state["epoch"], state["history"], state["best"]

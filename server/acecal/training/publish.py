@@ -96,7 +96,8 @@ def publish(
         "device": str(device), "torch": torch.__version__, "host": platform.machine(),
         "command": cfg.command, "base": base.id if base else None, "freeze_encoder": cfg.freeze_encoder,
         "uncertainty_threshold_rule": threshold_note,
-        "history": [{k: h.get(k) for k in ("epoch", "train_loss", "val", "seconds", "lr")} for h in history],
+        "history": [{k: h.get(k) for k in ("epoch", "epochs", "train_loss", "val", "seconds", "lr")}
+                    for h in history],
     }
     final = bc.model_copy(update={"metrics": metrics, "training": training, "temperature": temperature,
                                   "uncertainty_threshold": round(float(threshold), 4)})
