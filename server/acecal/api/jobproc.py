@@ -77,7 +77,11 @@ def disk_full(e: BaseException, *paths: Path) -> bool:
         return True
     # torch.save reports a short write as e.g. "[enforce fail at inline_container.cc] . unexpected pos 62848 vs 62736"
     writing = isinstance(e, OSError) or any(s in text for s in ("write", "unexpected pos", "inline_container"))
-    limit = (16 if writing else 1) * 1024 * 1024
+    return nearly_full(*paths, limit=(16 if writing else 1) * 1024 * 1024)
+
+
+def nearly_full(*paths: Path, limit: int = 1 << 20) -> bool:
+    """Whether any of ``paths`` (that exists) has less than ``limit`` bytes free."""
     for p in paths:
         try:
             if shutil.disk_usage(p).free < limit:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from acecal.api import jobproc
 from acecal.api.datastore import DatasetStore, new_id, unknown_labels
 from acecal.api.state import ACTIVE_STATUSES, FINAL_STATUSES, StateDB, atomic_write_text, now_iso
 from acecal.errors import ACECalError, ConflictError, InvalidInputError, NotFoundError, ServerBusyError
@@ -430,7 +431,7 @@ class JobRunner:
         if status == "error":
             self._set_final(job["id"], "failed", error=res.get("error") or "the job failed")
             return
-        if rc == 28 or (res is None and _nearly_full(self.job_dir(job["id"]), self.models_dir)):
+        if rc == 28 or (res is None and jobproc.nearly_full(self.job_dir(job["id"]), self.models_dir)):
             err = "the disk is full: free space in the server's data directory and submit the job again"
         elif rc is not None and rc < 0:
             name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
@@ -680,8 +681,6 @@ def _start_forked(spec: Path, log_file: Path, job_id: str) -> _ForkedProc:
     global _preload_set
     import multiprocessing
 
-    from acecal.api import jobproc
-
     ctx = multiprocessing.get_context("forkserver")
     with _preload_lock:
         if not _preload_set:  # only has an effect before the fork server starts (the first job)
@@ -690,16 +689,6 @@ def _start_forked(spec: Path, log_file: Path, job_id: str) -> _ForkedProc:
     p = ctx.Process(target=jobproc.child_main, args=(str(spec), str(log_file)), name=f"acecal-{job_id}")
     p.start()
     return _ForkedProc(p)
-
-
-def _nearly_full(*paths: Path, limit: int = 1 << 20) -> bool:
-    for p in paths:
-        try:
-            if shutil.disk_usage(p).free < limit:
-                return True
-        except OSError:
-            continue
-    return False
 
 
 # --- wiring into the app -------------------------------------------------------------------------------------------
