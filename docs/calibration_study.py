@@ -234,7 +234,9 @@ def main() -> None:
         if ref.id not in results and ref.id not in refs:
             refs[ref.id] = evaluate(ref, f"Dice+CE ({ref.id})", False, plot=False)
         group = {ref.id: results.get(ref.id) or refs[ref.id],
-                 bundle.id: evaluate(bundle, row_label("", bundle.config), False, plot=False)}
+                 # a main row (same bundle, same label) is reused, not evaluated again
+                 bundle.id: dict(results[bundle.id]) if bundle.id in results
+                 else evaluate(bundle, row_label("", bundle.config), False, plot=False)}
         compare(group, base_key=ref.id)
         entry = group[bundle.id]
         entry.update(baseline=ref.id, baseline_macro=group[ref.id]["macro"], base=base_id,
