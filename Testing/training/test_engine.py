@@ -175,3 +175,15 @@ def test_patch_smaller_than_roi(tmp_path, small_data):
                  show_progress=True).run()  # the tqdm bar path too
     b = Bundle.load(res.bundle_path)
     assert b.config.roi_size == (16, 16, 16) and b.config.training["patch_size"] == [8, 8, 8]
+
+
+def test_loss_warmup_trains_the_baseline_first(tmp_path, small_data):
+    """ACE after a Dice+CE warm-up: epoch 1 is the baseline's epoch 1 exactly, epoch 2 uses the ACE loss."""
+    base = Engine(cfg(tmp_path / "a", small_data, publish=False, loss="baseline_dice_ce"), show_progress=False).run()
+    warm = Engine(cfg(tmp_path / "b", small_data, loss="softl1ace_dice_ce", loss_warmup_epochs=1),
+                  show_progress=False).run()
+    assert warm.history[0]["train_loss"] == base.history[0]["train_loss"]
+    assert warm.history[1]["train_loss"] != base.history[1]["train_loss"]
+    b = Bundle.load(warm.bundle_path)
+    assert b.config.training["loss"]["warmup_epochs"] == 1
+    assert "switched on after 1 epochs of `baseline_dice_ce`" in b.card_path.read_text()

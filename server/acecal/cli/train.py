@@ -60,6 +60,9 @@ def train(
     loss: Optional[str] = typer.Option(None, help="baseline_dice_ce | hardl1ace_dice_ce | softl1ace_dice_ce | "
                                                    "labelsmooth_dice_ce | nacl_dice"),
     loss_param: Optional[list[str]] = typer.Option(None, "--loss-param", help="loss parameter NAME=VALUE (repeat)"),
+    loss_warmup_epochs: Optional[int] = typer.Option(None, "--loss-warmup-epochs",
+                                                     help="train the first N epochs with baseline_dice_ce, then "
+                                                          "--loss (ACE after a Dice+CE warm-up) [0]"),
     epochs: Optional[int] = typer.Option(None, help="total epochs [100]"),
     val_every: Optional[int] = typer.Option(None, help="validate every N epochs [10]"),
     val_fraction: Optional[float] = typer.Option(None, help="share of cases held out for validation [0.2]"),
@@ -133,7 +136,7 @@ def train(
         net_args["blocks_up"] = _ints(blocks_up, what="--blocks-up")
     settings: dict[str, Any] = {
         "data": data, "images": str(images) if images else None, "labels_dir": str(labels) if labels else None,
-        "loss": loss, "loss_params": params or None, "epochs": epochs, "val_every": val_every,
+        "loss": loss, "loss_params": params or None, "loss_warmup_epochs": loss_warmup_epochs, "epochs": epochs, "val_every": val_every,
         "val_fraction": val_fraction, "val_cases": [v.strip() for v in val_cases.split(",")] if val_cases else None,
         "seed": seed, "batch_size": batch_size, "num_samples": num_samples, "lr": lr, "weight_decay": weight_decay,
         "warmup_epochs": warmup_epochs, "roi_size": _ints(roi, 3, "--roi"), "patch_size": _ints(patch, 3, "--patch"),

@@ -80,7 +80,9 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
         "## Training",
         "",
         f"- Loss: `{bc.loss.name}`" + (" with " + ", ".join(f"`{k}={json.dumps(v)}`" for k, v in bc.loss.params.items())
-                                       if bc.loss.params else " (default weights)"),
+                                       if bc.loss.params else " (default weights)")
+        + (f", switched on after {(t.get('loss') or {}).get('warmup_epochs')} epochs of `baseline_dice_ce` (warm-up)"
+           if (t.get("loss") or {}).get("warmup_epochs") else ""),
         f"- Epochs: {t.get('epochs')} (batch {t.get('batch_size')} volumes x {t.get('num_samples')} patches, AdamW lr "
         f"{t.get('lr')}, weight decay {t.get('weight_decay')}, warm-up cosine, seed {t.get('seed')}); weights: "
         f"{t.get('weights')}.",

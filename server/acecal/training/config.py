@@ -58,6 +58,8 @@ class TrainConfig(BaseModel):
     # --- optimisation ----------------------------------------------------------------------------------------------
     loss: str = "baseline_dice_ce"
     loss_params: dict[str, Any] = Field(default_factory=dict)
+    loss_warmup_epochs: int = Field(0, ge=0, description="epochs trained with baseline_dice_ce before `loss` takes "
+                                                         "over (ACE switched on after a Dice+CE warm-up)")
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(2, ge=1, description="volumes per step (each gives num_samples patches)")
     num_samples: int = Field(2, ge=1, description="patches drawn per volume per step")

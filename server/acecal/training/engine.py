@@ -290,6 +290,9 @@ class Engine:
         bc = _model_space(cfg, model_id, labels, base)
         _check_sizes(bc, tuple(cfg.patch_size or bc.roi_size))
         loss_fn = build_loss(cfg.loss, bc.num_classes, cfg.loss_params).to(ctx.device)
+        # ACE after a Dice+CE warm-up: the first loss_warmup_epochs train with the baseline loss
+        warmup_loss_fn = (build_loss("baseline_dice_ce", bc.num_classes, {}).to(ctx.device)
+                          if cfg.loss_warmup_epochs else loss_fn)
         split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
         train_cases, val_cases = split_cases(info.cases, val_fraction=cfg.val_fraction, seed=split_seed,
                                              val_cases=cfg.val_cases)
@@ -403,7 +406,7 @@ class Engine:
                                         dtype=torch.bfloat16 if cpu_bf16 else None):
                         out = model(x)
                     out = out.float() if not isinstance(out, (list, tuple)) else [o.float() for o in out]
-                    loss = self._loss(loss_fn, out, y)
+                    loss = self._loss(warmup_loss_fn if epoch < cfg.loss_warmup_epochs else loss_fn, out, y)
                     scaler.scale(loss).backward()
                     scaler.step(opt)
                     scaler.update()

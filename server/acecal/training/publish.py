@@ -87,7 +87,7 @@ def publish(
         "split": {"seed": cfg.seed if cfg.split_seed is None else cfg.split_seed,
                   "val_fraction": cfg.val_fraction if cfg.val_cases is None else None,
                   "train": [c.name for c in train_cases], "val": [c.name for c in val_cases]},
-        "loss": {"name": cfg.loss, "params": cfg.loss_params},
+        "loss": {"name": cfg.loss, "params": cfg.loss_params, "warmup_epochs": cfg.loss_warmup_epochs},
         "epochs": len(history), "patch_size": list(cfg.patch_size or bc.roi_size), "batch_size": cfg.batch_size,
         "num_samples": cfg.num_samples, "lr": cfg.lr,
         "weight_decay": cfg.weight_decay, "warmup_epochs": cfg.warmup_epochs, "val_every": cfg.val_every,
