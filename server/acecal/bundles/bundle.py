@@ -3,6 +3,7 @@
 - ``bundle.json``      :class:`BundleConfig` (network, labels, geometry, normalisation, sliding window, loss,
                         temperature, validation metrics, training record);
 - ``model.safetensors`` the network weights (float32 by default, float16 on request);
+- ``calibrator.safetensors`` the post-hoc calibrator's weights, when it has any (``BundleConfig.calibrator``);
 - ``README.md``        the model card.
 
 A bundle is published atomically: written into a hidden sibling folder, then renamed into place, so a reader never
@@ -67,6 +68,39 @@ class LossRecord(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+CALIBRATOR_WEIGHTS_NAME = "calibrator.safetensors"
+
+
+class CalibratorConfig(BaseModel):
+    """A post-hoc calibrator applied to the network's model-space logits (``acecal.calibration``): it rescales them
+    by a positive temperature per voxel, so the label map never changes.
+
+    ``kind``: ``temperature`` (one global T, ``params = {"temperature": T}``) or ``local_temperature`` (a small CNN
+    predicting T per voxel; ``params`` are its constructor arguments, its weights are the file ``weights`` in the
+    bundle folder). ``fitted_on`` says on which cases and how it was fitted; ``metrics`` holds the raw and calibrated
+    figures (``cross_fitted``: measured on cases the calibrator did not see; ``in_sample``: the shipped calibrator on
+    the cases it was fitted on).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["temperature", "local_temperature"]
+    params: dict[str, Any] = Field(default_factory=dict)
+    weights: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+                                   description="file in the bundle folder holding the calibrator's weights")
+    fitted_on: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _weights_when_needed(self) -> "CalibratorConfig":
+        if self.kind == "local_temperature" and not self.weights:
+            raise ValueError("a local_temperature calibrator needs its weights file")
+        if self.kind == "temperature":
+            t = self.params.get("temperature")
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+                raise ValueError("a temperature calibrator needs params.temperature > 0")
+        return self
+
+
 class BundleConfig(BaseModel):
     """Everything needed to run a model and to know how far to trust it (``bundle.json``)."""
 
@@ -88,6 +122,8 @@ class BundleConfig(BaseModel):
     sw_batch_size: int = Field(4, ge=1)
     loss: LossRecord = Field(default_factory=lambda: LossRecord(name="baseline_dice_ce"))
     temperature: Optional[float] = Field(None, gt=0.0, description="fitted post-hoc temperature; None = not fitted")
+    calibrator: Optional[CalibratorConfig] = Field(
+        None, description="post-hoc calibrator applied at inference; takes precedence over `temperature`")
     uncertainty_threshold: float = Field(
         0.8, gt=0.0, le=1.0, description="default confidence below which boundary voxels are flagged as uncertain"
     )
@@ -140,11 +176,20 @@ class Bundle:
             raise BundleError(f"{cfg_file} is not a valid bundle config: {e}") from e
         if not (path / config.weights).is_file():
             raise BundleError(f"bundle {config.id} at {path} has no weights file {config.weights}")
+        if config.calibrator is not None and config.calibrator.weights and \
+                not (path / config.calibrator.weights).is_file():
+            raise BundleError(f"bundle {config.id} at {path} has no calibrator weights file {config.calibrator.weights}")
         return cls(path, config)
 
     @property
     def weights_path(self) -> Path:
         return self.path / self.config.weights
+
+    @property
+    def calibrator_path(self) -> Optional[Path]:
+        """The calibrator's weights file, None when the bundle's calibrator has none (or there is no calibrator)."""
+        c = self.config.calibrator
+        return self.path / c.weights if c is not None and c.weights else None
 
     @property
     def card_path(self) -> Path:

@@ -1,0 +1,90 @@
+"""Held-out cases in model space for fitting calibrators: raw logits, label map and image, cached on disk.
+
+The logits come from :func:`acecal.inference.window.sliding_window_logits` after the bundle's model-space transforms
+(the chain shared with training and serving), i.e. exactly what the predictor hands to the calibrator. Running the
+network is the slow part, so each case's tensors are cached under ``<cache_dir>/<bundle id>-<weights digest>/``;
+the weights digest changes with the network, so a stale cache cannot be read for another network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from acecal.bundles import Bundle
+from acecal.calibration.fitting import CalibrationCase
+from acecal.data.datasets import Case
+
+__all__ = ["model_space_cases", "weights_digest", "default_cache_dir"]
+
+
+def default_cache_dir() -> Path:
+    from acecal.bundles.registry import default_data_dir
+
+    return default_data_dir() / "cache" / "logits"
+
+
+def weights_digest(bundle: Bundle) -> str:
+    h = hashlib.sha256()
+    with open(bundle.weights_path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _plain(t) -> torch.Tensor:
+    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
+
+
+def model_space_cases(bundle: Bundle, cases: Sequence[Case], *, cache_dir: Optional[Path] = None,
+                      device: str = "cpu", progress: Optional[Callable[[str, bool], None]] = None
+                      ) -> list[CalibrationCase]:
+    """Raw model-space logits, labels and images of labelled ``cases`` for ``bundle`` (cached when ``cache_dir``).
+
+    Args:
+        cache_dir: folder of the cache (None: no cache).
+        progress: called with (case name, whether it came from the cache).
+    """
+    from acecal.data.transforms import model_space_transforms
+    from acecal.inference.window import sliding_window_logits
+
+    folder = None
+    if cache_dir is not None:
+        folder = Path(cache_dir) / f"{bundle.id}-{weights_digest(bundle)}"
+        folder.mkdir(parents=True, exist_ok=True)
+    net = None
+    chain = None
+    out = []
+    for case in cases:
+        if case.label is None:
+            raise ValueError(f"case {case.name} has no label map")
+        path = None if folder is None else folder / f"{hashlib.sha256(case.name.encode()).hexdigest()[:24]}.pt"
+        rec = None
+        if path is not None and path.is_file():
+            try:
+                rec = torch.load(path, map_location="cpu", weights_only=True)
+                if rec.get("name") != case.name:
+                    rec = None
+            except Exception:  # a damaged cache file is recomputed
+                rec = None
+        cached = rec is not None
+        if rec is None:
+            if net is None:
+                net = bundle.load_network(device)
+                chain = model_space_transforms(bundle.config)
+            d = chain(case.as_dict())
+            image = _plain(d["image"]).float()
+            logits = sliding_window_logits(net, image[None], bundle.config)[0].cpu()
+            rec = {"name": case.name, "logits": logits.contiguous(), "image": image.contiguous(),
+                   "label": _plain(d["label"])[0].to(torch.uint8).contiguous()}
+            if path is not None:
+                tmp = path.with_suffix(".tmp")
+                torch.save(rec, tmp)
+                tmp.replace(path)
+        out.append(CalibrationCase(case.name, rec["logits"].float(), rec["label"].long(), rec["image"].float()))
+        if progress is not None:
+            progress(case.name, cached)
+    return out

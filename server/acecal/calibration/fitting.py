@@ -1,0 +1,257 @@
+"""Fitting calibrators for ACE on a frozen network's model-space logits.
+
+- :func:`macro_ace`: the metric itself, computed the way :class:`acecal.metrics.CalibrationAccumulator` computes its
+  macro ACE (hard binning, 20 equal-width bins, per image and foreground class, mean over the classes present in
+  the image, then mean over images), fast enough to be an objective.
+- :func:`fit_ace_temperature`: one global temperature minimising :func:`macro_ace` by a bounded 1-D search: a grid on
+  log T over ``bounds``, then a finer grid around the best point (the objective is piecewise constant in T, so
+  derivative-based searches stall; ties go to the T closest to 1).
+- :func:`fit_local_temperature`: local temperature scaling (Ding et al., ICCV 2021) trained with the project's own
+  soft-binned L1-ACE loss (:class:`acecal.losses.SoftL1ACELoss`) on ``softmax(logits / T(x))``, optionally plus
+  ``nll_weight`` x cross-entropy, one case per step (the loss is per image, as the metric), Adam. It starts from the
+  ACE-fitted global temperature, so before training it is that calibrator.
+
+Cases are :class:`CalibrationCase` records: the raw model-space logits (C, x, y, z) of a case the network never
+trained on, its label map (x, y, z) and its normalised image (Cin, x, y, z).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from acecal.calibration.calibrators import T_MAX, T_MIN, Calibrator, LocalTemperatureCalibrator, TemperatureCalibrator
+from acecal.errors import InvalidInputError
+
+__all__ = ["CalibrationCase", "macro_ace", "case_metrics", "fit_ace_temperature", "fit_local_temperature",
+           "LTS_DEFAULTS", "ACE_T_BOUNDS"]
+
+NUM_BINS = 20
+#: Search range of the ACE-fitted global temperature.
+ACE_T_BOUNDS = (0.25, 4.0)
+#: Defaults of :func:`fit_local_temperature` (architecture and training); the bundle records what was used.
+LTS_DEFAULTS: dict[str, Any] = {
+    "hidden": 8, "layers": 2, "kernel_size": 3, "dilation": 2, "use_image": True, "logit_scale": 0.1,
+    "epochs": 20, "lr": 3e-3, "weight_decay": 0.0, "loss_bins": 20, "nll_weight": 0.0, "seed": 0,
+}
+
+
+@dataclass
+class CalibrationCase:
+    """One held-out case in model space."""
+
+    name: str
+    logits: torch.Tensor  # (C, x, y, z) float32, raw (uncalibrated) network logits
+    label: torch.Tensor   # (x, y, z) integer label map
+    image: Optional[torch.Tensor] = None  # (Cin, x, y, z) the normalised image the logits came from
+
+    def __post_init__(self) -> None:
+        if self.logits.ndim != 4:
+            raise InvalidInputError(f"case {self.name}: logits must be (C, x, y, z), got {tuple(self.logits.shape)}")
+        if tuple(self.label.shape) != tuple(self.logits.shape[1:]):
+            raise InvalidInputError(f"case {self.name}: label {tuple(self.label.shape)} does not fit logits "
+                                    f"{tuple(self.logits.shape)}")
+        if self.image is not None and tuple(self.image.shape[1:]) != tuple(self.logits.shape[1:]):
+            raise InvalidInputError(f"case {self.name}: image {tuple(self.image.shape)} does not fit logits "
+                                    f"{tuple(self.logits.shape)}")
+
+    def batch(self, device: Any = "cpu") -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+        """(logits (1, C, ...), image (1, Cin, ...) or None, label (1, 1, ...) int64) on ``device``."""
+        img = None if self.image is None else self.image[None].to(device, torch.float32)
+        return self.logits[None].to(device, torch.float32), img, self.label[None, None].to(device, torch.int64)
+
+
+def _check_cases(cases: Sequence[CalibrationCase]) -> list[CalibrationCase]:
+    cases = list(cases)
+    if not cases:
+        raise InvalidInputError("no cases to fit or measure a calibrator on")
+    c = cases[0].logits.shape[0]
+    if c < 2 or any(k.logits.shape[0] != c for k in cases):
+        raise InvalidInputError("every case must have the same number (>= 2) of logit channels")
+    return cases
+
+
+@torch.no_grad()
+def _case_ace(probs: torch.Tensor, label: torch.Tensor, num_bins: int) -> Optional[float]:
+    """Macro hard ACE of one image: mean over the foreground classes present in ``label`` (None if none is)."""
+    from acecal.metrics import binning_sums, errors_from_sums
+
+    count, sum_p, sum_y = binning_sums(probs, label, num_bins, include_background=False)
+    ace = errors_from_sums(count, sum_p, sum_y)["ace"][0]  # (C - 1,)
+    present = sum_y[0].sum(-1) > 0
+    if not bool(present.any()):
+        return None
+    return float(ace[present].mean())
+
+
+@torch.no_grad()
+def case_metrics(cases: Sequence[CalibrationCase], calibrator: Optional[Calibrator] = None, *,
+                 num_bins: int = NUM_BINS) -> dict[str, dict[str, Optional[float]]]:
+    """Per case: ``{"ace": macro hard ACE, "dice": macro Dice}`` of ``softmax(calibrator(logits))`` (raw if None).
+
+    Dice is the argmax segmentation's, over the foreground classes present in the case (it does not depend on the
+    calibrator; reported to show it).
+    """
+    from acecal.metrics import dice_counts, dice_from_counts
+
+    out = {}
+    for case in _check_cases(cases):
+        z, img, y = case.batch()
+        if calibrator is not None:
+            z = calibrator.calibrate(z, img)
+        p = torch.softmax(z, dim=1)
+        tp, n_pred, n_target = dice_counts(p, y, p.shape[1])
+        dice = dice_from_counts(tp, n_pred, n_target)[0, 1:]
+        present = n_target[0, 1:] > 0
+        out[case.name] = {"ace": _case_ace(p, y, num_bins),
+                          "dice": float(dice[present].mean()) if bool(present.any()) else None}
+    return out
+
+
+def macro_ace(cases: Sequence[CalibrationCase], calibrator: Optional[Calibrator] = None, *,
+              num_bins: int = NUM_BINS) -> float:
+    """Mean over cases of the per-case macro hard ACE (cases without a present foreground class left out)."""
+    vals = [m["ace"] for m in case_metrics(cases, calibrator, num_bins=num_bins).values() if m["ace"] is not None]
+    return float(sum(vals) / len(vals)) if vals else float("nan")
+
+
+@torch.no_grad()
+def fit_ace_temperature(cases: Sequence[CalibrationCase], *, bounds: tuple[float, float] = ACE_T_BOUNDS,
+                        coarse_points: int = 49, fine_points: int = 41,
+                        num_bins: int = NUM_BINS) -> tuple[TemperatureCalibrator, dict]:
+    """The global temperature minimising the macro hard ACE of ``softmax(logits / T)`` over ``cases``.
+
+    Returns:
+        ``(calibrator, info)``; info holds ``temperature``, ``ace`` (the objective at it), ``raw_ace`` (at T = 1)
+        and ``evaluations``.
+    """
+    cases = _check_cases(cases)
+    lo, hi = (float(b) for b in bounds)
+    if not (T_MIN <= lo < hi <= T_MAX):
+        raise InvalidInputError(f"bounds must satisfy {T_MIN} <= low < high <= {T_MAX}, got {bounds!r}")
+    prepared = []
+    for c in cases:
+        z, _, y = c.batch()
+        prepared.append((z, y))
+    memo: dict[float, float] = {}
+
+    def objective(log_t: float) -> float:
+        key = round(log_t, 12)
+        if key not in memo:
+            t = math.exp(log_t)
+            vals = [v for z, y in prepared if (v := _case_ace(torch.softmax(z / t, dim=1), y, num_bins)) is not None]
+            memo[key] = sum(vals) / len(vals) if vals else float("nan")
+        return memo[key]
+
+    def best_of(points: list[float]) -> float:
+        # the minimum; among equal values the log T closest to 0 (T closest to 1)
+        return min(points, key=lambda u: (objective(u), abs(u)))
+
+    a, b = math.log(lo), math.log(hi)
+    coarse = [a + (b - a) * i / (coarse_points - 1) for i in range(coarse_points)]
+    u0 = best_of(coarse + ([0.0] if a <= 0.0 <= b else []))
+    step = (b - a) / (coarse_points - 1)
+    fine = [min(max(u0 - step + 2 * step * i / (fine_points - 1), a), b) for i in range(fine_points)]
+    u = best_of(fine + [u0])
+    t = math.exp(u)
+    info = {"temperature": t, "ace": objective(u), "raw_ace": objective(0.0), "bounds": [lo, hi],
+            "evaluations": len(memo), "objective": f"macro hard ACE, {num_bins} bins, foreground classes"}
+    return TemperatureCalibrator(t), info
+
+
+def fit_local_temperature(
+    cases: Sequence[CalibrationCase],
+    *,
+    init_temperature: Optional[float] = None,
+    hidden: int = LTS_DEFAULTS["hidden"],
+    layers: int = LTS_DEFAULTS["layers"],
+    kernel_size: int = LTS_DEFAULTS["kernel_size"],
+    dilation: int = LTS_DEFAULTS["dilation"],
+    use_image: bool = LTS_DEFAULTS["use_image"],
+    logit_scale: float = LTS_DEFAULTS["logit_scale"],
+    epochs: int = LTS_DEFAULTS["epochs"],
+    lr: float = LTS_DEFAULTS["lr"],
+    weight_decay: float = LTS_DEFAULTS["weight_decay"],
+    loss_bins: int = LTS_DEFAULTS["loss_bins"],
+    nll_weight: float = LTS_DEFAULTS["nll_weight"],
+    seed: int = LTS_DEFAULTS["seed"],
+    device: Any = "cpu",
+    monitor: Optional[Sequence[CalibrationCase]] = None,
+    progress: Optional[Callable[[dict], None]] = None,
+) -> tuple[LocalTemperatureCalibrator, dict]:
+    """Train a :class:`LocalTemperatureCalibrator` on ``cases`` with the soft-binned L1-ACE loss.
+
+    Args:
+        init_temperature: T(x) at the start; None fits the ACE temperature on ``cases`` first and starts there.
+        hidden, layers, kernel_size, dilation, use_image, logit_scale: the network (see the calibrator).
+        epochs: passes over the cases (shuffled each epoch with ``seed``), one optimiser step per case.
+        lr, weight_decay: Adam(W).
+        loss_bins: bins of the soft-binned ACE loss (the metric uses 20 hard bins).
+        nll_weight: weight of a cross-entropy term added to the ACE loss (0 = ACE only).
+        monitor: cases on which the macro hard ACE is recorded after every epoch (diagnostics only; never used to
+            pick weights here).
+        progress: called with ``{"epoch", "loss", "monitor_ace"}`` after every epoch.
+
+    Returns:
+        ``(calibrator, info)`` with the training record (losses per epoch, the start temperature, the settings).
+    """
+    from acecal.losses import SoftL1ACELoss
+
+    cases = _check_cases(cases)
+    if use_image and any(c.image is None for c in cases):
+        raise InvalidInputError("use_image needs every case's image")
+    if not isinstance(epochs, int) or epochs < 0:
+        raise InvalidInputError(f"epochs must be an integer >= 0, got {epochs!r}")
+    if not (nll_weight >= 0 and math.isfinite(nll_weight)):
+        raise InvalidInputError(f"nll_weight must be >= 0, got {nll_weight!r}")
+    start_info = None
+    if init_temperature is None:
+        _, start_info = fit_ace_temperature(cases)
+        init_temperature = start_info["temperature"]
+    torch.manual_seed(seed)
+    c0 = cases[0]
+    cal = LocalTemperatureCalibrator(
+        c0.logits.shape[0], 1 if c0.image is None else c0.image.shape[0], hidden=hidden, layers=layers,
+        kernel_size=kernel_size, dilation=dilation, use_image=use_image, logit_scale=logit_scale,
+        init_temperature=float(init_temperature)).to(device)
+    ace_loss = SoftL1ACELoss(num_bins=loss_bins, include_background=False, to_onehot_y=True, softmax=True)
+    opt = torch.optim.AdamW(cal.parameters(), lr=lr, weight_decay=weight_decay)
+    rng = random.Random(seed)
+    order = list(range(len(cases)))
+    history = []
+    for epoch in range(1, epochs + 1):
+        cal.train()
+        rng.shuffle(order)
+        total = 0.0
+        for i in order:
+            z, img, y = cases[i].batch(device)
+            out = cal(z, img)
+            loss = ace_loss(out, y)
+            if nll_weight:
+                loss = loss + nll_weight * torch.nn.functional.cross_entropy(out, y[:, 0])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        rec = {"epoch": epoch, "loss": total / len(cases)}
+        if monitor:
+            rec["monitor_ace"] = macro_ace(monitor, cal.cpu())
+            cal.to(device)
+        history.append(rec)
+        if progress is not None:
+            progress(rec)
+    cal = cal.cpu().eval()
+    info = {
+        "init_temperature": float(init_temperature),
+        "init_fit": start_info,
+        "settings": {"hidden": hidden, "layers": layers, "kernel_size": kernel_size, "dilation": dilation,
+                     "use_image": use_image, "logit_scale": logit_scale, "epochs": epochs, "lr": lr,
+                     "weight_decay": weight_decay, "loss_bins": loss_bins, "nll_weight": nll_weight, "seed": seed,
+                     "loss": "SoftL1ACELoss (foreground classes)" + (f" + {nll_weight} x NLL" if nll_weight else "")},
+        "history": history,
+    }
+    return cal, info
