@@ -6,7 +6,8 @@
 # Resumable: rerun the same command to continue from the last checkpoint in $WORK/<id> (--resume starts fresh when
 # there is none). OUT= picks the models folder, WORK= the checkpoint folder.
 # Usage: models/train_hippocampus.sh LOSS ID [extra acecal train flags, e.g. --time-limit 50, --overwrite]
-#   LOSS: baseline_dice_ce | hardl1ace_dice_ce | softl1ace_dice_ce | labelsmooth_dice_ce | nacl_dice
+#   LOSS: baseline_dice_ce | hardl1ace_dice_ce | softl1ace_dice_ce | labelsmooth_dice_ce | nacl_dice | dicepp_ce
+#         | twohead_dice_ce_softace | twohead_dice_ce_hardace (these two with --network SegResNetTwoHead)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 loss=$1; id=$2; shift 2

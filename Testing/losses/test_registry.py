@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.losses import DeepSupervisionLoss, DiceCELoss, DiceLoss, NACLLoss
 
-from acecal.losses import LOSS_NAMES, HardL1ACEandDiceCELoss, SoftL1ACEandDiceCELoss, build_loss
+from acecal.losses import LOSS_NAMES, TWO_HEAD_LOSSES, HardL1ACEandDiceCELoss, SoftL1ACEandDiceCELoss, build_loss
 
 BASELINE = dict(include_background=True, to_onehot_y=True, softmax=True, squared_pred=True, smooth_nr=0, smooth_dr=1e-5)
 
@@ -25,12 +25,18 @@ def test_loss_names():
         "softl1ace_dice_ce",
         "labelsmooth_dice_ce",
         "nacl_dice",
+        "dicepp_ce",
+        "twohead_dice_ce_softace",
+        "twohead_dice_ce_hardace",
     )
+    assert set(TWO_HEAD_LOSSES) < set(LOSS_NAMES)
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
 def test_every_loss_has_the_same_call_signature(name):
     logits, labels = _case()
+    if name in TWO_HEAD_LOSSES:  # segmentation then calibration logits
+        logits = torch.cat([logits, logits.flip(1)], dim=1)
     loss_fn = build_loss(name, num_classes=3)
     assert isinstance(loss_fn, torch.nn.Module)
     x = logits.clone().requires_grad_()
@@ -100,8 +106,10 @@ def test_registry_errors():
         build_loss("baseline_dice_ce", 3, not_an_argument=1)
     for name in LOSS_NAMES:
         loss_fn = build_loss(name, 3)
-        with pytest.raises(ValueError, match=r"\(B, 3, spatial"):
+        channels = 6 if name in TWO_HEAD_LOSSES else 3
+        with pytest.raises(ValueError, match=rf"\(B, {channels}, spatial"):
             loss_fn(torch.randn(2, 4, 6, 5, 4), labels)
+        logits = _case(nch=channels)[0]
         with pytest.raises(ValueError, match="unsqueeze"):
             loss_fn(logits, labels[:, 0])
         with pytest.raises(ValueError, match="class indices"):

@@ -33,10 +33,11 @@ ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 
 
 class NetworkConfig(BaseModel):
-    """A MONAI network from ``monai.networks.nets`` and its keyword arguments (``spatial_dims``, channels excluded)."""
+    """A network and its keyword arguments (``spatial_dims``, channels excluded): MONAI's ``SegResNet`` /
+    ``SegResNetDS``, or ``SegResNetTwoHead`` (``acecal.networks``: segmentation + calibration head, 2C outputs)."""
 
     model_config = ConfigDict(extra="forbid")
-    name: Literal["SegResNet", "SegResNetDS"] = "SegResNet"
+    name: Literal["SegResNet", "SegResNetDS", "SegResNetTwoHead"] = "SegResNet"
     args: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -120,6 +121,9 @@ class BundleConfig(BaseModel):
     sw_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     sw_mode: Literal["gaussian", "constant"] = "gaussian"
     sw_batch_size: int = Field(4, ge=1)
+    tta: Literal["none", "axis_flips", "all_flips"] = Field(
+        "none", description="flip test-time augmentation, softmax averaged over: the identity and the 3 single-axis "
+                            "flips (axis_flips, 4 passes) or all 8 flip combinations (all_flips); none = one pass")
     loss: LossRecord = Field(default_factory=lambda: LossRecord(name="baseline_dice_ce"))
     temperature: Optional[float] = Field(None, gt=0.0, description="fitted post-hoc temperature; None = not fitted")
     calibrator: Optional[CalibratorConfig] = Field(
@@ -224,7 +228,9 @@ class Bundle:
 def build_network(config: BundleConfig):
     from monai.networks import nets
 
-    cls = getattr(nets, config.network.name)
+    from acecal import networks
+
+    cls = getattr(networks, config.network.name, None) or getattr(nets, config.network.name)
     return cls(spatial_dims=3, in_channels=config.in_channels, out_channels=config.num_classes, **config.network.args)
 
 

@@ -45,6 +45,22 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     raise typer.Exit(code)
 
 
+def _name_values(items: Optional[list[str]], flag: str) -> dict[str, Any]:
+    """NAME=VALUE pairs; VALUE is JSON when it parses (numbers, booleans, lists), else a string."""
+    import json
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            _fail(f"{flag} needs NAME=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
 def _is_main_rank() -> bool:
     import os
 
@@ -58,7 +74,9 @@ def train(
     labels: Optional[Path] = typer.Option(None, "--labels", help="labels folder, same file names as the images"),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="settings file (JSON or YAML); flags override it"),
     loss: Optional[str] = typer.Option(None, help="baseline_dice_ce | hardl1ace_dice_ce | softl1ace_dice_ce | "
-                                                   "labelsmooth_dice_ce | nacl_dice"),
+                                                   "labelsmooth_dice_ce | nacl_dice | dicepp_ce | "
+                                                   "twohead_dice_ce_softace | twohead_dice_ce_hardace (the last two "
+                                                   "with --network SegResNetTwoHead)"),
     loss_param: Optional[list[str]] = typer.Option(None, "--loss-param", help="loss parameter NAME=VALUE (repeat)"),
     loss_warmup_epochs: Optional[int] = typer.Option(None, "--loss-warmup-epochs",
                                                      help="train the first N epochs with baseline_dice_ce, then "
@@ -78,7 +96,13 @@ def train(
                                                     "GroupNorm networks (see docs/training.md)"),
     spacing: Optional[str] = typer.Option(None, help="model voxel spacing in mm, e.g. 1,1,1"),
     intensity: Optional[str] = typer.Option(None, help="zscore_nonzero | zscore | clip_scale"),
-    network: Optional[str] = typer.Option(None, help="SegResNet | SegResNetDS"),
+    network: Optional[str] = typer.Option(None, help="SegResNet | SegResNetDS | SegResNetTwoHead (segmentation + "
+                                                      "calibration head; train with a twohead_* loss)"),
+    network_arg: Optional[list[str]] = typer.Option(None, "--network-arg",
+                                                    help="network argument NAME=VALUE (repeat), e.g. trunk_grad=0 or "
+                                                         "calibration_blocks=2 for SegResNetTwoHead"),
+    tta: Optional[str] = typer.Option(None, "--tta", help="flip test-time augmentation stored in the bundle: none | "
+                                                          "axis_flips | all_flips [none]"),
     init_filters: Optional[int] = typer.Option(None, help="network width [16]"),
     blocks_down: Optional[str] = typer.Option(None, help="encoder blocks per level, e.g. 1,2,2,4"),
     blocks_up: Optional[str] = typer.Option(None, help="decoder blocks per level (SegResNet), e.g. 1,1,1"),
@@ -116,18 +140,8 @@ def train(
 
     from acecal.errors import ACECalError
 
-    params: dict[str, Any] = {}
-    for item in loss_param or []:
-        if "=" not in item:
-            _fail(f"--loss-param needs NAME=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        import json
-
-        try:
-            params[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            params[k.strip()] = v
-    net_args: dict[str, Any] = {}
+    params = _name_values(loss_param, "--loss-param")
+    net_args: dict[str, Any] = _name_values(network_arg, "--network-arg")
     if init_filters is not None:
         net_args["init_filters"] = init_filters
     if blocks_down is not None:
@@ -145,7 +159,7 @@ def train(
         "work_dir": str(work_dir) if work_dir else None, "log_file": str(log_file) if log_file else None,
         "stop_after_epochs": stop_after, "time_limit_minutes": time_limit, "description": description,
         "data_source": data_source, "data_licence": data_licence, "device": device, "num_workers": num_workers,
-        "num_threads": threads,
+        "num_threads": threads, "tta": tta,
     }
     for flag, key in ((no_augment, "augment"), (freeze_encoder, "freeze_encoder"), (resume, "resume"),
                       (fit_temperature, "fit_temperature"), (half, "half_precision"), (overwrite, "overwrite"),

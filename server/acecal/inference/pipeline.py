@@ -4,6 +4,9 @@ The report (a JSON-able dict) is what the server returns and what ``summary.json
 
     {"model_id", "labels": {"0": "background", ...}, "grid": {size, spacing, origin, direction} (LPS),
      "summary": {"classes": [...], "uncertain_volume_ml", ...}, "regions": [...], "params": {...}, "timings": {...}}
+
+Two-head bundles: the label map is the segmentation head's; confidence is the calibration head's probability of that
+label (the probability that the served label is right), uncertainty its normalised entropy (see :func:`split_served`).
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from acecal.inference.uncertainty import (
     DEFAULT_MIN_REGION_VOXELS,
     confidence_maps,
     describe_regions,
+    label_dtype,
     summarize,
     uncertain_boundary_flags,
 )
+from acecal.networks import is_two_head, split_heads
 from acecal.nrrd import write_nrrd
 
 #: the output volumes, in the order they are listed everywhere
@@ -47,6 +52,7 @@ class InferenceOptions:
     band_voxels: float = DEFAULT_BAND_VOXELS
     min_region_voxels: int = DEFAULT_MIN_REGION_VOXELS
     connectivity: int = DEFAULT_CONNECTIVITY
+    tta: Optional[str] = None  # flip test-time augmentation: none | axis_flips | all_flips; None = the bundle's
 
     def effective(self, config: BundleConfig) -> dict:
         """The options with the bundle's defaults filled in, as reported back."""
@@ -59,6 +65,7 @@ class InferenceOptions:
             "band_voxels": float(self.band_voxels),
             "min_region_voxels": int(self.min_region_voxels),
             "connectivity": int(self.connectivity),
+            "tta": str(self.tta if self.tta is not None else config.tta),
         }
 
 
@@ -77,14 +84,34 @@ class InferenceOutput:
         return {name: getattr(self, name) for name in VOLUMES}
 
 
+def split_served(probs: np.ndarray, config: BundleConfig) -> tuple[np.ndarray, np.ndarray]:
+    """A two-head bundle's (2C, z, y, x) output on the input grid -> (label map (z, y, x) = argmax of the segmentation
+    softmax, the calibration probabilities (C, z, y, x), a view)."""
+    seg, cal = split_heads(probs, config.num_classes, dim=0)
+    return np.argmax(seg, axis=0).astype(label_dtype(config.num_classes), copy=False), cal
+
+
 def analyse(probs: np.ndarray, grid: Grid, config: BundleConfig, options: InferenceOptions, *,
             temperature: Optional[float] = None, model_id: Optional[str] = None,
-            timings: Optional[dict] = None) -> InferenceOutput:
-    """Labels, confidence, uncertainty, flags, per-class summary and regions from probabilities (C, z, y, x)."""
+            timings: Optional[dict] = None, labels: Optional[np.ndarray] = None) -> InferenceOutput:
+    """Labels, confidence, uncertainty, flags, per-class summary and regions from probabilities (C, z, y, x).
+
+    ``labels`` (z, y, x): the served label map when it is not ``argmax(probs)``; the confidence is then the probability
+    of that label. A two-head bundle's (2C, z, y, x) output (``Predictor.postprocess``) is split here.
+    """
     t0 = time.perf_counter()
     eff = options.effective(config)
     names = config.class_names
-    labels, confidence, uncertainty = confidence_maps(probs)
+    if labels is None and is_two_head(config) and probs.shape[0] == 2 * config.num_classes:
+        labels, probs = split_served(probs, config)
+    if labels is None:
+        labels, confidence, uncertainty = confidence_maps(probs)
+    else:
+        if labels.shape != probs.shape[1:]:
+            raise ValueError(f"labels {labels.shape} and probabilities {probs.shape} are on different grids")
+        _, _, uncertainty = confidence_maps(probs)
+        labels = labels.astype(label_dtype(probs.shape[0]), copy=False)
+        confidence = np.take_along_axis(probs, labels[None].astype(np.intp), axis=0)[0].astype(np.float32)
     spacing_zyx = grid.spacing[::-1]
     flags, regions, n = uncertain_boundary_flags(
         labels, confidence, eff["uncertainty_threshold"], spacing_zyx, band_mm=eff["band_mm"],
@@ -113,9 +140,9 @@ def run_inference(predictor, image: Union[str, os.PathLike], options: Optional[I
     """In-process inference of one image file: the same result the server gives for it."""
     options = options or InferenceOptions()
     t0 = time.perf_counter()
-    pred = predictor.predict(image, overlap=options.overlap, use_temperature=options.use_temperature)
+    pred = predictor.predict(image, overlap=options.overlap, use_temperature=options.use_temperature, tta=options.tta)
     out = analyse(pred.probs, pred.grid, predictor.config, options, temperature=pred.temperature,
-                  model_id=predictor.bundle.id, timings=pred.timings)
+                  model_id=predictor.bundle.id, timings=pred.timings, labels=pred.labels)
     out.report["timings"]["total_s"] = round(time.perf_counter() - t0, 4)
     return out
 

@@ -9,6 +9,11 @@ The path (one chain shared with training, see :mod:`acecal.data.transforms`)::
 
 The three stages are separate methods so the server can run the device stage on its device queue and the CPU
 stages elsewhere; :meth:`Predictor.predict` runs them in a row for in-process use.
+
+Two-head bundles (``acecal.networks.SegResNetTwoHead``): :meth:`Predictor.forward` and :meth:`Predictor.postprocess`
+carry ``2C`` channels, the segmentation head's softmax then the calibration head's (each sums to 1; both go back to
+the input grid the same way); :func:`acecal.inference.pipeline.analyse` and :meth:`Predictor.predict` split them:
+labels from the segmentation half, probabilities from the calibration half.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from acecal.data.transforms import IMAGE, model_space_transforms
 from acecal.errors import InvalidInputError
 from acecal.geometry import Grid
 from acecal.inference.window import sliding_window_logits
+from acecal.networks import is_two_head, split_heads
 
 PRED = "pred"
 
@@ -49,10 +55,12 @@ def resolve_device(name: str = "auto") -> torch.device:
 class Prediction:
     """Class probabilities on the input grid."""
 
-    probs: np.ndarray  # (C, z, y, x) float32, summing to 1 over C
+    probs: np.ndarray  # (C, z, y, x) float32, summing to 1 over C: the served (calibration head's) probabilities
     grid: Grid
     temperature: Optional[float]  # the temperature applied, None when none was
     timings: dict[str, float] = field(default_factory=dict)
+    # (z, y, x) the served label map when it is not argmax(probs): a two-head network's segmentation head; else None
+    labels: Optional[np.ndarray] = None
 
 
 class Predictor:
@@ -111,17 +119,29 @@ class Predictor:
         t = self.config.temperature
         return float(t) if (use_temperature and t is not None and t != 1.0) else None
 
-    def forward(self, data: dict, *, overlap: Optional[float] = None, use_temperature: bool = True) -> torch.Tensor:
-        """Class probabilities in model space, (C, x, y, z) float32 on the CPU."""
+    @property
+    def two_head(self) -> bool:
+        return is_two_head(self.config)
+
+    def forward(self, data: dict, *, overlap: Optional[float] = None, use_temperature: bool = True,
+                tta: Optional[str] = None) -> torch.Tensor:
+        """Class probabilities in model space, (C, x, y, z) float32 on the CPU; (2C, x, y, z) for a two-head bundle
+        (segmentation softmax, then calibration softmax). ``tta``: flip test-time augmentation, None = the bundle's."""
         x = data[IMAGE]
         logits = sliding_window_logits(self.network, x.as_tensor()[None] if hasattr(x, "as_tensor") else x[None],
-                                       self.config, temperature=self.temperature(use_temperature), overlap=overlap)
-        probs = torch.softmax(logits, dim=1)[0]
+                                       self.config, temperature=self.temperature(use_temperature), overlap=overlap,
+                                       tta=tta)
+        if self.two_head:
+            seg, cal = split_heads(logits, self.config.num_classes)
+            probs = torch.cat([torch.softmax(seg, dim=1), torch.softmax(cal, dim=1)], dim=1)[0]
+        else:
+            probs = torch.softmax(logits, dim=1)[0]
         return probs.to("cpu", torch.float32)
 
     # --- stage 3: CPU ------------------------------------------------------------------------------------------
     def postprocess(self, data: dict, probs_model: torch.Tensor) -> np.ndarray:
-        """Model-space probabilities back onto the input grid: (C, z, y, x) float32 numpy, summing to 1."""
+        """Model-space probabilities back onto the input grid: (C, z, y, x) float32 numpy, summing to 1 ((2C, z, y, x)
+        for a two-head bundle, each half summing to 1)."""
         from monai.data import MetaTensor
         from monai.transforms import Invertd
 
@@ -132,14 +152,18 @@ class Predictor:
         arr = out.as_tensor() if hasattr(out, "as_tensor") else out
         p = arr.permute(0, 3, 2, 1).contiguous().numpy().astype(np.float32, copy=False)  # (C, x, y, z) -> (C, z, y, x)
         np.clip(p, 0.0, 1.0, out=p)
-        s = p.sum(axis=0, keepdims=True)
-        np.divide(p, s, out=p, where=s > 0)
+        for half in split_heads(p, self.config.num_classes, two_head=self.two_head, dim=0):
+            s = half.sum(axis=0, keepdims=True)
+            np.divide(half, s, out=half, where=s > 0)
+            if not self.two_head:
+                break
         return p
 
     # --- all three -----------------------------------------------------------------------------------------------
     def predict(self, image: Union[str, os.PathLike, sitk.Image], *, overlap: Optional[float] = None,
-                use_temperature: bool = True) -> Prediction:
-        """Probabilities on the input's exact grid for a file path or a SimpleITK image."""
+                use_temperature: bool = True, tta: Optional[str] = None) -> Prediction:
+        """Probabilities on the input's exact grid for a file path or a SimpleITK image (two heads: the calibration
+        head's probabilities and the segmentation head's label map)."""
         t0 = time.perf_counter()
         img = self.load_image(image) if not isinstance(image, sitk.Image) else image
         if isinstance(image, sitk.Image):
@@ -147,12 +171,18 @@ class Predictor:
         t1 = time.perf_counter()
         data = self.preprocess(img)
         t2 = time.perf_counter()
-        probs_model = self.forward(data, overlap=overlap, use_temperature=use_temperature)
+        probs_model = self.forward(data, overlap=overlap, use_temperature=use_temperature, tta=tta)
         t3 = time.perf_counter()
         probs = self.postprocess(data, probs_model)
         t4 = time.perf_counter()
+        labels = None
+        if self.two_head:
+            from acecal.inference.pipeline import split_served
+
+            labels, probs = split_served(probs, self.config)
         return Prediction(probs, grid_of(img), self.temperature(use_temperature),
-                          {"read_s": t1 - t0, "preprocess_s": t2 - t1, "inference_s": t3 - t2, "invert_s": t4 - t3})
+                          {"read_s": t1 - t0, "preprocess_s": t2 - t1, "inference_s": t3 - t2, "invert_s": t4 - t3},
+                          labels=labels)
 
 
 def _read_named(path: Union[str, os.PathLike], name: str) -> sitk.Image:

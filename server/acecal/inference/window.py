@@ -2,16 +2,35 @@
 
 Training validation, ``acecal evaluate`` and the server's predictor all call :func:`sliding_window_logits`, so the
 numbers a model card states are produced by the same code that serves the model.
+
+Two-head networks (``acecal.networks.SegResNetTwoHead``) give ``(B, 2C, ...)``: segmentation logits, then calibration
+logits; split them with :func:`acecal.networks.split_heads`. A temperature or calibrator acts on the calibration half
+only; the label map comes from the segmentation half.
+
+Flip test-time augmentation (the bundle's ``tta``, overridable per call): the softmax is averaged over flipped copies
+of the whole model-space image (each run through the sliding window and flipped back), per head; the result is
+returned as log-probabilities ``log(mean softmax)``, which are valid logits (their softmax is the average). Flipping
+changes the label map, so TTA is a property of the served model, not a post-hoc calibration step.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Optional
 
 import torch
 from monai.inferers import SlidingWindowInferer
 
 from acecal.bundles import BundleConfig
+from acecal.networks import is_two_head, split_heads
+
+#: test-time augmentation name -> the spatial axes (of a (B, C, x, y, z) tensor) flipped in each pass
+TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "none": ((),),
+    "axis_flips": ((), (2,), (3,), (4,)),
+    "all_flips": tuple(c for r in range(4) for c in itertools.combinations((2, 3, 4), r)),
+}
 
 
 def make_inferer(config: BundleConfig, *, overlap: Optional[float] = None, sw_batch_size: Optional[int] = None,
@@ -27,6 +46,13 @@ def make_inferer(config: BundleConfig, *, overlap: Optional[float] = None, sw_ba
     )
 
 
+def _log_softmax_heads(logits: torch.Tensor, num_classes: int, two_head: bool) -> torch.Tensor:
+    if not two_head:
+        return torch.log_softmax(logits, dim=1)
+    seg, cal = split_heads(logits, num_classes)
+    return torch.cat([torch.log_softmax(seg, dim=1), torch.log_softmax(cal, dim=1)], dim=1)
+
+
 @torch.no_grad()
 def sliding_window_logits(
     network: torch.nn.Module,
@@ -36,25 +62,51 @@ def sliding_window_logits(
     temperature: Optional[float] = None,
     overlap: Optional[float] = None,
     inferer: Optional[SlidingWindowInferer] = None,
+    tta: Optional[str] = None,
 ) -> torch.Tensor:
-    """Logits (B, num_classes, x, y, z) for a normalised model-space image (B, in_channels, x, y, z).
+    """Logits (B, num_classes, x, y, z) for a normalised model-space image (B, in_channels, x, y, z); (B, 2 x
+    num_classes, x, y, z) for a two-head network (segmentation, then calibration logits).
 
     Args:
-        temperature: divide the logits by this (post-hoc temperature scaling); None or 1 leaves them unchanged.
+        temperature: divide the logits by this (post-hoc temperature scaling; a two-head network's calibration logits
+            only); None or 1 leaves them unchanged.
         overlap: override the bundle's sliding-window overlap.
+        tta: "none", "axis_flips" or "all_flips" (see :data:`TTA_FLIPS`); None = the bundle's ``tta``. With flips
+            the result is ``log(mean softmax)`` per head.
 
     Runs under autocast on CUDA (the logits come back as float32).
     """
     if image.ndim != 5:
         raise ValueError(f"expected an image of shape (B, C, x, y, z), got {tuple(image.shape)}")
+    tta = config.tta if tta is None else tta
+    if tta not in TTA_FLIPS:
+        raise ValueError(f"unknown test-time augmentation {tta!r}; choose one of {', '.join(TTA_FLIPS)}")
     device = next(network.parameters()).device
     image = image.to(device)
     inferer = inferer or make_inferer(config, overlap=overlap)
-    with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
-        out = inferer(image, network)
-    if isinstance(out, (list, tuple)):  # SegResNetDS with deep supervision returns the full-resolution head first
-        out = out[0]
-    out = out.float()
+    two_head = is_two_head(config)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
+            y = inferer(x, network)
+        if isinstance(y, (list, tuple)):  # SegResNetDS with deep supervision returns the full-resolution head first
+            y = y[0]
+        return y.float()
+
+    flips = TTA_FLIPS[tta]
+    if len(flips) == 1:
+        out = run(image)
+    else:  # running log-sum-exp of the per-flip log-softmax: no stack of all passes in memory
+        out = None
+        for dims in flips:
+            y = run(image.flip(dims)).flip(dims) if dims else run(image)
+            y = _log_softmax_heads(y, config.num_classes, two_head)
+            out = y if out is None else torch.logaddexp(out, y)
+        out = out - math.log(len(flips))
     if temperature is not None and temperature != 1.0:
-        out = out / float(temperature)
+        if two_head:
+            seg, cal = split_heads(out, config.num_classes)
+            out = torch.cat([seg, cal / float(temperature)], dim=1)
+        else:
+            out = out / float(temperature)
     return out

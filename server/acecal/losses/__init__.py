@@ -8,6 +8,8 @@ Public API::
     HardL1ACEandDiceCELoss, SoftL1ACEandDiceCELoss    paper configurations (0.33 ACE + 0.33 Dice + 0.33 CE)
     HardL1ACEandDiceLoss, SoftL1ACEandDiceLoss        0.5 ACE + 0.5 Dice
     HardL1ACEandCELoss, SoftL1ACEandCELoss            0.5 ACE + 0.5 CE
+    DicePlusPlusLoss, DicePlusPlusCELoss              DSC++ (Yeung et al. 2023), alone and with CE
+    TwoHeadLoss                                       Dice+CE on a segmentation head, CE + L1-ACE on a calibration head
     build_loss(name, num_classes, **overrides), LOSS_NAMES   training losses by name: loss(logits, label_map)
 
 Typical training use::
@@ -29,10 +31,15 @@ from .combined import (
     SoftL1ACEandDiceCELoss,
     SoftL1ACEandDiceLoss,
 )
-from .registry import LOSS_NAMES, NACLandDiceLoss, build_loss
+from .dicepp import DicePlusPlusCELoss, DicePlusPlusLoss
+from .registry import LOSS_NAMES, TWO_HEAD_LOSSES, NACLandDiceLoss, build_loss
+from .twohead import TwoHeadLoss
 
 __all__ = [
     "LOSS_NAMES",
+    "TWO_HEAD_LOSSES",
+    "DicePlusPlusCELoss",
+    "DicePlusPlusLoss",
     "HardL1ACELoss",
     "HardL1ACEandCELoss",
     "HardL1ACEandDiceCELoss",
@@ -42,6 +49,7 @@ __all__ = [
     "SoftL1ACEandCELoss",
     "SoftL1ACEandDiceCELoss",
     "SoftL1ACEandDiceLoss",
+    "TwoHeadLoss",
     "build_loss",
     "hard_binned_calibration",
     "soft_binned_calibration",

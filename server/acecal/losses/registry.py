@@ -13,7 +13,15 @@ name                     loss
 ``softl1ace_dice_ce``    :class:`SoftL1ACEandDiceCELoss`, 0.33 / 0.33 / 0.33, ``to_onehot_y``, ``softmax``
 ``labelsmooth_dice_ce``  the baseline with ``label_smoothing=0.1`` in its cross-entropy
 ``nacl_dice``            MONAI ``NACLLoss`` (CE + neighbour-aware logit penalty) plus the baseline's Dice
+``dicepp_ce``            :class:`DicePlusPlusCELoss`: the baseline with its Dice replaced by DSC++ (gamma 2;
+                         Yeung et al., J Digit Imaging 2023)
+``twohead_dice_ce_softace``  two-head networks only (logits ``(B, 2C, ...)``): :class:`TwoHeadLoss`, the baseline
+                         Dice+CE on the segmentation head, CE + 2 x soft L1-ACE (20 bins) on the calibration head
+``twohead_dice_ce_hardace``  the same with hard-binned L1-ACE
 =======================  =================================================================================
+
+The two-head losses take ``(B, 2C, spatial...)`` logits (segmentation then calibration channels, see
+:func:`acecal.networks.split_heads`); :data:`TWO_HEAD_LOSSES` lists them.
 """
 
 from __future__ import annotations
@@ -26,8 +34,10 @@ from monai.losses import DiceCELoss, DiceLoss, NACLLoss
 from torch.nn.modules.loss import _Loss
 
 from .combined import HardL1ACEandDiceCELoss, SoftL1ACEandDiceCELoss
+from .dicepp import DicePlusPlusCELoss
+from .twohead import TwoHeadLoss
 
-__all__ = ["LOSS_NAMES", "NACLandDiceLoss", "build_loss"]
+__all__ = ["LOSS_NAMES", "NACLandDiceLoss", "TWO_HEAD_LOSSES", "build_loss"]
 
 LOSS_NAMES: tuple[str, ...] = (
     "baseline_dice_ce",
@@ -35,7 +45,12 @@ LOSS_NAMES: tuple[str, ...] = (
     "softl1ace_dice_ce",
     "labelsmooth_dice_ce",
     "nacl_dice",
+    "dicepp_ce",
+    "twohead_dice_ce_softace",
+    "twohead_dice_ce_hardace",
 )
+#: losses of two-head networks: logits (B, 2C, spatial...)
+TWO_HEAD_LOSSES: tuple[str, ...] = ("twohead_dice_ce_softace", "twohead_dice_ce_hardace")
 
 _BASELINE_DICE_CE: dict[str, Any] = {
     "include_background": True,
@@ -107,10 +122,12 @@ class _RegistryLoss(_Loss):
     classes with clear messages, then calls ``self.loss``. Label values are checked by the ACE losses (one fused
     check); for the MONAI losses they are checked here with one reduction."""
 
-    def __init__(self, name: str, num_classes: int, loss: torch.nn.Module, check_labels: bool) -> None:
+    def __init__(self, name: str, num_classes: int, loss: torch.nn.Module, check_labels: bool,
+                 channels: int | None = None) -> None:
         super().__init__()
         self.name = name
         self.num_classes = num_classes
+        self.channels = channels or num_classes  # logit channels: 2C for the two-head losses
         self.loss = loss
         self.check_labels = check_labels
 
@@ -118,9 +135,10 @@ class _RegistryLoss(_Loss):
         who = f"loss {self.name!r}"
         if not isinstance(logits, torch.Tensor) or not isinstance(label_map, torch.Tensor):
             raise ValueError(f"{who}: logits and label_map must be torch.Tensor.")
-        if logits.ndim < 3 or logits.shape[1] != self.num_classes:
+        if logits.ndim < 3 or logits.shape[1] != self.channels:
+            two = " (a two-head loss: segmentation then calibration logits)" if self.channels != self.num_classes else ""
             raise ValueError(
-                f"{who}: logits must have shape (B, {self.num_classes}, spatial...), got {tuple(logits.shape)}."
+                f"{who}: logits must have shape (B, {self.channels}, spatial...){two}, got {tuple(logits.shape)}."
             )
         expected = (logits.shape[0], 1, *logits.shape[2:])
         if tuple(label_map.shape) != expected:
@@ -155,7 +173,9 @@ def build_loss(name: str, num_classes: int, **overrides: Any) -> torch.nn.Module
             (e.g. ``lambda_dice``, ``label_smoothing``); ``hardl1ace_dice_ce`` / ``softl1ace_dice_ce``: the combined
             loss's arguments (``ace_weight``, ``dice_weight``, ``ce_weight``, ``ace_params``, ``dice_params``,
             ``ce_params``); ``nacl_dice``: :class:`NACLandDiceLoss` arguments (``spatial_dims``, ``nacl_weight``,
-            ``dice_weight``, ``nacl_params``, ``dice_params``).
+            ``dice_weight``, ``nacl_params``, ``dice_params``); ``dicepp_ce``: :class:`DicePlusPlusCELoss`
+            arguments (``gamma``, ``dice_weight``, ``ce_weight``, ...); ``twohead_*``: :class:`TwoHeadLoss`
+            arguments (``ace_weight``, ``ce_weight``, ``calibration_weight``, ``num_bins``, ``ace_params``).
 
     Returns:
         a ``torch.nn.Module``; its ``.loss`` attribute is the underlying loss.
@@ -175,8 +195,15 @@ def build_loss(name: str, num_classes: int, **overrides: Any) -> torch.nn.Module
         elif name in ("hardl1ace_dice_ce", "softl1ace_dice_ce"):
             cls = HardL1ACEandDiceCELoss if name == "hardl1ace_dice_ce" else SoftL1ACEandDiceCELoss
             loss = cls(**{"to_onehot_y": True, "softmax": True, **overrides})
+        elif name == "dicepp_ce":
+            loss = DicePlusPlusCELoss(**overrides)
+        elif name in TWO_HEAD_LOSSES:
+            binning = "soft" if name == "twohead_dice_ce_softace" else "hard"
+            loss = TwoHeadLoss(DiceCELoss(**_BASELINE_DICE_CE), num_classes, binning=binning, **overrides)
         else:
             loss = NACLandDiceLoss(num_classes, **overrides)
     except TypeError as err:  # unexpected keyword argument
         raise ValueError(f"loss {name!r}: bad override: {err}") from None
-    return _RegistryLoss(name, num_classes, loss, check_labels=name not in ("hardl1ace_dice_ce", "softl1ace_dice_ce"))
+    channels = 2 * num_classes if name in TWO_HEAD_LOSSES else num_classes
+    return _RegistryLoss(name, num_classes, loss, check_labels=name not in ("hardl1ace_dice_ce", "softl1ace_dice_ce"),
+                         channels=channels)

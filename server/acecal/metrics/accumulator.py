@@ -224,7 +224,8 @@ class CalibrationAccumulator:
         return ids
 
     def update(self, probs: torch.Tensor, labels: torch.Tensor,
-               case_id: Union[None, str, Sequence[str]] = None) -> List[str]:
+               case_id: Union[None, str, Sequence[str]] = None, *,
+               predicted: Optional[torch.Tensor] = None) -> List[str]:
         """Add a batch of images (or tiles/chunks of images).
 
         Args:
@@ -233,6 +234,9 @@ class CalibrationAccumulator:
             case_id: one id per image (a str when B == 1, a sequence otherwise); None makes new ids. An id that is
                 already present *adds* to that case: feed disjoint pieces of one image under one id (for sliding
                 windows: stitched probabilities, never overlapping raw tiles, so no voxel counts twice).
+            predicted: the predicted label map (B, 1, spatial...) the Dice is scored on; None = the argmax of
+                ``probs``. A two-head network's segmentation head gives the labels and its calibration head the
+                probabilities, so the two can differ.
 
         Returns:
             The case ids used.
@@ -251,7 +255,7 @@ class CalibrationAccumulator:
             target = labels.detach()
         else:
             target = labels.detach().reshape(probs.shape[0], 1, *probs.shape[2:])
-        tp, n_pred, n_target = dice_counts(probs, target, self.num_classes)
+        tp, n_pred, n_target = dice_counts(probs if predicted is None else predicted, target, self.num_classes)
         f = self.first_channel
         ids = self._ids(case_id, probs.shape[0])
         for i, cid in enumerate(ids):

@@ -50,6 +50,9 @@ class TrainConfig(BaseModel):
                           "smaller than the ROI can cost a lot of Dice at inference (docs/training.md)")
     sw_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     sw_batch_size: int = Field(4, ge=1)
+    tta: Literal["none", "axis_flips", "all_flips"] = Field(
+        "none", description="flip test-time augmentation stored in the bundle (served, and the final validation pass; "
+                            "the per-epoch validation runs without it)")
 
     # --- fine-tuning -----------------------------------------------------------------------------------------------
     base: Optional[str] = Field(None, description="bundle id or folder to start from (fine-tuning)")
@@ -148,7 +151,8 @@ class TrainConfig(BaseModel):
         """The settings that change the trained weights (compared on resume)."""
         skip = {"resume", "stop_after_epochs", "time_limit_minutes", "out_dir", "log_file", "overwrite", "description",
                 "fit_temperature", "uncertainty_accuracy", "half_precision", "publish", "command", "num_workers",
-                "num_threads", "work_dir", "data_source", "data_licence", "epochs", "val_every", "device", "amp", "cpu_bf16"}
+                "num_threads", "work_dir", "data_source", "data_licence", "epochs", "val_every", "device", "amp", "cpu_bf16",
+                "tta"}
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
 
 

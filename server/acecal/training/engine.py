@@ -31,6 +31,7 @@ from acecal.bundles import Bundle, BundleConfig, LossRecord, ModelRegistry, buil
 from acecal.bundles.registry import default_data_dir
 from acecal.data.datasets import DatasetError, DatasetInfo, discover_dataset, split_cases, validate_cases
 from acecal.errors import ACECalError, InvalidInputError
+from acecal.networks import is_two_head
 from acecal.training import ddp
 from acecal.training.config import TrainConfig
 from acecal.training.progress import CancelToken, ProgressCallback, Reporter, is_cancelled
@@ -173,6 +174,18 @@ def _check_sizes(bc: BundleConfig, patch: tuple) -> None:
                                     f"{'x'.join(str(-(-int(s) // f) * f) for s in size)}")
 
 
+def _check_heads(bc: BundleConfig, loss: str) -> None:
+    """A two-head network (outputs 2C channels) trains with a two-head loss, and only with one."""
+    from acecal.losses.registry import TWO_HEAD_LOSSES
+
+    if is_two_head(bc) and loss not in TWO_HEAD_LOSSES:
+        raise InvalidInputError(f"the {bc.network.name} network has a segmentation and a calibration head: train it "
+                                f"with a two-head loss ({', '.join(TWO_HEAD_LOSSES)}), not {loss!r}")
+    if loss in TWO_HEAD_LOSSES and not is_two_head(bc):
+        raise InvalidInputError(f"the loss {loss!r} trains a two-head network: use --network SegResNetTwoHead "
+                                f"(the {bc.network.name} network has one head)")
+
+
 def _model_space(cfg: TrainConfig, model_id: str, labels: dict[str, str], base: Optional[Bundle]) -> BundleConfig:
     loss = LossRecord(name=cfg.loss, params=dict(cfg.loss_params))
     if base is not None:
@@ -182,11 +195,12 @@ def _model_space(cfg: TrainConfig, model_id: str, labels: dict[str, str], base: 
             in_channels=b.in_channels, modality=b.modality, spacing=b.spacing, orientation=b.orientation,
             intensity=b.intensity, roi_size=b.roi_size, sw_overlap=b.sw_overlap, sw_mode=b.sw_mode,
             sw_batch_size=b.sw_batch_size, loss=loss, parent=b.id, uncertainty_threshold=b.uncertainty_threshold,
+            tta=b.tta,
         )
     return BundleConfig(
         id=model_id, description=cfg.description, network=cfg.network, labels=labels, in_channels=cfg.in_channels,
         modality=cfg.modality, spacing=cfg.spacing, orientation=cfg.orientation, intensity=cfg.intensity,
-        roi_size=cfg.roi_size, sw_overlap=cfg.sw_overlap, sw_batch_size=cfg.sw_batch_size, loss=loss,
+        roi_size=cfg.roi_size, sw_overlap=cfg.sw_overlap, sw_batch_size=cfg.sw_batch_size, loss=loss, tta=cfg.tta,
     )
 
 
@@ -289,10 +303,14 @@ class Engine:
         reporter = Reporter(log_file, self.progress, self.show_progress, enabled=ctx.is_main)
         bc = _model_space(cfg, model_id, labels, base)
         _check_sizes(bc, tuple(cfg.patch_size or bc.roi_size))
+        _check_heads(bc, cfg.loss)
         loss_fn = build_loss(cfg.loss, bc.num_classes, cfg.loss_params).to(ctx.device)
-        # ACE after a Dice+CE warm-up: the first loss_warmup_epochs train with the baseline loss
-        warmup_loss_fn = (build_loss("baseline_dice_ce", bc.num_classes, {}).to(ctx.device)
-                          if cfg.loss_warmup_epochs else loss_fn)
+        # ACE after a Dice+CE warm-up: the first loss_warmup_epochs train with the baseline loss (two heads: the same
+        # two-head loss without its ACE term)
+        warmup_loss_fn = loss_fn
+        if cfg.loss_warmup_epochs:
+            warmup_loss_fn = (build_loss(cfg.loss, bc.num_classes, {**cfg.loss_params, "ace_weight": 0.0})
+                              if is_two_head(bc) else build_loss("baseline_dice_ce", bc.num_classes, {})).to(ctx.device)
         split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
         train_cases, val_cases = split_cases(info.cases, val_fraction=cfg.val_fraction, seed=split_seed,
                                              val_cases=cfg.val_cases)
@@ -332,7 +350,10 @@ class Engine:
 
         # ---- model, loss, optimiser
         set_determinism(seed=cfg.seed)
-        net = build_network(bc)
+        try:
+            net = build_network(bc)
+        except (TypeError, ValueError) as e:  # network arguments the class refuses
+            raise InvalidInputError(f"bad network settings for {bc.network.name}: {e}") from None
         if base is not None:
             net.load_state_dict(base.state_dict(), strict=True)
         frozen: list[torch.nn.Module] = []
@@ -419,7 +440,8 @@ class Engine:
                 val = None
                 if val_cases and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
                     # under DDP a cancel is honoured at the next training step (all ranks agree there)
-                    vp = run_pass(ddp.unwrap(model), _items(val_ds), bc,
+                    # without test-time augmentation (the final pass before publishing uses the bundle's)
+                    vp = run_pass(ddp.unwrap(model), _items(val_ds), bc, tta="none",
                                   cancel=None if ctx.distributed else self.cancel)
                     vp = reduce_pass(vp, ctx)
                     val = summarise(vp)

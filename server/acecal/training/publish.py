@@ -66,7 +66,11 @@ def publish(
         if cfg.fit_temperature:
             from acecal.calibration import fit_temperature
 
-            pairs = [(z[0], y[0]) for z, y in zip(vp.logits, vp.labels)]
+            from acecal.networks import is_two_head, split_heads
+
+            # a two-head network's temperature scales its calibration head only
+            pairs = [(split_heads(z, bc.num_classes, two_head=is_two_head(bc))[1][0], y[0])
+                     for z, y in zip(vp.logits, vp.labels)]
             fitted = float(fit_temperature(pairs))
             vt = run_pass(evalnet, val_items(), bc, temperature=fitted, cancel=cancel)
             mt = summarise(vt)

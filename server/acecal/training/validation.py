@@ -6,6 +6,10 @@ pass before publishing (temperature fitting, uncertainty threshold) and ``acecal
 Metrics: macro over foreground classes (background excluded) with ``M = 20`` hard bins, through
 ``acecal.metrics.CalibrationAccumulator``. Besides it we keep a top-label histogram (confidence = max softmax
 probability, correct = argmax equals the label), which sets the bundle's ``uncertainty_threshold``.
+
+Two-head networks: the label map (Dice, "correct") is the segmentation head's argmax; the probabilities (ACE, ECE,
+MCE, the confidence of the top-label bins = the calibration head's probability of that label) are the calibration
+head's, as served.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 
 from acecal.bundles import BundleConfig
 from acecal.inference.window import sliding_window_logits
+from acecal.networks import is_two_head, split_heads
 from acecal.training.ddp import DistContext
 from acecal.training.progress import CancelToken, is_cancelled
 
@@ -44,9 +49,17 @@ def make_accumulator(num_classes: int, num_bins: int = NUM_BINS, class_names=Non
     return CalibrationAccumulator(num_classes, num_bins=num_bins, include_background=False, class_names=class_names)
 
 
-def top_label_bins(probs: torch.Tensor, label: torch.Tensor, num_bins: int = NUM_BINS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts and correct counts per top-label confidence bin, bins (k/M, (k+1)/M] as the calibration metrics use."""
-    conf, pred = probs.max(dim=1)  # (B, ...)
+def top_label_bins(probs: torch.Tensor, label: torch.Tensor, num_bins: int = NUM_BINS,
+                   predicted: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts and correct counts per top-label confidence bin, bins (k/M, (k+1)/M] as the calibration metrics use.
+
+    ``predicted`` (B, 1, ...): the served label map when it is not the argmax of ``probs`` (two heads); the confidence
+    is then the probability of that label."""
+    if predicted is None:
+        conf, pred = probs.max(dim=1)  # (B, ...)
+    else:
+        pred = predicted[:, 0].long()
+        conf = probs.gather(1, predicted.long()).squeeze(1)
     correct = pred == label.reshape(pred.shape).long()
     idx = (torch.ceil(conf.double() * num_bins).long() - 1).clamp_(0, num_bins - 1).reshape(-1)
     counts = torch.bincount(idx, minlength=num_bins)
@@ -88,12 +101,16 @@ def run_pass(
     collect_logits: bool = False,
     cancel: CancelToken = None,
     on_case: Optional[Any] = None,
+    tta: Optional[str] = None,
 ) -> PassResult:
     """Run the network over ``items`` ({"image": (1, Cin, ...), "label": (1, 1, ...), "case": name}) in model space.
 
-    Logits from :func:`acecal.inference.window.sliding_window_logits` (the serving path), divided by ``temperature``
-    when given, softmax, then the accumulator (one update per case, ``case_id`` = the case name).
+    Logits from :func:`acecal.inference.window.sliding_window_logits` (the serving path; ``tta`` None = the bundle's
+    test-time augmentation), divided by ``temperature`` when given, softmax, then the accumulator (one update per
+    case, ``case_id`` = the case name). Two-head networks: Dice of the segmentation head's labels, calibration of the
+    calibration head's probabilities; ``collect_logits`` keeps the whole (1, 2C, ...) output.
     """
+    two_head = is_two_head(config)
     was_training = network.training
     network.eval()
     acc = make_accumulator(config.num_classes, class_names=config.class_names)
@@ -112,11 +129,14 @@ def run_pass(
                 name = name[0]
             if hasattr(image, "as_tensor"):  # MetaTensor -> plain tensor (no per-op metadata overhead)
                 image, label = image.as_tensor(), label.as_tensor()
-            logits = sliding_window_logits(network, image, config, temperature=temperature)
-            probs = torch.softmax(logits, dim=1)
+            logits = sliding_window_logits(network, image, config, temperature=temperature, tta=tta)
+            seg_logits, cal_logits = split_heads(logits, config.num_classes, two_head=two_head)
+            probs = torch.softmax(cal_logits, dim=1)
+            predicted = seg_logits.argmax(dim=1, keepdim=True) if two_head else None
             lab = torch.as_tensor(label).to(probs.device).long()
-            acc.update(probs.cpu(), lab.cpu(), case_id=str(name))
-            c, r = top_label_bins(probs, lab)
+            acc.update(probs.cpu(), lab.cpu(), case_id=str(name),
+                       predicted=None if predicted is None else predicted.cpu())
+            c, r = top_label_bins(probs, lab, predicted=predicted)
             counts += c
             right += r
             out.cases.append(str(name))
