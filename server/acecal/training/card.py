@@ -47,6 +47,11 @@ def schedule_extensions(history: list[dict]) -> list[tuple[int, int, int]]:
     return out
 
 
+_TTA_NOTE = {"none": "none (one pass)",
+             "axis_flips": "softmax averaged over the identity and the 3 single-axis flips (served and measured so)",
+             "all_flips": "softmax averaged over all 8 flip combinations (served and measured so)"}
+
+
 def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
     t, m = bc.training or {}, bc.metrics or {}
     data = t.get("data", {})
@@ -61,7 +66,11 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
         "",
         "## Model",
         "",
-        f"- Network: `{bc.network.name}` {bc.network.args}; {bc.in_channels} input channel(s), {bc.num_classes} classes.",
+        f"- Network: `{bc.network.name}` {bc.network.args}; {bc.in_channels} input channel(s), {bc.num_classes} classes."
+        + (" Two heads on one decoder: the label map is the segmentation head's argmax; the probabilities, confidence "
+           "(the calibration head's probability of the served label), uncertainty and flags are the calibration "
+           "head's (`acecal.networks.SegResNetTwoHead`)." if bc.network.name == "SegResNetTwoHead" else ""),
+        f"- Test-time augmentation: {_TTA_NOTE.get(bc.tta, bc.tta)}.",
         "- Labels: " + ", ".join(f"{k} = {v}" for k, v in bc.labels.items()),
         f"- Model space: orientation {bc.orientation}, spacing {tuple(bc.spacing)} mm, intensity `{bc.intensity.mode}`.",
         f"- Sliding window: ROI {tuple(bc.roi_size)}, overlap {bc.sw_overlap}, {bc.sw_mode} blending.",
