@@ -47,11 +47,16 @@ class InferenceOptions:
 
     uncertainty_threshold: Optional[float] = None
     overlap: Optional[float] = None
-    use_temperature: bool = True
+    use_temperature: bool = True  # the older name of use_calibrator (used when that is None)
     band_mm: Optional[float] = None
     band_voxels: float = DEFAULT_BAND_VOXELS
     min_region_voxels: int = DEFAULT_MIN_REGION_VOXELS
     connectivity: int = DEFAULT_CONNECTIVITY
+    use_calibrator: Optional[bool] = None  # apply the bundle's calibrator; None = use_temperature
+
+    def calibrate(self) -> bool:
+        """Whether the bundle's post-hoc calibrator is applied."""
+        return bool(self.use_temperature if self.use_calibrator is None else self.use_calibrator)
     tta: Optional[str] = None  # flip test-time augmentation: none | axis_flips | all_flips; None = the bundle's
 
     def effective(self, config: BundleConfig) -> dict:
@@ -60,7 +65,8 @@ class InferenceOptions:
             "uncertainty_threshold": float(self.uncertainty_threshold if self.uncertainty_threshold is not None
                                            else config.uncertainty_threshold),
             "overlap": float(self.overlap if self.overlap is not None else config.sw_overlap),
-            "use_temperature": bool(self.use_temperature),
+            "use_temperature": self.calibrate(),
+            "use_calibrator": self.calibrate(),
             "band_mm": None if self.band_mm is None else float(self.band_mm),
             "band_voxels": float(self.band_voxels),
             "min_region_voxels": int(self.min_region_voxels),
@@ -122,6 +128,7 @@ def analyse(probs: np.ndarray, grid: Grid, config: BundleConfig, options: Infere
     summary = summarize(labels, confidence, flags, grid, names)
     summary["region_count"] = n
     summary["temperature"] = temperature
+    summary["calibrator"] = _calibrator_kind(config) if options.calibrate() else None
     times = dict(timings or {})
     times["analyse_s"] = time.perf_counter() - t0
     report = {
@@ -136,11 +143,18 @@ def analyse(probs: np.ndarray, grid: Grid, config: BundleConfig, options: Infere
     return InferenceOutput(grid, labels, confidence, uncertainty, flags, report)
 
 
+def _calibrator_kind(config: BundleConfig) -> Optional[str]:
+    """The kind of post-hoc calibrator the bundle applies when switched on (the ``temperature`` field counts)."""
+    if config.calibrator is not None:
+        return config.calibrator.kind
+    return "temperature" if config.temperature not in (None, 1.0) else None
+
+
 def run_inference(predictor, image: Union[str, os.PathLike], options: Optional[InferenceOptions] = None) -> InferenceOutput:
     """In-process inference of one image file: the same result the server gives for it."""
     options = options or InferenceOptions()
     t0 = time.perf_counter()
-    pred = predictor.predict(image, overlap=options.overlap, use_temperature=options.use_temperature, tta=options.tta)
+    pred = predictor.predict(image, overlap=options.overlap, use_calibrator=options.calibrate(), tta=options.tta)
     out = analyse(pred.probs, pred.grid, predictor.config, options, temperature=pred.temperature,
                   model_id=predictor.bundle.id, timings=pred.timings, labels=pred.labels)
     out.report["timings"]["total_s"] = round(time.perf_counter() - t0, 4)

@@ -4,11 +4,16 @@ The path (one chain shared with training, see :mod:`acecal.data.transforms`)::
 
     read + validate (SimpleITK)  ->  MetaTensor (C, x, y, z), RAS affine
     -> model space: orientation, spacing, intensity normalisation     (model_space_transforms)
-    -> sliding-window logits / temperature -> softmax                (acecal.inference.window)
+    -> sliding-window logits -> the bundle's calibrator -> softmax    (acecal.inference.window, acecal.calibration)
     -> MONAI Invertd: back through the spacing and orientation steps onto the input grid (bilinear on probabilities)
 
 The three stages are separate methods so the server can run the device stage on its device queue and the CPU
 stages elsewhere; :meth:`Predictor.predict` runs them in a row for in-process use.
+
+The calibrator (``bundle.json``'s ``calibrator``, or its older ``temperature``; see
+:func:`acecal.calibration.load_calibrator`) rescales the model-space logits by a positive temperature per voxel right
+after the sliding window: the label map is the network's own. It is applied by default; ``use_calibrator=False``
+(constructor or per call; ``use_temperature`` is the older name of the same switch) serves the raw softmax.
 
 Two-head bundles (``acecal.networks.SegResNetTwoHead``): :meth:`Predictor.forward` and :meth:`Predictor.postprocess`
 carry ``2C`` channels, the segmentation head's softmax then the calibration head's (each sums to 1; both go back to
@@ -39,6 +44,7 @@ from acecal.inference.window import sliding_window_logits
 from acecal.networks import is_two_head, split_heads
 
 PRED = "pred"
+_NOT_LOADED = object()
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -57,10 +63,11 @@ class Prediction:
 
     probs: np.ndarray  # (C, z, y, x) float32, summing to 1 over C: the served (calibration head's) probabilities
     grid: Grid
-    temperature: Optional[float]  # the temperature applied, None when none was
+    temperature: Optional[float]  # the global temperature applied, None when none was
     timings: dict[str, float] = field(default_factory=dict)
     # (z, y, x) the served label map when it is not argmax(probs): a two-head network's segmentation head; else None
     labels: Optional[np.ndarray] = None
+    calibrator: Optional[str] = None  # the kind of calibrator applied, None when none was
 
 
 class Predictor:
@@ -69,12 +76,14 @@ class Predictor:
     The network is loaded lazily, on first use, under a lock: constructing a Predictor is cheap.
     """
 
-    def __init__(self, bundle: Bundle, device: Union[str, torch.device] = "cpu"):
+    def __init__(self, bundle: Bundle, device: Union[str, torch.device] = "cpu", *, use_calibrator: bool = True):
         self.bundle = bundle
         self.config = bundle.config
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
         self.transforms = model_space_transforms(self.config, label_key=None, load=False)
+        self.use_calibrator = bool(use_calibrator)  # the default of the per-call switch
         self._network: Optional[torch.nn.Module] = None
+        self._calibrator: Any = _NOT_LOADED
         self._lock = threading.Lock()
 
     @property
@@ -84,6 +93,32 @@ class Predictor:
                 if self._network is None:
                     self._network = self.bundle.load_network(self.device)
         return self._network
+
+    @property
+    def calibrator(self):
+        """The bundle's calibrator (an ``acecal.calibration.Calibrator`` on the device), None when it has none."""
+        if self._calibrator is _NOT_LOADED:
+            with self._lock:
+                if self._calibrator is _NOT_LOADED:
+                    from acecal.calibration import load_calibrator
+
+                    self._calibrator = load_calibrator(self.bundle, self.device)
+        return self._calibrator
+
+    def calibrating(self, use_calibrator: Optional[bool] = None, use_temperature: Optional[bool] = None) -> bool:
+        """Whether a call applies the calibrator: ``use_calibrator``, else its alias ``use_temperature``, else the
+        predictor's default."""
+        on = use_calibrator if use_calibrator is not None else use_temperature
+        return self.use_calibrator if on is None else bool(on)
+
+    def calibrated_logits(self, logits: torch.Tensor, image: Optional[torch.Tensor], *,
+                          use_calibrator: bool = True) -> torch.Tensor:
+        """(B, C, x, y, z) model-space logits after the bundle's calibrator (unchanged without one or when off).
+
+        ``image`` (B, Cin, x, y, z): the normalised model-space image the logits came from.
+        """
+        cal = self.calibrator if use_calibrator else None
+        return logits if cal is None else cal.calibrate(logits, image)
 
     # --- stage 1: CPU ------------------------------------------------------------------------------------------
     def load_image(self, path: Union[str, os.PathLike], *, name: Optional[str] = None) -> sitk.Image:
@@ -116,26 +151,36 @@ class Predictor:
 
     # --- stage 2: device ---------------------------------------------------------------------------------------
     def temperature(self, use_temperature: bool = True) -> Optional[float]:
-        t = self.config.temperature
-        return float(t) if (use_temperature and t is not None and t != 1.0) else None
+        """The global temperature a call applies (``use_temperature``: the calibrator switch); None when the
+        calibrator is off, absent or not a single temperature."""
+        from acecal.calibration import TemperatureCalibrator
+
+        cal = self.calibrator if use_temperature else None
+        return cal.value if isinstance(cal, TemperatureCalibrator) else None
+
+    def calibrator_kind(self, use_calibrator: bool = True) -> Optional[str]:
+        """The kind of calibrator a call applies (``temperature``, ``local_temperature``), None when none is."""
+        cal = self.calibrator if use_calibrator else None
+        return None if cal is None else cal.kind
 
     @property
     def two_head(self) -> bool:
         return is_two_head(self.config)
 
-    def forward(self, data: dict, *, overlap: Optional[float] = None, use_temperature: bool = True,
-                tta: Optional[str] = None) -> torch.Tensor:
+    def forward(self, data: dict, *, overlap: Optional[float] = None, use_temperature: Optional[bool] = None,
+                tta: Optional[str] = None, use_calibrator: Optional[bool] = None) -> torch.Tensor:
         """Class probabilities in model space, (C, x, y, z) float32 on the CPU; (2C, x, y, z) for a two-head bundle
         (segmentation softmax, then calibration softmax). ``tta``: flip test-time augmentation, None = the bundle's."""
         x = data[IMAGE]
-        logits = sliding_window_logits(self.network, x.as_tensor()[None] if hasattr(x, "as_tensor") else x[None],
-                                       self.config, temperature=self.temperature(use_temperature), overlap=overlap,
-                                       tta=tta)
-        if self.two_head:
+        image = x.as_tensor()[None] if hasattr(x, "as_tensor") else x[None]
+        logits = sliding_window_logits(self.network, image, self.config, overlap=overlap, tta=tta)
+        on = self.calibrating(use_calibrator, use_temperature)
+        if self.two_head:  # the calibrator acts on the calibration head's logits
             seg, cal = split_heads(logits, self.config.num_classes)
+            cal = self.calibrated_logits(cal, image, use_calibrator=on)
             probs = torch.cat([torch.softmax(seg, dim=1), torch.softmax(cal, dim=1)], dim=1)[0]
         else:
-            probs = torch.softmax(logits, dim=1)[0]
+            probs = torch.softmax(self.calibrated_logits(logits, image, use_calibrator=on), dim=1)[0]
         return probs.to("cpu", torch.float32)
 
     # --- stage 3: CPU ------------------------------------------------------------------------------------------
@@ -161,7 +206,8 @@ class Predictor:
 
     # --- all three -----------------------------------------------------------------------------------------------
     def predict(self, image: Union[str, os.PathLike, sitk.Image], *, overlap: Optional[float] = None,
-                use_temperature: bool = True, tta: Optional[str] = None) -> Prediction:
+                use_temperature: Optional[bool] = None, tta: Optional[str] = None,
+                use_calibrator: Optional[bool] = None) -> Prediction:
         """Probabilities on the input's exact grid for a file path or a SimpleITK image (two heads: the calibration
         head's probabilities and the segmentation head's label map)."""
         t0 = time.perf_counter()
@@ -171,7 +217,8 @@ class Predictor:
         t1 = time.perf_counter()
         data = self.preprocess(img)
         t2 = time.perf_counter()
-        probs_model = self.forward(data, overlap=overlap, use_temperature=use_temperature, tta=tta)
+        on = self.calibrating(use_calibrator, use_temperature)
+        probs_model = self.forward(data, overlap=overlap, tta=tta, use_calibrator=on)
         t3 = time.perf_counter()
         probs = self.postprocess(data, probs_model)
         t4 = time.perf_counter()
@@ -180,9 +227,9 @@ class Predictor:
             from acecal.inference.pipeline import split_served
 
             labels, probs = split_served(probs, self.config)
-        return Prediction(probs, grid_of(img), self.temperature(use_temperature),
+        return Prediction(probs, grid_of(img), self.temperature(on),
                           {"read_s": t1 - t0, "preprocess_s": t2 - t1, "inference_s": t3 - t2, "invert_s": t4 - t3},
-                          labels=labels)
+                          labels=labels, calibrator=self.calibrator_kind(on))
 
 
 def _read_named(path: Union[str, os.PathLike], name: str) -> sitk.Image:
