@@ -74,6 +74,18 @@ def test_evaluate_a_shipped_model_on_real_cases(tmp_path):
     assert rep["aggregate"]["dice"] > 0.75, rep["aggregate"]
     assert 0 < rep["aggregate"]["ace"] < 0.3
     assert set(rep["per_class"]) == {"Anterior", "Posterior"}
+    # the noise floor: a perfectly calibrated model with these probabilities would still score about 0.04 on
+    # structures of ~1.7k voxels; part of the ACE is removable
+    fl = rep["floor"]
+    assert 0.01 < fl["ace"] < rep["aggregate"]["ace"] and fl["removable_ace"] > 0
+    assert 0 < fl["micro"]["ace"] <= rep["micro"]["ace"]
+    assert all(0 < c["floor_ace"] < c["ace"] for c in rep["cases"])
+    # the served flags find most of the errors: low confidence ranks wrong voxels above right ones
+    ed = rep["error_detection"]
+    assert 0.7 < ed["auroc"] <= 1 and ed["auroc_max_error"] < 0.01
+    assert 0.5 < ed["recall"] <= 1 and 0.5 < ed["flagged_over_wrong"] < 10 and ed["wrong_voxels"] > 100
+    assert set(ed["per_class"]) == {"Anterior", "Posterior"} and all(0.5 < v["auroc"] <= 1 for v in ed["per_class"].values())
+    assert rep["space"] == "input grid" and rep["raw"] is False
     assert (out / "report.md").is_file() and (out / "dataset_reliability_histogram.png").is_file()
     assert len(list(out.rglob("reliability_*.png"))) == 2
 

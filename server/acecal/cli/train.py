@@ -227,13 +227,19 @@ def evaluate(
     images: Path = typer.Option(..., "--images", help="images folder"),
     labels: Path = typer.Option(..., "--labels", help="labels folder (same file names)"),
     out: Path = typer.Option(..., "--out", help="report folder (report.json, report.md, PNGs)"),
-    temperature: bool = typer.Option(False, "--temperature", help="apply the bundle's fitted temperature"),
+    raw: bool = typer.Option(False, "--raw", help="evaluate the network's own softmax (no post-hoc calibrator); "
+                                                  "default: the served probabilities"),
+    temperature: bool = typer.Option(False, "--temperature",
+                                     help="insist on the bundle's post-hoc calibrator (an error if it has none)"),
+    roi_radius: float = typer.Option(3.0, "--roi-radius", min=0, max=50,
+                                     help="error detection: foreground margin in voxel steps"),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="also look up ids in this models folder"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda"),
     no_plots: bool = typer.Option(False, "--no-plots", help="skip the PNG figures"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ):
-    """Evaluate a model on a labelled folder: Dice, ACE, ECE, MCE per case and per class, reliability figures."""
+    """Evaluate a model on a labelled folder as served: Dice, ACE (and its floor), ECE, MCE per case and per class,
+    whether the flags find the errors, reliability figures."""
     from acecal.errors import ACECalError
 
     try:
@@ -247,17 +253,20 @@ def evaluate(
             if not quiet:
                 typer.echo(f"[{e['index']}/{e['total']}] {e['case']}", err=True)
 
-        report = run_evaluate(model, images, labels, out, temperature=temperature, registry=ModelRegistry(dirs),
-                              device=device, plots=not no_plots, progress=show)
+        report = run_evaluate(model, images, labels, out, raw=raw, temperature=temperature, roi_radius=roi_radius,
+                              registry=ModelRegistry(dirs), device=device, plots=not no_plots, progress=show)
     except ACECalError as e:
         _fail(e.detail)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED)
-    a = report["aggregate"]
+    a, fl, ed = report["aggregate"], report["floor"], report["error_detection"]
 
-    def n(v):
-        return "n/a" if v is None else f"{v:.4f}"
+    def n(v, digits=4):
+        return "n/a" if v is None else f"{v:.{digits}f}"
 
-    typer.echo(f"{report['model']}: {report['num_cases']} cases  dice {n(a['dice'])}  ace {n(a['ace'])}  "
-               f"ece {n(a['ece'])}  mce {n(a['mce'])}")
+    typer.echo(f"{report['model']}{' (raw)' if report['raw'] else ''}: {report['num_cases']} cases  dice {n(a['dice'])}  "
+               f"ace {n(a['ace'])} (floor {n(fl['ace'])}, removable {n(fl['removable_ace'])})  ece {n(a['ece'])}  "
+               f"mce {n(a['mce'])}  micro ace {n(report['micro']['ace'])}")
+    typer.echo(f"flags: auroc {n(ed['auroc'], 3)}  recall {n(ed['recall'], 3)}  "
+               f"flagged/wrong {n(ed['flagged_over_wrong'], 2)}")
     typer.echo(f"report: {Path(out) / 'report.json'}")

@@ -1,9 +1,21 @@
 """``acecal evaluate``: a bundle on a labelled folder -> ``report.json``, reliability PNGs and ``report.md``.
 
-Each case goes through the bundle's model-space transforms (the chain shared with training and serving), the one
-sliding-window path, optional temperature, softmax, then the streaming :class:`acecal.metrics.CalibrationAccumulator`.
-Metrics are computed in model space (the bundle's orientation and spacing), as during validation, with 20 hard bins
-and the background excluded.
+It judges what the server serves. Each case goes through :meth:`acecal.inference.predictor.Predictor.predict` (model
+space, sliding window, the bundle's post-hoc calibrator, softmax, back onto the input grid) and
+:func:`acecal.inference.pipeline.analyse` (labels, confidence, flags with the bundle's threshold, band and minimum
+region): exactly the code behind ``/infer``. On the image's own grid (the input grid) it then measures
+
+* calibration (:class:`acecal.metrics.CalibrationAccumulator`): Dice of the served label map, ECE / ACE / MCE of the
+  served probabilities with 20 hard bins, background excluded, macro (per case over the classes present, then over
+  cases) and micro (voxels pooled);
+* the floor (:class:`acecal.metrics.floor.FloorAccumulator`): the expected ECE / ACE / MCE of a perfectly calibrated
+  model with the same probabilities (labels drawn from them), exact, and ``removable`` = ACE - floor;
+* error detection (:class:`acecal.metrics.error_detection.ErrorDetectionAccumulator`): AUROC of 1 - confidence for
+  "voxel is wrong" within the dilated foreground, recall of the wrong voxels by the flags, flagged / wrong volume.
+
+``raw=True`` evaluates the network's own softmax (the predictor's calibrator switch off). :class:`EvaluationAccumulator`
+is the per-case part, shared with docs/calibration_study.py. Memory: one case's volumes at a time, plus a few numbers
+per case and fixed-size histograms.
 """
 
 from __future__ import annotations
@@ -15,19 +27,35 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from acecal.bundles import ModelRegistry, resolve_bundle
+import numpy as np
+
+from acecal.bundles import BundleConfig, ModelRegistry, resolve_bundle
 from acecal.bundles.registry import default_data_dir, default_models_dir
 from acecal.data.datasets import discover_folders, validate_cases
 from acecal.errors import InvalidInputError
+from acecal.geometry import Grid
+from acecal.metrics.error_detection import DEFAULT_ROI_RADIUS
 
 MACRO_NOTE = ("macro: for each case, the mean over the foreground classes present in that case's label map "
               "(background excluded), then the mean over cases. Per class: the mean over the cases in which the class "
-              "is present. Hard binning with 20 equal-width confidence bins; Dice of the argmax segmentation. "
-              "Computed in the model's space (its orientation and voxel spacing).")
+              "is present. Hard binning with 20 equal-width confidence bins; Dice of the served label map. "
+              "Computed on each image's own grid (the input grid), from the probabilities the server serves for it.")
+FLOOR_NOTE = ("floor: the expected ECE / ACE / MCE of a perfectly calibrated model with the same probabilities "
+              "(every voxel's label drawn from its own served probabilities), with the metric's binning, macro and "
+              "micro as the metric; exact per bin (Poisson-binomial; normal law beyond 65536 voxels in a bin, error "
+              "< 1.5e-6). removable_ace = ACE - floor: what better calibration can remove.")
+ERRORS_NOTE = ("error detection: a voxel is wrong when the served label differs from the true one. ROI = predicted "
+               "or true foreground dilated by {r:g} voxel steps (every wrong voxel lies in it). auroc: of "
+               "1 - confidence for wrong vs right voxels within the ROI, ties counted half (auroc_max_error bounds the "
+               "histogram pooling). recall: wrong volume inside the served flags mask / wrong volume. "
+               "flagged_over_wrong: flagged volume / wrong volume. precision: wrong volume inside the flags / flagged "
+               "volume. Per class c (one against the rest): ROI = voxels predicted or true c, dilated alike; wrong = c "
+               "in exactly one of prediction and truth; flagged = flags inside that ROI. Pooled over cases by volume.")
 
 REPORT_NAME = "report.json"
 MARKDOWN_NAME = "report.md"
 HISTOGRAM_NAME = "dataset_reliability_histogram.png"
+METRICS4 = ("dice", "ace", "ece", "mce")
 
 
 def _f(v: Any) -> Optional[float]:
@@ -37,8 +65,117 @@ def _f(v: Any) -> Optional[float]:
     return v if math.isfinite(v) else None
 
 
+def _diff(a: Any, b: Any) -> Optional[float]:
+    a, b = _f(a), _f(b)
+    return None if a is None or b is None else a - b
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:100] or "case"
+
+
+class EvaluationAccumulator:
+    """Calibration, floor and error detection of one model, one case at a time (the served outputs, input grid).
+
+    Args:
+        config: the bundle's config (classes, threshold, two heads).
+        options: the inference options of the flags (None: the bundle's threshold, the default band and minimum
+            region, as ``/infer``).
+        roi_radius: error-detection ROI margin in voxel steps.
+    """
+
+    def __init__(self, config: BundleConfig, options=None, roi_radius: float = DEFAULT_ROI_RADIUS) -> None:
+        from acecal.inference.pipeline import InferenceOptions
+        from acecal.metrics import CalibrationAccumulator
+        from acecal.metrics.error_detection import ErrorDetectionAccumulator
+        from acecal.metrics.floor import FloorAccumulator
+
+        self.config = config
+        self.options = options or InferenceOptions()
+        names = config.class_names
+        self.calibration = CalibrationAccumulator(config.num_classes, include_background=False, class_names=names)
+        self.floor = FloorAccumulator(config.num_classes, class_names=names)
+        self.errors = ErrorDetectionAccumulator(names, roi_radius=roi_radius)
+
+    def add(self, case_id: str, probs: np.ndarray, grid: Grid, truth: np.ndarray, *,
+            labels: Optional[np.ndarray] = None, temperature: Optional[float] = None):
+        """Add one case; returns the :class:`acecal.inference.pipeline.InferenceOutput` (the served volumes).
+
+        Args:
+            probs: (C, z, y, x) served probabilities on ``grid`` (``Prediction.probs``).
+            truth: (z, y, x) true label map on the same grid.
+            labels: the served label map when it is not argmax(probs) (``Prediction.labels``: a two-head network).
+        """
+        import torch
+
+        from acecal.inference.pipeline import analyse
+
+        truth = np.asarray(truth)
+        if truth.shape != probs.shape[1:]:
+            raise InvalidInputError(f"case {case_id}: label map {truth.shape} and probabilities {probs.shape[1:]} "
+                                    "are on different grids")
+        truth = truth.astype(np.int64, copy=False)
+        out = analyse(probs, grid, self.config, self.options, temperature=temperature, labels=labels)
+        served = torch.from_numpy(out.labels.astype(np.int64))[None, None]
+        self.calibration.update(torch.from_numpy(np.ascontiguousarray(probs))[None], torch.from_numpy(truth)[None, None],
+                                case_id=case_id, predicted=served)
+        self.floor.update(probs, truth, case_id)
+        self.errors.update(out.labels, out.confidence, out.flags, truth, case_id, voxel_ml=grid.voxel_volume_ml)
+        return out
+
+    def report(self) -> dict:
+        """The numbers of ``report.json`` (everything but the run's identity, figures and timing)."""
+        rep = self.calibration.aggregate()
+        floor = self.floor.aggregate()
+        errors = self.errors.aggregate()
+        eff = self.options.effective(self.config)
+        macro = {m: _f(rep.macro[m]) for m in METRICS4}
+        micro = {m: _f(rep.micro[m]) for m in METRICS4}
+        per_class = {}
+        for row in rep.per_class:
+            name = row["class"]
+            fc = floor["per_class"][name]
+            per_class[name] = {"label": row["index"], "cases_present": row["cases_present"],
+                               **{m: _f(row[f"macro_{m}"]) for m in METRICS4},
+                               "micro_ace": _f(row["micro_ace"]), "floor_ace": _f(fc["macro_ace"]),
+                               "removable_ace": _diff(row["macro_ace"], fc["macro_ace"]),
+                               "micro_floor_ace": _f(fc["micro_ace"])}
+        cases, case_classes = [], {}
+        for row in rep.per_case:
+            cid = row["case_id"]
+            fl, ed = floor["per_case"][cid], errors["per_case"][cid]
+            cases.append({"case": cid, **{m: _f(row[m]) for m in METRICS4}, "floor_ace": _f(fl["ace"]),
+                          "auroc": ed["auroc"], "recall": ed["recall"], "flagged_over_wrong": ed["flagged_over_wrong"]})
+            case_classes[cid] = {n: {"present": v["present"], **{m: _f(v[m]) for m in METRICS4},
+                                     "floor_ace": _f(fl["classes"][n]["ace"])}
+                                 for n, v in row["classes"].items()}
+        floor_out = {
+            **{m: _f(floor["macro"][m]) for m in ("ace", "ece", "mce")},
+            "removable_ace": _diff(macro["ace"], floor["macro"]["ace"]),
+            "micro": {**{m: _f(floor["micro"][m]) for m in ("ace", "ece", "mce")},
+                      "removable_ace": _diff(micro["ace"], floor["micro"]["ace"])},
+            "note": FLOOR_NOTE,
+        }
+        error_out = {k: v for k, v in errors.items() if k not in ("per_case", "per_class", "num_cases", "roi_radius")}
+        error_out.update({
+            "per_class": errors["per_class"], "roi_radius_voxels": errors["roi_radius"],
+            "flags": {k: eff[k] for k in ("uncertainty_threshold", "band_mm", "band_voxels", "min_region_voxels",
+                                          "connectivity")},
+            "note": ERRORS_NOTE.format(r=errors["roi_radius"]),
+        })
+        return {
+            "aggregate": macro,
+            "aggregate_std": {m: _f(rep.macro[f"{m}_std"]) for m in METRICS4},
+            "micro": micro,
+            "floor": floor_out,
+            "error_detection": error_out,
+            "per_class": per_class,
+            "cases": cases,
+            "case_classes": case_classes,
+            "num_cases": len(cases),
+            "num_bins": rep.num_bins,
+            "note": MACRO_NOTE,
+        }
 
 
 def evaluate(
@@ -47,7 +184,9 @@ def evaluate(
     labels: str | Path,
     out: str | Path,
     *,
+    raw: bool = False,
     temperature: bool = False,
+    roi_radius: float = DEFAULT_ROI_RADIUS,
     registry: Optional[ModelRegistry] = None,
     device: Optional[str] = None,
     plots: bool = True,
@@ -57,7 +196,10 @@ def evaluate(
     """Evaluate ``model`` (bundle id or folder) on paired ``images``/``labels`` folders; write the report to ``out``.
 
     Args:
-        temperature: divide the logits by the bundle's fitted temperature (an error when it has none).
+        raw: evaluate the network's own softmax (no post-hoc calibrator); default: what the server serves.
+        temperature: insist on the bundle's post-hoc step (an error when it has none; it is applied anyway unless
+            ``raw``). Kept for the callers of the time when it was off by default.
+        roi_radius: error-detection ROI margin in voxel steps.
         device: "cpu" (default when no GPU) or "cuda".
         plots: write the per-case reliability diagrams and the dataset reliability histogram.
         progress: called with {"event": "case", "case", "index", "total"} after each case.
@@ -65,84 +207,67 @@ def evaluate(
     Returns:
         the report dict (also written to ``out/report.json``).
     """
+    import SimpleITK as sitk
     import torch
 
-    from acecal.data.transforms import model_space_transforms
-    from acecal.training.validation import run_pass
+    from acecal.data.io import read_volume
+    from acecal.inference.pipeline import InferenceOptions
+    from acecal.inference.predictor import Predictor
+    from acecal.training.progress import is_cancelled
+    from acecal.training.validation import Cancelled
 
     t0 = time.time()
     reg = registry or ModelRegistry([default_models_dir(), default_data_dir() / "models"])
     bundle = resolve_bundle(model, reg)
     cfg = bundle.config
-    T = None
-    if temperature:
-        if cfg.temperature is None:
-            raise InvalidInputError(f"model {cfg.id!r} has no fitted temperature; run without --temperature")
-        T = float(cfg.temperature)
+    predictor = Predictor(bundle, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+                          use_calibrator=not raw)
+    kind = predictor.calibrator_kind(True)  # the bundle's post-hoc step, None when it has none
+    if temperature and raw:
+        raise InvalidInputError("--temperature and --raw contradict each other: --raw switches the post-hoc step off")
+    if temperature and kind is None:
+        raise InvalidInputError(f"model {cfg.id!r} has no fitted temperature or calibrator; run without --temperature")
     info = discover_folders(images, labels)
     validate_cases(info.cases, cfg.num_classes, in_channels=cfg.in_channels)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    net = bundle.load_network(dev)
-    chain = model_space_transforms(cfg)
-    total = len(info.cases)
-
-    def items():
-        for c in info.cases:
-            d = chain(c.as_dict())
-            yield {"image": d["image"][None], "label": d["label"][None], "case": c.name}
-
-    def on_case(name: str) -> None:
-        if progress:
-            progress({"event": "case", "case": name, "index": len(seen) + 1, "total": total})
-        seen.append(name)
-
-    seen: list[str] = []
-    vp = run_pass(net, items(), cfg, temperature=T, cancel=cancel, on_case=on_case)
-    acc = vp.accumulator
-    rep = acc.aggregate()
-    names = acc.class_names
-
-    per_class = {}
-    for row in rep.per_class:
-        per_class[row["class"]] = {"label": row["index"], "cases_present": row["cases_present"],
-                                   **{m: _f(row[f"macro_{m}"]) for m in ("dice", "ace", "ece", "mce")}}
-    cases: list[dict] = []
-    case_classes: dict[str, dict] = {}
+    ev = EvaluationAccumulator(cfg, InferenceOptions(use_calibrator=not raw), roi_radius=roi_radius)
+    applied_t = None
+    with torch.no_grad():
+        for i, c in enumerate(info.cases):
+            if is_cancelled(cancel):
+                raise Cancelled()
+            pred = predictor.predict(c.image, use_calibrator=not raw)
+            truth = sitk.GetArrayFromImage(read_volume(c.label, what="label"))
+            ev.add(c.name, pred.probs, pred.grid, truth, labels=pred.labels, temperature=pred.temperature)
+            applied_t = pred.temperature
+            if progress:
+                progress({"event": "case", "case": c.name, "index": i + 1, "total": len(info.cases)})
+    numbers = ev.report()
+    names = ev.calibration.class_names
+    served = None if raw else kind
     figures: dict[str, str] = {}
-    fig_dir = out / "figures"
-    for row in rep.per_case:
-        cid = row["case_id"]
-        entry = {"case": cid, **{m: _f(row[m]) for m in ("dice", "ace", "ece", "mce")}}
-        case_classes[cid] = {n: {"present": v["present"], **{m: _f(v[m]) for m in ("dice", "ace", "ece", "mce")}}
-                             for n, v in row["classes"].items()}
-        if plots:
-            from acecal.plots import plot_reliability_diagram
-
-            mean_p, mean_y, count = acc.case_bins(cid)
-            p = plot_reliability_diagram(mean_p, mean_y, count, names, fig_dir / f"reliability_{_safe(cid)}.png",
-                                         title=f"{cid} ({cfg.id}{', T=%.3g' % T if T else ''})")
-            figures[cid] = str(p.relative_to(out))
-        cases.append(entry)
     hist_path = None
     if plots:
-        from acecal.plots import plot_dataset_reliability_histogram
+        from acecal.plots import plot_dataset_reliability_histogram, plot_reliability_diagram
 
-        hist_path = plot_dataset_reliability_histogram(rep.histogram, names, out / HISTOGRAM_NAME,
+        tag = "raw softmax" if raw else (f"{served}" + (f" T={applied_t:.3g}" if applied_t else "") if served else "")
+        for row in numbers["cases"]:
+            cid = row["case"]
+            mean_p, mean_y, count = ev.calibration.case_bins(cid)
+            p = plot_reliability_diagram(mean_p, mean_y, count, names, out / "figures" / f"reliability_{_safe(cid)}.png",
+                                         title=f"{cid} ({cfg.id}{', ' + tag if tag else ''})")
+            figures[cid] = str(p.relative_to(out))
+        hist_path = plot_dataset_reliability_histogram(ev.calibration.aggregate().histogram, names,
+                                                       out / HISTOGRAM_NAME,
                                                        title=f"{cfg.id}: dataset reliability histogram")
     report = {
         "model": cfg.id,
-        "temperature": T,
-        "aggregate": {m: _f(rep.macro[m]) for m in ("dice", "ace", "ece", "mce")},
-        "aggregate_std": {m: _f(rep.macro[f"{m}_std"]) for m in ("dice", "ace", "ece", "mce")},
-        "micro": {m: _f(rep.micro[m]) for m in ("dice", "ace", "ece", "mce")},
-        "per_class": per_class,
-        "cases": cases,
-        "note": MACRO_NOTE,
-        "case_classes": case_classes,
-        "num_cases": len(cases),
-        "num_bins": rep.num_bins,
+        "raw": bool(raw),
+        "calibrator": served,
+        "temperature": applied_t,
+        "space": "input grid",
+        **numbers,
         "images": str(images),
         "labels": str(labels),
         "figures": {"dataset_histogram": HISTOGRAM_NAME if hist_path else None, "cases": figures},
@@ -153,35 +278,65 @@ def evaluate(
     return report
 
 
-def _n(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
+def _n(v: Any, digits: int = 4) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f} %"
+
+
+def _ratio(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
 
 
 def report_markdown(r: dict) -> str:
-    a = r["aggregate"]
+    a, fl, ed = r["aggregate"], r["floor"], r["error_detection"]
+    what = ("the network's own softmax (`--raw`, no post-hoc step)" if r.get("raw") else
+            "the served probabilities" + (f" (post-hoc {r['calibrator']}"
+                                           + (f", T = {r['temperature']:.3g}" if r.get("temperature") else "") + ")"
+                                           if r.get("calibrator") else " (the bundle has no post-hoc step)"))
     lines = [
-        f"# Evaluation of `{r['model']}`" + (f" with temperature {r['temperature']:.3g}" if r.get("temperature") else ""),
+        f"# Evaluation of `{r['model']}`",
         "",
-        f"{r['num_cases']} cases from `{r['images']}`.",
+        f"{r['num_cases']} cases from `{r['images']}`; {what}, on each image's own grid (the input grid).",
         "",
-        "| | Dice | ACE | ECE | MCE |",
-        "|---|---|---|---|---|",
-        f"| macro (mean over cases) | {_n(a['dice'])} | {_n(a['ace'])} | {_n(a['ece'])} | {_n(a['mce'])} |",
-        f"| micro (pooled voxels) | {_n(r['micro']['dice'])} | {_n(r['micro']['ace'])} | {_n(r['micro']['ece'])} | "
-        f"{_n(r['micro']['mce'])} |",
+        "| | Dice | ACE | floor | removable | ECE | MCE |",
+        "|---|---|---|---|---|---|---|",
+        f"| macro (mean over cases) | {_n(a['dice'])} | {_n(a['ace'])} | {_n(fl['ace'])} | {_n(fl['removable_ace'])} | "
+        f"{_n(a['ece'])} | {_n(a['mce'])} |",
+        f"| micro (pooled voxels) | {_n(r['micro']['dice'])} | {_n(r['micro']['ace'])} | {_n(fl['micro']['ace'])} | "
+        f"{_n(fl['micro']['removable_ace'])} | {_n(r['micro']['ece'])} | {_n(r['micro']['mce'])} |",
     ]
     for name, v in r["per_class"].items():
-        lines.append(f"| {name} ({v['cases_present']} cases) | {_n(v['dice'])} | {_n(v['ace'])} | {_n(v['ece'])} | "
-                     f"{_n(v['mce'])} |")
-    lines += ["", f"*{r['note']}*", ""]
+        lines.append(f"| {name} ({v['cases_present']} cases) | {_n(v['dice'])} | {_n(v['ace'])} | {_n(v['floor_ace'])} "
+                     f"| {_n(v['removable_ace'])} | {_n(v['ece'])} | {_n(v['mce'])} |")
+    lines += ["", f"*{r['note']}*", "", f"*{fl['note']}* Floor ECE {_n(fl['ece'], 5)}, MCE {_n(fl['mce'])}.", ""]
+    flags = ed["flags"]
+    band = f"{flags['band_mm']:g} mm" if flags.get("band_mm") is not None else f"{flags['band_voxels']:g} voxels"
+    lines += [
+        "## Do the flags find the errors?", "",
+        f"Flags as served: confidence below {flags['uncertainty_threshold']:g} within {band} of a predicted boundary, "
+        f"regions of at least {flags['min_region_voxels']} voxels ({flags['connectivity']}-connected).", "",
+        "| | AUROC (1 - confidence) | recall of wrong voxels | flagged / wrong volume | precision | wrong ml | flagged ml |",
+        "|---|---|---|---|---|---|---|",
+        f"| all classes | {_n(ed['auroc'], 3)} | {_pct(ed['recall'])} | {_ratio(ed['flagged_over_wrong'])} | "
+        f"{_pct(ed['precision'])} | {_n(ed['wrong_ml'], 3)} | {_n(ed['flagged_ml'], 3)} |",
+    ]
+    for name, v in ed["per_class"].items():
+        lines.append(f"| {name} | {_n(v['auroc'], 3)} | {_pct(v['recall'])} | {_ratio(v['flagged_over_wrong'])} | "
+                     f"{_pct(v['precision'])} | {_n(v['wrong_ml'], 3)} | {_n(v['flagged_ml'], 3)} |")
+    lines += ["", f"*{ed['note']}*", ""]
     if r["figures"].get("dataset_histogram"):
         lines += ["## Dataset reliability histogram", "",
                   "Column m: the distribution over cases of the observed frequency in confidence bin m; mass on the "
                   "diagonal means calibrated, below it over-confident.", "",
                   f"![dataset reliability histogram]({r['figures']['dataset_histogram']})", ""]
-    lines += ["## Cases", "", "| case | Dice | ACE | ECE | MCE |", "|---|---|---|---|---|"]
+    lines += ["## Cases", "", "| case | Dice | ACE | floor | ECE | MCE | AUROC | recall | flagged / wrong |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for c in r["cases"]:
-        lines.append(f"| {c['case']} | {_n(c['dice'])} | {_n(c['ace'])} | {_n(c['ece'])} | {_n(c['mce'])} |")
+        lines.append(f"| {c['case']} | {_n(c['dice'])} | {_n(c['ace'])} | {_n(c['floor_ace'])} | {_n(c['ece'])} | "
+                     f"{_n(c['mce'])} | {_n(c['auroc'], 3)} | {_pct(c['recall'])} | {_ratio(c['flagged_over_wrong'])} |")
     figs = r["figures"].get("cases") or {}
     if figs:
         lines += ["", "## Reliability diagrams", ""]
