@@ -174,16 +174,16 @@ def _check_sizes(bc: BundleConfig, patch: tuple) -> None:
                                     f"{'x'.join(str(-(-int(s) // f) * f) for s in size)}")
 
 
-def _check_heads(bc: BundleConfig, loss: str) -> None:
+def _check_heads(network, loss: str) -> None:
     """A two-head network (outputs 2C channels) trains with a two-head loss, and only with one."""
     from acecal.losses.registry import TWO_HEAD_LOSSES
 
-    if is_two_head(bc) and loss not in TWO_HEAD_LOSSES:
-        raise InvalidInputError(f"the {bc.network.name} network has a segmentation and a calibration head: train it "
+    if is_two_head(network) and loss not in TWO_HEAD_LOSSES:
+        raise InvalidInputError(f"the {network.name} network has a segmentation and a calibration head: train it "
                                 f"with a two-head loss ({', '.join(TWO_HEAD_LOSSES)}), not {loss!r}")
-    if loss in TWO_HEAD_LOSSES and not is_two_head(bc):
+    if loss in TWO_HEAD_LOSSES and not is_two_head(network):
         raise InvalidInputError(f"the loss {loss!r} trains a two-head network: use --network SegResNetTwoHead "
-                                f"(the {bc.network.name} network has one head)")
+                                f"(the {network.name} network has one head)")
 
 
 def _model_space(cfg: TrainConfig, model_id: str, labels: dict[str, str], base: Optional[Bundle]) -> BundleConfig:
@@ -286,6 +286,7 @@ class Engine:
         if cfg.loss not in LOSS_NAMES:  # before the (slower) dataset checks
             raise InvalidInputError(f"unknown loss {cfg.loss!r}; choose one of {', '.join(LOSS_NAMES)}")
         base = self._resolve_base()
+        _check_heads(base.config.network if base is not None else cfg.network, cfg.loss)
         model_id = ctx.broadcast_object(cfg.resolved_id())
         work_dir = Path(cfg.work_dir) if cfg.work_dir else default_data_dir() / "runs" / model_id
         out_dir = Path(cfg.out_dir) if cfg.out_dir else default_data_dir() / "models"
@@ -303,7 +304,6 @@ class Engine:
         reporter = Reporter(log_file, self.progress, self.show_progress, enabled=ctx.is_main)
         bc = _model_space(cfg, model_id, labels, base)
         _check_sizes(bc, tuple(cfg.patch_size or bc.roi_size))
-        _check_heads(bc, cfg.loss)
         loss_fn = build_loss(cfg.loss, bc.num_classes, cfg.loss_params).to(ctx.device)
         # ACE after a Dice+CE warm-up: the first loss_warmup_epochs train with the baseline loss (two heads: the same
         # two-head loss without its ACE term)
