@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 from acecal.calibration.calibrators import Calibrator
 from acecal.calibration.fitting import CalibrationCase, case_metrics
+from acecal.errors import InvalidInputError
 
 __all__ = ["split_halves", "cross_fit", "summarise_cases"]
 
@@ -59,9 +60,9 @@ def cross_fit(cases: Sequence[CalibrationCase], fit: FitMethod, *, seed: int = 0
     cases = list(cases)
     by_name = {c.name: c for c in cases}
     if len(by_name) != len(cases):
-        raise ValueError("case names must be unique")
+        raise InvalidInputError("case names must be unique")
     if len(cases) < 4:
-        raise ValueError(f"cross-fitting needs at least 4 cases, got {len(cases)}")
+        raise InvalidInputError(f"cross-fitting needs at least 4 cases, got {len(cases)}")
     halves = split_halves([c.name for c in cases], seed)
     raw = case_metrics(cases)
     per_case: dict[str, dict] = {}

@@ -37,6 +37,7 @@ ACE_T_BOUNDS = (0.25, 4.0)
 LTS_DEFAULTS: dict[str, Any] = {
     "hidden": 8, "layers": 2, "kernel_size": 3, "dilation": 2, "use_image": True, "logit_scale": 0.1,
     "epochs": 20, "lr": 3e-3, "weight_decay": 0.0, "loss_bins": 20, "nll_weight": 0.0, "seed": 0,
+    "keep_best": True, "clip_grad": 1.0,
 }
 
 
@@ -179,6 +180,8 @@ def fit_local_temperature(
     loss_bins: int = LTS_DEFAULTS["loss_bins"],
     nll_weight: float = LTS_DEFAULTS["nll_weight"],
     seed: int = LTS_DEFAULTS["seed"],
+    keep_best: bool = LTS_DEFAULTS["keep_best"],
+    clip_grad: Optional[float] = LTS_DEFAULTS["clip_grad"],
     device: Any = "cpu",
     monitor: Optional[Sequence[CalibrationCase]] = None,
     progress: Optional[Callable[[dict], None]] = None,
@@ -192,9 +195,12 @@ def fit_local_temperature(
         lr, weight_decay: Adam(W).
         loss_bins: bins of the soft-binned ACE loss (the metric uses 20 hard bins).
         nll_weight: weight of a cross-entropy term added to the ACE loss (0 = ACE only).
+        keep_best: return the weights, among the start (the global temperature) and the end of every epoch, with the
+            lowest macro hard ACE on ``cases`` (the fitting cases: the soft-binned loss can jump to a worse state).
+        clip_grad: clip the gradient norm of each step to this (None: no clipping).
         monitor: cases on which the macro hard ACE is recorded after every epoch (diagnostics only; never used to
             pick weights here).
-        progress: called with ``{"epoch", "loss", "monitor_ace"}`` after every epoch.
+        progress: called with ``{"epoch", "loss", "fit_ace", "monitor_ace"}`` after every epoch.
 
     Returns:
         ``(calibrator, info)`` with the training record (losses per epoch, the start temperature, the settings).
@@ -223,6 +229,9 @@ def fit_local_temperature(
     rng = random.Random(seed)
     order = list(range(len(cases)))
     history = []
+    best_ace = macro_ace(cases, cal.cpu()) if keep_best else None
+    best_state, best_epoch = ({k: v.clone() for k, v in cal.state_dict().items()}, 0) if keep_best else (None, None)
+    cal.to(device)
     for epoch in range(1, epochs + 1):
         cal.train()
         rng.shuffle(order)
@@ -235,23 +244,35 @@ def fit_local_temperature(
                 loss = loss + nll_weight * torch.nn.functional.cross_entropy(out, y[:, 0])
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if clip_grad:
+                torch.nn.utils.clip_grad_norm_(cal.parameters(), clip_grad)
             opt.step()
             total += float(loss.detach())
         rec = {"epoch": epoch, "loss": total / len(cases)}
+        if keep_best:
+            rec["fit_ace"] = macro_ace(cases, cal.cpu())
+            if rec["fit_ace"] < best_ace:
+                best_ace, best_epoch = rec["fit_ace"], epoch
+                best_state = {k: v.clone() for k, v in cal.state_dict().items()}
         if monitor:
             rec["monitor_ace"] = macro_ace(monitor, cal.cpu())
-            cal.to(device)
+        cal.to(device)
         history.append(rec)
         if progress is not None:
             progress(rec)
     cal = cal.cpu().eval()
+    if keep_best:
+        cal.load_state_dict(best_state)
     info = {
         "init_temperature": float(init_temperature),
         "init_fit": start_info,
         "settings": {"hidden": hidden, "layers": layers, "kernel_size": kernel_size, "dilation": dilation,
                      "use_image": use_image, "logit_scale": logit_scale, "epochs": epochs, "lr": lr,
                      "weight_decay": weight_decay, "loss_bins": loss_bins, "nll_weight": nll_weight, "seed": seed,
+                     "keep_best": keep_best, "clip_grad": clip_grad,
                      "loss": "SoftL1ACELoss (foreground classes)" + (f" + {nll_weight} x NLL" if nll_weight else "")},
         "history": history,
+        "best_epoch": best_epoch,
+        "fit_ace": best_ace,
     }
     return cal, info

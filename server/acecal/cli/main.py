@@ -19,7 +19,8 @@ app = typer.Typer(
 )
 
 # Modules that add commands to `app` when imported. Missing modules are skipped so a partial install still runs.
-COMMAND_MODULES = ("acecal.cli.train", "acecal.cli.serve", "acecal.cli.remote", "acecal.cli.finetune")
+COMMAND_MODULES = ("acecal.cli.train", "acecal.cli.serve", "acecal.cli.remote", "acecal.cli.finetune",
+                   "acecal.cli.calibrate")
 
 
 @app.callback()

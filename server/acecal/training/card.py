@@ -28,6 +28,8 @@ def _dur(seconds: Any) -> str:
 
 
 def _temperature_note(bc: BundleConfig) -> str:
+    if bc.calibrator is not None:
+        return "see the calibrator below"
     if bc.temperature:
         return f"{_num(bc.temperature, 3)} (applied at inference)"
     wt = (bc.metrics or {}).get("with_temperature")
@@ -35,6 +37,51 @@ def _temperature_note(bc: BundleConfig) -> str:
         return (f"fitted {_num(wt.get('temperature'), 3)} on the validation split but not applied: it raised the "
                 f"validation ACE from {_num((bc.metrics or {}).get('ace'))} to {_num(wt.get('ace'))}")
     return "not fitted"
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):+.1f} %"
+
+
+def calibrator_section(bc: BundleConfig) -> list[str]:
+    """The card's "Calibrator" section: what rescales the served confidence, what it was fitted on, and its raw,
+    cross-fitted and in-sample figures."""
+    c = bc.calibrator
+    if c is None:
+        return []
+    f, m = c.fitted_on or {}, c.metrics or {}
+    if c.kind == "temperature":
+        what = f"one global temperature T = {_num(c.params.get('temperature'), 3)}, fitted to minimise the macro ACE"
+    else:
+        p = c.params
+        what = (f"local temperature scaling (Ding et al., ICCV 2021): a {p.get('layers')}-layer 3-D CNN "
+                f"({p.get('hidden')} channels, dilation {p.get('dilation')}"
+                f"{', logits and image' if p.get('use_image') else ', logits only'}) predicting a temperature per "
+                f"voxel, initialised at T = {_num(p.get('init_temperature'), 3)}, trained with the soft-binned L1-ACE "
+                "loss" + (f" + {(f.get('settings') or {}).get('nll_weight')} x NLL"
+                          if (f.get("settings") or {}).get("nll_weight") else ""))
+    lines = ["", "## Calibrator", "",
+             f"The served confidence is the network's softmax after a post-hoc calibrator: {what}. It divides the "
+             "logits by a positive temperature per voxel, so the label map (and Dice) is the network's own. It is "
+             "applied by default; `use_calibrator=false` (or the older `use_temperature=false`) serves the raw "
+             "softmax.", ""]
+    if f:
+        lines.append(f"- Fitted on: {f.get('num_cases')} cases, {f.get('source')} ({f.get('method')}); the case "
+                     "names are in `bundle.json` (`calibrator.fitted_on.cases`).")
+    cf, ins, raw = m.get("cross_fitted") or {}, m.get("in_sample") or {}, m.get("raw") or {}
+    if raw:
+        lines += [
+            "", "| | Dice | macro ACE | change |", "|---|---|---|---|",
+            f"| raw network | {_num(raw.get('dice'))} | {_num(raw.get('ace'))} | |",
+        ]
+        if cf:
+            lines.append(f"| calibrated, cross-fitted (fit on one half, measured on the other; seed {cf.get('seed')}) "
+                         f"| {_num(cf.get('dice'))} | {_num(cf.get('ace'))} | {_pct(cf.get('change_pct'))} |")
+        if ins:
+            lines.append(f"| calibrated, in-sample (the shipped calibrator on the cases it was fitted on) | "
+                         f"{_num(ins.get('dice'))} | {_num(ins.get('ace'))} | {_pct(ins.get('change_pct'))} |")
+        lines += ["", "The cross-fitted row is the estimate for unseen cases; the in-sample row is optimistic."]
+    return lines
 
 
 def schedule_extensions(history: list[dict]) -> list[tuple[int, int, int]]:
@@ -115,7 +162,7 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
             "",
             "| | Dice | ACE | ECE | MCE |",
             "|---|---|---|---|---|",
-            f"| {bc.id} | {_num(m.get('dice'))} | {_num(m.get('ace'))} | {_num(m.get('ece'))} | {_num(m.get('mce'))} |",
+            f"| {bc.id}{' (raw network, no calibrator)' if bc.calibrator else ''} | {_num(m.get('dice'))} | {_num(m.get('ace'))} | {_num(m.get('ece'))} | {_num(m.get('mce'))} |",
         ]
         wt = m.get("with_temperature")
         if wt:
@@ -123,6 +170,7 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
                          f"{_num(wt.get('ace'))} | {_num(wt.get('ece'))} | {_num(wt.get('mce'))} |")
     else:
         lines.append("No validation data was held out; the model's calibration has not been measured.")
+    lines += calibrator_section(bc)
     lines += [
         "",
         "## Limitations",
