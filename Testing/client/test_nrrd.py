@@ -105,13 +105,13 @@ def test_big_endian_ascii_hex_and_bzip2_encodings():
     np.testing.assert_array_equal(vol.array.ravel(), data)
 
 
-def test_detached_header(tmp_path):
+def test_detached_header_is_refused_not_followed(tmp_path):
+    """A header naming another file is never followed (Testing/client/test_hostile_nrrd.py has the attacks)."""
     data = np.arange(12, dtype="<i2")
     (tmp_path / "d.raw.gz").write_bytes(gzip.compress(data.tobytes()))
     (tmp_path / "d.nhdr").write_text(_header(encoding="gzip", **{"data file": "d.raw.gz"}))
-    vol = read_nrrd(tmp_path / "d.nhdr")
-    np.testing.assert_array_equal(vol.array.ravel(), data)
-    np.testing.assert_allclose(vol.grid.origin, (1, 2, 3))
+    with pytest.raises(NrrdError, match="detached"):
+        read_nrrd(tmp_path / "d.nhdr")
 
 
 @pytest.mark.parametrize("blob, message", [

@@ -2,8 +2,12 @@
 
 The client and the Slicer module use it to send arrays and read returned volumes without SimpleITK or torch. It
 reads what SimpleITK/ITK, 3D Slicer and pynrrd write (``raw``, ``gzip``, ``bzip2``, ``ascii`` and ``hex`` encodings,
-either endianness, attached data or a detached ``.nhdr`` + data file, ``space`` given as LPS, RAS, LAS or any other
-anatomical triple) and writes files that SimpleITK and Slicer read back with the same geometry.
+either endianness, ``space`` given as LPS, RAS, LAS or any other anatomical triple) and writes files that SimpleITK
+and Slicer read back with the same geometry.
+
+A file is read as it is, nothing else: a detached header (``data file:``, ``.nhdr``) is refused rather than followed
+to the file it names, anything but a regular file (a FIFO, a device) is refused without blocking, and compressed data
+are inflated only as far as the header's sizes announce (a gzip bomb stops there).
 
 Geometry comes and goes as an :class:`acecal.geometry.Grid` in **LPS**, the convention of every image file:
 ``space directions`` column n = ``direction[:, n] * spacing[n]``, ``space origin`` = the centre of voxel (0, 0, 0).
@@ -16,7 +20,6 @@ non-spatial component axis (NRRD's first, fastest axis: ``kinds: vector domain d
 from __future__ import annotations
 
 import bz2
-import gzip
 import io
 import os
 import re
@@ -53,6 +56,8 @@ for _names, _np in (
 ):
     for _n in _names:
         _TYPES[_n] = _np
+#: NRRD type name -> numpy type code (``"i2"``...), shared with the server's header check
+NRRD_TYPES = _TYPES
 
 _WRITE_TYPES = {"i1": "int8", "u1": "uint8", "i2": "short", "u2": "ushort", "i4": "int", "u4": "uint",
                 "i8": "longlong", "u8": "ulonglong", "f4": "float", "f8": "double"}
@@ -160,17 +165,18 @@ def _parse_header(lines: list[str]) -> dict[str, str]:
 
 def _decode_payload(payload: bytes, encoding: str, dtype: np.dtype, count: int) -> np.ndarray:
     enc = encoding.lower()
+    need = count * dtype.itemsize
     if enc in ("raw",):
         raw = payload
     elif enc in ("gzip", "gz"):
-        try:
-            raw = gzip.decompress(payload) if bytes(payload[:2]) == b"\x1f\x8b" else zlib.decompress(payload)
-        except (OSError, zlib.error, EOFError) as e:
+        try:  # wbits 47: gzip or zlib container; never more than the announced bytes are inflated
+            raw = zlib.decompressobj(47).decompress(payload, need)
+        except zlib.error as e:
             raise NrrdError(f"the gzip-compressed NRRD data is corrupt: {e}") from None
     elif enc in ("bzip2", "bz2"):
         try:
-            raw = bz2.decompress(payload)
-        except (OSError, ValueError) as e:
+            raw = bz2.BZ2Decompressor().decompress(payload, need)
+        except (OSError, ValueError, EOFError) as e:
             raise NrrdError(f"the bzip2-compressed NRRD data is corrupt: {e}") from None
     elif enc in ("ascii", "text", "txt"):
         try:
@@ -187,7 +193,6 @@ def _decode_payload(payload: bytes, encoding: str, dtype: np.dtype, count: int) 
             raise NrrdError("the hex NRRD data is corrupt") from None
     else:
         raise NrrdError(f"unsupported NRRD encoding {encoding!r}")
-    need = count * dtype.itemsize
     if len(raw) < need:
         raise NrrdError(f"the NRRD data is truncated: {len(raw)} bytes for {need} expected")
     arr = np.frombuffer(raw, dtype=dtype, count=count)
@@ -274,18 +279,27 @@ def decode_nrrd(data: Union[bytes, bytearray, memoryview]) -> NrrdVolume:
     lines, start = _split_header(bytes(mv[: 1 << 20]))
     fields = _parse_header(lines)
     if "data file" in fields or "datafile" in fields:
-        raise NrrdError("a detached NRRD header (.nhdr) must be read from a path, not from bytes")
+        raise NrrdError("a detached NRRD header (its 'data file' field names another file) is refused; only NRRD files "
+                        "with attached data are read")
     return _volume_from_fields(fields, _skip(mv[start:], fields))
 
 
 def _skip(payload, fields: dict[str, str]):
-    line_skip = int(fields.get("line skip", fields.get("lineskip", "0")))
+    try:
+        line_skip = int(fields.get("line skip", fields.get("lineskip", "0")))
+        byte_skip = int(fields.get("byte skip", fields.get("byteskip", "0")))
+    except ValueError:
+        raise NrrdError("the NRRD header has a malformed line skip or byte skip") from None
+    if line_skip < 0 or byte_skip < -1:
+        raise NrrdError("the NRRD header has a negative line skip or byte skip")
     if line_skip:
         payload = bytes(payload)
     for _ in range(line_skip):
         nl = payload.find(b"\n")
-        payload = payload[nl + 1:] if nl >= 0 else b""
-    byte_skip = int(fields.get("byte skip", fields.get("byteskip", "0")))
+        if nl < 0:  # no more lines: the data are truncated (found out when decoding)
+            payload = b""
+            break
+        payload = payload[nl + 1:]
     if byte_skip == -1:  # data sit at the end of the file (raw only)
         if fields.get("encoding", "raw").lower() != "raw":
             raise NrrdError("byte skip -1 is only valid with raw encoding")
@@ -295,27 +309,42 @@ def _skip(payload, fields: dict[str, str]):
     return payload[byte_skip:]
 
 
+def _open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` if it is a regular file; never blocks on a FIFO (``O_NONBLOCK``), checks ``fstat`` first."""
+    import stat
+
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(str(path), flags)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NrrdError(f"{path.name!r} is not a regular file (a FIFO, device or folder); only NRRD files are read")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_nrrd(source: PathOrBytes) -> NrrdVolume:
-    """Read an NRRD from a path (``.nrrd`` or detached ``.nhdr``) or from bytes."""
+    """Read an NRRD with attached data from a path (``.nrrd``) or from bytes.
+
+    Raises:
+        NrrdError: not an NRRD, a detached header (``data file``: the data are never looked for elsewhere), or a path
+            that is not a regular file.
+    """
     if isinstance(source, (bytes, bytearray, memoryview)):
         return decode_nrrd(source)
     path = Path(source)
-    with open(path, "rb") as fh:  # into a writable buffer: raw arrays use it in place
+    if path.name.lower().endswith(".nhdr"):
+        raise NrrdError(f"{path.name!r} is a detached NRRD header (.nhdr); only NRRD files with attached data are read")
+    with _open_regular(path) as fh:  # into a writable buffer: raw arrays use it in place
         data = bytearray(os.fstat(fh.fileno()).st_size)
         fh.readinto(data)
     lines, start = _split_header(bytes(data[: 1 << 20]))
     fields = _parse_header(lines)
-    datafile = fields.get("data file", fields.get("datafile"))
-    if datafile is None:
-        return _volume_from_fields(fields, _skip(memoryview(data)[start:], fields))
-    if datafile.startswith("LIST") or len(datafile.split()) > 1:
-        raise NrrdError("multi-file NRRD data (data file: LIST or a format string) is not supported")
-    dpath = Path(datafile) if os.path.isabs(datafile) else path.parent / datafile
-    try:
-        payload = bytearray(dpath.read_bytes())
-    except OSError as e:
-        raise NrrdError(f"the NRRD data file {datafile!r} cannot be read: {e.strerror}") from None
-    return _volume_from_fields(fields, _skip(payload, fields))
+    if "data file" in fields or "datafile" in fields:
+        raise NrrdError(f"{path.name!r} is a detached NRRD header (its 'data file' field names another file); only "
+                        "NRRD files with attached data are read")
+    return _volume_from_fields(fields, _skip(memoryview(data)[start:], fields))
 
 
 # ------------------------------------------------------------------------------------------------ writing

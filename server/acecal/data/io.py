@@ -1,6 +1,7 @@
 """Image I/O with SimpleITK, and the bridge into MONAI.
 
-- :func:`read_volume` reads and validates a 3-D scalar volume (NIfTI, NRRD, MetaImage) with messages a clinician can act on.
+- :func:`read_volume` reads and validates a 3-D scalar volume (NIfTI, NRRD, MetaImage) with messages a clinician can act on,
+  after :mod:`acecal.data.headers` has checked the file's header (regular file, attached data, voxel budget).
 - :class:`SimpleITKReader` is a MONAI ``ImageReader`` so ``LoadImaged(reader=SimpleITKReader())`` gives the same
   arrays and RAS affines in training datasets as :func:`to_metatensor` gives at inference.
 - :func:`grid_of` / :func:`write_volume` move between SimpleITK images and :class:`acecal.geometry.Grid`.
@@ -10,13 +11,15 @@ Array orders: SimpleITK arrays are (z, y, x); MONAI tensors here are (C, x, y, z
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
+from acecal.data.headers import ImageHeader, current_limits, inspect_image, open_regular
 from acecal.errors import InvalidInputError
 from acecal.geometry import Grid, affine_lps_to_ras
 
@@ -37,31 +40,46 @@ def suffix_of(name: str | os.PathLike) -> str:
     return ""
 
 
-def read_volume(path: str | os.PathLike, *, what: str = "image", allow_vector: bool = False) -> sitk.Image:
+def read_volume(path: str | os.PathLike, *, what: str = "image", allow_vector: bool = False,
+                name: Optional[str] = None) -> sitk.Image:
     """Read a 3-D volume and check it is usable.
 
+    The header is checked first (:func:`acecal.data.headers.inspect_image`: a regular file, voxel data attached, within
+    the voxel budget of :func:`acecal.data.headers.current_limits`); only then does SimpleITK read it, with the
+    ImageIO of the format that was checked. ``name`` is the file name used in messages (default: the path's).
+
     Raises:
-        InvalidInputError: unreadable or corrupt file, not 3-D, multi-component (unless ``allow_vector``),
-            or containing NaN/inf voxels.
+        InvalidInputError: not a regular file, detached data, unreadable or corrupt file, not 3-D, multi-component
+            (unless ``allow_vector``), or containing NaN/inf voxels.
+        PayloadTooLargeError: more voxels than the budget allows.
     """
     path = Path(path)
-    name = path.name
-    if not path.is_file() or path.stat().st_size == 0:
-        raise InvalidInputError(f"the {what} file {name!r} is empty or missing; send a NIfTI, NRRD or MHA volume")
-    if not has_supported_suffix(name):
+    name = name or path.name
+    if not has_supported_suffix(path.name):
         raise InvalidInputError(
             f"the {what} file {name!r} has an unsupported type; use one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
+    header = inspect_image(path, name=name, what=what)
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO(header.itk_io)
+    reader.SetFileName(str(path))
     try:
-        img = sitk.ReadImage(str(path))
+        img = reader.Execute()
     except RuntimeError as e:
         first = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
         raise InvalidInputError(
-            f"the {what} file {name!r} could not be read as an image ({first[:200]}); is it a complete NIfTI/NRRD/MHA file?"
+            f"the {what} file {name!r} could not be read as an image ({scrub_paths(first, path)[:200]}); is it a "
+            "complete NIfTI/NRRD/MHA file?"
         ) from None
-    if suffix_of(name) in (".nii", ".nii.gz") and not _nifti_data_complete(path):
+    if header.format.startswith("nifti") and not _nifti_data_complete(path, header):
         raise InvalidInputError(
             f"the {what} file {name!r} is truncated or corrupt: it holds fewer voxels than its header announces"
+        )
+    read_values = math.prod(img.GetSize()) * img.GetNumberOfComponentsPerPixel()
+    if read_values != header.values:
+        raise InvalidInputError(
+            f"the {what} file {name!r} could not be read consistently: its header announces {header.values:,} voxel "
+            f"values but {read_values:,} were read; is it a valid scalar or vector volume?"
         )
     if img.GetDimension() != 3:
         raise InvalidInputError(
@@ -83,47 +101,56 @@ def read_volume(path: str | os.PathLike, *, what: str = "image", allow_vector: b
     return img
 
 
-def _nifti_data_complete(path: Path) -> bool:
+def scrub_paths(text: str, *paths: str | os.PathLike) -> str:
+    """``text`` with each of ``paths`` (and their folders) replaced by the bare file name: messages never carry a
+    server path."""
+    for p in paths:
+        p = Path(p)
+        for variant in (str(p), str(p.resolve()) if p.is_absolute() else None):
+            if variant:
+                text = text.replace(variant, p.name)
+        for folder in (str(p.parent), str(p.parent.resolve())):
+            if folder not in ("", ".", "/"):
+                text = text.replace(folder + os.sep, "").replace(folder, "")
+    return text
+
+
+def _nifti_data_complete(path: Path, header: ImageHeader) -> bool:
     """False when a NIfTI file (or its gzip stream) ends before the voxel data its header announces.
 
-    ITK reads such files with a warning and zeros for the missing voxels; a clinician would never notice.
+    ITK reads such files with a warning and zeros for the missing voxels; a clinician would never notice. A gzip
+    stream is inflated in chunks and only up to the announced size: whatever follows (a gzip bomb) is never inflated.
     """
-    import gzip
     import struct
     import zlib
 
-    opener = gzip.open if str(path).lower().endswith(".gz") else open
+    def vox_offset(hdr: bytes) -> int:
+        e = "<" if struct.unpack("<i", hdr[:4])[0] in (348, 540) else ">"
+        if header.format == "nifti1":
+            return int(struct.unpack(e + "f", hdr[108:112])[0])
+        return int(struct.unpack(e + "q", hdr[168:176])[0])
+
     try:
-        with opener(path, "rb") as f:
-            hdr = f.read(540)
-            if len(hdr) < 348:
-                return False
-            for e in ("<", ">"):
-                sizeof_hdr = struct.unpack(e + "i", hdr[:4])[0]
-                if sizeof_hdr in (348, 540):
+        with open_regular(path, follow_symlinks=current_limits().follow_symlinks) as f:
+            if not header.compressed:
+                return os.fstat(f.fileno()).st_size >= vox_offset(f.read(540)) + header.nbytes
+            d = zlib.decompressobj(wbits=31)
+            head = bytearray()
+            total, need, pending = 0, None, b""
+            while need is None or total < need:
+                chunk = pending or f.read(1 << 20)
+                if not chunk or d.eof:
                     break
-            else:
-                return True  # not a header we know: leave the verdict to ITK
-            if sizeof_hdr == 348:
-                dims = struct.unpack(e + "8h", hdr[40:56])
-                bitpix = struct.unpack(e + "h", hdr[72:74])[0]
-                vox_offset = int(struct.unpack(e + "f", hdr[108:112])[0])
-            else:
-                dims = struct.unpack(e + "8q", hdr[16:80])
-                bitpix = struct.unpack(e + "h", hdr[14:16])[0]
-                vox_offset = struct.unpack(e + "q", hdr[168:176])[0]
-            ndim = max(1, min(int(dims[0]), 7))
-            need = vox_offset + int(np.prod([max(int(d), 1) for d in dims[1:1 + ndim]])) * max(int(bitpix), 8) // 8
-            if opener is open:
-                return path.stat().st_size >= need
-            total = len(hdr)
-            while True:
-                chunk = f.read(1 << 22)
-                if not chunk:
-                    break
-                total += len(chunk)
-            return total >= need
-    except (EOFError, OSError, zlib.error, struct.error):
+                limit = 1 << 22 if need is None else min(1 << 22, need - total)
+                got = d.decompress(chunk, limit)  # bounded: never past the announced size
+                pending = d.unconsumed_tail
+                total += len(got)
+                if need is None:
+                    head += got[: 540 - len(head)]
+                    if len(head) >= 348 and (header.format == "nifti1" or len(head) >= 540):
+                        need = max(vox_offset(bytes(head)), 348) + header.nbytes
+            return need is not None and total >= need
+    except (EOFError, OSError, zlib.error, struct.error, InvalidInputError):
         return False
 
 

@@ -36,6 +36,7 @@ import SimpleITK as sitk
 import torch
 
 from acecal.bundles import Bundle
+from acecal.data.headers import check_model_space_budget
 from acecal.data.io import grid_of, read_volume, to_metatensor
 from acecal.data.transforms import IMAGE, model_space_transforms
 from acecal.errors import InvalidInputError
@@ -139,15 +140,29 @@ class Predictor:
                 f"{self.config.in_channels}"
             )
 
-    def preprocess(self, img: sitk.Image) -> dict:
-        """The image in model space: {"image": MetaTensor (in_channels, x, y, z)} with its transform record."""
+    def preprocess(self, img: sitk.Image, *, name: str = "image") -> dict:
+        """The image in model space: {"image": MetaTensor (in_channels, x, y, z)} with its transform record.
+
+        Raises:
+            PayloadTooLargeError: resampled to the model's spacing it would exceed the model-space voxel budget
+                (:func:`acecal.data.headers.current_limits`), checked before resampling.
+            InvalidInputError: values that the intensity normalisation turns into NaN or infinity (e.g. +-3e38).
+        """
+        check_model_space_budget(img.GetSize(), img.GetSpacing(), self.config.spacing, name=name,
+                                 model_id=f"model {self.bundle.id!r}")
         if img.GetNumberOfComponentsPerPixel() == 1:
             mt = to_metatensor(img)
         else:  # multi-channel: one MetaTensor per component, stacked on the channel axis
             parts = [to_metatensor(sitk.VectorIndexSelectionCast(img, c, sitk.sitkFloat32))
                      for c in range(img.GetNumberOfComponentsPerPixel())]
             mt = torch.cat(parts, dim=0)
-        return self.transforms({IMAGE: mt})
+        data = self.transforms({IMAGE: mt})
+        if not bool(torch.isfinite(data[IMAGE]).all()):
+            peak = float(np.abs(sitk.GetArrayViewFromImage(img)).max())
+            raise InvalidInputError(
+                f"the image {name!r} has values up to {peak:.3g} in magnitude that the model's intensity "
+                f"normalisation ({self.config.intensity.mode}) turns into NaN or infinity; rescale its intensities")
+        return data
 
     # --- stage 2: device ---------------------------------------------------------------------------------------
     def temperature(self, use_temperature: bool = True) -> Optional[float]:
