@@ -2,7 +2,7 @@
 
 Layout ("bigger applications"): one router per resource under :mod:`acecal.api.routers`, shared services in
 :class:`acecal.api.deps.ServerState`, errors mapped in :mod:`acecal.api.errors`, authentication in
-:mod:`acecal.api.auth`. A later resource (datasets, jobs, evaluation) adds its router to :data:`ROUTERS` or passes
+:mod:`acecal.api.auth` (ASGI middleware: the key is checked before any body is read). A later resource (datasets, jobs, evaluation) adds its router to :data:`ROUTERS` or passes
 it to ``create_app(extra_routers=...)``; it is then authenticated like the others.
 """
 
@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 from fastapi import APIRouter, Depends, FastAPI
 
 from acecal import __version__
-from acecal.api.auth import require_api_key
+from acecal.api.auth import APIKeyMiddleware, require_api_key
 from acecal.api.deps import ServerState
 from acecal.api.errors import install_error_handlers
 from acecal.api.middleware import UploadLimitMiddleware
@@ -40,8 +40,10 @@ DESCRIPTION = """
 Calibrated segmentation server: each volume gets a label map **and** a calibrated voxel-wise confidence, a normalised
 entropy map and the uncertain boundary regions, all on the input's exact grid.
 
-Errors are `{"error": code, "detail": message}`. With an API key configured, every endpoint except `/health` needs
-`Authorization: Bearer <key>`. Results expire (see `/health` `result_ttl_s`).
+Errors are `{"error": code, "detail": message}`. With an API key configured, every endpoint except `/health` (and
+these docs) needs `Authorization: Bearer <key>`, checked before the request body is read. Results expire (see
+`/health` `result_ttl_s`). Uploads are checked from their headers before they are read: voxel data must be in the
+file itself, and the image must fit the server's voxel budgets (`/health` `max_voxels`, `max_model_voxels`).
 """
 
 
@@ -111,7 +113,9 @@ def create_app(settings: Optional[Settings] = None, *, extra_routers: Iterable[A
     app = FastAPI(title="ACECalibration server", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.acecal = state
     install_error_handlers(app)
+    # the last added runs first: CORS (preflights), then the key (before any body is read), then the size caps
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(APIKeyMiddleware, key=settings.api_key)
     if settings.cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 

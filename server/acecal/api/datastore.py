@@ -2,14 +2,18 @@
 
 Layout (every file name chosen by the server; the user's file name is kept in the database for display only)::
 
-    <data_dir>/datasets/<dataset_id>/images/<case_id><suffix>
-    <data_dir>/datasets/<dataset_id>/labels/<case_id><suffix>
+    <data_dir>/datasets/<dataset_id>/images/<case_id>.nii.gz
+    <data_dir>/datasets/<dataset_id>/labels/<case_id>.nii.gz
 
-A case is checked before it is stored (:func:`check_pair`): both files readable, 3-D, scalar (or the declared
-model's channel count), finite; the label map whole numbers on exactly the image's grid (size, spacing, origin,
-direction); and its values among the labels of the dataset's model (declared at ``POST /datasets`` or given with the
-upload as ``model``), otherwise in 0..255 and checked against the base model when a job is submitted. A refused case
-is a 422 naming the file and the problem.
+A case is read once, after its headers were checked (:mod:`acecal.data.headers`: regular files, voxel data attached,
+within the voxel budget), and **re-encoded** as NIfTI from the images read: the stored files are what was validated,
+never the uploaded bytes (whose header could name another file for a later reader to follow). The stored pair is then
+checked (:func:`check_pair`): both files readable, 3-D, scalar (or the declared model's channel count), finite; the
+label map whole numbers on exactly the image's grid (size, spacing, origin, direction); and its values among the
+labels of the dataset's model (declared at ``POST /datasets`` or given with the upload as ``model``), otherwise in
+0..255 and checked against the base model when a job is submitted. With a model, the image must also fit the
+model-space voxel budget at that model's spacing. A refused case is a 422 (413 for the budgets) naming the file and
+the problem, never a server path.
 
 Durability: the files are moved into place with ``fsync`` (:func:`acecal.api.state.durable_move`) before the row is
 committed, and the reply is sent after the commit. A crash in between leaves an orphan file that
@@ -18,6 +22,7 @@ committed, and the reply is sent after the commit. A crash in between leaves an 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -51,22 +56,32 @@ def case_not_found(ds_id: str, case_id: str) -> NotFoundError:
     return NotFoundError(f"dataset {ds_id!r} has no case {case_id!r}", code="case_not_found")
 
 
-def _suffix(path: Path) -> str:
-    from acecal.data.io import suffix_of
+#: the ending of every stored image and label
+STORED_SUFFIX = ".nii.gz"
 
-    return suffix_of(path.name) or path.suffix
+
+def clean_text(text: Optional[str], limit: int = 100) -> str:
+    """Printable, one line (no NUL, CR/LF, bidi overrides or other control/format characters: each becomes ``?``),
+    surrounding spaces stripped, at most ``limit`` characters."""
+    return "".join(ch if ch.isprintable() else "?" for ch in (text or "")).strip()[:limit]
 
 
 def clean_name(name: Optional[str], fallback: str) -> str:
-    """A display name: printable, one line, at most 100 characters, without the image suffix."""
+    """A display name: printable, one line, at most 100 characters, without folders or the image suffix."""
     from acecal.data.io import suffix_of
 
     base = re.split(r"[\\/]", name or "")[-1]
     s = suffix_of(base)
     if s:
         base = base[: -len(s)]
-    base = "".join(ch if ch.isprintable() else "?" for ch in base).strip()[:100]
-    return base or fallback
+    return clean_text(base) or fallback
+
+
+def few(values, n: int = 5) -> str:
+    """A count and the first few values, for messages: ``[3, 4, 5, 6, 7, ...] (250 values)``."""
+    values = list(values)
+    shown = ", ".join(str(v) for v in values[:n]) + (", ..." if len(values) > n else "")
+    return f"[{shown}]" + (f" ({len(values)} values)" if len(values) > n else "")
 
 
 def check_pair(image: Path, label: Path, *, image_name: str, label_name: str, num_classes: int,
@@ -77,12 +92,15 @@ def check_pair(image: Path, label: Path, *, image_name: str, label_name: str, nu
     """
     from acecal.data.datasets import Case, DatasetError, validate_cases
 
+    from acecal.data.io import scrub_paths
+
     try:
         summary = validate_cases([Case("case", str(image), str(label))], num_classes, in_channels=in_channels)[0]
     except DatasetError as e:
         problems = []
         for p in e.problems or [e.detail]:
             p = p[len("case: "):] if p.startswith("case: ") else p
+            p = scrub_paths(p, image, label)
             p = p.replace(image.name, image_name).replace(label.name, label_name)
             if "unknown to the model" in p:
                 if model_note:
@@ -97,16 +115,60 @@ def check_pair(image: Path, label: Path, *, image_name: str, label_name: str, nu
             "label_values": list(summary.label_values)}
 
 
+def reencode_pair(image: Path, label: Path, *, image_name: str, label_name: str,
+                  in_channels: int = 1) -> tuple[Path, Path]:
+    """Read an uploaded pair (headers checked first) and write it again as NIfTI next to the uploads; returns the new
+    files. The stored case is then exactly what was read, whatever the uploaded files' headers said.
+
+    Raises :class:`InvalidInputError` (422) or :class:`~acecal.errors.PayloadTooLargeError` (413) naming the
+    user's file.
+    """
+    import SimpleITK as sitk
+
+    from acecal.data.io import read_volume
+    from acecal.errors import ACECalError
+
+    out: list[Path] = []
+    try:
+        for path, what, shown, vector in ((image, "image", image_name, in_channels > 1),
+                                          (label, "label", label_name, False)):
+            try:
+                vol = read_volume(path, what=what, allow_vector=vector, name=shown)
+            except ACECalError as e:
+                e.detail = f"case refused ({image_name} + {label_name}): {e.detail}"
+                if isinstance(e, InvalidInputError):
+                    e.code = "invalid_case"
+                raise
+            target = path.with_name(path.name.split(".")[0] + f"-{what}{STORED_SUFFIX}")
+            out.append(target)
+            try:
+                sitk.WriteImage(vol, str(target), useCompression=True)
+            except RuntimeError:
+                need = 2 * path.stat().st_size + (1 << 20)
+                if shutil.disk_usage(target.parent).free < need:
+                    raise storage_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "the uploaded case") \
+                        from None
+                raise InvalidInputError(f"case refused ({image_name} + {label_name}): the {what} could not be "
+                                        "stored as NIfTI; is its geometry valid?", code="invalid_case") from None
+            del vol
+    except BaseException:
+        for p in out:
+            p.unlink(missing_ok=True)
+        raise
+    return out[0], out[1]
+
+
 def unknown_labels(cases: list[dict], bundle) -> Optional[InvalidInputError]:
     """A 422 naming each case whose label values ``bundle`` does not know (from the values recorded at upload)."""
     n = bundle.config.num_classes
-    wrong = [f"{c['name']} ({c['id']}): {[v for v in c['info'].get('label_values', []) if v >= n]}"
+    wrong = [f"{c['name']} ({c['id']}): {few(v for v in c['info'].get('label_values', []) if v >= n)}"
              for c in cases if any(v >= n for v in c["info"].get("label_values", []))]
     if not wrong:
         return None
     known = ", ".join(f"{k}={v}" for k, v in bundle.config.labels.items())
     return InvalidInputError(f"label values unknown to model {bundle.id!r} (it knows 0..{n - 1}: {known}) in "
-                             f"case(s): " + "; ".join(wrong[:20]), code="invalid_dataset")
+                             f"{len(wrong)} case(s): " + "; ".join(wrong[:10]) + ("; ..." if len(wrong) > 10 else ""),
+                             code="invalid_dataset")
 
 
 class DatasetStore:
@@ -192,7 +254,11 @@ class DatasetStore:
     # --- cases ---------------------------------------------------------------------------------------------------
     def add_case(self, ds_id: str, image_tmp: Path, label_tmp: Path, *, image_name: str, label_name: str,
                  name: Optional[str] = None, model: Optional[str] = None) -> dict:
-        """Validate an uploaded pair (temporary files, moved or deleted here) and store it as a new case."""
+        """Validate an uploaded pair (temporary files, deleted here) and store it, re-encoded, as a new case.
+
+        Reads run under the caller's :func:`acecal.data.headers.image_limits` (the server's budgets).
+        """
+        stored: list[Path] = []
         try:
             ds = self.get(ds_id)
             bundle = self._model(model or ds.get("model"))
@@ -201,18 +267,26 @@ class DatasetStore:
                 note = f"(model {bundle.id!r} has labels {', '.join(f'{k}={v}' for k, v in bundle.config.labels.items())})"
             else:
                 num_classes, in_ch, note = MAX_LABEL_VALUES, 1, ""
-            info = check_pair(image_tmp, label_tmp, image_name=image_name, label_name=label_name,
-                              num_classes=num_classes, in_channels=in_ch, model_note=note)
-            info["bytes"] = image_tmp.stat().st_size + label_tmp.stat().st_size
             case_id = new_id("c")
+            img_enc, lab_enc = reencode_pair(image_tmp, label_tmp, image_name=image_name, label_name=label_name,
+                                             in_channels=in_ch)
+            stored += [img_enc, lab_enc]
+            info = check_pair(img_enc, lab_enc, image_name=image_name, label_name=label_name,
+                              num_classes=num_classes, in_channels=in_ch, model_note=note)
+            if bundle is not None:
+                from acecal.data.headers import check_model_space_budget
+
+                check_model_space_budget(info["size"], info["spacing"], bundle.config.spacing, name=image_name,
+                                         model_id=f"model {bundle.id!r}")
+            info["bytes"] = img_enc.stat().st_size + lab_enc.stat().st_size
             d = self.folder(ds_id)
-            img = d / "images" / f"{case_id}{_suffix(image_tmp)}"
-            lab = d / "labels" / f"{case_id}{_suffix(label_tmp)}"
+            img = d / "images" / f"{case_id}{STORED_SUFFIX}"
+            lab = d / "labels" / f"{case_id}{STORED_SUFFIX}"
             try:
                 for sub in ("images", "labels"):
                     (d / sub).mkdir(parents=True, exist_ok=True)
-                durable_move(image_tmp, img)
-                durable_move(label_tmp, lab)
+                durable_move(img_enc, img)
+                durable_move(lab_enc, lab)
             except OSError as e:
                 img.unlink(missing_ok=True)
                 lab.unlink(missing_ok=True)
@@ -231,8 +305,8 @@ class DatasetStore:
                 raise
             return self.case_view(case)
         finally:
-            image_tmp.unlink(missing_ok=True)
-            label_tmp.unlink(missing_ok=True)
+            for p in (image_tmp, label_tmp, *stored):
+                p.unlink(missing_ok=True)
 
     def delete_case(self, ds_id: str, case_id: str) -> None:
         self.get(ds_id)

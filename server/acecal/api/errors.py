@@ -6,6 +6,8 @@
 - Starlette HTTP errors (unknown path, wrong method, oversized body) -> their status with a matching code;
 - anything else -> 500 ``internal_error`` (logged with a traceback; the reply never carries one).
 
+Details never carry the server's data directory or model folders (:func:`scrub_server_paths`).
+
 The client rebuilds the same exception classes from ``error`` (see :data:`acecal.errors.ERRORS_BY_CODE`).
 """
 
@@ -67,11 +69,25 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
+def scrub_server_paths(detail: str, request: Request) -> str:
+    """``detail`` without the server's own folders (data directory, model folders): replies never reveal them."""
+    state = getattr(request.app.state, "acecal", None)
+    if state is None:
+        return detail
+    s = state.settings
+    for folder, label in [(s.data_dir, "<data-dir>"), *((m, "<models>") for m in s.models_dirs)]:
+        for variant in {str(folder), str(folder.resolve())}:
+            if len(variant) > 1 and variant in detail:
+                detail = detail.replace(variant, label)
+    return detail
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ACECalError)
     async def _acecal_error(request: Request, exc: ACECalError):
         if exc.http_status >= 500 and not isinstance(exc, ServerBusyError):
             log.error("%s %s failed: %s", request.method, request.url.path, exc.detail)
+        exc.detail = scrub_server_paths(exc.detail, request)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)

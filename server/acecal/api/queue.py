@@ -1,8 +1,8 @@
 """The bounded inference queue: device work runs on dedicated worker threads, never on the event loop.
 
 A request first *reserves* a slot (:meth:`InferenceQueue.slot`); at most ``workers + queue_size`` requests hold one
-at a time and the next gets :class:`acecal.errors.ServerBusyError` (503, ``Retry-After`` estimated from recent job
-durations). Inside its slot a request runs CPU stages in the normal thread pool and its device stage through
+at a time and the next gets :class:`acecal.errors.ServerBusyError` (503, ``Retry-After`` estimated from the median of
+recent request durations). Inside its slot a request runs CPU stages in the normal thread pool and its device stage through
 :meth:`InferenceQueue.run`, on ``workers`` threads (one by default: the device is used by one forward pass at a time,
 like a GPU lock).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import statistics
 import threading
 import time
 from collections import deque
@@ -36,9 +37,11 @@ class InferenceQueue:
 
     # --- slots --------------------------------------------------------------------------------------------------
     def _retry_after(self) -> float:
-        mean = sum(self._durations) / len(self._durations) if self._durations else 5.0
+        """Seconds until a slot is likely free: the median recent request time (one request that took an hour, or
+        a burst of instant refusals, does not skew it) times the waves of requests ahead, within 1..600 s."""
+        typical = statistics.median(self._durations) if self._durations else 5.0
         waves = math.ceil(max(self._in_flight, 1) / self.workers)
-        return max(1.0, min(mean * waves, 600.0))
+        return max(1.0, min(typical * waves, 600.0))
 
     @asynccontextmanager
     async def slot(self):

@@ -97,12 +97,19 @@ class InferParams(BaseModel):
     @classmethod
     def from_form(cls, raw: Optional[str]) -> "InferParams":
         """Parse the form field; any problem is an :class:`InvalidInputError` (422) naming the offending key."""
+        from acecal.api.middleware import MAX_JSON_DEPTH, json_depth, too_deep_message
+
         if raw is None or not raw.strip():
             return cls()
+        depth = json_depth(raw)
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidInputError(too_deep_message(depth, "params"))
         try:
             data = json.loads(raw)
+        except RecursionError:  # nesting the depth count above missed (it cannot, but never a 500)
+            raise InvalidInputError(too_deep_message(depth, "params")) from None
         except ValueError as e:
-            raise InvalidInputError(f"params is not valid JSON ({e}); send a JSON object such as "
+            raise InvalidInputError(f"params is not valid JSON ({str(e)[:200]}); send a JSON object such as "
                                     '{"uncertainty_threshold": 0.7}') from None
         if not isinstance(data, dict):
             raise InvalidInputError("params must be a JSON object such as {\"uncertainty_threshold\": 0.7}")

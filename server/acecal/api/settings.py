@@ -8,6 +8,8 @@
 | models_dirs | ``ACECAL_MODELS_DIRS`` (``os.pathsep``-separated or a JSON list) | the shipped ``models/`` |
 | api_key | ``ACECAL_API_KEY`` | none (no authentication) |
 | max_upload_mb | ``ACECAL_MAX_UPLOAD_MB`` | ``2048`` |
+| max_voxels | ``ACECAL_MAX_VOXELS`` | from the machine's memory (64 bytes per voxel), at least 512 x 512 x 1024 |
+| max_model_voxels | ``ACECAL_MAX_MODEL_VOXELS`` | the same: voxels of an image resampled to a model's spacing |
 | result_ttl_s | ``ACECAL_RESULT_TTL_S`` | ``3600`` (results are deleted one hour after they were made) |
 | queue_size | ``ACECAL_QUEUE_SIZE`` | ``8`` (inference requests waiting beyond the running ones; more -> 503) |
 | inference_workers | ``ACECAL_INFERENCE_WORKERS`` | ``1`` (concurrent forward passes on the device) |
@@ -38,6 +40,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from acecal.bundles import default_data_dir, default_models_dir
+from acecal.data.headers import ImageLimits, default_max_model_voxels, default_max_voxels
 
 
 def _split_paths(v):
@@ -62,6 +65,8 @@ class Settings(BaseSettings):
     models_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [default_models_dir()])
     api_key: Optional[SecretStr] = None
     max_upload_mb: float = Field(2048.0, gt=0)
+    max_voxels: int = Field(default_factory=default_max_voxels, ge=1)
+    max_model_voxels: int = Field(default_factory=default_max_model_voxels, ge=1)
     result_ttl_s: float = Field(3600.0, gt=0)
     queue_size: int = Field(8, ge=0)
     inference_workers: int = Field(1, ge=1)
@@ -130,3 +135,8 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    def image_limits(self) -> ImageLimits:
+        """What the server's readers accept (set around every request's file work with
+        :func:`acecal.data.headers.image_limits`); files the server reads all have names it chose: no symlinks."""
+        return ImageLimits(self.max_voxels, self.max_model_voxels, follow_symlinks=False, server=True)

@@ -73,7 +73,8 @@ class ResultStore:
                     "expires_in_s": self.ttl_s,
                     "_expires_epoch": now + self.ttl_s,
                 }
-                (tmp / RESULT_JSON).write_text(json.dumps(reply))
+                # allow_nan=False: a NaN would make the stored reply unreadable as JSON; refused here, never stored
+                (tmp / RESULT_JSON).write_text(json.dumps(reply, allow_nan=False))
                 (tmp / EXPIRY_NAME).write_text(repr(now + self.ttl_s))  # checked on every file GET: tiny
                 os.rename(tmp, self.root / rid)
         except BaseException:
@@ -133,6 +134,11 @@ class ResultStore:
         if not d.is_dir():
             raise ResultNotFoundError(f"unknown result id {rid!r}; it may have expired or been deleted")
         shutil.rmtree(d, ignore_errors=True)
+
+    def discard(self, rid: str) -> None:
+        """Delete a result if it exists (a reply that could not be sent leaves nothing behind)."""
+        if isinstance(rid, str) and _ID.match(rid):
+            shutil.rmtree(self.root / rid, ignore_errors=True)
 
     # --- housekeeping -------------------------------------------------------------------------------------------
     def sweep(self, now: Optional[float] = None, *, partial_older_than_s: float = 3600.0) -> int:

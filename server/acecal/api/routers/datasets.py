@@ -1,14 +1,16 @@
 """Stored datasets for fine-tuning and evaluation: ``/datasets`` and ``/datasets/{id}/cases``.
 
 Each case (image + label map) is checked when it arrives and refused with a 422 naming the problem (see
-:mod:`acecal.api.datastore`); it is acknowledged only once its files and its row are durably stored.
+:mod:`acecal.api.datastore`); it is stored re-encoded from the images read, and acknowledged only once its files and
+its row are durably stored. The upload route runs before its body is read (:mod:`acecal.api.uploads`): an unknown
+dataset is a 404 without receiving the files.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from acecal.api.deps import ServerState, get_state
@@ -23,6 +25,8 @@ from acecal.api.finetune_schemas import (
 )
 from acecal.api.jobs import services
 from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse
+from acecal.api.uploads import display_name, multipart_body, receive_form
+from acecal.data.headers import image_limits
 from acecal.errors import InvalidInputError
 
 router = APIRouter(tags=["datasets"])
@@ -57,48 +61,61 @@ def delete_dataset(dataset_id: str, state: ServerState = Depends(get_state)) -> 
     return {"id": dataset_id}
 
 
+_CASE_BODY = multipart_body(
+    files={"image": "the image: .nii, .nii.gz, .nrrd or .mha (3-D, voxel data in the file itself)",
+           "label": "its label map (whole numbers) on exactly the image's grid"},
+    fields={"name": "a display name (default: the image file name), at most 200 characters",
+            "model": "check the label values against this model's labels (default: the dataset's model, if it has "
+                     "one)"},
+    required=["image", "label"])
+
+
+def _text_field(form, key: str, limit: int = 200) -> Optional[str]:
+    value = form.fields.get(key)
+    if value is not None and len(value) > limit:
+        raise InvalidInputError(f"invalid request: {key}: at most {limit} characters")
+    return value
+
+
 @router.post(
     "/datasets/{dataset_id}/cases",
     response_model=CaseCreated,
     status_code=201,
-    summary="Add a labelled case (validated on arrival)",
+    summary="Add a labelled case (validated on arrival, stored re-encoded as NIfTI)",
     responses={
         400: {"model": ErrorResponse, "description": "malformed multipart body"},
         **_404,
-        413: {"model": ErrorResponse, "description": "upload larger than the server's limit"},
-        422: {"model": ErrorResponse, "description": "the case is unusable: unreadable or corrupt file, not 3-D, NaN "
-                                                     "voxels, image and label on different grids, non-integer label "
-                                                     "values or values the model does not know"},
+        413: {"model": ErrorResponse, "description": "upload larger than the server's limit, or an image over the "
+                                                     "voxel budgets (max_voxels, max_model_voxels)"},
+        422: {"model": ErrorResponse, "description": "the case is unusable: unreadable or corrupt file, detached voxel "
+                                                     "data, not 3-D, NaN voxels, image and label on different grids, "
+                                                     "non-integer label values or values the model does not know"},
         **_507,
     },
+    openapi_extra=_CASE_BODY,
 )
-async def add_case(
-    dataset_id: str,
-    image: UploadFile = File(..., description="the image: .nii, .nii.gz, .nrrd or .mha (3-D)"),
-    label: UploadFile = File(..., description="its label map (whole numbers) on exactly the image's grid"),
-    name: Optional[str] = Form(None, max_length=200, description="a display name (default: the image file name)"),
-    model: Optional[str] = Form(None, max_length=200,
-                                description="check the label values against this model's labels (default: the "
-                                            "dataset's model, if it has one)"),
-    state: ServerState = Depends(get_state),
-) -> dict:
-    from acecal.api.routers.infer import display_name, save_upload
+async def add_case(request: Request, dataset_id: str, state: ServerState = Depends(get_state)) -> dict:
+    from acecal.api.routers.infer import memory_bounded, store_upload
 
     svc = services(state)
-    await run_in_threadpool(svc.datasets.get, dataset_id)  # 404 before any file work
-    tmp_dir = state.settings.tmp_dir
-    img = await run_in_threadpool(save_upload, image, tmp_dir)
+    await run_in_threadpool(svc.datasets.get, dataset_id)  # 404 before the body is read
+    form = await receive_form(request, state.settings.tmp_dir, files=("image", "label"), fields=("name", "model"))
     try:
-        lab = await run_in_threadpool(save_upload, label, tmp_dir)
-    except InvalidInputError as e:
-        img.unlink(missing_ok=True)
-        raise InvalidInputError(e.detail.replace("the image file", "the label file")) from None
-    except BaseException:
-        img.unlink(missing_ok=True)
-        raise
-    case = await run_in_threadpool(
-        lambda: svc.datasets.add_case(dataset_id, img, lab, image_name=display_name(image.filename),
-                                      label_name=display_name(label.filename), name=name, model=model))
+        name, model = _text_field(form, "name"), _text_field(form, "model")
+        image, label = form.file("image"), form.file("label")
+        img = await run_in_threadpool(store_upload, image, "image")
+        lab = await run_in_threadpool(store_upload, label, "label")
+        limits = state.settings.image_limits()
+        image_name, label_name = display_name(image.filename), display_name(label.filename)
+
+        def add() -> dict:
+            with image_limits(limits):
+                return svc.datasets.add_case(dataset_id, img, lab, image_name=image_name, label_name=label_name,
+                                             name=name, model=model)
+
+        case = await memory_bounded(lambda: run_in_threadpool(add), image_name)
+    finally:
+        form.discard()
     return {**case, "dataset": dataset_id}
 
 

@@ -2,28 +2,30 @@
 
 The handler is ``async`` but never blocks the event loop: file work and CPU stages run in the thread pool, the
 forward pass on the device queue (:class:`acecal.api.queue.InferenceQueue`), and a full queue answers 503 at once.
-The upload is copied to a server-chosen temporary name (only a recognised suffix is kept from the user's file name)
-and deleted whatever happens.
+It runs before the body is read (:mod:`acecal.api.uploads`): an unknown model is 404 and a full queue 503 without
+receiving the upload. The upload streams to a server-chosen temporary name in the data directory (its ending chosen
+from its content), is checked from its header before any reader opens it (:mod:`acecal.data.headers`: a regular
+file, voxel data attached, within ``max_voxels``; the model-space size within ``max_model_voxels``) and is deleted
+whatever happens. Running out of memory is a 413, with the memory released before the reply.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import logging
-import re
-import shutil
 import time
-import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Any, Awaitable, Callable, Optional
 
-from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from acecal.api.deps import ServerState, get_state
-from acecal.api.middleware import RECEIVED_AT
 from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse, busy_response, InferParams, InferResponse
-from acecal.api.store import storage_guard
+from acecal.api.uploads import ReceivedFile, display_name, multipart_body, receive_form, rename_upload
+from acecal.data.headers import image_limits
 from acecal.errors import ACECalError, InvalidInputError, PayloadTooLargeError
 
 log = logging.getLogger("acecal.api")
@@ -35,68 +37,55 @@ UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _ERRORS = {
     400: {"model": ErrorResponse, "description": "malformed multipart body"},
     404: {"model": ErrorResponse, "description": "unknown model id"},
-    413: {"model": ErrorResponse, "description": "upload larger than the server's limit"},
-    422: {"model": ErrorResponse, "description": "unusable image (corrupt, empty, 2-D, NaN, wrong channel count) or "
+    413: {"model": ErrorResponse, "description": "upload larger than the server's limit, or an image with more voxels "
+                                                 "(or model-space voxels) than max_voxels (max_model_voxels), or one "
+                                                 "too large for the server's memory"},
+    422: {"model": ErrorResponse, "description": "unusable image (corrupt, empty, 2-D, NaN, wrong channel count, "
+                                                 "detached voxel data, values that overflow the normalisation) or "
                                                  "invalid params"},
     **busy_response("inference queue"),
     **DISK_FULL_RESPONSE,
 }
 
-
-def display_name(filename: Optional[str]) -> str:
-    """The user's file name for messages only: base name, printable characters, at most 100 of them."""
-    base = re.split(r"[\\/]", filename or "")[-1]
-    base = "".join(ch if ch.isprintable() else "?" for ch in base)[:100]
-    return base or "upload"
+_BODY = multipart_body(
+    files={"image": "the volume: .nii, .nii.gz, .nrrd or .mha (3-D, scalar, voxel data in the file itself)"},
+    fields={"params": "JSON object of InferParams, e.g. {\"uncertainty_threshold\": 0.7, \"band_mm\": 3}"},
+    required=["image"])
 
 
 def sniff_suffix(head: bytes) -> Optional[str]:
+    """The file ending for the bytes' format (the content decides, whatever the user's file name says)."""
+    from acecal.data.headers import _is_nifti, _looks_like_metaimage
+
     if head.startswith(b"NRRD000"):
         return ".nrrd"
     if head[:2] == b"\x1f\x8b":
         return ".nii.gz"
-    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"n+2\x00"):
+    if _is_nifti(head):
         return ".nii"
-    if head.lstrip().startswith((b"ObjectType", b"NDims")):
+    if _looks_like_metaimage(head):
         return ".mha"
     return None
 
 
-def upload_suffix(filename: Optional[str], head: bytes) -> str:
-    """A safe suffix for the temporary copy: the recognised ending of the user's name, else sniffed from the bytes."""
-    name = display_name(filename).lower()
-    for s in UPLOAD_SUFFIXES:
-        if name.endswith(s):
-            return s
-    if name.endswith((".nhdr", ".mhd")):
-        raise InvalidInputError(f"{display_name(filename)!r} is a detached header whose voxel data live in another "
-                                "file; send a single-file volume (.nrrd, .nii, .nii.gz or .mha)")
+def upload_suffix(filename: Optional[str], head: bytes, what: str = "image") -> str:
+    """A safe suffix for the temporary copy, from the bytes' format; a detached header's name is refused."""
+    name = display_name(filename)
+    if name.lower().endswith((".nhdr", ".mhd")):
+        raise InvalidInputError(f"{name!r} is a detached header whose voxel data live in another file; send a "
+                                "single-file volume (.nrrd, .nii, .nii.gz or .mha)")
     sniffed = sniff_suffix(head)
     if sniffed is None:
         if not head:
-            raise InvalidInputError(f"the image file {display_name(filename)!r} is empty; send a NIfTI, NRRD or MHA "
-                                    "volume")
-        raise InvalidInputError(f"{display_name(filename)!r} is not a recognised image type; send a NIfTI "
-                                "(.nii, .nii.gz), NRRD (.nrrd) or MetaImage (.mha) volume")
+            raise InvalidInputError(f"the {what} file {name!r} is empty; send a NIfTI, NRRD or MHA volume")
+        raise InvalidInputError(f"{name!r} is not a recognised image type; send a NIfTI (.nii, .nii.gz), NRRD (.nrrd) "
+                                "or MetaImage (.mha) volume")
     return sniffed
 
 
-def save_upload(upload: UploadFile, tmp_dir: Path) -> Path:
-    """Copy the uploaded file to ``tmp_dir/upload-<random><suffix>`` (server-chosen name)."""
-    f = upload.file
-    f.seek(0)
-    head = f.read(512)
-    f.seek(0)
-    suffix = upload_suffix(upload.filename, head)
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    path = tmp_dir / f"upload-{uuid.uuid4().hex}{suffix}"
-    try:
-        with storage_guard("the upload"), open(path, "wb") as out:
-            shutil.copyfileobj(f, out, length=1 << 20)
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return path
+def store_upload(received: ReceivedFile, what: str = "image") -> Path:
+    """The received file under its server-chosen name with its format's ending."""
+    return rename_upload(received, upload_suffix(received.filename, received.head, what))
 
 
 def _bad_image(name: str, stage: str, exc: Exception) -> InvalidInputError:
@@ -105,73 +94,102 @@ def _bad_image(name: str, stage: str, exc: Exception) -> InvalidInputError:
                              "check that it is a valid 3-D scalar volume")
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """MemoryError, or torch's allocation failures (CPU ``can't allocate memory``, CUDA ``out of memory``)."""
+    if isinstance(e, MemoryError):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+async def memory_bounded(call: Callable[[], Awaitable[Any]], name: str, where: str = "this server's memory") -> Any:
+    """Await ``call()``; running out of memory becomes a 413 raised only after the failed attempt's exception, its
+    traceback and the frames holding its arrays are gone (and collected), so the memory is free before the reply."""
+    try:
+        return await call()
+    except BaseException as e:  # noqa: BLE001 - only memory errors are handled here
+        if not out_of_memory(e):
+            raise
+    gc.collect()
+    raise PayloadTooLargeError(f"the image {name!r} is too large for {where}; send a smaller volume (or crop it) or "
+                               "use a server with more memory", code="image_too_large")
+
+
 @router.post(
     "/infer/{model_id}",
     response_model=InferResponse,
     summary="Segment a volume, with calibrated confidence, uncertainty and uncertain boundary regions",
     responses=_ERRORS,
+    openapi_extra=_BODY,
 )
-async def infer(
-    request: Request,
-    model_id: str,
-    image: UploadFile = File(..., description="the volume: .nii, .nii.gz, .nrrd or .mha (3-D, scalar)"),
-    params: Optional[str] = Form(
-        None, description="JSON object of InferParams, e.g. {\"uncertainty_threshold\": 0.7, \"band_mm\": 3}"),
-    state: ServerState = Depends(get_state),
-) -> JSONResponse:
+async def infer(request: Request, model_id: str, state: ServerState = Depends(get_state)) -> Response:
     t_start = time.perf_counter()
-    # upload transfer and multipart parsing happened before this handler ran
-    t_arrived = request.scope.get(RECEIVED_AT, t_start)
-    p = InferParams.from_form(params)
-    bundle = await run_in_threadpool(state.registry.get, model_id)
+    bundle = await run_in_threadpool(state.registry.get, model_id)  # 404 before the body is read
+    limits = state.settings.image_limits()
+
+    def limited(fn: Callable, *args: Any, **kwargs: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            with image_limits(limits):
+                return fn(*args, **kwargs)
+        return run
 
     from acecal.data.io import grid_of
     from acecal.inference.pipeline import VOLUMES, InferenceOptions, analyse, write_volumes
 
-    options = InferenceOptions(
-        uncertainty_threshold=p.uncertainty_threshold, overlap=p.overlap, use_temperature=p.use_temperature,
-        band_mm=p.band_mm, band_voxels=p.band_voxels, min_region_voxels=p.min_region_voxels,
-        connectivity=p.connectivity,
-    )
-    name = display_name(image.filename)
-    timings: dict[str, float] = {"receive_s": t_start - t_arrived}
-    async with state.queue.slot():
+    timings: dict[str, float] = {}
+    async with state.queue.slot():  # 503 before the body is read
         t0 = time.perf_counter()
-        tmp = await run_in_threadpool(save_upload, image, state.settings.tmp_dir)
-        timings["save_upload_s"] = time.perf_counter() - t0
+        form = await receive_form(request, state.settings.tmp_dir, files=("image",), fields=("params",))
+        timings["receive_s"] = time.perf_counter() - t0
         try:
+            p = InferParams.from_form(form.fields.get("params"))
+            options = InferenceOptions(
+                uncertainty_threshold=p.uncertainty_threshold, overlap=p.overlap, use_temperature=p.use_temperature,
+                band_mm=p.band_mm, band_voxels=p.band_voxels, min_region_voxels=p.min_region_voxels,
+                connectivity=p.connectivity,
+            )
+            received = form.file("image")
+            name = display_name(received.filename)
+            t0 = time.perf_counter()
+            tmp = await run_in_threadpool(store_upload, received)
+            timings["save_upload_s"] = time.perf_counter() - t0
             predictor = state.predictors.get(bundle)
             t0 = time.perf_counter()
-            img = await run_in_threadpool(predictor.load_image, tmp, name=name)
+            img = await memory_bounded(lambda: run_in_threadpool(limited(predictor.load_image, tmp, name=name)), name)
             timings["read_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            try:
-                data = await run_in_threadpool(predictor.preprocess, img)
-            except ACECalError:
-                raise
-            except Exception as e:  # a valid file MONAI cannot bring into model space is still bad input
-                raise _bad_image(name, "brought into the model's space", e) from None
+
+            async def _preprocess():
+                try:
+                    return await run_in_threadpool(limited(predictor.preprocess, img, name=name))
+                except ACECalError:
+                    raise
+                except Exception as e:  # a valid file MONAI cannot bring into model space is still bad input
+                    if out_of_memory(e):
+                        raise
+                    raise _bad_image(name, "brought into the model's space", e) from None
+
+            data = await memory_bounded(_preprocess, name)
             timings["preprocess_s"] = time.perf_counter() - t0
 
             forward_time = {}
 
             def _forward():
+                import torch
+
                 t = time.perf_counter()
                 try:
-                    return predictor.forward(data, overlap=options.overlap, use_temperature=options.use_temperature)
-                except MemoryError:
-                    raise PayloadTooLargeError(f"the image {name!r} is too large for this server's memory") from None
-                except RuntimeError as e:
-                    if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower():
-                        raise PayloadTooLargeError(
-                            f"the image {name!r} is too large for the device's memory; try a smaller volume or a "
-                            "server with more memory") from None
-                    raise
+                    probs = predictor.forward(data, overlap=options.overlap, use_temperature=options.use_temperature)
                 finally:
                     forward_time["s"] = time.perf_counter() - t
+                if not bool(torch.isfinite(probs).all()):
+                    raise InvalidInputError(f"model {bundle.id!r} gave non-finite probabilities for the image "
+                                            f"{name!r}; check its intensities")
+                return probs
 
             t0 = time.perf_counter()
-            probs_model = await state.queue.run(_forward)
+            device_memory = "the device's memory" if predictor.device.type != "cpu" else "this server's memory"
+            probs_model = await memory_bounded(lambda: state.queue.run(_forward), name, device_memory)
             timings["inference_s"] = forward_time.get("s", 0.0)
             timings["queue_wait_s"] = max(0.0, time.perf_counter() - t0 - timings["inference_s"])
 
@@ -189,17 +207,22 @@ async def infer(
                     write_volumes(folder, out, compress=p.compress)
                     report = dict(out.report)
                     report["timings"] = dict(report["timings"], write_s=round(time.perf_counter() - t, 4),
-                                             total_s=round(time.perf_counter() - t_arrived, 4))
+                                             total_s=round(time.perf_counter() - t_start, 4))
                     report["_volumes"] = list(VOLUMES)
                     return report
 
                 return state.results.create(_write)
 
-            reply = await run_in_threadpool(_finish)
+            reply = await memory_bounded(lambda: run_in_threadpool(_finish), name)
         finally:
-            await run_in_threadpool(lambda: tmp.unlink(missing_ok=True))
+            form.discard()
     log.info("inference %s: model %s, image %r %s, %.2f s", reply["result_id"], bundle.id, name,
              "x".join(map(str, reply["grid"]["size"])), time.perf_counter() - t_start)
-    # built by our own code to the InferResponse schema (tests validate it): sent without re-validation, which
-    # costs more than the JSON itself when a volume has thousands of regions
-    return JSONResponse(reply)
+    try:
+        # built by our own code to the InferResponse schema (tests validate it) and stored with allow_nan=False:
+        # sent without re-validation, which costs more than the JSON itself for thousands of regions
+        body = json.dumps(reply, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    except BaseException:
+        await run_in_threadpool(state.results.discard, reply["result_id"])  # never an orphaned result
+        raise
+    return Response(body, media_type="application/json")
