@@ -60,6 +60,15 @@ def test_finetune_end_to_end(ft_server, client, dataset_id, cases_dir, tmp_path)
     assert ev["num_cases"] == 4 and ev["model_id"] == new_id and ev["dataset"] == dataset_id
     assert set(ev["aggregate"]) == {"dice", "ace", "ece", "mce"} and ev["aggregate"]["dice"] > 0.8
     assert sorted(c["name"] for c in ev["cases"]) == [f"case_00{i}" for i in range(4)]
+    # next to ACE: its floor and the removable part; and whether the served flags find the errors
+    assert 0 < ev["floor"]["ace"] and ev["floor"]["removable_ace"] == pytest.approx(
+        ev["aggregate"]["ace"] - ev["floor"]["ace"], abs=1e-12)
+    assert ev["floor"]["micro"]["ace"] > 0 and ev["raw"] is False
+    det = ev["error_detection"]
+    assert {"auroc", "recall", "flagged_over_wrong", "per_class"} <= set(det) and det["roi_radius_voxels"] == 3
+    assert det["wrong_voxels"] > 0 and 0 <= det["recall"] <= 1 and 0.5 < det["auroc"] <= 1
+    assert set(det["per_class"]) == {"sphere"}
+    assert all({"floor_ace", "auroc", "recall"} <= set(c) for c in ev["cases"])
     urls = [ev["figures"]["dataset_histogram"], *ev["figures"]["cases"].values()]
     assert len(urls) == 5
     for url in urls:
@@ -233,5 +242,9 @@ def test_evaluation_refuses_what_it_cannot_do(ft_server, client, dataset_id, tmp
         client.evaluate("tiny-sphere", dataset_id, cases=["c_nope"])
     one = client.dataset(dataset_id)["cases"][0]["case_id"]
     assert client.evaluate("tiny-sphere", dataset_id, cases=[one])["num_cases"] == 1
+    raw = client.evaluate("tiny-sphere", dataset_id, cases=[one], raw=True)
+    assert raw["raw"] is True and raw["calibrator"] is None and raw["floor"]["ace"] > 0
+    with pytest.raises(InvalidInputError, match="contradict"):
+        client.evaluate("tiny-sphere", dataset_id, temperature=True, raw=True)
     for path in ("/evaluations/ev_000000000000", "/evaluations/../../etc", "/evaluations/ev_000000000000/figures/x.png"):
         assert requests.get(ft_server.url + path, timeout=10).status_code == 404

@@ -176,7 +176,10 @@ class EvaluateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(min_length=1, max_length=200, description="id of a stored dataset")
-    temperature: bool = Field(False, description="apply the model's fitted temperature (an error if it has none)")
+    temperature: bool = Field(False, description="insist on the model's post-hoc calibrator, e.g. a fitted "
+                                                 "temperature (an error if it has none; applied by default anyway)")
+    raw: bool = Field(False, description="evaluate the network's own softmax (no post-hoc calibrator); default: the "
+                                         "probabilities the server serves")
     cases: Optional[list[str]] = Field(None, min_length=1, max_length=10000,
                                        description="evaluate only these case ids (default: all)")
 
@@ -191,12 +194,57 @@ class Metrics4(BaseModel):
 class ClassMetrics(Metrics4):
     label: int
     cases_present: int
+    floor_ace: Optional[float] = Field(None, description="expected ACE of a perfectly calibrated model, this class")
+    removable_ace: Optional[float] = Field(None, description="ace - floor_ace")
+    micro_ace: Optional[float] = None
 
 
 class CaseMetrics(Metrics4):
     case_id: str
     name: str
     figure: Optional[str] = Field(None, description="URL path of the case's reliability diagram (PNG)")
+    floor_ace: Optional[float] = None
+    auroc: Optional[float] = None
+    recall: Optional[float] = None
+    flagged_over_wrong: Optional[float] = None
+
+
+class FloorValues(BaseModel):
+    ace: Optional[float] = None
+    ece: Optional[float] = None
+    mce: Optional[float] = None
+    removable_ace: Optional[float] = Field(None, description="measured ACE - floor ACE")
+
+
+class Floor(FloorValues):
+    """The expected errors of a perfectly calibrated model with the served probabilities (labels drawn from them)."""
+
+    micro: FloorValues = Field(default_factory=FloorValues, description="the same for the pooled (micro) metrics")
+    note: str = ""
+
+
+class Detection(BaseModel):
+    auroc: Optional[float] = Field(None, description="AUROC of 1 - confidence for 'voxel is wrong' within the ROI")
+    auroc_max_error: Optional[float] = None
+    recall: Optional[float] = Field(None, description="wrong volume inside the flags / wrong volume")
+    flagged_over_wrong: Optional[float] = Field(None, description="flagged volume / wrong volume")
+    precision: Optional[float] = None
+    wrong_ml: float = 0.0
+    flagged_ml: float = 0.0
+    flagged_wrong_ml: float = 0.0
+    wrong_voxels: int = 0
+    flagged_voxels: int = 0
+    flagged_wrong_voxels: int = 0
+    roi_voxels: int = 0
+
+
+class ErrorDetection(Detection):
+    """Do the served flags find the wrong voxels? (ROI: predicted or true foreground, dilated)"""
+
+    per_class: dict[str, Detection] = Field(default_factory=dict)
+    roi_radius_voxels: float = 0.0
+    flags: dict[str, Any] = Field(default_factory=dict, description="threshold, band and minimum region of the flags")
+    note: str = ""
 
 
 class EvaluationFigures(BaseModel):
@@ -209,10 +257,14 @@ class EvaluationResponse(BaseModel):
     model_id: str
     dataset: str
     temperature: Optional[float] = Field(None, description="the temperature applied, if any")
+    raw: bool = Field(False, description="the network's own softmax was evaluated (no post-hoc calibrator)")
+    calibrator: Optional[str] = Field(None, description="the post-hoc calibrator applied, if any")
     num_cases: int
     aggregate: Metrics4 = Field(description="macro: mean over cases of the mean over foreground classes present")
     aggregate_std: Metrics4
     micro: Metrics4 = Field(description="all voxels pooled")
+    floor: Optional[Floor] = Field(None, description="the ACE floor and the removable part")
+    error_detection: Optional[ErrorDetection] = Field(None, description="how well the served flags find the errors")
     per_class: dict[str, ClassMetrics]
     cases: list[CaseMetrics]
     figures: EvaluationFigures

@@ -754,11 +754,14 @@ class ACEClient:
 
     def evaluate(self, model_id: str, dataset: str, *, temperature: bool = False,
                  cases: Optional[Sequence[str]] = None,
-                 out_dir: Optional[Union[str, os.PathLike]] = None) -> dict:
-        """``POST /evaluate/{model_id}`` on a stored dataset: Dice/ACE/ECE/MCE (macro, micro, per class, per case)
-        and the figures' URL paths. With ``out_dir`` the reply (``evaluation.json``) and every reliability PNG are
-        saved there (``figures/<name>.png``); ``reply["files"]`` then maps URL paths to local files."""
+                 out_dir: Optional[Union[str, os.PathLike]] = None, raw: bool = False) -> dict:
+        """``POST /evaluate/{model_id}`` on a stored dataset: Dice/ACE/ECE/MCE (macro, micro, per class, per case),
+        the ACE floor, the flags' error detection and the figures' URL paths; ``raw``: the network's own softmax
+        instead of the served probabilities. With ``out_dir`` the reply (``evaluation.json``) and every reliability
+        PNG are saved there (``figures/<name>.png``); ``reply["files"]`` then maps URL paths to local files."""
         payload: dict[str, Any] = {"dataset": dataset, "temperature": bool(temperature)}
+        if raw:
+            payload["raw"] = True
         if cases:
             payload["cases"] = list(cases)
         reply = self.post_json(f"/evaluate/{_seg(model_id)}", payload)

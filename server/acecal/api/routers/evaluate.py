@@ -1,9 +1,9 @@
 """``POST /evaluate/{model_id}``: a model on a stored dataset -> Dice/ACE/ECE/MCE and reliability diagrams.
 
-The evaluation is :func:`acecal.training.evaluate.evaluate` (the code behind ``acecal evaluate``): model-space
-metrics with 20 hard bins, macro over cases, per class and pooled, plus one reliability diagram per case and the
-dataset reliability histogram. It runs on the device queue shared with inference (so the two take turns on the
-device, and a full queue answers 503). Reports are kept under ``<data_dir>/evaluations/<evaluation_id>/`` (written
+The evaluation is :func:`acecal.training.evaluate.evaluate` (the code behind ``acecal evaluate``): the served
+probabilities and flags on each image's own grid, 20 hard bins, macro over cases, per class and pooled, the ACE floor,
+the flags' error detection, plus one reliability diagram per case and the dataset reliability histogram. It runs on
+the device queue shared with inference (so the two take turns on the device, and a full queue answers 503). Reports are kept under ``<data_dir>/evaluations/<evaluation_id>/`` (written
 aside and renamed into place); ``GET /evaluations/{id}`` returns the reply again and the figures are PNGs at
 ``GET /evaluations/{id}/figures/{name}``. For large datasets run ``acecal evaluate`` offline instead.
 """
@@ -51,7 +51,7 @@ def _folder(state: ServerState, ev_id: str) -> Path:
     return d
 
 
-def _run(state: ServerState, bundle, ds: dict, files: list, names: dict, temperature: bool) -> dict:
+def _run(state: ServerState, bundle, ds: dict, files: list, names: dict, temperature: bool, raw: bool = False) -> dict:
     from acecal.training.evaluate import evaluate
 
     svc = services(state)
@@ -66,7 +66,7 @@ def _run(state: ServerState, bundle, ds: dict, files: list, names: dict, tempera
             for _, img, lab in files:  # exactly the committed cases, by their server-side names
                 os.symlink(img, view / "images" / img.name)
                 os.symlink(lab, view / "labels" / lab.name)
-            rep = evaluate(str(bundle.path), view / "images", view / "labels", tmp, temperature=temperature,
+            rep = evaluate(str(bundle.path), view / "images", view / "labels", tmp, temperature=temperature, raw=raw,
                            registry=state.registry, device=str(state.predictors.device))
             shutil.rmtree(view, ignore_errors=True)
             base = f"/evaluations/{ev_id}/figures/"
@@ -75,7 +75,8 @@ def _run(state: ServerState, bundle, ds: dict, files: list, names: dict, tempera
             reply = {
                 "evaluation_id": ev_id, "model_id": bundle.id, "dataset": ds["id"], "temperature": rep.get("temperature"),
                 "num_cases": rep["num_cases"], "aggregate": rep["aggregate"], "aggregate_std": rep["aggregate_std"],
-                "micro": rep["micro"], "per_class": rep["per_class"],
+                "raw": rep["raw"], "calibrator": rep["calibrator"], "micro": rep["micro"], "floor": rep["floor"],
+                "error_detection": rep["error_detection"], "per_class": rep["per_class"],
                 "cases": [{**c, "case_id": c["case"], "name": names.get(c["case"], c["case"]),
                            "figure": case_figs.get(c["case"])} for c in rep["cases"]],
                 "figures": {"dataset_histogram": base + Path(hist).name if hist else None, "cases": case_figs},
@@ -99,7 +100,8 @@ def _run(state: ServerState, bundle, ds: dict, files: list, names: dict, tempera
         **_400,
         404: {"model": ErrorResponse, "description": "unknown model or dataset"},
         422: {"model": ErrorResponse, "description": "empty dataset, unknown case ids, label values the model does "
-                                                     "not know, or temperature asked of a model without one"},
+                                                     "not know, or temperature asked of a model without one (or "
+                                                     "together with raw)"},
         **busy_response("device queue"),
         **DISK_FULL_RESPONSE,
     },
@@ -123,7 +125,7 @@ async def evaluate_model(model_id: str, body: EvaluateRequest, state: ServerStat
     files = await run_in_threadpool(svc.datasets.case_files, ds["id"], list(dict.fromkeys(body.cases))
                                     if body.cases else None)
     async with state.queue.slot():
-        return await state.queue.run(_run, state, bundle, ds, files, names, body.temperature)
+        return await state.queue.run(_run, state, bundle, ds, files, names, body.temperature, body.raw)
 
 
 @router.get("/evaluations/{evaluation_id}", response_model=EvaluationResponse, summary="A stored evaluation",
