@@ -45,6 +45,9 @@ class HealthResponse(BaseModel):
     device: str = Field(description="the device inference runs on, e.g. 'cpu' or 'cuda:0 (NVIDIA ...)'")
     auth_required: bool = Field(description="whether endpoints other than /health need 'Authorization: Bearer <key>'")
     max_upload_mb: float
+    max_voxels: int = Field(description="voxel values an image may have (checked from its header); more -> 413")
+    max_model_voxels: int = Field(description="voxels an image may have once resampled to a model's spacing; "
+                                              "more -> 413")
     result_ttl_s: float = Field(description="results are deleted this many seconds after they were made")
     queue: QueueStats
 

@@ -20,6 +20,16 @@ from acecal.cli.main import app
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
+def regular_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file (after symlinks), asked without opening it."""
+    import stat
+
+    try:
+        return stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+
+
 def case_name(path: Path) -> str:
     name = path.name
     for s in _SUFFIXES:
@@ -85,9 +95,13 @@ def infer(
 
     console = Console(stderr=True)
     params = _params(threshold, overlap, no_temperature, band_mm, band_voxels, min_region_voxels, connectivity)
-    missing = [str(p) for p in images if not p.is_file()]
+    missing = [str(p) for p in images if not p.exists()]
     if missing:
         console.print(f"[red]no such file(s): {', '.join(missing)}")
+        raise typer.Exit(2)
+    irregular = [str(p) for p in images if not regular_file(p)]
+    if irregular:  # a FIFO or a device would block or never end: never opened
+        console.print(f"[red]not regular file(s) (a folder, FIFO or device): {', '.join(irregular)}", highlight=False)
         raise typer.Exit(2)
     out.mkdir(parents=True, exist_ok=True)
     dirs = _unique_dirs(images, out)

@@ -31,6 +31,13 @@ def serve(
                                                                               "(default 3600)."),
     queue_size: Optional[int] = typer.Option(None, "--queue-size", help="Inference requests that may wait beyond "
                                                                         "the running ones; more get 503 (default 8)."),
+    max_voxels: Optional[int] = typer.Option(None, "--max-voxels", help="Voxel values an image may have, checked "
+                                                                        "from its header (default: from this "
+                                                                        "machine's memory). [env ACECAL_MAX_VOXELS]"),
+    max_model_voxels: Optional[int] = typer.Option(None, "--max-model-voxels",
+                                                   help="Voxels an image may have resampled to a model's spacing "
+                                                        "(default: from this machine's memory). "
+                                                        "[env ACECAL_MAX_MODEL_VOXELS]"),
     log_level: str = typer.Option("info", help="uvicorn/acecal log level."),
 ) -> None:
     """Serve models over HTTP: /health, /models, /infer/{model_id}, /results/{id} (API docs at /docs)."""
@@ -44,7 +51,7 @@ def serve(
     overrides = {k: v for k, v in {
         "host": host, "port": port, "data_dir": data_dir, "models_dirs": models or None, "api_key": api_key,
         "device": device, "max_upload_mb": max_upload_mb, "result_ttl_s": result_ttl_s, "queue_size": queue_size,
-        "log_level": log_level,
+        "max_voxels": max_voxels, "max_model_voxels": max_model_voxels, "log_level": log_level,
     }.items() if v is not None}
     try:
         settings = Settings(**overrides)

@@ -254,8 +254,11 @@ def validate_cases(
             continue
         values = np.unique(np.asarray(arr)).astype(np.int64)
         unknown = [int(v) for v in values if v < 0 or v >= num_classes]
-        if unknown:
-            problems.append(f"{c.name}: label values {unknown} are unknown to the model (it knows 0..{num_classes - 1})")
+        if unknown:  # a few examples and the count: a hostile label map must not list its whole content back
+            shown = ", ".join(map(str, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
+            count = f" ({len(unknown)} values)" if len(unknown) > 5 else ""
+            problems.append(f"{c.name}: label values [{shown}]{count} are unknown to the model (it knows "
+                            f"0..{num_classes - 1})")
             continue
         summaries.append(CaseSummary(c.name, gi.size, gi.spacing, [int(v) for v in values]))
     if problems:

@@ -77,6 +77,7 @@ def boundary_mask(labels: np.ndarray) -> np.ndarray:
 
 
 _MAX_BALL = 250  # structuring elements up to this many voxels: dilation; larger bands: distance transform
+_MAX_BALL_BOX = 4096  # a ball is built only when its bounding box is this small (a bigger one holds > _MAX_BALL voxels)
 
 
 def _ball(sampling: np.ndarray, radius: float) -> np.ndarray:
@@ -130,8 +131,12 @@ def boundary_band(
         return band
     sampling = np.asarray(spacing_zyx, float) if band_mm is not None else np.ones(3)
     radius = float(band_mm) if band_mm is not None else float(band_voxels)
-    ball = _ball(sampling, radius)
-    if ball.sum() <= _MAX_BALL:  # small band: one dilation by the (ellipsoidal) ball is exact and much faster
+    # a band wider than the volume's diagonal covers all of it: the same band, with a bounded radius
+    radius = min(radius, float(np.sqrt(np.sum((np.asarray(lab.shape) * sampling) ** 2))))
+    # the ball's bounding box, counted arithmetically: no (2r+1)^3 grid is built just to learn it is large
+    box = math.prod(2 * min(int(math.floor(radius / max(s, 1e-9) + 1e-9)), 1 << 20) + 1 for s in sampling)
+    ball = _ball(sampling, radius) if box <= _MAX_BALL_BOX else None
+    if ball is not None and ball.sum() <= _MAX_BALL:  # small band: one dilation by the ball is exact, much faster
         band[sl] = ndimage.binary_dilation(sub, structure=ball)
     else:
         dist = ndimage.distance_transform_edt(~sub, sampling=tuple(sampling))

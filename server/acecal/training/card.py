@@ -3,10 +3,22 @@ calibrated on held-out data (measured, not claimed)."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from typing import Any, Optional
 
 from acecal.bundles import BundleConfig
+
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|])")
+
+
+def markdown_text(v: Any) -> str:
+    """Text from users (descriptions, dataset names) as inert Markdown: one printable line, HTML and the characters
+    that make links, code or tables escaped, so ``<script>`` or ``[x](javascript:...)`` stay text in a card."""
+    line = " ".join("".join(ch if ch.isprintable() else " " for ch in str(v)).split())
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(line, quote=False))
 
 
 def _num(v: Any, nd: int = 4) -> str:
@@ -105,7 +117,7 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
     split = t.get("split", {})
     lines = [f"# {bc.id}", ""]
     if bc.description:
-        lines += [bc.description, ""]
+        lines += [markdown_text(bc.description), ""]
     lines += [
         f"3-D segmentation of **{', '.join(n for k, n in bc.labels.items() if k != '0')}** in {bc.modality}, "
         f"MONAI {bc.network.name} trained with the `{bc.loss.name}` loss"
@@ -126,7 +138,8 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
         "",
         "## Data",
         "",
-        f"- Source: {data.get('source_note') or data.get('source', 'n/a')} ({data.get('num_cases', '?')} cases).",
+        f"- Source: {markdown_text(data.get('source_note') or data.get('source', 'n/a'))} "
+        f"({data.get('num_cases', '?')} cases).",
         f"- Licence: {data.get('licence') or 'not stated'}.",
         f"- Split: {len(split.get('train', []))} training / {len(split.get('val', []))} validation cases, "
         + (f"drawn with seed {split.get('seed')} (fraction {split.get('val_fraction')})" if split.get("val_fraction")

@@ -15,4 +15,5 @@ router = APIRouter(tags=["health"])
 async def health(state: ServerState = Depends(get_state)) -> HealthResponse:
     s = state.settings
     return HealthResponse(version=__version__, device=state.device, auth_required=s.api_key is not None,
-                          max_upload_mb=s.max_upload_mb, result_ttl_s=s.result_ttl_s, queue=state.queue.stats())
+                          max_upload_mb=s.max_upload_mb, max_voxels=s.max_voxels, max_model_voxels=s.max_model_voxels,
+                          result_ttl_s=s.result_ttl_s, queue=state.queue.stats())

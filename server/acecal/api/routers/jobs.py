@@ -26,6 +26,25 @@ MAX_WAIT_S = 30.0
 _404 = {404: {"model": ErrorResponse, "description": "unknown job"}}
 
 
+def check_job_inputs(state: ServerState, body: FinetuneRequest) -> None:
+    """Refuse at submission what would only fail in the job process: a patch the base model's network cannot take
+    (422), a case too large once resampled to the base model's spacing (413, ``max_model_voxels``)."""
+    from acecal.data.headers import check_model_space_budget
+    from acecal.training.engine import _check_sizes
+
+    svc = services(state)
+    svc.datasets.get(body.dataset)  # 404 first
+    base = state.registry.get(body.base_model)
+    if body.patch_size is not None:
+        _check_sizes(base.config, tuple(body.patch_size))
+    limits = state.settings.image_limits()
+    for c in svc.db.list_cases(body.dataset):
+        info = c.get("info") or {}
+        if info.get("size") and info.get("spacing"):
+            check_model_space_budget(info["size"], info["spacing"], base.config.spacing, name=c["name"],
+                                     model_id=f"model {base.id!r}", limits=limits)
+
+
 @router.post(
     "/finetune",
     response_model=JobAccepted,
@@ -34,14 +53,18 @@ _404 = {404: {"model": ErrorResponse, "description": "unknown job"}}
     responses={
         **_400,
         404: {"model": ErrorResponse, "description": "unknown base model or dataset"},
+        413: {"model": ErrorResponse, "description": "a case too large once resampled to the base model's spacing "
+                                                     "(max_model_voxels)"},
         409: {"model": ErrorResponse, "description": "a model with the requested model_id exists or is being trained"},
-        422: {"model": ErrorResponse, "description": "invalid settings, a dataset with fewer than 2 cases, or label "
+        422: {"model": ErrorResponse, "description": "invalid settings (e.g. a patch size the base model's network "
+                                                     "cannot take), a dataset with fewer than 2 cases, or label "
                                                      "values the base model does not know"},
         **busy_response("job queue"),
         **DISK_FULL_RESPONSE,
     },
 )
 def finetune(body: FinetuneRequest, response: Response, state: ServerState = Depends(get_state)) -> dict:
+    check_job_inputs(state, body)
     job = services(state).runner.submit(body)
     response.headers["Location"] = f"/jobs/{job['id']}"
     return {"job_id": job["id"], "status": job["status"], "model_id": job["model_id"], "url": f"/jobs/{job['id']}"}
