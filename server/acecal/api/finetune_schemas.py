@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from acecal.bundles.bundle import ID_PATTERN
 
@@ -13,6 +13,20 @@ LossName = Literal["baseline_dice_ce", "hardl1ace_dice_ce", "softl1ace_dice_ce",
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 #: upper bound of ``epochs`` in the schema; the server's own limit (``ACECAL_JOB_MAX_EPOCHS``) may be lower
 EPOCHS_LIMIT = 10000
+#: upper bound of each training patch side in voxels (the model's divisibility is checked at submission)
+PATCH_SIDE_LIMIT = 512
+
+
+def _clean_text(value: Optional[str], what: str, limit: int) -> Optional[str]:
+    """Names and descriptions travel into model cards and logs: one printable line, like file names."""
+    if value is None:
+        return None
+    from acecal.api.datastore import clean_text
+
+    cleaned = clean_text(value, limit)
+    if not cleaned:
+        raise ValueError(f"{what} must hold some printable characters")
+    return cleaned
 
 
 # --- datasets --------------------------------------------------------------------------------------------------------
@@ -21,11 +35,17 @@ class DatasetCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200, description="a name for people; need not be unique")
+    name: str = Field(min_length=1, max_length=200, description="a name for people; need not be unique (control and "
+                                                                "bidi characters become '?')")
     model: Optional[str] = Field(
         None, max_length=200,
         description="a model id whose labels every case must use: uploads with other label values are refused at "
                     "once. Without it label values are checked when a fine-tuning job is submitted.")
+
+    @field_validator("name")
+    @classmethod
+    def _printable(cls, v: str) -> str:
+        return _clean_text(v, "name", 200)
 
 
 class CaseInfo(BaseModel):
@@ -92,16 +112,23 @@ class FinetuneRequest(BaseModel):
                                                  "always after the last epoch)")
     batch_size: Optional[int] = Field(None, ge=1, le=64, description="volumes per step (default 2)")
     num_samples: Optional[int] = Field(None, ge=1, le=32, description="patches per volume per step (default 2)")
-    patch_size: Optional[list[int]] = Field(None, min_length=3, max_length=3,
-                                            description="training patch (x, y, z) in voxels (default: the base "
-                                                        "model's ROI)")
+    patch_size: Optional[list[Annotated[int, Field(ge=1, le=PATCH_SIDE_LIMIT)]]] = Field(
+        None, min_length=3, max_length=3,
+        description=f"training patch (x, y, z) in voxels, each 1..{PATCH_SIDE_LIMIT} and divisible as the base "
+                    "model's network needs (default: the base model's ROI)")
     loss_params: dict[str, Union[float, int, bool, str]] = Field(default_factory=dict,
                                                                description="extra loss parameters, e.g. ace_weight")
     fit_temperature: bool = Field(False, description="fit a temperature on the validation cases")
     seed: Optional[int] = Field(None, ge=0, le=2**31 - 1, description="random seed (split, sampling)")
     model_id: Optional[str] = Field(None, pattern=ID_PATTERN,
                                     description="id of the new model (default: <base>-ft-<job>)")
-    description: Optional[str] = Field(None, max_length=500, description="description for the model card")
+    description: Optional[str] = Field(None, max_length=500, description="description for the model card "
+                                                                          "(control and bidi characters become '?')")
+
+    @field_validator("description")
+    @classmethod
+    def _printable(cls, v: Optional[str]) -> Optional[str]:
+        return _clean_text(v, "description", 500)
 
 
 class JobAccepted(BaseModel):
