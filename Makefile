@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup test serve bench clean-venv
+.PHONY: setup test serve bench clean-venv light-venvs
 
 setup: $(STAMP)
 
@@ -24,7 +24,22 @@ $(STAMP): pyproject.toml
 	$(PIP) install -e ".[dev]"
 	touch $(STAMP)
 
-test: setup
+# Python 3.9 and 3.12 holding only numpy + requests (+ urllib3) at the versions 3D Slicer 5.8.1 and 5.12.3 ship: the
+# Slicer extension's own copy of the client is tested under them (Testing/slicer/test_light_client_copy.py skips,
+# saying why, where an interpreter is missing). Interpreters come from pyenv ($$PYENV_ROOT/versions/X.Y.Z).
+LIGHT_PYTHONS := "3.9.18 3.9 numpy==1.26.4 requests==2.32.3 urllib3==2.2.1" \
+                 "3.12.1 3.12 numpy==2.4.6 requests==2.34.2 urllib3==2.7.0"
+light-venvs:
+	@for spec in $(LIGHT_PYTHONS); do \
+		set -- $$spec; version=$$1; dir=$(VENV)/light-py$$2; shift 2; \
+		if [ -x $$dir/bin/python ] && [ "$$(cat $$dir/.pins 2>/dev/null)" = "$$*" ]; then continue; fi; \
+		prefix=$$(pyenv prefix $$version 2>/dev/null || echo "$${PYENV_ROOT:-$$HOME/.pyenv}/versions/$$version"); \
+		if [ ! -x $$prefix/bin/python ]; then echo "no Python $$version (pyenv): its light-client tests will be skipped"; continue; fi; \
+		rm -rf $$dir && $$prefix/bin/python -m venv $$dir && $$dir/bin/python -m pip install -q "$$@" \
+			&& echo "$$*" > $$dir/.pins || { rm -rf $$dir; echo "could not set up $$dir: its tests will be skipped"; }; \
+	done
+
+test: setup light-venvs
 	$(PY) -m pytest Testing $(PYTEST_ARGS)
 
 serve: setup

@@ -223,3 +223,23 @@ def test_nan_calibrator_weights_are_refused(calibrated, tmp_path):
     save_file(state, str(d / "calibrator.safetensors"))
     with pytest.raises(BundleError, match="finite"):
         load_calibrator(Bundle.load(d))
+
+
+def test_a_model_fine_tuned_from_a_calibrated_bundle_gets_its_own_ace_temperature(calibrated, held_out, tmp_path,
+                                                                                  image_path):
+    from acecal.training.finetune import finetune
+
+    result = finetune(str(calibrated["local-temperature"]), data=str(held_out), val_cases=HELD[:4], epochs=1,
+                      val_every=1, roi_size=(24, 24, 24), batch_size=2, sw_batch_size=1, augment=False,
+                      out_dir=str(tmp_path / "models"), work_dir=str(tmp_path / "work"), model_id="tiny-lts-ft")
+    assert result.status == "published", result
+    b = Bundle.load(result.bundle_path)
+    c = b.config.calibrator
+    assert b.config.parent == "tiny-lts"
+    assert c.kind == "temperature" and b.config.temperature == pytest.approx(c.params["temperature"])
+    assert c.fitted_on["cases"] == HELD[:4] and "validation" in c.fitted_on["source"]
+    assert c.metrics["in_sample"]["ace"] <= c.metrics["raw"]["ace"] + 1e-12
+    assert "cross_fitted" in c.metrics  # 4 validation cases: halves of 2
+    served = Predictor(b).predict(image_path)
+    assert served.calibrator == "temperature" and served.temperature == pytest.approx(c.params["temperature"])
+    assert "## Calibrator" in b.card_path.read_text()

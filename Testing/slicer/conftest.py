@@ -35,6 +35,11 @@ SERVER_KEY = "slicer-test-key"
 
 
 @pytest.fixture(scope="session")
+def server_key() -> str:
+    return SERVER_KEY
+
+
+@pytest.fixture(scope="session")
 def server(tiny_bundle, tmp_path_factory):
     """A real ACECal server (uvicorn on a free loopback port) serving the tiny trained bundle, with an API key."""
     pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, torch, monai) is needed")
@@ -48,7 +53,8 @@ def server(tiny_bundle, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def client(server):
-    from acecal.client import ACEClient
+    """The extension's own copy of the client (ACECalibrationLib.client), as the module uses it."""
+    from ACECalibrationLib.client import ACEClient
 
     with ACEClient(server.url, api_key=SERVER_KEY, timeout=(5.0, 120.0)) as c:
         yield c

@@ -55,7 +55,8 @@ def cross_fit(cases: Sequence[CalibrationCase], fit: FitMethod, *, seed: int = 0
     Returns:
         ``{"raw": {ace, dice, num_cases}, "calibrated": {...}, "change_pct": % change of the macro ACE,
         "per_case": {name: {"raw_ace", "ace", "dice", "fold"}}, "folds": [{"fitted_on", "measured_on", "info"}],
-        "seed"}``: every case measured by the calibrator fitted on the other half.
+        "seed", "calibrators": [the two fitted calibrators]}``: every case measured by the calibrator fitted on the
+        other half (``calibrators[k]`` measured ``folds[k]["measured_on"]``; for further measurements).
     """
     cases = list(cases)
     by_name = {c.name: c for c in cases}
@@ -66,11 +67,12 @@ def cross_fit(cases: Sequence[CalibrationCase], fit: FitMethod, *, seed: int = 0
     halves = split_halves([c.name for c in cases], seed)
     raw = case_metrics(cases)
     per_case: dict[str, dict] = {}
-    folds = []
+    folds, calibrators = [], []
     for k, (fit_names, measure_names) in enumerate(((halves[0], halves[1]), (halves[1], halves[0]))):
         if progress is not None:
             progress({"fold": k, "fitted_on": fit_names, "measured_on": measure_names})
         calibrator, info = fit([by_name[n] for n in fit_names])
+        calibrators.append(calibrator)
         measured = case_metrics([by_name[n] for n in measure_names], calibrator)
         for n, m in measured.items():
             per_case[n] = {"raw_ace": raw[n]["ace"], "ace": m["ace"], "dice": m["dice"], "raw_dice": raw[n]["dice"],
@@ -83,4 +85,4 @@ def cross_fit(cases: Sequence[CalibrationCase], fit: FitMethod, *, seed: int = 0
     if raw_sum["ace"] and cal_sum["ace"] is not None:
         change = 100.0 * (cal_sum["ace"] - raw_sum["ace"]) / raw_sum["ace"]
     return {"raw": raw_sum, "calibrated": cal_sum, "change_pct": change, "per_case": per_case, "folds": folds,
-            "seed": seed}
+            "seed": seed, "calibrators": calibrators}

@@ -28,6 +28,7 @@ from acecal.calibration.calibrators import T_MAX, T_MIN, Calibrator, LocalTemper
 from acecal.errors import InvalidInputError
 
 __all__ = ["CalibrationCase", "macro_ace", "case_metrics", "fit_ace_temperature", "fit_local_temperature",
+           "served_threshold",
            "LTS_DEFAULTS", "ACE_T_BOUNDS"]
 
 NUM_BINS = 20
@@ -162,6 +163,28 @@ def fit_ace_temperature(cases: Sequence[CalibrationCase], *, bounds: tuple[float
     info = {"temperature": t, "ace": objective(u), "raw_ace": objective(0.0), "bounds": [lo, hi],
             "evaluations": len(memo), "objective": f"macro hard ACE, {num_bins} bins, foreground classes"}
     return TemperatureCalibrator(t), info
+
+
+@torch.no_grad()
+def served_threshold(cases: Sequence[CalibrationCase], calibrator: Optional[Calibrator] = None, *,
+                     target: float = 0.9) -> float:
+    """The bundle's default uncertainty threshold for the calibrated confidence, by the rule training uses
+    (:func:`acecal.training.validation.uncertainty_threshold`: the lowest top-label confidence bin edge from which
+    every populated bin of ``cases`` was right at least ``target`` of the time)."""
+    from acecal.training.validation import NUM_BINS as TOP_BINS
+    from acecal.training.validation import top_label_bins, uncertainty_threshold
+
+    cases = _check_cases(cases)
+    counts = torch.zeros(TOP_BINS, dtype=torch.int64)
+    right = torch.zeros(TOP_BINS, dtype=torch.int64)
+    for case in cases:
+        z, img, y = case.batch()
+        if calibrator is not None:
+            z = calibrator.calibrate(z, img)
+        c, r = top_label_bins(torch.softmax(z, dim=1), y)
+        counts += c
+        right += r
+    return uncertainty_threshold(counts, right, target=target, num_classes=cases[0].logits.shape[0])
 
 
 def fit_local_temperature(

@@ -71,15 +71,15 @@ def _half_precision(bundle: Bundle) -> bool:
 
 def publish_calibrated(base: Bundle, calibrator: Calibrator, record: CalibratorConfig, out_dir: Path, *,
                        model_id: str, card: str, description: Optional[str] = None,
-                       overwrite: bool = False) -> Bundle:
+                       updates: Optional[dict[str, Any]] = None, overwrite: bool = False) -> Bundle:
     """Publish a new bundle ``out_dir/model_id``: ``base``'s network (weights copied unchanged, same precision) with
     ``calibrator``. The record's ``temperature`` field is set for a global temperature (older readers apply it the
-    same way) and cleared otherwise."""
+    same way) and cleared otherwise. ``updates``: further ``BundleConfig`` fields to set (e.g. the threshold)."""
     t = calibrator.value if isinstance(calibrator, TemperatureCalibrator) else None
     if t is not None and not math.isfinite(t):  # pragma: no cover - the calibrator refuses such values
         raise BundleError("non-finite temperature")
     update = {"id": model_id, "calibrator": record, "temperature": t, "parent": base.id,
-              "description": description if description is not None else base.config.description}
+              "description": description if description is not None else base.config.description, **(updates or {})}
     config = BundleConfig.model_validate(base.config.model_copy(update=update).model_dump())
     state = base.state_dict()
     with tempfile.TemporaryDirectory() as tmp:

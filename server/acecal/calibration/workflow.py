@@ -85,6 +85,7 @@ def calibrate_bundle(
     overwrite: bool = False,
     settings: Optional[dict[str, Any]] = None,
     seed: int = 0,
+    uncertainty_accuracy: float = 0.9,
     cache_dir: Optional[Path] = None,
     registry: Optional[ModelRegistry] = None,
     device: str = "cpu",
@@ -100,12 +101,14 @@ def calibrate_bundle(
         out_dir, model_id, overwrite: where the new bundle goes (default id ``<model>-<method>``).
         settings: local-temperature settings (see :func:`acecal.calibration.fit_local_temperature`).
         seed: seed of the cross-fitting split.
+        uncertainty_accuracy: target accuracy of the rule that sets the new bundle's default uncertainty threshold
+            from the calibrated confidence on the fitting cases (the rule training uses on the raw one).
         cache_dir: logits cache (None: no cache).
     """
     from acecal.bundles.bundle import valid_id
     from acecal.calibration.crossfit import cross_fit, summarise_cases
     from acecal.calibration.data import model_space_cases
-    from acecal.calibration.fitting import case_metrics
+    from acecal.calibration.fitting import case_metrics, served_threshold
     from acecal.calibration.store import calibrator_config, publish_calibrated
     from acecal.data.datasets import discover_dataset, validate_cases
     from acecal.training.card import model_card
@@ -131,6 +134,10 @@ def calibrate_bundle(
     say(f"fitting the calibrator to ship on all {len(items)} cases")
     calibrator, fit_info = fit(items)
     in_sample = summarise_cases(case_metrics(items, calibrator))
+    threshold = round(float(served_threshold(items, calibrator, target=uncertainty_accuracy)), 4)
+    rule = (f"recomputed for the calibrated confidence on the calibrator's {len(items)} fitting cases: the lowest "
+            f"top-label confidence bin edge from which every populated bin (>= 100 voxels) was right >= "
+            f"{uncertainty_accuracy:.0%} of the time (the network's own: {base.config.uncertainty_threshold:g})")
     raw = crossed["raw"]
 
     def pct(v: Optional[float]) -> Optional[float]:
@@ -161,15 +168,51 @@ def calibrate_bundle(
         "method": method, "objective": ("macro hard ACE (20 bins), bounded 1-D search" if method == "ace-temperature"
                                         else "soft-binned L1-ACE loss (SoftL1ACELoss) on softmax(logits / T(x))"),
         "settings": fit_info.get("settings"),
+        "uncertainty_threshold": {"value": threshold, "base_value": base.config.uncertainty_threshold,
+                                  "target_accuracy": uncertainty_accuracy},
         "note": "the shipped calibrator is fitted on all these cases (its in-sample figures are optimistic); the "
                 "cross-fitted figures come from calibrators fitted on one half and measured on the other",
     }
     record = calibrator_config(calibrator, fitted_on=fitted_on, metrics=metrics)
     description = (f"{base.config.description} + {record.kind.replace('_', ' ')} calibrator"
                    if base.config.description else f"{base.id} + {record.kind.replace('_', ' ')} calibrator")
+    updates = {"uncertainty_threshold": threshold,
+               "training": {**(base.config.training or {}), "uncertainty_threshold_rule": rule}}
     draft = base.config.model_copy(update={"id": model_id, "calibrator": record, "parent": base.id,
-                                           "description": description})
+                                           "description": description, **updates})
     card = model_card(draft)
     bundle = publish_calibrated(base, calibrator, record, Path(out_dir), model_id=model_id, card=card,
-                                description=description, overwrite=overwrite)
+                                description=description, updates=updates, overwrite=overwrite)
     return bundle, metrics
+
+
+def refit_ace_temperature(cases: Sequence, *, source: str, uncertainty_accuracy: float = 0.9,
+                          seed: int = 0) -> tuple[Any, float, float]:
+    """An ACE temperature calibrator for a new network (a fine-tuned model whose base carried a calibrator: the base's
+    calibrator was fitted to other logits), fitted on that network's validation ``cases``.
+
+    Returns ``(CalibratorConfig, temperature, threshold)``: the record (in-sample figures, and cross-fitted ones when
+    there are at least 4 cases), T, and the uncertainty threshold for the calibrated confidence by the training rule.
+    """
+    from acecal.calibration.crossfit import cross_fit, summarise_cases
+    from acecal.calibration.fitting import case_metrics, fit_ace_temperature, served_threshold
+    from acecal.calibration.store import calibrator_config
+
+    calibrator, _ = fit_ace_temperature(cases)
+    raw = summarise_cases(case_metrics(cases))
+    ins = summarise_cases(case_metrics(cases, calibrator))
+
+    def pct(v):
+        return None if v is None or not raw["ace"] else 100.0 * (v - raw["ace"]) / raw["ace"]
+
+    metrics: dict[str, Any] = {"num_bins": 20, "raw": {"ace": raw["ace"], "dice": raw["dice"]},
+                               "in_sample": {"ace": ins["ace"], "dice": ins["dice"], "change_pct": pct(ins["ace"])}}
+    if len(cases) >= 4:
+        crossed = cross_fit(cases, fit_ace_temperature, seed=seed)
+        metrics["cross_fitted"] = {"ace": crossed["calibrated"]["ace"], "dice": crossed["calibrated"]["dice"],
+                                   "change_pct": crossed["change_pct"], "seed": seed}
+    threshold = round(float(served_threshold(cases, calibrator, target=uncertainty_accuracy)), 4)
+    fitted_on = {"source": source, "num_cases": len(cases), "cases": [c.name for c in cases], "cross_fitted": False,
+                 "method": "ace-temperature", "objective": "macro hard ACE (20 bins), bounded 1-D search",
+                 "uncertainty_threshold": {"value": threshold, "target_accuracy": uncertainty_accuracy}}
+    return calibrator_config(calibrator, fitted_on=fitted_on, metrics=metrics), calibrator.value, threshold

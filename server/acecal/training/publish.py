@@ -17,6 +17,13 @@ from acecal.training.config import TrainConfig
 from acecal.training.progress import CancelToken
 
 
+def _calibration_logits(logits: torch.Tensor, bc: BundleConfig) -> torch.Tensor:
+    """The logits a calibrator acts on: a two-head network's calibration head, else all of them (B, C, ...)."""
+    from acecal.networks import is_two_head, split_heads
+
+    return split_heads(logits, bc.num_classes)[1] if is_two_head(bc) else logits
+
+
 def publish(
     cfg: TrainConfig,
     bc: BundleConfig,
@@ -53,10 +60,14 @@ def publish(
 
     metrics: dict[str, Any] = {}
     temperature = None
+    calibrator = None
+    # the base's calibrator was fitted to the base network's logits: a fine-tuned network gets its own (an ACE
+    # temperature fitted on its validation cases), so its outputs stay calibrated by default
+    refit = base is not None and base.config.calibrator is not None
     threshold = bc.uncertainty_threshold
     threshold_note = "inherited from the base model" if base is not None else "default (no validation data)"
     if val_items is not None:
-        vp = run_pass(evalnet, val_items(), bc, collect_logits=cfg.fit_temperature, cancel=cancel)
+        vp = run_pass(evalnet, val_items(), bc, collect_logits=cfg.fit_temperature or refit, cancel=cancel)
         m = summarise(vp)
         metrics = {"split": "validation", "num_cases": len(vp.cases), "weights": chosen, **m}
         threshold = uncertainty_threshold(vp.top_counts, vp.top_correct, target=cfg.uncertainty_accuracy,
@@ -83,6 +94,19 @@ def publish(
                 threshold = uncertainty_threshold(vt.top_counts, vt.top_correct, target=cfg.uncertainty_accuracy,
                                                   num_classes=bc.num_classes)
         metrics["top_label_bins"] = {"counts": vp.top_counts.tolist(), "correct": vp.top_correct.tolist()}
+        if refit and vp.cases:
+            from acecal.calibration import CalibrationCase
+            from acecal.calibration.workflow import refit_ace_temperature
+
+            cal_cases = [CalibrationCase(n, _calibration_logits(z, bc)[0], y[0, 0]) for n, z, y in
+                         zip(vp.cases, vp.logits, vp.labels)]
+            calibrator, temperature, threshold = refit_ace_temperature(
+                cal_cases, source=f"the fine-tuned network's validation cases (base {base.id} had a "
+                                  f"{base.config.calibrator.kind} calibrator)",
+                uncertainty_accuracy=cfg.uncertainty_accuracy)
+            threshold_note = f"for the calibrated confidence (ACE temperature), {threshold_note}"
+            if "with_temperature" in metrics:
+                metrics["with_temperature"]["applied"] = False
     epoch_seconds = sum(float(h.get("seconds") or 0.0) for h in history)
     wall = epoch_seconds + (time.time() - t0)
     training = {
@@ -104,7 +128,7 @@ def publish(
                     for h in history],
     }
     final = bc.model_copy(update={"metrics": metrics, "training": training, "temperature": temperature,
-                                  "uncertainty_threshold": round(float(threshold), 4)})
+                                  "uncertainty_threshold": round(float(threshold), 4), "calibrator": calibrator})
     final = BundleConfig.model_validate(final.model_dump())
     card = model_card(final, base_id=base.id if base else None)
     return write_bundle(out_dir, final, state, card, half_precision=cfg.half_precision, overwrite=cfg.overwrite)
