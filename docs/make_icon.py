@@ -1,7 +1,10 @@
-"""Regenerate the module icon ACECalibration/Resources/Icons/ACECalibration.png (128x128 RGBA), numpy + VTK only.
+"""Regenerate the module icon and the sample data's thumbnail, numpy + VTK only.
 
-The picture: a grey slice, an organ tinted by confidence (viridis: yellow = confident core, purple = doubtful rim)
-and the magenta outline of an uncertain region, as the module shows them.
+- ``ACECalibration/Resources/Icons/ACECalibration.png`` (128x128 RGBA): a grey slice, an organ tinted by confidence
+  (viridis: yellow = confident core, purple = doubtful rim) and the magenta outline of an uncertain region, as the
+  module shows them.
+- ``ACECalibration/Resources/SampleData/ACECalHippocampus.png`` (160x160): the sample case's axial slice with the
+  most hippocampus, its reference segments outlined in their colours (read by Slicer's own readers, slicer-core).
 
     .venv/bin/python docs/make_icon.py
 """
@@ -69,8 +72,53 @@ def write_png(rgba: np.ndarray, path: Path) -> None:
     writer.Write()
 
 
+def render_sample_thumbnail(size: int = 160) -> np.ndarray:
+    """The sample hippocampus case: its fullest axial slice, grey, with the reference segments' outlines."""
+    from ACECalibrationLib import nodes, sampledata, segmentation
+    from ACECalibrationLib._mrml import mrml
+
+    folder = sampledata.sample_dir(ROOT / "ACECalibration")
+    scene = nodes.new_scene()
+    volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode")
+    reader = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    reader.SetFileName(str(folder / "ACECalHippocampus.nii.gz"))
+    assert reader.ReadData(volume)
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    seg_reader = mrml.vtkMRMLSegmentationStorageNode()
+    scene.AddNode(seg_reader)
+    seg_reader.SetFileName(str(folder / "ACECalHippocampusReference.seg.nrrd"))
+    assert seg_reader.ReadData(seg)
+    image = nodes.array_from_volume_node(volume).astype(float)
+    s = seg.GetSegmentation()
+    masks = [(segmentation.segment_mask(seg, s.GetNthSegmentID(i), volume) > 0, s.GetNthSegment(i).GetColor())
+             for i in range(s.GetNumberOfSegments())]
+    k = int(np.argmax(sum(m for m, _ in masks).sum(axis=(1, 2))))
+    lo, hi = np.percentile(image, [1, 99.5])
+    grey = np.clip((image[k] - lo) / (hi - lo), 0, 1)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    for mask, color in masks:
+        m = mask[k]
+        inner = m.copy()
+        for ax in (0, 1):
+            for sh in (1, -1):
+                inner &= np.roll(m, sh, ax)
+        rgb[m & ~inner] = color
+    rgb = rgb[::-1, ::-1]  # the array's (j, i) runs P->A and L->R here: flip to radiological A-up, R-left
+    scale = max(1, size // max(rgb.shape[:2]))
+    big = np.kron(rgb, np.ones((scale, scale, 1)))
+    out = np.zeros((size, size, 4))
+    out[..., 3] = 1.0
+    y0, x0 = (size - big.shape[0]) // 2, (size - big.shape[1]) // 2
+    out[y0:y0 + big.shape[0], x0:x0 + big.shape[1], :3] = big
+    scene.Clear(1)
+    return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
 if __name__ == "__main__":
     out = ROOT / "ACECalibration" / "Resources" / "Icons" / "ACECalibration.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_png(render(), out)
     print(out)
+    thumb = ROOT / "ACECalibration" / "Resources" / "SampleData" / "ACECalHippocampus.png"
+    write_png(render_sample_thumbnail(), thumb)
+    print(thumb)

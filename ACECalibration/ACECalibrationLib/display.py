@@ -15,10 +15,12 @@ close to it.
 Confidence
 ----------
 Confidence (the calibrated probability of the predicted class) and uncertainty (normalised entropy) are shown with
-window 0..1 through the ``ACECal Viridis`` colour table (256 entries, matplotlib's viridis: perceptually uniform,
-readable by colour-blind users; defined here because slicer-core lacks Slicer's ``File*`` colour tables). The
-"hide confident voxels" slider sets the display threshold: confidence voxels above it, uncertainty voxels below
-``1 - threshold``, become transparent, so only doubtful voxels tint the image.
+window 0..1 through Slicer's own ``Viridis`` colour table (node ``vtkMRMLColorTableNodeFileViridis.txt``, which the
+application loads from ``ColorFiles/Viridis.txt``: perceptually uniform, readable by colour-blind users). Only where
+the scene lacks it (slicer-core, which ships no colour files) an equivalent table is built from matplotlib's viridis
+anchors. The "hide confident voxels" slider sets the display threshold: confidence voxels above it, uncertainty voxels
+below ``1 - threshold``, become transparent, so only doubtful voxels tint the image. Only the module's own result
+volumes (role attribute :data:`ROLE_ATTRIBUTE`) are ever restyled: a scan chosen by mistake is refused, never recoloured.
 """
 
 from __future__ import annotations
@@ -38,12 +40,21 @@ __all__ = [
     "VIRIDIS_ANCHORS",
     "segment_color",
     "viridis",
+    "SLICER_VIRIDIS_ID",
+    "ROLE_ATTRIBUTE",
+    "ROLE_CONFIDENCE",
+    "ROLE_UNCERTAINTY",
     "ensure_confidence_color_node",
     "configure_probability_display",
     "set_confidence_threshold",
     "configure_segmentation_display",
-    "overlay_layers",
-    "apply_overlay_to_slice_views",
+    "configure_uncertain_display",
+    "composite_nodes",
+    "views_showing",
+    "slice_nodes_of",
+    "set_overlay",
+    "result_probability_nodes",
+    "show_color_legend",
     "add_color_legend",
 ]
 
@@ -113,8 +124,17 @@ VIRIDIS_ANCHORS = np.array(
     ]
 )
 
-CONFIDENCE_COLOR_NODE_NAME = "ACECal Viridis"
+#: Slicer's own Viridis colour table (loaded by the application from ColorFiles/Viridis.txt).
+SLICER_VIRIDIS_ID = "vtkMRMLColorTableNodeFileViridis.txt"
+#: Name of the stand-in table built where the scene lacks Slicer's (slicer-core).
+CONFIDENCE_COLOR_NODE_NAME = "Viridis (ACECalibration)"
 _COLOR_NODE_TAG = "ACECalibrationViridis"
+
+#: Node attribute naming what a result node is; the display functions only restyle nodes carrying it.
+ROLE_ATTRIBUTE = "ACECalibration.Role"
+ROLE_CONFIDENCE, ROLE_UNCERTAINTY = "confidence", "uncertainty"
+#: Node attribute holding the ID of the input volume a result node was made from.
+INPUT_VOLUME_ATTRIBUTE = "ACECalibration.InputVolumeID"
 
 
 def _normalise_name(name: str) -> str:
@@ -139,7 +159,10 @@ def viridis(values) -> np.ndarray:
 
 
 def ensure_confidence_color_node(scene):
-    """The scene's ``ACECal Viridis`` colour table node (created once, a singleton)."""
+    """Slicer's ``Viridis`` colour table node; where the scene has none (slicer-core), a stand-in built once."""
+    slicer_viridis = scene.GetNodeByID(SLICER_VIRIDIS_ID)
+    if slicer_viridis is not None:
+        return slicer_viridis
     existing = scene.GetSingletonNode(_COLOR_NODE_TAG, "vtkMRMLColorTableNode")
     if existing is not None:
         return existing
@@ -162,8 +185,11 @@ def configure_probability_display(volume_node, hide_below: float | None = None, 
     """Show a 0..1 map (confidence or uncertainty) with the viridis table, window 0..1, optional threshold.
 
     Voxels outside ``[hide_below, hide_above]`` become transparent in slice views when a bound is given.
-    Returns the display node.
+    Returns the display node. Raises ValueError for a volume that is not one of the module's probability maps.
     """
+    if volume_node.GetAttribute(ROLE_ATTRIBUTE) not in (ROLE_CONFIDENCE, ROLE_UNCERTAINTY):
+        raise ValueError(f"'{volume_node.GetName()}' is not a confidence or uncertainty volume made by ACECalibration; "
+                         "its display is left as it is")
     scene = volume_node.GetScene()
     color = ensure_confidence_color_node(scene)
     if volume_node.GetDisplayNode() is None:
@@ -200,9 +226,8 @@ def set_confidence_threshold(confidence_node, threshold: float | None, uncertain
         configure_probability_display(uncertainty_node, hide_below=1.0 - t)
 
 
-def configure_segmentation_display(segmentation_node, uncertain_segment_id: str | None = None,
-                                   fill_opacity: float = 0.3, outline_thickness: int = 2):
-    """Class segments: light fill plus outline; ``Uncertain``: outline only, magenta, hidden in 3D. Returns the display node."""
+def configure_segmentation_display(segmentation_node, fill_opacity: float = 0.3, outline_thickness: int = 2):
+    """Anatomy segments: light fill plus outline in slice views, surfaces in 3D. Returns the display node."""
     if segmentation_node.GetDisplayNode() is None:
         segmentation_node.CreateDefaultDisplayNodes()
     display = segmentation_node.GetDisplayNode()
@@ -212,54 +237,105 @@ def configure_segmentation_display(segmentation_node, uncertain_segment_id: str 
     display.SetOpacity2DFill(fill_opacity)
     display.SetOpacity2DOutline(1.0)
     display.SetSliceIntersectionThickness(int(outline_thickness))
-    if uncertain_segment_id:
-        display.SetSegmentOpacity2DFill(uncertain_segment_id, 0.0)
-        display.SetSegmentOpacity2DOutline(uncertain_segment_id, 1.0)
-        display.SetSegmentVisibility3D(uncertain_segment_id, False)
     display.EndModify(was)
     return display
 
 
-def overlay_layers(image_node, confidence_node, opacity: float = 0.5) -> dict:
-    """Slice-viewer layer settings: the image as background, confidence as foreground (``setSliceViewerLayers`` keywords)."""
-    return {
-        "background": image_node.GetID() if image_node is not None else None,
-        "foreground": confidence_node.GetID() if confidence_node is not None else None,
-        "foregroundOpacity": float(opacity),
-    }
+def configure_uncertain_display(segmentation_node, outline_thickness: int = 2):
+    """The ``Uncertain`` segmentation: magenta outline only in slice views, nothing in 3D. Returns the display node."""
+    if segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+    display = segmentation_node.GetDisplayNode()
+    was = display.StartModify()
+    display.SetVisibility2DFill(False)
+    display.SetVisibility2DOutline(True)
+    display.SetOpacity2DOutline(1.0)
+    display.SetVisibility3D(False)
+    display.SetSliceIntersectionThickness(int(outline_thickness))
+    display.EndModify(was)
+    return display
 
 
-def apply_overlay_to_slice_views(scene, image_node, confidence_node, opacity: float = 0.5,
-                                 composite_nodes: Iterable | None = None) -> int:
-    """Put the image in the background and confidence in the foreground of every slice view (MRML only).
+def composite_nodes(scene) -> list:
+    """Every slice view's composite node (its background / foreground / label layers)."""
+    return [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
 
-    Does what ``slicer.util.setSliceViewerLayers`` does, without needing ``slicer.app``. Returns the number of slice
-    views updated.
-    """
-    layers = overlay_layers(image_node, confidence_node, opacity)
-    if composite_nodes is None:
-        composite_nodes = [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
-                           for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+
+def views_showing(scene, node_ids: Iterable[str]) -> list:
+    """Composite nodes of the slice views whose background or foreground layer shows one of ``node_ids``; every
+    slice view when none does (a fresh layout, or the user put other volumes up)."""
+    ids = {i for i in node_ids if i}
+    comps = composite_nodes(scene)
+    showing = [c for c in comps if {c.GetBackgroundVolumeID(), c.GetForegroundVolumeID()} & ids]
+    return showing or comps
+
+
+def slice_nodes_of(scene, comps: Iterable) -> list:
+    """The slice nodes that belong to the given composite nodes (matched by layout name, as Slicer pairs them)."""
+    names = {c.GetLayoutName() for c in comps}
+    out = []
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLSliceNode")
+        if node.GetLayoutName() in names:
+            out.append(node)
+    return out
+
+
+def set_overlay(scene, image_node, overlay_node, opacity: float = 0.5, comps: Iterable | None = None) -> int:
+    """Show ``image_node`` in the background and ``overlay_node`` (confidence, uncertainty or None) in the foreground
+    of the slice views that show the image or a result of it (all views when none does). MRML only: what
+    ``slicer.util.setSliceViewerLayers`` does, restricted to the relevant views. Returns the number of views set."""
+    if overlay_node is not None and overlay_node.GetAttribute(ROLE_ATTRIBUTE) not in (ROLE_CONFIDENCE, ROLE_UNCERTAINTY):
+        raise ValueError(f"'{overlay_node.GetName()}' is not a confidence or uncertainty volume made by ACECalibration")
+    if comps is None:
+        ids = [image_node.GetID() if image_node is not None else None]
+        if overlay_node is not None:
+            ids.append(overlay_node.GetID())
+        ids += [n.GetID() for n in result_probability_nodes(scene, image_node)]
+        comps = views_showing(scene, ids)
     n = 0
-    for comp in composite_nodes:
+    for comp in comps:
         was = comp.StartModify()
-        if layers["background"]:
-            comp.SetBackgroundVolumeID(layers["background"])
-        comp.SetForegroundVolumeID(layers["foreground"])
-        comp.SetForegroundOpacity(layers["foregroundOpacity"])
+        if image_node is not None:
+            comp.SetBackgroundVolumeID(image_node.GetID())
+        comp.SetForegroundVolumeID(overlay_node.GetID() if overlay_node is not None else None)
+        comp.SetForegroundOpacity(float(opacity))
         comp.EndModify(was)
         n += 1
     return n
 
 
+def result_probability_nodes(scene, image_node) -> list:
+    """The confidence and uncertainty volumes the module made for ``image_node`` (any run)."""
+    if image_node is None:
+        return []
+    out = []
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+        if node.GetAttribute(ROLE_ATTRIBUTE) in (ROLE_CONFIDENCE, ROLE_UNCERTAINTY) and \
+                node.GetAttribute(INPUT_VOLUME_ATTRIBUTE) == image_node.GetID():
+            out.append(node)
+    return out
+
+
 def add_color_legend(volume_node, title: str = "Confidence"):
-    """A colour legend (colour bar) for ``volume_node`` in the slice views; None where the Colors logic is missing."""
+    """A colour legend (colour bar) for ``volume_node`` in the slice views (reused when it has one)."""
     scene = volume_node.GetScene()
     if not scene.IsNodeClassRegistered("vtkMRMLColorLegendDisplayNode"):  # plain slicer-core scene
         scene.RegisterNodeClass(mrml.vtkMRMLColorLegendDisplayNode())
-    legend = mrml.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(volume_node)
+    legend = mrml.vtkSlicerColorLogic.GetColorLegendDisplayNode(volume_node)
+    if legend is None:
+        legend = mrml.vtkSlicerColorLogic.AddDefaultColorLegendDisplayNode(volume_node)
     if legend is not None:
         legend.SetTitleText(title)
         legend.SetNumberOfLabels(6)  # 0.0, 0.2, ..., 1.0: exact with one decimal
         legend.SetLabelFormat("%.1f")
     return legend
+
+
+def show_color_legend(volume_node, visible: bool) -> None:
+    """Show or hide the colour legend of ``volume_node`` (if it has one)."""
+    legend = mrml.vtkSlicerColorLogic.GetColorLegendDisplayNode(volume_node)
+    if legend is not None:
+        legend.SetVisibility(bool(visible))

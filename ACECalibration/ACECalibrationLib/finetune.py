@@ -6,7 +6,10 @@ pairs to the server to fine-tune the model. Segment -> label value: the value st
 (case-insensitive). The ``Uncertain`` segment is review information, not anatomy: it is never exported. Every label
 map is on the image's exact grid.
 
-The network part (dataset upload, job start, progress) goes through :class:`acecal.client.ACEClient`.
+Node names often carry patient names or record numbers, so they never leave the computer: uploaded cases are named
+``case 1``, ``case 2``, ... and datasets ``Slicer corrections`` / ``Slicer evaluation``; messages about a refused case
+name the node again, locally. The network part (dataset upload, job start, progress) goes through the extension's
+:class:`ACECalibrationLib.client.ACEClient`; reply keys are those of :mod:`.wire`.
 """
 
 from __future__ import annotations
@@ -16,24 +19,28 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from acecal.errors import InvalidInputError
-from acecal.geometry import Grid
-
-from . import display
+from . import display, wire
+from .client.errors import InvalidInputError
+from .client.geometry import Grid
 from .nodes import volume_node_to_array
 from .segmentation import segment_label_value, segment_mask
 from .worker import Task, TaskContext
 
-__all__ = ["TrainingPair", "segment_values", "labelmap_from_segmentation", "training_pair", "upload_pairs",
+__all__ = ["TrainingPair", "upload_name", "segment_values", "labelmap_from_segmentation", "training_pair", "upload_pairs",
            "describe_job", "start_finetune", "evaluate_case"]
 
 
 @dataclass
 class TrainingPair:
-    name: str
+    name: str  # the node's name: shown locally, never uploaded
     image: np.ndarray  # (z, y, x)
     label: np.ndarray  # (z, y, x) uint8
     grid: Grid
+
+
+def upload_name(index: int) -> str:
+    """The name case ``index`` (0-based) is uploaded under: neutral, never the node's name."""
+    return f"case {index + 1}"
 
 
 def segment_values(segmentation_node, labels: Mapping[str, str]) -> dict[str, int]:
@@ -93,28 +100,29 @@ def _upload_progress(ctx: TaskContext | None, lo: float, hi: float, message: str
 
 
 def upload_pairs(client, pairs: Sequence[TrainingPair], model_id: str, dataset_name: str,
-                 ctx: TaskContext | None = None, share: float = 0.1) -> str:
+                 ctx: TaskContext | None = None, share: float = 0.1, cleanup_client=None) -> str:
     """Create a dataset checked against ``model_id``'s labels and upload ``pairs`` into it; returns its id.
 
     The server validates each case on arrival (a bad one raises ``InvalidInputError`` naming it); on any failure
-    the half-filled dataset is deleted again.
+    the half-filled dataset is deleted again, through ``cleanup_client`` when given (the task's own client may have
+    been aborted by Cancel).
     """
     if not pairs:
         raise InvalidInputError("Add at least one (image, corrected segmentation) pair first.")
-    ds_id = client.create_dataset(dataset_name, model=model_id)["id"]
+    ds_id = client.create_dataset(dataset_name, model=model_id)[wire.DATASET_ID]
     try:
         for i, p in enumerate(pairs):
             lo, hi = share * i / len(pairs), share * (i + 1) / len(pairs)
             if ctx is not None:
                 ctx.progress(lo, f"Uploading case {i + 1}/{len(pairs)}: {p.name}")
             try:
-                client.add_case(ds_id, (p.image, p.grid), (p.label, p.grid), name=p.name,
+                client.add_case(ds_id, (p.image, p.grid), (p.label, p.grid), name=upload_name(i),
                                 progress=_upload_progress(ctx, lo, hi, f"Uploading case {i + 1}/{len(pairs)}"))
             except InvalidInputError as e:
                 raise InvalidInputError(f"{p.name}: {e.detail}", code=e.code) from None
     except BaseException:
         try:
-            client.delete_dataset(ds_id)
+            (cleanup_client or client).delete_dataset(ds_id)
         except Exception:  # noqa: BLE001 - best effort cleanup
             pass
         raise
@@ -123,18 +131,19 @@ def upload_pairs(client, pairs: Sequence[TrainingPair], model_id: str, dataset_n
 
 def describe_job(job: Mapping[str, Any]) -> str:
     """One line for the log: status, epoch and the latest validation metrics."""
-    prog = job.get("progress") or {}
-    text = f"{job.get('status')}: epoch {prog.get('epoch', 0)}/{prog.get('epochs', job.get('epochs', '?'))}"
-    validated = [m for m in (job.get("metrics") or []) if m.get("dice") is not None]
-    last = (job.get("metrics") or [{}])[-1]
-    if last.get("train_loss") is not None:
-        text += f", loss {last['train_loss']:.4f}"
+    prog = job.get(wire.JOB_PROGRESS) or {}
+    epochs = prog.get(wire.JOB_PROGRESS_EPOCHS, job.get(wire.JOB_EPOCHS, "?"))
+    text = f"{job.get(wire.JOB_STATUS)}: epoch {prog.get(wire.JOB_PROGRESS_EPOCH, 0)}/{epochs}"
+    metrics = job.get(wire.JOB_METRICS) or []
+    validated = [m for m in metrics if m.get(wire.METRIC_NAMES[0]) is not None]
+    last = metrics[-1] if metrics else {}
+    if last.get(wire.JOB_TRAIN_LOSS) is not None:
+        text += f", loss {last[wire.JOB_TRAIN_LOSS]:.4f}"
     if validated:
         v = validated[-1]
-        text += ", validation " + ", ".join(f"{k} {v[k]:.3f}" for k in ("dice", "ace", "ece", "mce")
-                                              if v.get(k) is not None)
-    if job.get("error"):
-        text += f" ({job['error']})"
+        text += ", validation " + ", ".join(f"{k} {v[k]:.3f}" for k in wire.METRIC_NAMES if v.get(k) is not None)
+    if job.get(wire.JOB_ERROR):
+        text += f" ({job[wire.JOB_ERROR]})"
     return text
 
 
@@ -152,15 +161,15 @@ def start_finetune(client, pairs: Sequence[TrainingPair], base_model: str, loss:
     def work(ctx: TaskContext) -> Any:
         ds_id = upload_pairs(client, pairs, base_model, dataset_name, ctx)
         ctx.progress(0.1, "Starting the fine-tuning job")
-        job_id = client.finetune(base_model, ds_id, loss=loss, epochs=int(epochs), **options)["job_id"]
+        job_id = client.finetune(base_model, ds_id, loss=loss, epochs=int(epochs), **options)[wire.JOB_ACCEPTED_ID]
         try:
             job = client.job(job_id)
             while True:
-                prog = job.get("progress") or {}
-                ctx.progress(0.1 + 0.9 * float(prog.get("fraction") or 0.0), describe_job(job))
-                if job["status"] in ("succeeded", "failed", "cancelled"):
+                prog = job.get(wire.JOB_PROGRESS) or {}
+                ctx.progress(0.1 + 0.9 * float(prog.get(wire.JOB_PROGRESS_FRACTION) or 0.0), describe_job(job))
+                if job[wire.JOB_STATUS] in wire.JOB_FINAL_STATUSES:
                     return job
-                job = client.job(job_id, wait=poll_s, after=job.get("rev"))  # long-poll: answers on any change
+                job = client.job(job_id, wait=poll_s, after=job.get(wire.JOB_REV))  # long-poll: answers on any change
         except BaseException:
             if ctx.cancelled:
                 try:
@@ -173,20 +182,20 @@ def start_finetune(client, pairs: Sequence[TrainingPair], base_model: str, loss:
 
 
 def evaluate_case(client, pair: TrainingPair, model_id: str, temperature: bool = False,
-                  ctx: TaskContext | None = None) -> tuple[dict, bytes]:
+                  ctx: TaskContext | None = None, cleanup_client=None) -> tuple:
     """The case's calibration against its reference segmentation: (the server's evaluation reply, reliability PNG).
 
     Uploads the pair as a one-case dataset, runs ``POST /evaluate/{model_id}``, downloads the case's reliability
-    diagram and deletes the dataset again.
+    diagram and deletes the dataset again (through ``cleanup_client`` when given, see :func:`upload_pairs`).
     """
     import io
 
-    ds_id = upload_pairs(client, [pair], model_id, f"Slicer evaluation of {pair.name}", ctx, share=0.3)
+    ds_id = upload_pairs(client, [pair], model_id, "Slicer evaluation", ctx, share=0.3, cleanup_client=cleanup_client)
     try:
         if ctx is not None:
             ctx.progress(None, "Evaluating on the server")
         reply = client.evaluate(model_id, ds_id, temperature=temperature)
-        figures = (reply.get("figures") or {}).get("cases") or {}
+        figures = (reply.get(wire.EVAL_FIGURES) or {}).get(wire.EVAL_FIGURES_CASES) or {}
         png = b""
         if figures:
             buf = io.BytesIO()
@@ -195,6 +204,6 @@ def evaluate_case(client, pair: TrainingPair, model_id: str, temperature: bool =
         return reply, png
     finally:
         try:
-            client.delete_dataset(ds_id)
+            (cleanup_client or client).delete_dataset(ds_id)
         except Exception:  # noqa: BLE001 - best effort cleanup
             pass

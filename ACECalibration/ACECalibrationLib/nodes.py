@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from acecal.errors import InvalidInputError
-from acecal.geometry import Grid
+from .client.errors import InvalidInputError
+from .client.geometry import Grid
 
 from ._mrml import mrml, numpy_support, vtk
 

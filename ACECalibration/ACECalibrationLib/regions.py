@@ -1,31 +1,34 @@
-"""The uncertain-regions table and jumping from one region to the next.
+"""The uncertain-regions table: the review worklist, and jumping from one region to the next.
 
 The server finds uncertain boundary regions (connected components of low-confidence voxels near predicted
-boundaries) and reports each with its class, size, mean confidence and centroid in LPS and RAS. This module turns
-that list into a ``vtkMRMLTableNode`` (one row per region) and turns a row back into the RAS point the slice views
-should centre on. The RAS centroid comes from the server (computed there with :mod:`acecal.geometry`); where a reply
-carries only LPS, :func:`acecal.geometry.lps_to_ras` converts it: no second conversion exists here.
+boundaries) and reports each with its class, size, mean confidence and centroid in LPS and RAS (keys in
+:mod:`.wire`). This module turns that list into a ``vtkMRMLTableNode`` (one row per region) with a ``Review``
+column, the clinician's verdict on each region (:data:`REVIEW_STATES`), saved with the scene like any table, and
+turns a row back into the RAS point the slice views should centre on. Only the slice views that show the input or
+its results move; 3D cameras stay where the user put them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from acecal.geometry import lps_to_ras
-
+from . import display, wire
 from ._mrml import mrml, vtk
 
 __all__ = [
     "COLUMNS",
+    "REVIEW_STATES",
     "Region",
     "region_from_reply",
     "create_regions_table",
     "update_regions_table",
     "regions_from_table",
     "region_ras",
+    "review_state",
+    "set_review_state",
     "to_world_ras",
     "jump_slices_to",
     "RegionNavigator",
@@ -33,12 +36,17 @@ __all__ = [
 
 COL_ID = "ID"
 COL_CLASS = "Class"
+COL_REVIEW = "Review"
 COL_VOXELS = "Voxels"
 COL_VOLUME = "Volume (ml)"
 COL_CONFIDENCE = "Mean confidence"
 COL_R, COL_A, COL_S = "Centroid R", "Centroid A", "Centroid S"
 #: Column names of the regions table, in order.
-COLUMNS = (COL_ID, COL_CLASS, COL_VOXELS, COL_VOLUME, COL_CONFIDENCE, COL_R, COL_A, COL_S)
+COLUMNS = (COL_ID, COL_CLASS, COL_REVIEW, COL_VOXELS, COL_VOLUME, COL_CONFIDENCE, COL_R, COL_A, COL_S)
+
+UNREVIEWED, REVIEWED, ACCEPTED, CORRECTED = "unreviewed", "reviewed", "accepted", "corrected"
+#: A region's review state: not yet looked at, looked at, boundary accepted as it is, boundary corrected.
+REVIEW_STATES = (UNREVIEWED, REVIEWED, ACCEPTED, CORRECTED)
 
 
 @dataclass(frozen=True)
@@ -50,41 +58,28 @@ class Region:
     voxel_count: int
     volume_ml: float
     mean_confidence: float
-    centroid_ras: tuple[float, float, float]
+    centroid_ras: tuple
+    review: str = UNREVIEWED
 
 
-def _first(d: Mapping[str, Any], *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if k in d and d[k] is not None:
-            return d[k]
-    return default
+def region_from_reply(d: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> Region:
+    """A :class:`Region` from one entry of the server's ``regions`` list (a dict, keys in :mod:`.wire`).
 
-
-def region_from_reply(d: Any, labels: Mapping[Any, str] | None = None) -> Region:
-    """A :class:`Region` from one entry of the server's ``regions`` list (a dict or an object with attributes).
-
-    ``class`` may be a label value or a name; with ``labels`` (value -> name) values become names.
+    The class is named by the reply's ``class_name``; where that is empty, by ``labels`` (value -> name).
     """
-    if not isinstance(d, Mapping):  # acecal.client.Region: its server dict, or its attributes
-        raw = getattr(d, "raw", None)
-        d = raw if isinstance(raw, Mapping) and raw else {k: getattr(d, k) for k in dir(d) if not k.startswith("_")}
-    cls = _first(d, "class_name", "class", "label_name", "label", default="")
-    if labels is not None and not isinstance(cls, str):
-        cls = labels.get(str(cls), labels.get(cls, str(cls)))  # type: ignore[arg-type]
-    ras = _first(d, "centroid_ras")
-    if ras is None:
-        lps = _first(d, "centroid_lps", "centroid")
-        if lps is None:
-            raise ValueError(f"region {d!r} has no centroid")
-        ras = lps_to_ras(lps)
-    ras = tuple(float(x) for x in np.asarray(ras, dtype=float).ravel()[:3])
+    name = str(d.get(wire.REGION_CLASS_NAME) or "")
+    if not name and labels is not None:
+        name = str(labels.get(str(d[wire.REGION_CLASS]), d[wire.REGION_CLASS]))
+    ras = np.asarray(d[wire.REGION_CENTROID_RAS], dtype=float).ravel()
+    if ras.shape != (3,):
+        raise ValueError(f"region {d.get(wire.REGION_ID)}: centroid_ras must have 3 coordinates, got {ras.tolist()}")
     return Region(
-        id=int(_first(d, "id", "region_id", default=0)),
-        class_name=str(cls),
-        voxel_count=int(_first(d, "voxel_count", "voxels", "n_voxels", default=0)),
-        volume_ml=float(_first(d, "volume_ml", "volume", default=0.0)),
-        mean_confidence=float(_first(d, "mean_confidence", "confidence", default=float("nan"))),
-        centroid_ras=ras,  # type: ignore[arg-type]
+        id=int(d[wire.REGION_ID]),
+        class_name=name,
+        voxel_count=int(d[wire.REGION_VOXELS]),
+        volume_ml=float(d[wire.REGION_VOLUME_ML]),
+        mean_confidence=float(d[wire.REGION_MEAN_CONFIDENCE]),
+        centroid_ras=tuple(float(x) for x in ras),
     )
 
 
@@ -97,10 +92,14 @@ def _column(cls, name: str, values: Sequence[Any]):
 
 
 def update_regions_table(table_node, regions: Sequence[Region]) -> None:
-    """Fill ``table_node`` with one row per region (replacing its content)."""
+    """Fill ``table_node`` with one row per region (replacing its content); review states from the regions."""
+    for r in regions:
+        if r.review not in REVIEW_STATES:
+            raise ValueError(f"region {r.id}: unknown review state {r.review!r}; one of {REVIEW_STATES}")
     table = vtk.vtkTable()
     table.AddColumn(_column(vtk.vtkIntArray, COL_ID, [r.id for r in regions]))
     table.AddColumn(_column(vtk.vtkStringArray, COL_CLASS, [r.class_name for r in regions]))
+    table.AddColumn(_column(vtk.vtkStringArray, COL_REVIEW, [r.review for r in regions]))
     table.AddColumn(_column(vtk.vtkIntArray, COL_VOXELS, [r.voxel_count for r in regions]))
     table.AddColumn(_column(vtk.vtkDoubleArray, COL_VOLUME, [r.volume_ml for r in regions]))
     table.AddColumn(_column(vtk.vtkDoubleArray, COL_CONFIDENCE, [r.mean_confidence for r in regions]))
@@ -109,10 +108,11 @@ def update_regions_table(table_node, regions: Sequence[Region]) -> None:
     was = table_node.StartModify()
     table_node.SetAndObserveTable(table)
     table_node.SetUseColumnTitleAsColumnHeader(True)
-    table_node.SetLocked(True)  # a result: read-only in the table view
+    table_node.SetLocked(True)  # read-only in the table view: the review buttons set the Review column
     for name, unit, desc in (
         (COL_ID, "", "Region number, as the server reports it"),
         (COL_CLASS, "", "Predicted class at the region"),
+        (COL_REVIEW, "", "Review: unreviewed, reviewed, accepted (boundary right as it is) or corrected"),
         (COL_VOXELS, "", "Number of voxels"),
         (COL_VOLUME, "ml", "Region volume"),
         (COL_CONFIDENCE, "", "Mean calibrated probability of the predicted class (0..1)"),
@@ -133,8 +133,8 @@ def create_regions_table(scene, regions: Sequence[Region], name: str = "Uncertai
     return node
 
 
-def regions_from_table(table_node) -> list[Region]:
-    """The rows of a regions table as :class:`Region` objects."""
+def regions_from_table(table_node) -> list:
+    """The rows of a regions table as :class:`Region` objects (review state included)."""
     table = table_node.GetTable()
     out = []
     for row in range(table.GetNumberOfRows()):
@@ -146,16 +146,40 @@ def regions_from_table(table_node) -> list[Region]:
             volume_ml=get(COL_VOLUME).ToDouble(),
             mean_confidence=get(COL_CONFIDENCE).ToDouble(),
             centroid_ras=(get(COL_R).ToDouble(), get(COL_A).ToDouble(), get(COL_S).ToDouble()),
+            review=review_state(table_node, row),
         ))
     return out
 
 
+def _check_row(table_node, row: int) -> None:
+    n = table_node.GetTable().GetNumberOfRows()
+    if not 0 <= row < n:
+        raise IndexError(f"row {row} is not in the regions table ({n} rows)")
+
+
 def region_ras(table_node, row: int) -> np.ndarray:
     """The RAS centroid (3,) of table row ``row`` (local coordinates of the result nodes)."""
+    _check_row(table_node, row)
     table = table_node.GetTable()
-    if not 0 <= row < table.GetNumberOfRows():
-        raise IndexError(f"row {row} is not in the regions table ({table.GetNumberOfRows()} rows)")
     return np.array([table.GetValueByName(row, c).ToDouble() for c in (COL_R, COL_A, COL_S)])
+
+
+def review_state(table_node, row: int) -> str:
+    """The review state of ``row`` (an empty cell, as a table read back from a file may hold, is unreviewed)."""
+    _check_row(table_node, row)
+    return table_node.GetTable().GetValueByName(row, COL_REVIEW).ToString() or UNREVIEWED
+
+
+def set_review_state(table_node, row: int, state: str) -> None:
+    """Set the review state of ``row`` (one of :data:`REVIEW_STATES`)."""
+    if state not in REVIEW_STATES:
+        raise ValueError(f"unknown review state {state!r}; one of {REVIEW_STATES}")
+    _check_row(table_node, row)
+    column = table_node.GetColumnIndex(COL_REVIEW)
+    if column < 0:
+        raise ValueError(f"'{table_node.GetName()}' has no {COL_REVIEW} column: not a regions table of this module")
+    if not table_node.SetCellText(row, column, state):
+        raise RuntimeError(f"could not set the review state of row {row}")
 
 
 def to_world_ras(point_ras, node=None) -> np.ndarray:
@@ -169,35 +193,30 @@ def to_world_ras(point_ras, node=None) -> np.ndarray:
     return np.asarray(transform.TransformPoint(*p), dtype=float)
 
 
-def jump_slices_to(scene, point_ras, view_group: int = -1, move_3d: bool = True) -> np.ndarray:
-    """Centre every slice view of ``scene`` on the world RAS point, move the crosshair there and (``move_3d``) shift
-    every 3D view's camera so it looks at the point from the same direction and distance. Returns the point."""
+def jump_slices_to(scene, point_ras, shown_node_ids: Iterable[str] = ()) -> list:
+    """Centre the slice views that show one of ``shown_node_ids`` (every slice view when none does) on the world
+    RAS point and move the crosshair there. 3D views are left alone. Returns the slice nodes that moved."""
     r, a, s = (float(x) for x in point_ras)
-    mrml.vtkMRMLSliceNode.JumpAllSlices(scene, r, a, s, mrml.vtkMRMLSliceNode.CenteredJumpSlice, view_group)
+    moved = display.slice_nodes_of(scene, display.views_showing(scene, shown_node_ids))
+    for slice_node in moved:
+        slice_node.JumpSliceByCentering(r, a, s)
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLCrosshairNode")):
         scene.GetNthNodeByClass(i, "vtkMRMLCrosshairNode").SetCrosshairRAS(r, a, s)
-    if move_3d:
-        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLCameraNode")):
-            camera = scene.GetNthNodeByClass(i, "vtkMRMLCameraNode")
-            shift = np.array([r, a, s]) - np.array(camera.GetFocalPoint())
-            position = np.array(camera.GetPosition()) + shift
-            was = camera.StartModify()
-            camera.SetFocalPoint(r, a, s)
-            camera.SetPosition(*position)
-            camera.EndModify(was)
-    return np.array([r, a, s])
+    return moved
 
 
 class RegionNavigator:
     """Next / previous through the rows of a regions table, wrapping around; ``goto`` centres the slice views.
 
     ``reference_node`` (the segmentation or confidence node) supplies the parent transform, if any, so the point the
-    views jump to is in world coordinates.
+    views jump to is in world coordinates. ``shown_node_ids``: the input and result volumes; only slice views showing
+    one of them move (see :func:`jump_slices_to`).
     """
 
-    def __init__(self, table_node, reference_node=None):
+    def __init__(self, table_node, reference_node=None, shown_node_ids: Iterable[str] = ()):
         self.table_node = table_node
         self.reference_node = reference_node
+        self.shown_node_ids = [i for i in shown_node_ids if i]
         self.index = -1
 
     def __len__(self) -> int:
@@ -209,19 +228,28 @@ class RegionNavigator:
         return to_world_ras(region_ras(self.table_node, row), self.reference_node)
 
     def goto(self, row: int, scene=None) -> np.ndarray:
-        """Select ``row`` and, with a scene, centre its slice views on it. Returns the world RAS point."""
+        """Select ``row`` and, with a scene, centre the relevant slice views on it. Returns the world RAS point."""
         p = self.point(row)
         self.index = row
         if scene is not None:
-            jump_slices_to(scene, p)
+            jump_slices_to(scene, p, self.shown_node_ids)
         return p
 
-    def next(self, scene=None) -> np.ndarray | None:
+    def next(self, scene=None):
         if len(self) == 0:
             return None
         return self.goto((self.index + 1) % len(self), scene)
 
-    def previous(self, scene=None) -> np.ndarray | None:
+    def previous(self, scene=None):
         if len(self) == 0:
             return None
         return self.goto((self.index - 1) % len(self) if self.index >= 0 else len(self) - 1, scene)
+
+    def next_unreviewed_row(self):
+        """The next row (after the current one, wrapping) still unreviewed; None when every row is reviewed."""
+        n = len(self)
+        for step in range(1, n + 1):
+            row = (self.index + step) % n
+            if review_state(self.table_node, row) == UNREVIEWED:
+                return row
+        return None

@@ -1,8 +1,13 @@
-"""Connection settings: the server URL and its history persist; the API key never does.
+"""Connection settings: the server URL, its history and upload consent persist; the API key never does.
 
 The module widget keeps settings in ``qt.QSettings`` (keys below); the helpers here take any object with
 ``value(key, default)`` and ``setValue(key, value)`` (QSettings has both; :class:`MemorySettings` is a dict-backed
 stand-in for tests and scripts), so the rules are tested without Qt.
+
+Images leave the machine only with consent: before the first upload to a server that is not on this computer
+(:func:`is_loopback`), the user is asked once per server, and the answer is remembered (:func:`has_upload_consent`,
+:func:`remember_upload_consent`). A key that would travel unencrypted (plain ``http`` to another host) is warned
+about first (:func:`key_sent_in_clear`).
 
 The API key lives only in memory (the password field of the widget) or comes from the ``ACECAL_API_KEY``
 environment variable; :func:`save_setting` refuses any key that looks like a secret, so no code path here can write
@@ -11,6 +16,7 @@ it to disk.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Any, Protocol
 from urllib.parse import urlparse
@@ -29,12 +35,18 @@ __all__ = [
     "last_server_url",
     "save_setting",
     "api_key_from_environment",
+    "KEY_UPLOAD_CONSENT",
+    "is_loopback",
+    "has_upload_consent",
+    "remember_upload_consent",
+    "key_sent_in_clear",
 ]
 
 DEFAULT_SERVER_URL = "http://127.0.0.1:8000"
 KEY_SERVER_URL = "ACECalibration/serverUrl"
 KEY_SERVER_HISTORY = "ACECalibration/serverUrlHistory"
 KEY_MODEL_ID = "ACECalibration/modelId"
+KEY_UPLOAD_CONSENT = "ACECalibration/uploadConsentServers"
 API_KEY_ENV = "ACECAL_API_KEY"
 MAX_HISTORY = 10
 _SECRET_WORDS = ("key", "token", "password", "secret", "auth")
@@ -112,3 +124,41 @@ def last_server_url(store: SettingsStore) -> str:
 def api_key_from_environment() -> str:
     """The API key from ``ACECAL_API_KEY`` (the only place other than memory a key comes from), or ``""``."""
     return os.environ.get(API_KEY_ENV, "")
+
+
+def is_loopback(url: str) -> bool:
+    """True when ``url`` points at this computer (``localhost``, 127.0.0.0/8, ``::1``): nothing leaves the machine."""
+    host = (urlparse(normalize_server_url(url)).hostname or "").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _consented(store: SettingsStore) -> list:
+    raw = store.value(KEY_UPLOAD_CONSENT, "") or ""
+    items = raw if isinstance(raw, (list, tuple)) else str(raw).split(";")
+    return [str(i).strip() for i in items if str(i).strip()]
+
+
+def has_upload_consent(store: SettingsStore, url: str) -> bool:
+    """May images go to ``url`` without asking? (Always for this computer; otherwise once the user agreed.)"""
+    u = normalize_server_url(url)
+    return is_loopback(u) or u in _consented(store)
+
+
+def remember_upload_consent(store: SettingsStore, url: str) -> None:
+    """Record that the user agreed to send images to ``url``."""
+    u = normalize_server_url(url)
+    if u not in _consented(store):
+        save_setting(store, KEY_UPLOAD_CONSENT, ";".join(_consented(store) + [u]))
+
+
+def key_sent_in_clear(url: str, api_key: str | None) -> bool:
+    """True when an API key would go unencrypted over the network (plain http to another computer)."""
+    if not api_key:
+        return False
+    u = normalize_server_url(url)
+    return urlparse(u).scheme == "http" and not is_loopback(u)

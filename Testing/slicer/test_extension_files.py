@@ -27,7 +27,8 @@ def test_cmake_lists_every_script_and_resource():
     assert scripts == on_disk
     resources = _cmake_list("MODULE_PYTHON_RESOURCES")
     assert all((MOD / r).is_file() for r in resources)
-    assert {"Resources/UI/ACECalibration.ui", "Resources/Icons/ACECalibration.png", "Resources/requirements.txt"} <= set(resources)
+    on_disk_resources = {str(p.relative_to(MOD)) for p in (MOD / "Resources").rglob("*") if p.is_file()}
+    assert set(resources) == on_disk_resources  # every resource is installed, nothing stale is listed
     cm = (MOD / "CMakeLists.txt").read_text()
     assert "WITH_GENERIC_TESTS" in cm and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cm
     top = (ROOT / "CMakeLists.txt").read_text()

@@ -1,13 +1,12 @@
-"""Training pairs from the scene (corrected segmentation -> label map on the image grid) and finding the client copy."""
+"""Training pairs from the scene: a corrected segmentation becomes a label map on the image grid."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from acecal.errors import InvalidInputError
-
-from ACECalibrationLib import dependencies, nodes, segmentation
+from ACECalibrationLib import nodes, segmentation
+from ACECalibrationLib.client.errors import InvalidInputError
 from ACECalibrationLib.finetune import labelmap_from_segmentation, segment_values, start_finetune, training_pair
 from oblique import oblique_grid
 
@@ -21,14 +20,13 @@ def _scene_with_result(scene):
     label = np.zeros(grid.shape_zyx, np.uint8)
     label[2:6, 3:8, 4:9] = 1
     label[3:5, 4:6, 5:7] = 2
-    flags = (label == 2).astype(np.uint8)
-    seg, ids, uid = segmentation.create_segmentation_node(scene, volume, label, LABELS, flags)
+    seg, ids = segmentation.create_segmentation_node(scene, volume, label, LABELS)
     return volume, grid, label, seg, ids
 
 
 def test_corrected_segmentation_becomes_a_label_map_on_the_image_grid(scene):
     volume, grid, label, seg, ids = _scene_with_result(scene)
-    # the clinician corrects: grows the liver by one slab, and the Uncertain segment is ignored
+    # the clinician corrects: grows the liver by one slab
     corrected = label.copy()
     corrected[6, 3:8, 4:9] = 1
     segmentation.set_segment_from_mask(seg, ids[1], corrected == 1, grid.ijk_to_ras)
@@ -56,28 +54,3 @@ def test_empty_pair_and_no_pairs_are_refused(scene):
         training_pair(volume, empty, LABELS)
     with pytest.raises(InvalidInputError, match="at least one"):
         start_finetune(object(), [], "m", "hardl1ace_dice_ce", 1)
-
-
-def test_client_source_and_requirements(tmp_path):
-    repo = tmp_path / "repo"
-    module = repo / "ACECalibration"
-    (module / "Resources").mkdir(parents=True)
-    (module / "Resources" / "requirements.txt").write_text("# comment\nrequests>=2.31,<3\n\nnumpy>=1.26  # inline\n")
-    assert dependencies.client_source(module) is None
-    (repo / "server" / "acecal" / "client").mkdir(parents=True)
-    (repo / "pyproject.toml").write_text('[project]\nname = "acecal"\n')
-    assert dependencies.client_source(module) == repo.resolve()
-    reqs = dependencies.client_requirements(module)
-    assert reqs[:2] == ["requests>=2.31,<3", "numpy>=1.26"] and reqs[2] == f"acecal @ {repo.resolve().as_uri()}"
-    wheels = module / "Resources" / "wheels"
-    wheels.mkdir()
-    (wheels / "acecal-0.1.0-py3-none-any.whl").write_bytes(b"")
-    assert dependencies.client_source(module).name == "acecal-0.1.0-py3-none-any.whl"  # a bundled wheel wins
-
-
-def test_this_checkout_provides_the_client():
-    from pathlib import Path
-
-    module_dir = Path(__file__).resolve().parents[2] / "ACECalibration"
-    assert dependencies.client_source(module_dir) == module_dir.parent
-    assert dependencies.use_checkout(module_dir) and dependencies.client_available()

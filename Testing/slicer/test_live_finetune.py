@@ -9,9 +9,8 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, torch, monai) is needed")
 
-from acecal.errors import InvalidInputError  # noqa: E402
-
 from ACECalibrationLib import nodes, segmentation  # noqa: E402
+from ACECalibrationLib.client.errors import InvalidInputError  # noqa: E402
 from ACECalibrationLib.finetune import evaluate_case, start_finetune, training_pair, upload_pairs  # noqa: E402
 from ACECalibrationLib.worker import Cancelled  # noqa: E402
 from oblique import oblique_grid, sphere_on_grid  # noqa: E402
@@ -25,7 +24,7 @@ def _pair(scene, seed: int):
     grid = oblique_grid()
     image, label, _ = sphere_on_grid(grid, radius_mm=5.0, seed=seed, centre_offset_mm=(seed - 1.5, 0.0, 0.0))
     volume = nodes.add_volume_from_array(scene, image, grid, f"case {seed}")
-    seg, _, _ = segmentation.create_segmentation_node(scene, volume, label, LABELS, name=f"case {seed} corrected")
+    seg, _ = segmentation.create_segmentation_node(scene, volume, label, LABELS, name=f"case {seed} corrected")
     pair = training_pair(volume, seg, LABELS)
     assert np.array_equal(pair.label, label)
     return pair
@@ -44,7 +43,10 @@ def test_finetune_from_scene_pairs_publishes_a_new_model(scene, client):
     assert job["model_id"] in {m.id for m in client.models()}
     assert any(m.startswith("Uploading case") for m in messages) and any("epoch" in m for m in messages), messages
     assert "validation dice" in messages[-1], messages[-1]  # the latest validation metrics are shown
-    assert client.dataset(job["dataset"])["num_cases"] == 2
+    dataset = client.dataset(job["dataset"])
+    assert dataset["num_cases"] == 2
+    # node names (often patient names) never leave the computer: cases and dataset have neutral names
+    assert sorted(c["name"] for c in dataset["cases"]) == ["case 1", "case 2"] and dataset["name"] == "Slicer corrections"
 
 
 def test_cancel_stops_the_job_on_the_server(scene, client):

@@ -6,27 +6,15 @@ whose position is known, so "the segment is where the truth is" is checked in wo
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
 pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, torch, monai) is needed")
 
-from acecal.client import ACEClient  # noqa: E402
-from acecal.errors import ModelNotFoundError, UnauthorizedError  # noqa: E402
-from acecal.geometry import lps_to_ras  # noqa: E402
-
-from ACECalibrationLib import display, nodes, regions, segmentation  # noqa: E402
-from ACECalibrationLib.logic import (  # noqa: E402
-    create_result_nodes,
-    infer,
-    prepare_input,
-    run_segmentation,
-    start_segmentation,
-    user_message,
-)
-from ACECalibrationLib.worker import Cancelled  # noqa: E402
+from ACECalibrationLib import display, nodes, regions, segmentation, stats  # noqa: E402
+from ACECalibrationLib.client import ACEClient, ModelNotFoundError, UnauthorizedError  # noqa: E402
+from ACECalibrationLib.client.geometry import lps_to_ras  # noqa: E402
+from ACECalibrationLib.logic import create_result_nodes, infer, prepare_input, run_segmentation, user_message  # noqa: E402
 from oblique import oblique_grid, sphere_on_grid  # noqa: E402
 
 KEY = "slicer-test-key"  # = conftest.SERVER_KEY
@@ -63,9 +51,11 @@ def test_segmentation_overlays_and_table_from_the_server(scene, case, client):
     # segments: named as the model names them, standard colours, where the ground truth is
     seg = result.segmentation_node.GetSegmentation()
     names = [seg.GetNthSegment(i).GetName() for i in range(seg.GetNumberOfSegments())]
-    assert names == ["sphere", display.UNCERTAIN_SEGMENT_NAME]
+    assert names == ["sphere"]  # anatomy only; Uncertain is its own segmentation
     assert np.allclose(seg.GetSegment(result.segment_ids[1]).GetColor(), display.segment_color(1, "sphere"))
-    assert np.allclose(seg.GetSegment(result.uncertain_segment_id).GetColor(), display.UNCERTAIN_COLOR)
+    uncertain = result.uncertain_node.GetSegmentation().GetSegment(result.uncertain_segment_id)
+    assert uncertain.GetName() == display.UNCERTAIN_SEGMENT_NAME
+    assert np.allclose(uncertain.GetColor(), display.UNCERTAIN_COLOR)
     mask = segmentation.segment_mask(result.segmentation_node, result.segment_ids[1], volume)
     assert np.array_equal(mask, (output.labels == 1).astype(np.uint8))
     assert _dice(mask, truth) > 0.8, _dice(mask, truth)
@@ -73,10 +63,10 @@ def test_segmentation_overlays_and_table_from_the_server(scene, case, client):
     k, j, i = np.nonzero(mask)
     centroid_ras = (np.stack([i, j, k, np.ones_like(i)], 1) @ m.T)[:, :3].mean(0)
     assert np.linalg.norm(centroid_ras - lps_to_ras(centre_lps)) < 1.5  # mm
-    flags = segmentation.segment_mask(result.segmentation_node, result.uncertain_segment_id, volume)
+    flags = segmentation.segment_mask(result.uncertain_node, result.uncertain_segment_id, volume)
     assert np.array_equal(flags, (output.flags > 0).astype(np.uint8))
 
-    # the regions table matches the server's regions, row by row
+    # the regions table matches the server's regions, row by row (the keys the Lib reads, .wire, are the server's)
     assert len(output.regions) > 0, "expected flagged regions at threshold 0.999"
     rows = regions.regions_from_table(result.regions_table_node)
     assert len(rows) == len(output.regions) == result.summary["region_count"]
@@ -86,6 +76,13 @@ def test_segmentation_overlays_and_table_from_the_server(scene, case, client):
         assert row.volume_ml == pytest.approx(r["volume_ml"]) and row.mean_confidence == pytest.approx(r["mean_confidence"])
         assert np.allclose(row.centroid_ras, r["centroid_ras"])
         assert np.allclose(row.centroid_ras, lps_to_ras(r["centroid_lps"]))
+    # the per-segment statistics computed in Slicer agree with the server's summary of the same label map
+    classes = {c["name"]: c for c in result.summary["classes"]}
+    for row in stats.segment_statistics(result.segmentation_node, volume, result.confidence_node, result.uncertain_node):
+        assert row.voxels == classes[row.name]["voxels"]
+        assert row.volume_ml == pytest.approx(classes[row.name]["volume_ml"], rel=1e-9)
+        assert row.mean_confidence == pytest.approx(classes[row.name]["mean_confidence"], rel=1e-4)
+        assert row.uncertain_ml == pytest.approx(classes[row.name]["uncertain_volume_ml"], rel=1e-9)
     # navigation goes to the first region's centroid
     assert np.allclose(result.navigator().next(scene), rows[0].centroid_ras)
 
@@ -102,32 +99,11 @@ def test_run_segmentation_entry_point(scene, case, server):
     volume, grid, truth, _ = case
     result = run_segmentation(scene, volume, server.url, MODEL, api_key=KEY)
     assert result.model_id == MODEL and result.label_names == {"0": "background", "1": "sphere"}
-    for name in ("segmentation_node", "confidence_node", "uncertainty_node", "regions_table_node"):
+    for name in ("segmentation_node", "uncertain_node", "confidence_node", "uncertainty_node", "regions_table_node",
+                 "statistics_table_node"):
         assert getattr(result, name) is not None and getattr(result, name).GetScene() is scene
     assert result.regions_table_node.GetNumberOfColumns() == len(regions.COLUMNS)
     assert result.regions_table_node.GetNumberOfRows() == len(result.regions)
-
-
-def test_worker_path_progress_and_cancel(scene, case, server):
-    volume, grid, truth, _ = case
-    task = start_segmentation(volume, server.url, MODEL, api_key=KEY)
-    seen = set()
-    deadline = time.monotonic() + 60
-    while not task.done() and time.monotonic() < deadline:
-        seen.add(task.progress[1])
-        time.sleep(0.005)
-    output = task.result(0)
-    assert task.progress[0] == 1.0
-    result = create_result_nodes(scene, volume, output)
-    assert nodes.volume_nodes_share_grid(volume, result.confidence_node)
-
-    # cancel: the UI is free at once, the worker unwinds at its next progress callback, the server carries on
-    task = start_segmentation(volume, server.url, MODEL, api_key=KEY)
-    assert task.cancel() and task.done()
-    with pytest.raises(Cancelled):
-        task.result(0)
-    assert task.worker_finished(60)
-    assert ACEClient(server.url).health()["status"] == "ok"
 
 
 def test_errors_server_down_wrong_key_unknown_model(scene, case, server):
