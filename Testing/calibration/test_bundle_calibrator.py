@@ -72,6 +72,9 @@ def test_the_bundle_records_the_calibrator_and_its_figures(calibrated, tiny_bund
     assert sorted(folds[0]["fitted_on"] + folds[0]["measured_on"]) == sorted(HELD)
     assert folds[0]["fitted_on"] == folds[1]["measured_on"]
     assert m["cross_fitted"]["dice"] == pytest.approx(m["raw"]["dice"], abs=1e-12)  # the label map is unchanged
+    # the default flags threshold is recomputed for the calibrated confidence by the training rule
+    assert b.config.uncertainty_threshold == c.fitted_on["uncertainty_threshold"]["value"]
+    assert "recomputed for the calibrated confidence" in b.config.training["uncertainty_threshold_rule"]
     card = b.card_path.read_text()
     assert "## Calibrator" in card and "cross-fitted" in card and "in-sample" in card
     # the network is the base bundle's, unchanged

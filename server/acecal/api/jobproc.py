@@ -39,10 +39,26 @@ RESULT = "result.json"
 PROGRESS = "progress.json"
 
 
+def json_finite(obj):
+    """``obj`` with every NaN/infinite float replaced by None: what the server stores is always valid JSON."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: json_finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_finite(v) for v in obj]
+    return obj
+
+
+def dumps_finite(obj, **kwargs) -> str:
+    """``json.dumps`` of :func:`json_finite` (``allow_nan=False``: a non-finite number can never be written)."""
+    return json.dumps(json_finite(obj), allow_nan=False, **kwargs)
+
+
 def _write_json(path: Path, obj: dict, *, durable: bool) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh)
+        fh.write(dumps_finite(obj))
         fh.flush()
         if durable:
             os.fsync(fh.fileno())

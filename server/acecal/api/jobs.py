@@ -37,6 +37,7 @@ from typing import Any, Optional
 
 from acecal.api import jobproc
 from acecal.api.datastore import DatasetStore, new_id, unknown_labels
+from acecal.api.jobproc import dumps_finite
 from acecal.api.state import ACTIVE_STATUSES, FINAL_STATUSES, StateDB, atomic_write_text, now_iso
 from acecal.errors import ACECalError, ConflictError, InvalidInputError, NotFoundError, ServerBusyError
 
@@ -246,7 +247,7 @@ class JobRunner:
                     "server_pid": os.getpid(), "server_started": _process_started(os.getpid()),
                     "cancel_grace_s": max(1.0, self.cancel_grace_s - 2.0),
                     "gpu_memory_fraction": getattr(self.settings, "job_gpu_memory_fraction", None)}
-            atomic_write_text(d / SPEC, json.dumps(spec, indent=2))
+            atomic_write_text(d / SPEC, dumps_finite(spec, indent=2))
             env = dict(os.environ, OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads),
                        ACECAL_DATA_DIR=str(self.data_dir), PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
             pkg_root = str(Path(__file__).resolve().parents[2])
@@ -296,7 +297,7 @@ class JobRunner:
         doc = {"name": f"{ds['name']} ({job['dataset_id']})", "description": "cases uploaded to the ACECal server",
                "licence": "local data", "labels": base_labels,
                "training": [{"image": str(img), "label": str(lab)} for _, img, lab in files]}
-        atomic_write_text(self.job_dir(job["id"]) / DATASET_JSON, json.dumps(doc, indent=1))
+        atomic_write_text(self.job_dir(job["id"]) / DATASET_JSON, dumps_finite(doc, indent=1))
 
     def _signal(self, r: _Running, sig: int) -> None:
         if r.proc is None or r.proc.poll() is not None:

@@ -32,6 +32,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+from acecal.api.jobproc import dumps_finite
 from acecal.errors import StorageError
 
 DB_NAME = "acecal.db"
@@ -258,7 +259,7 @@ class StateDB:
             c.execute("DELETE FROM datasets WHERE id = ?", (ds_id,))
 
     def add_case(self, row: dict) -> dict:
-        row = {**row, "info": json.dumps(row["info"]), "created": row.get("created") or now_iso()}
+        row = {**row, "info": dumps_finite(row["info"]), "created": row.get("created") or now_iso()}
         with self.tx() as c:
             c.execute("INSERT INTO cases (id, dataset_id, name, image, label, info, created) "
                       "VALUES (:id, :dataset_id, :name, :image, :label, :info, :created)", row)
@@ -303,7 +304,7 @@ class StateDB:
     def add_job(self, row: dict) -> dict:
         row = dict(row)
         for k in self._JSON_FIELDS:
-            row[k] = json.dumps(row.get(k, [] if k == "metrics" else None if k == "final_metrics" else {}))
+            row[k] = dumps_finite(row.get(k, [] if k == "metrics" else None if k == "final_metrics" else {}))
         row.setdefault("created", now_iso())
         cols = ", ".join(row)
         with self.tx() as c:
@@ -335,7 +336,7 @@ class StateDB:
         Returns whether a row changed."""
         if not fields:
             return False
-        vals = {k: (json.dumps(v) if k in self._JSON_FIELDS else v) for k, v in fields.items()}
+        vals = {k: (dumps_finite(v) if k in self._JSON_FIELDS else v) for k, v in fields.items()}
         sets = ", ".join(f"{k} = :{k}" for k in vals) + ", rev = rev + 1"
         sql = f"UPDATE jobs SET {sets} WHERE id = :_id"
         args = {**vals, "_id": job_id}

@@ -6,6 +6,9 @@ the flags' error detection, plus one reliability diagram per case and the datase
 the device queue shared with inference (so the two take turns on the device, and a full queue answers 503). Reports are kept under ``<data_dir>/evaluations/<evaluation_id>/`` (written
 aside and renamed into place); ``GET /evaluations/{id}`` returns the reply again and the figures are PNGs at
 ``GET /evaluations/{id}/figures/{name}``. For large datasets run ``acecal evaluate`` offline instead.
+
+Every stored file is checked from its header before the job is queued (a regular file with its voxel data attached,
+within the server's budgets) and read under the server's image limits (:mod:`acecal.data.headers`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from acecal.api.jobs import services
 from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse, busy_response
 from acecal.api.state import now_iso
 from acecal.api.store import storage_guard
-from acecal.errors import InvalidInputError, NotFoundError
+from acecal.data.headers import check_model_space_budget, image_limits, inspect_image
+from acecal.errors import ACECalError, InvalidInputError, NotFoundError
 
 router = APIRouter(tags=["evaluation"])
 _400 = {400: {"model": ErrorResponse, "description": "the body is not valid JSON"}}
@@ -51,6 +55,33 @@ def _folder(state: ServerState, ev_id: str) -> Path:
     return d
 
 
+def _link(src: Path, dst: Path) -> None:
+    """``dst`` names the file ``src``: a hard link (same data directory), never a symlink (the server's readers
+    refuse those), a copy where links are impossible."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def check_stored_cases(state: ServerState, bundle, files: list, names: dict, infos: dict) -> None:
+    """Check each stored case's files from their headers and its model-space size, before the device queue: a case
+    stored by an older server (as uploaded, perhaps pointing to another file) is refused here, never read."""
+    limits = state.settings.image_limits()
+    for cid, img, lab in files:
+        shown = f"{names.get(cid, cid)} ({cid})"
+        try:
+            for path, what in ((img, "image"), (lab, "label")):
+                inspect_image(path, name=path.name, what=what, limits=limits)
+            info = infos.get(cid) or {}
+            if info.get("size") and info.get("spacing"):
+                check_model_space_budget(info["size"], info["spacing"], bundle.config.spacing, name=shown,
+                                         model_id=f"model {bundle.id!r}", limits=limits)
+        except ACECalError as e:
+            e.detail = f"case {shown} cannot be evaluated: {e.detail}"
+            raise
+
+
 def _run(state: ServerState, bundle, ds: dict, files: list, names: dict, temperature: bool, raw: bool = False) -> dict:
     from acecal.training.evaluate import evaluate
 
@@ -64,10 +95,11 @@ def _run(state: ServerState, bundle, ds: dict, files: list, names: dict, tempera
             (view / "images").mkdir(parents=True)
             (view / "labels").mkdir(parents=True)
             for _, img, lab in files:  # exactly the committed cases, by their server-side names
-                os.symlink(img, view / "images" / img.name)
-                os.symlink(lab, view / "labels" / lab.name)
-            rep = evaluate(str(bundle.path), view / "images", view / "labels", tmp, temperature=temperature, raw=raw,
-                           registry=state.registry, device=str(state.predictors.device))
+                _link(img, view / "images" / img.name)
+                _link(lab, view / "labels" / lab.name)
+            with image_limits(state.settings.image_limits()):  # the server's budgets; no symlink is followed
+                rep = evaluate(str(bundle.path), view / "images", view / "labels", tmp, temperature=temperature,
+                               raw=raw, registry=state.registry, device=str(state.predictors.device))
             shutil.rmtree(view, ignore_errors=True)
             base = f"/evaluations/{ev_id}/figures/"
             case_figs = {cid: base + Path(p).name for cid, p in (rep.get("figures", {}).get("cases") or {}).items()}
@@ -84,7 +116,7 @@ def _run(state: ServerState, bundle, ds: dict, files: list, names: dict, tempera
             }
             for c in reply["cases"]:
                 c.pop("case", None)
-            (tmp / REPLY).write_text(json.dumps(reply, indent=1))
+            (tmp / REPLY).write_text(json.dumps(reply, indent=1, allow_nan=False))
             os.rename(tmp, root / ev_id)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -99,9 +131,11 @@ def _run(state: ServerState, bundle, ds: dict, files: list, names: dict, tempera
     responses={
         **_400,
         404: {"model": ErrorResponse, "description": "unknown model or dataset"},
+        413: {"model": ErrorResponse, "description": "a case too large once resampled to the model's spacing "
+                                                     "(max_model_voxels)"},
         422: {"model": ErrorResponse, "description": "empty dataset, unknown case ids, label values the model does "
-                                                     "not know, or temperature asked of a model without one (or "
-                                                     "together with raw)"},
+                                                     "not know, a stored case whose file is unusable, or temperature "
+                                                     "asked of a model without one (or together with raw)"},
         **busy_response("device queue"),
         **DISK_FULL_RESPONSE,
     },
@@ -124,6 +158,7 @@ async def evaluate_model(model_id: str, body: EvaluateRequest, state: ServerStat
         raise bad_labels
     files = await run_in_threadpool(svc.datasets.case_files, ds["id"], list(dict.fromkeys(body.cases))
                                     if body.cases else None)
+    await run_in_threadpool(check_stored_cases, state, bundle, files, names, {c["id"]: c.get("info") for c in cases})
     async with state.queue.slot():
         return await state.queue.run(_run, state, bundle, ds, files, names, body.temperature, body.raw)
 
