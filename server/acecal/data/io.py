@@ -135,21 +135,31 @@ def _nifti_data_complete(path: Path, header: ImageHeader) -> bool:
             if not header.compressed:
                 return os.fstat(f.fileno()).st_size >= vox_offset(f.read(540)) + header.nbytes
             d = zlib.decompressobj(wbits=31)
-            head = bytearray()
-            total, need, pending = 0, None, b""
-            while need is None or total < need:
+            total, pending = 0, b""
+
+            def inflate(limit: int) -> bytes:  # at most ``limit`` bytes: never past what was asked for
+                nonlocal pending, total
                 chunk = pending or f.read(1 << 20)
                 if not chunk or d.eof:
-                    break
-                limit = 1 << 22 if need is None else min(1 << 22, need - total)
-                got = d.decompress(chunk, limit)  # bounded: never past the announced size
+                    return b""
+                got = d.decompress(chunk, limit)
                 pending = d.unconsumed_tail
                 total += len(got)
-                if need is None:
-                    head += got[: 540 - len(head)]
-                    if len(head) >= 348 and (header.format == "nifti1" or len(head) >= 540):
-                        need = max(vox_offset(bytes(head)), 348) + header.nbytes
-            return need is not None and total >= need
+                return got
+
+            head = bytearray()
+            while len(head) < 540:
+                got = inflate(540 - len(head))
+                if not got:
+                    break
+                head += got
+            if len(head) < 348:
+                return False
+            need = max(vox_offset(bytes(head)), 348) + header.nbytes
+            while total < need:
+                if not inflate(min(1 << 22, need - total)):
+                    break
+            return total >= need
     except (EOFError, OSError, zlib.error, struct.error, InvalidInputError):
         return False
 
