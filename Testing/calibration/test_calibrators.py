@@ -180,3 +180,34 @@ def test_spec_rebuilds_the_same_calibrator():
     z = torch.randn(1, 3, 8, 8, 8)
     assert torch.equal(again(z), lts(z))
     assert build_calibrator("temperature", {"temperature": 2.5}).value == 2.5
+
+
+def test_error_auroc_is_the_mann_whitney_statistic_within_the_roi(over_confident):
+    import numpy as np
+    from scipy.stats import mannwhitneyu
+
+    from acecal.calibration.fitting import error_auroc
+    from acecal.metrics.error_detection import roi_mask
+
+    cal = TemperatureCalibrator(2.0)
+    wrong_scores, right_scores = [], []
+    for c in over_confident:
+        z, img, _ = c.batch()
+        conf = torch.softmax(cal(z), 1)[0].amax(0).numpy()
+        pred, truth = c.logits.argmax(0).numpy(), c.label.numpy()
+        roi = roi_mask((pred > 0) | (truth > 0))
+        wrong = (pred != truth)[roi]
+        wrong_scores.append((1 - conf[roi])[wrong])
+        right_scores.append((1 - conf[roi])[~wrong])
+    w, r = np.concatenate(wrong_scores), np.concatenate(right_scores)
+    exact = mannwhitneyu(w, r).statistic / (len(w) * len(r))
+    assert error_auroc(over_confident, cal) == pytest.approx(exact, abs=1e-3)
+
+
+def test_the_ranking_guard_keeps_only_weights_that_do_not_lose_error_detection(over_confident):
+    # an impossible guard (AUROC must rise by 1): no epoch is eligible, the start (the global temperature) is kept
+    cal, info = fit_local_temperature(over_confident[:4], epochs=2, lr=0.05, hidden=2, layers=1,
+                                      ranking_tolerance=-1.0)
+    assert info["best_epoch"] == 0 and all("fit_auroc" in h for h in info["history"])
+    z, img, _ = over_confident[0].batch()
+    assert torch.allclose(cal.temperature(z, img), torch.tensor(info["init_temperature"]), atol=1e-5)

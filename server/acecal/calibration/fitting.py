@@ -28,7 +28,7 @@ from acecal.calibration.calibrators import T_MAX, T_MIN, Calibrator, LocalTemper
 from acecal.errors import InvalidInputError
 
 __all__ = ["CalibrationCase", "macro_ace", "case_metrics", "fit_ace_temperature", "fit_local_temperature",
-           "served_threshold",
+           "served_threshold", "error_auroc",
            "LTS_DEFAULTS", "ACE_T_BOUNDS"]
 
 NUM_BINS = 20
@@ -38,7 +38,7 @@ ACE_T_BOUNDS = (0.25, 4.0)
 LTS_DEFAULTS: dict[str, Any] = {
     "hidden": 8, "layers": 2, "kernel_size": 3, "dilation": 2, "use_image": True, "logit_scale": 0.1,
     "epochs": 20, "lr": 3e-3, "weight_decay": 0.0, "loss_bins": 20, "nll_weight": 0.0, "seed": 0,
-    "keep_best": True, "clip_grad": 1.0,
+    "keep_best": True, "clip_grad": 1.0, "ranking_tolerance": 0.005,
 }
 
 
@@ -165,6 +165,47 @@ def fit_ace_temperature(cases: Sequence[CalibrationCase], *, bounds: tuple[float
     return TemperatureCalibrator(t), info
 
 
+class _ErrorRanking:
+    """AUROC of 1 - confidence for "voxel is wrong" over ``cases`` (pooled), as ``acecal evaluate`` defines it
+    (:mod:`acecal.metrics.error_detection`: within the predicted and true foreground dilated by its default radius).
+    The ROIs do not depend on the calibrator (the label map never changes), so they are computed once."""
+
+    def __init__(self, cases: Sequence[CalibrationCase]):
+        from acecal.metrics.error_detection import roi_mask
+
+        self.cases = list(cases)
+        self.rois, self.wrong = [], []
+        for c in self.cases:
+            pred = c.logits.argmax(0).numpy()
+            truth = c.label.numpy()
+            self.rois.append(roi_mask((pred > 0) | (truth > 0)))
+            self.wrong.append(pred != truth)
+
+    @torch.no_grad()
+    def __call__(self, calibrator: Optional[Calibrator] = None) -> float:
+        import numpy as np
+
+        from acecal.metrics.error_detection import NUM_HIST_BINS, auroc_from_histograms, confidence_bins
+
+        hw = np.zeros(NUM_HIST_BINS, np.int64)
+        hr = np.zeros(NUM_HIST_BINS, np.int64)
+        for c, roi, wrong in zip(self.cases, self.rois, self.wrong):
+            z, img, _ = c.batch()
+            if calibrator is not None:
+                z = calibrator.calibrate(z, img)
+            conf = torch.softmax(z, dim=1)[0].amax(0).numpy()
+            b = confidence_bins(conf)[roi]
+            w = wrong[roi]
+            hw += np.bincount(b[w], minlength=NUM_HIST_BINS)
+            hr += np.bincount(b[~w], minlength=NUM_HIST_BINS)
+        return auroc_from_histograms(hw, hr)[0]
+
+
+def error_auroc(cases: Sequence[CalibrationCase], calibrator: Optional[Calibrator] = None) -> float:
+    """AUROC of 1 - confidence for "voxel is wrong", pooled over ``cases`` (see :class:`_ErrorRanking`)."""
+    return _ErrorRanking(_check_cases(cases))(calibrator)
+
+
 @torch.no_grad()
 def served_threshold(cases: Sequence[CalibrationCase], calibrator: Optional[Calibrator] = None, *,
                      target: float = 0.9) -> float:
@@ -205,6 +246,7 @@ def fit_local_temperature(
     seed: int = LTS_DEFAULTS["seed"],
     keep_best: bool = LTS_DEFAULTS["keep_best"],
     clip_grad: Optional[float] = LTS_DEFAULTS["clip_grad"],
+    ranking_tolerance: Optional[float] = LTS_DEFAULTS["ranking_tolerance"],
     device: Any = "cpu",
     monitor: Optional[Sequence[CalibrationCase]] = None,
     progress: Optional[Callable[[dict], None]] = None,
@@ -221,6 +263,10 @@ def fit_local_temperature(
         keep_best: return the weights, among the start (the global temperature) and the end of every epoch, with the
             lowest macro hard ACE on ``cases`` (the fitting cases: the soft-binned loss can jump to a worse state).
         clip_grad: clip the gradient norm of each step to this (None: no clipping).
+        ranking_tolerance: with ``keep_best``, an epoch's weights are eligible only if their AUROC of 1 - confidence
+            for "voxel is wrong" on ``cases`` is at most this below the start's: a per-voxel temperature can lower
+            ACE by scrambling which voxels are the least confident, which makes the confidence useless for finding
+            errors (None: no such guard).
         monitor: cases on which the macro hard ACE is recorded after every epoch (diagnostics only; never used to
             pick weights here).
         progress: called with ``{"epoch", "loss", "fit_ace", "monitor_ace"}`` after every epoch.
@@ -254,6 +300,8 @@ def fit_local_temperature(
     history = []
     best_ace = macro_ace(cases, cal.cpu()) if keep_best else None
     best_state, best_epoch = ({k: v.clone() for k, v in cal.state_dict().items()}, 0) if keep_best else (None, None)
+    ranking = _ErrorRanking(cases) if keep_best and ranking_tolerance is not None else None
+    start_auroc = ranking(cal) if ranking is not None else None
     cal.to(device)
     for epoch in range(1, epochs + 1):
         cal.train()
@@ -274,7 +322,11 @@ def fit_local_temperature(
         rec = {"epoch": epoch, "loss": total / len(cases)}
         if keep_best:
             rec["fit_ace"] = macro_ace(cases, cal.cpu())
-            if rec["fit_ace"] < best_ace:
+            eligible = True
+            if ranking is not None:
+                rec["fit_auroc"] = ranking(cal)
+                eligible = not rec["fit_auroc"] < start_auroc - ranking_tolerance  # NaN (no wrong voxel): eligible
+            if eligible and rec["fit_ace"] < best_ace:
                 best_ace, best_epoch = rec["fit_ace"], epoch
                 best_state = {k: v.clone() for k, v in cal.state_dict().items()}
         if monitor:
@@ -292,10 +344,11 @@ def fit_local_temperature(
         "settings": {"hidden": hidden, "layers": layers, "kernel_size": kernel_size, "dilation": dilation,
                      "use_image": use_image, "logit_scale": logit_scale, "epochs": epochs, "lr": lr,
                      "weight_decay": weight_decay, "loss_bins": loss_bins, "nll_weight": nll_weight, "seed": seed,
-                     "keep_best": keep_best, "clip_grad": clip_grad,
+                     "keep_best": keep_best, "clip_grad": clip_grad, "ranking_tolerance": ranking_tolerance,
                      "loss": "SoftL1ACELoss (foreground classes)" + (f" + {nll_weight} x NLL" if nll_weight else "")},
         "history": history,
         "best_epoch": best_epoch,
         "fit_ace": best_ace,
+        "start_auroc": start_auroc,
     }
     return cal, info

@@ -26,7 +26,8 @@ __all__ = ["METHODS", "calibrate_bundle", "fit_method"]
 #: CLI method name -> calibrator kind
 METHODS = {"ace-temperature": "temperature", "local-temperature": "local_temperature"}
 LTS_SETTINGS = ("hidden", "layers", "kernel_size", "dilation", "use_image", "logit_scale", "epochs", "lr",
-                "weight_decay", "loss_bins", "nll_weight", "seed", "keep_best", "clip_grad")
+                "weight_decay", "loss_bins", "nll_weight", "seed", "keep_best", "clip_grad",
+                "ranking_tolerance")
 
 
 def fit_method(method: str, settings: Optional[dict[str, Any]] = None) -> Callable:
