@@ -1,12 +1,20 @@
-"""Regenerate ``docs/images/slicer_overlay.png``: what the ACECalibration module shows, rendered offscreen.
+"""Regenerate the Slicer pictures of the docs: what the ACECalibration module shows, rendered offscreen.
 
-The picture is made by Slicer's own slice-view machinery from slicer-core (no Slicer application, no display):
+- ``docs/images/slicer_overlay.png``: the module's result on the sample hippocampus case (Sample Data >
+  ACECalibration, an MSD Task04 MRI the shipped models were not trained on) with a shipped model: segments, the
+  confidence overlay with confident voxels hidden, the magenta outline of the flagged uncertain regions, and the
+  whole confidence map with its colour bar.
+- ``docs/images/slicer_review.png``: the review worklist: three views centred on a flagged region (only the views
+  showing the case move) with the regions table and its verdicts drawn beside them.
+
+The pictures are made by Slicer's own slice-view machinery from slicer-core (no Slicer application, no display):
 ``vtkMRMLSliceLogic`` blends the layers exactly as a slice view does (image in the background, the confidence volume
 in the foreground with its colour table, window and threshold), and the segmentations and colour-legend displayable
-managers draw the segments, the magenta outline of the ``Uncertain`` segment and the colour bar. The result nodes
-come from ``ACECalibrationLib.logic.run_segmentation`` against a real server, the same call the module makes.
+managers draw the segments, the outline of the ``Uncertain`` segmentation and the colour bar. The result nodes come
+from the module's own controller (``ACECalibrationLib.controller``) against a real server serving ``models/``, the
+same calls the module's buttons make.
 
-    .venv/bin/python docs/make_screenshot.py                       # trains the tiny test model (~15 s), serves it
+    .venv/bin/python docs/make_screenshot.py                       # serves models/ itself (~1 min on 2 cores)
     .venv/bin/python docs/make_screenshot.py --server http://127.0.0.1:8000 --model ID [--image scan.nii.gz]
 
 Offscreen OpenGL: VTK picks EGL (or OSMesa) when there is no X display; ``VTK_DEFAULT_OPENGL_WINDOW`` overrides it.
@@ -18,6 +26,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,33 +37,18 @@ for p in (ROOT / "ACECalibration", ROOT / "Testing"):
 if not os.environ.get("DISPLAY"):
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
-from acecal.geometry import Grid  # noqa: E402
-
-from ACECalibrationLib import nodes  # noqa: E402
-from ACECalibrationLib.display import add_color_legend, set_confidence_threshold  # noqa: E402
+from ACECalibrationLib import nodes, regions, sampledata, settings  # noqa: E402
 from ACECalibrationLib._mrml import mrml, numpy_support, vtk  # noqa: E402
-from ACECalibrationLib.logic import run_segmentation  # noqa: E402
+from ACECalibrationLib.controller import Controller, View  # noqa: E402
+from ACECalibrationLib.display import add_color_legend, set_confidence_threshold  # noqa: E402
 
 OUT = ROOT / "docs" / "images" / "slicer_overlay.png"
+OUT_REVIEW = ROOT / "docs" / "images" / "slicer_review.png"
+SAMPLE = sampledata.sample_dir(ROOT / "ACECalibration") / "ACECalHippocampus.nii.gz"
+DEFAULT_MODEL = "hippocampus-softace"
 
 
 # --------------------------------------------------------------------------------------------------- input volume
-def synthetic_volume(scene, seed: int = 7):
-    """Bright spheres in noise (the kind of image the tiny test model learned), on an oblique, anisotropic grid."""
-    rng = np.random.default_rng(seed)
-    tilt = np.array([[0.9848, -0.1736, 0.0], [0.1736, 0.9848, 0.0], [0.0, 0.0, 1.0]])  # 10 degrees about S
-    grid = Grid.from_zyx_shape((40, 72, 72), (0.8, 0.8, 1.2), (-30.0, -25.0, -20.0), tilt.ravel())
-    kk, jj, ii = np.meshgrid(*[np.arange(s) for s in grid.shape_zyx], indexing="ij")
-    lps = grid.index_to_lps(np.stack([ii, jj, kk], -1).astype(float))
-    centre = grid.index_to_lps(np.array(grid.size) / 2.0)
-    image = np.zeros(grid.shape_zyx, np.float32)
-    for offset, radius in (((-9.0, -8.0, 0.0), 6.5), ((10.0, 9.0, 1.0), 5.0), ((9.0, -11.0, -1.0), 3.8)):
-        d = np.linalg.norm(lps - (centre + np.array(offset)), axis=-1)
-        image += (1.0 / (1.0 + np.exp((d - radius) / 0.6))).astype(np.float32)  # soft edges: doubt at boundaries
-    image += rng.normal(0.0, 0.22, image.shape).astype(np.float32)
-    return nodes.add_volume_from_array(scene, image * 40.0, grid, "Synthetic scan")
-
-
 def load_volume(scene, path: Path):
     """A scalar volume node read from a file by Slicer's own reader (geometry as Slicer would load it)."""
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", path.name.split(".")[0])
@@ -71,7 +65,7 @@ _VIEWS = 0  # each rendered view gets its own slice node and composite node, lik
 
 def render_slice_view(scene, background, foreground, size=(640, 640), centre_ras=None, orientation="Axial",
                       foreground_opacity=0.6, caption="", footer="", zoom: float = 1.0,
-                      legend: bool = True) -> np.ndarray:
+                      legend: bool = True, mark_centre: bool = False) -> np.ndarray:
     """Render one slice view like Slicer's (layers + segmentations + colour legend) to an RGB array (h, w, 3)."""
     app = mrml.vtkSlicerApplicationLogic()
     app.SetMRMLScene(scene)
@@ -143,6 +137,26 @@ def render_slice_view(scene, background, foreground, size=(640, 640), centre_ras
         actor.SetDisplayPosition(10, y)
         renderer.AddViewProp(actor)
 
+    if mark_centre:  # a small cross where the view is centred (the region's centroid), like Slicer's crosshair
+        cx, cy, arm = size[0] / 2.0, size[1] / 2.0, 9.0
+        points = vtk.vtkPoints()
+        lines = vtk.vtkCellArray()
+        for a, b in (((cx - arm, cy), (cx - 3, cy)), ((cx + 3, cy), (cx + arm, cy)),
+                     ((cx, cy - arm), (cx, cy - 3)), ((cx, cy + 3), (cx, cy + arm))):
+            i = points.InsertNextPoint(a[0], a[1], 0.0)
+            j = points.InsertNextPoint(b[0], b[1], 0.0)
+            lines.InsertNextCell(2, [i, j])
+        cross = vtk.vtkPolyData()
+        cross.SetPoints(points)
+        cross.SetLines(lines)
+        cross_mapper = vtk.vtkPolyDataMapper2D()
+        cross_mapper.SetInputData(cross)
+        cross_actor = vtk.vtkActor2D()
+        cross_actor.SetMapper(cross_mapper)
+        cross_actor.GetProperty().SetColor(1.0, 0.85, 0.0)
+        cross_actor.GetProperty().SetLineWidth(2)
+        renderer.AddViewProp(cross_actor)
+
     group.RequestRender()
     window.Render()
     grab = vtk.vtkWindowToImageFilter()
@@ -180,62 +194,139 @@ def add_default_colors(scene) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- main
+def segment_with_controller(scene, volume, url: str, model: str, api_key=None, threshold: float = 0.0):
+    """The module's own state machine, headless: connect, choose the model, segment, wait."""
+    controller = Controller(scene, settings.MemorySettings(), View(), api_key=api_key or "")
+    controller.set_server(url)
+    controller.connect()
+    while controller.poll():
+        time.sleep(0.05)
+    if model not in controller.models:
+        raise SystemExit(f"{url} has no model {model}: {controller.connection_text}")
+    controller.select_model(model)
+    if not controller.segment(volume, threshold):
+        raise SystemExit(controller.status_text)
+    while controller.poll():
+        time.sleep(0.05)
+    if controller.result is None:
+        raise SystemExit(controller.status_text)
+    return controller
+
+
+def draw_table(rgb: np.ndarray, lines, title: str) -> np.ndarray:
+    """The regions table beside the views: text drawn by VTK onto a dark panel (the module shows it in a table view)."""
+    h, w, _ = rgb.shape
+    window = vtk.vtkRenderWindow()
+    window.SetOffScreenRendering(1)
+    window.SetSize(w, h)
+    renderer = vtk.vtkRenderer()
+    renderer.SetBackground(0.12, 0.13, 0.16)
+    window.AddRenderer(renderer)
+    for i, (text, size, color) in enumerate([(title, 16, (1, 1, 1))] + [(line, 13, c) for line, c in lines]):
+        actor = vtk.vtkTextActor()
+        actor.SetInput(text)
+        prop = actor.GetTextProperty()
+        prop.SetFontSize(size)
+        prop.SetFontFamilyToCourier()
+        prop.SetColor(*color)
+        actor.SetDisplayPosition(12, h - 30 - 22 * i)
+        renderer.AddViewProp(actor)
+    window.Render()
+    grab = vtk.vtkWindowToImageFilter()
+    grab.SetInput(window)
+    grab.SetInputBufferTypeToRGB()
+    grab.ReadFrontBufferOff()
+    grab.Update()
+    img = grab.GetOutput()
+    out = numpy_support.vtk_to_numpy(img.GetPointData().GetScalars()).reshape(h, w, 3)[::-1].copy()
+    window.Finalize()
+    return out
+
+
 def main(argv=None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--server", help="URL of a running ACECal server (default: train and serve the tiny test model)")
-    ap.add_argument("--model", help="model id on --server")
+    ap.add_argument("--server", help="URL of a running ACECal server (default: serve models/ here)")
+    ap.add_argument("--model", default=DEFAULT_MODEL, help=f"model id (default {DEFAULT_MODEL})")
     ap.add_argument("--api-key", default=os.environ.get("ACECAL_API_KEY"))
-    ap.add_argument("--image", type=Path, help="a scan to segment (default: a synthetic one)")
+    ap.add_argument("--image", type=Path, default=SAMPLE, help="the scan (default: the sample hippocampus case)")
     ap.add_argument("--threshold", type=float, default=0.9, help="hide confidence above this (the module's slider)")
-    ap.add_argument("--zoom", type=float, default=1.6, help="zoom of the slice view")
+    ap.add_argument("--flag-below", type=float, default=0.6,
+                    help="flag boundary voxels below this confidence (the module's 'Flag below confidence'; 0 = the "
+                         "model's own threshold, which for the shipped models joins the whole boundary band into one "
+                         "region on this case)")
+    ap.add_argument("--zoom", type=float, default=1.0, help="zoom of the slice views")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out-review", type=Path, default=OUT_REVIEW)
     args = ap.parse_args(argv)
 
     scene = nodes.new_scene()
     add_default_colors(scene)
-    volume = load_volume(scene, args.image) if args.image else synthetic_volume(scene)
+    volume = load_volume(scene, args.image)
+    volume.SetName("ACECalHippocampus" if args.image == SAMPLE else volume.GetName())
 
     server = None
     try:
-        if args.server:
-            url, model = args.server, args.model
-            if not model:
-                raise SystemExit("--model is needed with --server")
-        else:
-            from conftest import train_tiny_bundle
+        url = args.server
+        if not url:
             from live_server import LiveServer, make_settings
 
             work = Path(tempfile.mkdtemp(prefix="acecal_screenshot_"))
-            bundle = train_tiny_bundle(work / "train", epochs=20, n_cases=12)
-            server = LiveServer(make_settings(work / "data", [bundle.parent])).start()
-            url, model = server.url, bundle.name
-        result = run_segmentation(scene, volume, url, model, api_key=args.api_key,
-                                  confidence_display_threshold=args.threshold)
+            server = LiveServer(make_settings(work / "data", [ROOT / "models"])).start()
+            url = server.url
+        controller = segment_with_controller(scene, volume, url, args.model, args.api_key, args.flag_below)
     finally:
         if server is not None:
             server.stop()
-
-    nav = result.navigator()
-    centre = nav.next() if len(nav) else None
+    result = controller.result
     n = len(result.regions)
-    size = (560, 560)
-    # left: what the module shows after a run (slider at its default: confident voxels untinted)
+    review = controller.review
+    centre = review.goto(0) if n else None
+    size = (520, 520)
+    set_confidence_threshold(result.confidence_node, args.threshold, result.uncertainty_node)
     left = render_slice_view(
         scene, volume, result.confidence_node, size=size, centre_ras=centre, zoom=args.zoom, legend=False,
         caption=f"Module view: segments, confidence < {args.threshold:.2f} tinted,\n"
-                f"{n} uncertain region{'s' if n != 1 else ''} outlined (segment 'Uncertain')",
-        footer=f"model {model}  |  centred on region 1 of {n} ('Next region')" if n else f"model {model}")
-    # right: the same slice with the slider at 1.0 (the whole confidence map) and the segments hidden
+                f"{n} region{'s' if n != 1 else ''} flagged below {args.flag_below:.2f} outlined (magenta)",
+        footer=f"{args.model} on ACECalHippocampus  |  region 1 of {n}" if n else args.model)
     set_confidence_threshold(result.confidence_node, 1.0, result.uncertainty_node)
-    result.segmentation_node.GetDisplayNode().SetVisibility(False)
+    for seg in (result.segmentation_node, result.uncertain_node):
+        seg.GetDisplayNode().SetVisibility(False)
     right = render_slice_view(
         scene, volume, result.confidence_node, size=size, centre_ras=centre, zoom=args.zoom,
         caption="Confidence map (slider at 1.0): calibrated probability\nthat the predicted class is right",
         footer="viridis: dark = doubtful, yellow = confident")
     gap = np.full((size[1], 6, 3), 255, np.uint8)
-    rgb = np.concatenate([left, gap, right], axis=1)
-    write_png(rgb, args.out)
+    write_png(np.concatenate([left, gap, right], axis=1), args.out)
     print(args.out)
+
+    # the review worklist: verdicts as a clinician would give them (set here for the picture), three views
+    for seg in (result.segmentation_node, result.uncertain_node):
+        seg.GetDisplayNode().SetVisibility(True)
+    set_confidence_threshold(result.confidence_node, args.threshold, result.uncertainty_node)
+    if n:
+        review.mark(regions.ACCEPTED, 0)
+    if n > 1:
+        review.mark(regions.CORRECTED, 1)
+    if n > 2:
+        review.mark(regions.REVIEWED, 2)
+    row = min(1, n - 1) if n else -1
+    centre = review.goto(row) if n else None
+    views = [render_slice_view(scene, volume, result.confidence_node, size=(360, 360), centre_ras=centre,
+                               orientation=o, zoom=args.zoom, legend=False, caption=o, mark_centre=bool(n),
+                               footer=f"centred on region {row + 1} (cross)" if n else "")
+             for o in ("Axial", "Sagittal", "Coronal")]
+    rows = regions.regions_from_table(result.regions_table_node)
+    colours = {regions.ACCEPTED: (0.5, 0.9, 0.5), regions.CORRECTED: (1.0, 0.6, 0.3),
+               regions.REVIEWED: (0.7, 0.8, 1.0), regions.UNREVIEWED: (0.8, 0.8, 0.8)}
+    lines = [(f"{'ID':>3} {'Class':<10} {'Review':<11} {'Vol ml':>7} {'Conf':>5}", (1, 1, 1))]
+    lines += [(f"{r.id:>3} {r.class_name[:10]:<10} {r.review:<11} {r.volume_ml:7.3f} {r.mean_confidence:5.2f}"
+               + ("  <" if i == row else ""), colours[r.review]) for i, r in enumerate(rows[:13])]
+    if len(rows) > 13:
+        lines.append((f"... {len(rows) - 13} more", (0.8, 0.8, 0.8)))
+    table = draw_table(np.zeros((360, 420, 3), np.uint8), lines, "Uncertain regions (the worklist)")
+    gap = np.full((360, 6, 3), 255, np.uint8)
+    write_png(np.concatenate([views[0], gap, views[1], gap, views[2], gap, table], axis=1), args.out_review)
+    print(args.out_review)
     return args.out
 
 

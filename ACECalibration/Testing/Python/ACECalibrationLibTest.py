@@ -17,17 +17,11 @@ if MODULE_DIR not in sys.path:
 
 
 class ACECalibrationLibTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        from ACECalibration import ensureClient
-
-        assert ensureClient(ask=False), "the acecal client is not available in Slicer's Python"
-
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def _grid(self):
-        from acecal.geometry import Grid
+        from ACECalibrationLib.client import Grid  # the extension's own copy of the client: nothing installed
 
         direction = np.array([[0, 0, -1], [1, 0, 0], [0, -1, 0]], float)
         return Grid.from_zyx_shape((6, 7, 8), (0.7, 1.3, 2.5), (-31.5, 47.25, 12.0), direction.ravel())
@@ -52,9 +46,12 @@ class ACECalibrationLibTest(unittest.TestCase):
         label[2:4, 2:5, 3:6] = 1
         flags = np.zeros_like(label)
         flags[2, 2, 3] = 1
-        seg, ids, uid = segmentation.create_segmentation_node(
-            slicer.mrmlScene, volume, label, {"0": "background", "1": "liver"}, flags)
+        seg, ids = segmentation.create_segmentation_node(
+            slicer.mrmlScene, volume, label, {"0": "background", "1": "liver"})
+        uncertain = segmentation.create_uncertain_segmentation(slicer.mrmlScene, volume, flags)
         self.assertEqual(seg.GetSegmentation().GetSegment(ids[1]).GetName(), "liver")
-        self.assertEqual(seg.GetSegmentation().GetSegment(uid).GetName(), display.UNCERTAIN_SEGMENT_NAME)
+        self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), 1)  # Uncertain is not a class
+        self.assertEqual(uncertain.GetSegmentation().GetSegment(segmentation.UNCERTAIN_SEGMENT_ID).GetName(),
+                         display.UNCERTAIN_SEGMENT_NAME)
         self.assertTrue(np.array_equal(segmentation.segment_mask(seg, ids[1], volume), label))
-        self.assertEqual(seg.GetDisplayNode().GetSegmentOpacity2DFill(uid), 0.0)
+        self.assertFalse(uncertain.GetDisplayNode().GetVisibility2DFill())
