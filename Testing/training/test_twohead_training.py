@@ -124,3 +124,25 @@ def test_bad_network_argument_is_bad_input(twohead, tmp_path):
                       out_dir=str(tmp_path / "m"), work_dir=str(tmp_path / "w"))
     with pytest.raises(InvalidInputError, match="trunk_grad"):
         Engine(cfg, show_progress=False).run()
+
+
+def test_train_cli_network_arguments_loss_parameters_and_tta(twohead, tmp_path):
+    from typer.testing import CliRunner
+
+    from acecal.cli.main import _register, app
+
+    _register()  # the commands are registered lazily (the CLI starts without torch)
+    root, _ = twohead
+    r = CliRunner().invoke(app, [
+        "train", str(root / "data"), "--loss", "twohead_dice_ce_hardace", "--network", "SegResNetTwoHead",
+        "--network-arg", "trunk_grad=0.5", "--network-arg", "calibration_sees_segmentation=true",
+        "--init-filters", "8", "--blocks-down", "1,1", "--blocks-up", "1", "--roi", "24,24,24", "--epochs", "1",
+        "--loss-param", "ace_weight=3", "--loss-param", "num_bins=10", "--tta", "axis_flips", "--id", "cli-twohead",
+        "--out", str(tmp_path / "models"), "--work-dir", str(tmp_path / "work"), "-q"])
+    assert r.exit_code == 0, r.output
+    cfg = Bundle.load(tmp_path / "models" / "cli-twohead").config
+    assert cfg.network.name == "SegResNetTwoHead" and cfg.tta == "axis_flips"
+    assert cfg.network.args["trunk_grad"] == 0.5 and cfg.network.args["calibration_sees_segmentation"] is True
+    assert cfg.loss.params == {"ace_weight": 3, "num_bins": 10}
+    bad = CliRunner().invoke(app, ["train", str(root / "data"), "--network-arg", "trunk_grad", "--id", "x"])
+    assert bad.exit_code == 2 and "NAME=VALUE" in bad.output
