@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE_DIR = ROOT / "ACECalibration"
-for _p in (MODULE_DIR, ROOT / "Testing"):  # ACECalibrationLib; the shared oblique.py, synthetic.py, live_server.py
+for _p in (MODULE_DIR, ROOT / "Testing", ROOT / "Testing" / "slicer"):  # ACECalibrationLib; oblique.py, live_server.py, ...; slicer_api.py
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
