@@ -5,6 +5,10 @@
 - :func:`dice_counts` / :func:`dice_scores`: Dice of the argmax segmentation per (image, class).
 - :class:`CalibrationAccumulator`: macro (per image, then mean) and micro (pooled) metrics, per-class and per-case
   tables and the dataset reliability histogram, with (classes x bins) memory per image and DDP merge/reduce.
+- :mod:`acecal.metrics.floor`: the floor, the expected ECE/ACE/MCE of a perfectly calibrated model with the given
+  probabilities (exact Poisson-binomial per bin), macro and micro, streaming.
+- :mod:`acecal.metrics.error_detection`: how well confidence and the served flags find the wrong voxels (AUROC,
+  recall, flagged / wrong volume), streaming.
 """
 
 from acecal.metrics.accumulator import METRICS, CalibrationAccumulator, CalibrationReport
