@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import struct
 import uuid
 import zlib
 from pathlib import Path
@@ -83,16 +84,30 @@ def _zeros_stream(compressor, nbytes: int, chunk: int = 1 << 22):
 CORRUPT_DEFLATE = b"\xff" * 4096
 
 
-def _stream(prefix: bytes, payload_bytes: int, corrupt_after: Optional[int]) -> bytes:
+def _stream(prefix: bytes, payload_bytes: int, corrupt_after: Optional[int], block: int = 1 << 22) -> bytes:
     """gzip of ``prefix`` + ``payload_bytes`` zeros; with ``corrupt_after``, the stream turns invalid after that many
-    zeros (a reader that inflates further fails; one that stops before never sees it)."""
-    c = zlib.compressobj(9, zlib.DEFLATED, 31)
-    parts = [c.compress(prefix)] if prefix else []
-    parts += list(_zeros_stream(c, payload_bytes if corrupt_after is None else corrupt_after))
+    zeros (a reader that inflates further fails; one that stops before never sees it).
+
+    Fast for hundreds of MB: after a full flush deflate restarts from scratch, so every full block of zeros compresses
+    to the same bytes, computed once; the gzip container (header, CRC-32, size) is written around the raw stream.
+    """
+    zeros = payload_bytes if corrupt_after is None else corrupt_after
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    parts = [b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff", c.compress(prefix), c.flush(zlib.Z_FULL_FLUSH)]
+    crc = zlib.crc32(prefix)
+    full, rest = divmod(zeros, block)
+    if full:
+        zero_block = bytes(block)
+        compressed = c.compress(zero_block) + c.flush(zlib.Z_FULL_FLUSH)
+        parts += [compressed] * full
+        for _ in range(full):
+            crc = zlib.crc32(zero_block, crc)
+    parts += [c.compress(bytes(rest)), c.flush(zlib.Z_FULL_FLUSH)]
+    crc = zlib.crc32(bytes(rest), crc)
     if corrupt_after is not None:
-        parts += [c.flush(zlib.Z_FULL_FLUSH), CORRUPT_DEFLATE]
-    else:
-        parts.append(c.flush())
+        return b"".join(parts) + CORRUPT_DEFLATE
+    parts.append(c.flush(zlib.Z_FINISH))
+    parts.append(struct.pack("<II", crc & 0xFFFFFFFF, (len(prefix) + zeros) & 0xFFFFFFFF))
     return b"".join(parts)
 
 

@@ -94,12 +94,19 @@ def _bad_image(name: str, stage: str, exc: Exception) -> InvalidInputError:
                              "check that it is a valid 3-D scalar volume")
 
 
-def out_of_memory(e: BaseException) -> bool:
-    """MemoryError, or torch's allocation failures (CPU ``can't allocate memory``, CUDA ``out of memory``)."""
-    if isinstance(e, MemoryError):
-        return True
-    text = str(e).lower()
-    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+def out_of_memory(e: Optional[BaseException]) -> bool:
+    """MemoryError, or torch's allocation failures (CPU ``can't allocate memory``, CUDA ``out of memory``), also when
+    wrapped (MONAI re-raises a transform's error as ``RuntimeError: applying transform ...`` from it)."""
+    for _ in range(8):  # along the chain of causes
+        if e is None:
+            return False
+        if isinstance(e, MemoryError):
+            return True
+        text = str(e).lower()
+        if isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 async def memory_bounded(call: Callable[[], Awaitable[Any]], name: str, where: str = "this server's memory") -> Any:
