@@ -183,3 +183,24 @@ def test_train_cli_bad_input(tmp_path):
     r = runner.invoke(app, ["train", str(root), "--id", "Bad Id"])
     assert r.exit_code == 2 and "model_id" in r.output
     assert not (tmp_path / "m").exists()
+
+
+def test_evaluate_two_head_bundle_scores_the_segmentation_head_labels(tmp_path_factory, tiny_bundle, eval_data):
+    """Two heads with the calibration loss kept off the trunk: the segmentation is the one-head baseline's, so Dice
+    and the wrong voxels equal the baseline's while the probabilities (ACE, floor) are the calibration head's."""
+    from conftest import train_tiny_bundle
+
+    from acecal.bundles import NetworkConfig
+    from acecal.training.evaluate import evaluate
+
+    root = tmp_path_factory.mktemp("twohead_eval")
+    two = train_tiny_bundle(root, model_id="tiny-twohead-eval", loss="twohead_dice_ce_softace",
+                            network=NetworkConfig(name="SegResNetTwoHead", args={
+                                "init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1], "trunk_grad": 0.0}))
+    reps = [evaluate(str(b), eval_data / "images", eval_data / "labels", root / f"r{i}", plots=False, device="cpu")
+            for i, b in enumerate((tiny_bundle, two))]
+    one, both = reps
+    assert both["aggregate"]["dice"] == pytest.approx(one["aggregate"]["dice"], abs=1e-12)
+    assert both["error_detection"]["wrong_voxels"] == one["error_detection"]["wrong_voxels"]
+    assert both["aggregate"]["ace"] != pytest.approx(one["aggregate"]["ace"], abs=1e-6)
+    assert both["floor"]["ace"] != pytest.approx(one["floor"]["ace"], abs=1e-6)
