@@ -12,7 +12,6 @@ from typing import Annotated
 
 import qt
 import slicer
-import vtk
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.i18n import tr as _
 from slicer.i18n import translate
@@ -184,10 +183,13 @@ class ACECalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refresh()
 
     def _selectSegmentEditorNode(self) -> None:
+        # the embedded editor's own parameter node, made as the Segment Editor module makes its one
         node = slicer.mrmlScene.GetSingletonNode("ACECalibration", "vtkMRMLSegmentEditorNode")
         if node is None:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+            node = slicer.mrmlScene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
+            node.UnRegister(None)
             node.SetSingletonTag("ACECalibration")
+            node = slicer.mrmlScene.AddNode(node)
         self.segmentEditorWidget.setMRMLSegmentEditorNode(node)
 
     # --- lifecycle -------------------------------------------------------------------------------------------------
