@@ -345,6 +345,24 @@ def test_finetune_and_evaluation_through_the_controller(connected, scene):
     assert new in c.models and c.model_id == new  # the list was refreshed and the new model selected
     assert any("epoch" in line for line in c.finetune_log)
 
+    # cancelling a job: the follower stops and the job is cancelled on the server
+    assert c.finetune("baseline_dice_ce", 500, val_fraction=0.5)
+    deadline = time.monotonic() + 60
+    while not any(line.startswith(("queued", "running")) for line in c.finetune_log):
+        timed(c.poll)
+        assert c.finetune_state == ctl.RUNNING and time.monotonic() < deadline, c.finetune_log
+        time.sleep(0.05)
+    timed(c.cancel_finetune)
+    assert c.finetune_state == ctl.CANCELLING
+    run_until_idle(c, 60)
+    assert c.finetune_state == ctl.IDLE and c.finetune_log[-1] == "Cancelled; the job was cancelled on the server."
+    client = logic.make_client(c.server_url, c.api_key, **logic.INTERACTIVE)
+    job = next(j for j in client.jobs() if j["epochs"] == 500)
+    deadline = time.monotonic() + 30
+    while job["status"] not in ("cancelled", "failed") and time.monotonic() < deadline:
+        job = client.job(job["id"], wait=2.0, after=job["rev"])
+    assert job["status"] == "cancelled" and job["model_id"] is None
+
     volume, reference = c.pairs[0]
     assert timed(c.evaluate, volume, reference)
     run_until_idle(c, 120)
