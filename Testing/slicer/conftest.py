@@ -41,12 +41,13 @@ def server_key() -> str:
 
 @pytest.fixture(scope="session")
 def server(tiny_bundle, tmp_path_factory):
-    """A real ACECal server (uvicorn on a free loopback port) serving the tiny trained bundle, with an API key."""
+    """A real ACECal server (uvicorn on a free loopback port) serving the tiny trained bundle and the shipped models
+    (``models/``: the hippocampus models, for the real sample case), with an API key."""
     pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, torch, monai) is needed")
     from live_server import LiveServer, make_settings
 
-    settings = make_settings(tmp_path_factory.mktemp("slicer_server"), [tiny_bundle.parent], api_key=SERVER_KEY,
-                             job_min_free_mb=1)
+    settings = make_settings(tmp_path_factory.mktemp("slicer_server"), [tiny_bundle.parent, ROOT / "models"],
+                             api_key=SERVER_KEY, job_min_free_mb=1)
     with LiveServer(settings) as live:
         yield live
 

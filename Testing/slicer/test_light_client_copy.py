@@ -100,7 +100,7 @@ SCRIPT = textwrap.dedent('''
     from ACECalibrationLib.client import ACEClient, Grid, UnauthorizedError, ServerUnreachableError
     from ACECalibrationLib.transport import AbortableSession
 
-    url, key, model = sys.argv[2], sys.argv[3], sys.argv[4]
+    url, key, model, sample, reference = sys.argv[2:7]
     out = {"python": sys.version.split()[0], "numpy": np.__version__, "requests": requests.__version__}
     c = ACEClient(url, api_key=key, timeout=(5, 120), retries=0)
     out["health"] = c.health()["status"]
@@ -124,6 +124,15 @@ SCRIPT = textwrap.dedent('''
     out["same_grid"] = bool(res.grid.same_as(grid)) and res.confidence.shape == grid.shape_zyx
     out["confidence_range"] = [float(res.confidence.min()), float(res.confidence.max())]
     out["region_keys"] = sorted(res.regions[0].raw) if res.regions else []
+
+    # a real scan: the sample hippocampus MRI, uploaded as the file it is, segmented by a shipped model; Dice per
+    # structure against its reference segmentation (a Slicer .seg.nrrd, read by the copy's own NRRD codec)
+    from ACECalibrationLib.client.nrrd import read_nrrd
+    real = c.infer(sample, "hippocampus-softace")
+    ref = read_nrrd(reference)
+    out["real_same_grid"] = bool(real.grid.same_as(ref.grid)) and real.label_map.shape == ref.array.shape
+    out["real_dice"] = [float(2 * ((real.label_map == v) & (ref.array == v)).sum()
+                              / ((real.label_map == v).sum() + (ref.array == v).sum())) for v in (1, 2)]
 
     # upload a case and run a (one-epoch) fine-tuning job on it
     ds = c.create_dataset("py" + out["python"], model=model)["id"]
@@ -165,13 +174,16 @@ def _interpreter(version: str) -> Path:
 @pytest.mark.parametrize("version", list(INTERPRETERS))
 def test_light_client_on_slicers_python_against_a_live_server(version, server, server_key):
     python = _interpreter(version)
-    r = subprocess.run([str(python), "-I", "-c", SCRIPT, str(MODULE_DIR), server.url, server_key, "tiny-sphere"],
+    sample = MODULE_DIR / "Resources" / "SampleData"
+    r = subprocess.run([str(python), "-I", "-c", SCRIPT, str(MODULE_DIR), server.url, server_key, "tiny-sphere",
+                        str(sample / "ACECalHippocampus.nii.gz"), str(sample / "ACECalHippocampusReference.seg.nrrd")],
                        capture_output=True, text=True, timeout=400, cwd=str(Path(python).parent))
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["python"].startswith(version + "."), out
     assert out["health"] == "ok" and "tiny-sphere" in out["models"] and out["wrong_key"] == "refused"
     assert out["dice"] > 0.8 and out["same_grid"], out
+    assert out["real_same_grid"] and min(out["real_dice"]) > 0.75, out  # anterior, posterior hippocampus
     assert 0.0 <= out["confidence_range"][0] <= out["confidence_range"][1] <= 1.0
     assert {"voxels", "volume_ml", "mean_confidence", "centroid_ras", "class", "class_name"} <= set(out["region_keys"])
     assert out["cases"] == 2 and out["job"] == "succeeded", out
