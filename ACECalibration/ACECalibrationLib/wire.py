@@ -3,6 +3,9 @@
 The names are the server's (``server/acecal/api/schemas.py``, ``server/acecal/api/finetune_schemas.py``; regions from
 ``acecal.inference.uncertainty.describe_regions``, the summary from ``summarize``; docs/api.md). Nothing in the Lib
 guesses between spellings: a key renamed on the server is renamed here, and the live-server tests fail until it is.
+When the wire format gets a module of its own on the server side (stdlib + numpy, so it can join the light client's
+sources in ``ACECalibration/CMake/generate_light_client.py``), these names should be imported from the copy
+(``from .client.protocol import ...``) instead of being spelled out here.
 """
 
 from __future__ import annotations
