@@ -135,7 +135,17 @@ def test_symlinks_are_followed_only_where_allowed(tmp_path):
             read_volume(tmp_path / "link.nrrd")
 
 
+def _with_vox_offset(offset: float) -> bytes:
+    import struct
+
+    block = bytearray(nifti_header((4, 4, 4)))
+    block[108:112] = struct.pack("<f", offset)
+    return bytes(block) + bytes(256)
+
+
 @pytest.mark.parametrize("name, blob, message", [
+    ("a.nii", _with_vox_offset(1e12), "vox_offset of 1e\\+12 bytes"),
+    ("a.nii", _with_vox_offset(4096.0), "truncated"),
     ("a.nii", nifti_gz_bomb((4, 4, 4), 256), "rename it to .nii.gz"),
     ("a.nrrd", mha_pointer("LOCAL"), "rename it to .mha"),
     ("a.nii", nifti_header((4, 4, 4))[:100], "too short"),
@@ -143,6 +153,9 @@ def test_symlinks_are_followed_only_where_allowed(tmp_path):
     ("a.nrrd", b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 -4\n\n", "sizes"),
     ("a.mha", b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_SHORT\n", "no ElementDataFile"),
     ("a.mha", mha_pointer("LOCAL", element_type="MET_STRING"), "unsupported MetaImage ElementType"),
+    ("a.mha", mha_pointer("LOCAL").replace(b"DimSize", b"CompressedData = True\nCompressedDataSize = "
+                                           + str(100 << 30).encode() + b"\nDimSize") + b"x" * 100,
+     "announces 107,374,182,400 bytes of compressed data but holds"),
     ("a.nii.gz", b"\x1f\x8b" + b"garbage" * 20, "gzip data are corrupt"),
     ("a.nii", b"hello, I am not a volume", "not a recognised image type"),
 ])

@@ -39,6 +39,8 @@ from acecal.errors import InvalidInputError, PayloadTooLargeError
 
 #: bytes of a file read to find its header (NRRD and MetaImage text headers end well before this)
 HEADER_LIMIT = 64 * 1024
+#: the largest NIfTI vox_offset accepted (the header plus its extensions)
+MAX_NIFTI_OFFSET = 16 * 1024 * 1024
 #: inference's peak memory per input voxel, measured on the shipped 3-class SegResNets (input, model-space copy,
 #: probabilities on both grids, the four output volumes, region maps): about 60-140 bytes; the budget uses 64
 BYTES_PER_VOXEL = 64
@@ -149,6 +151,7 @@ class ImageHeader:
     attached: bool  # the voxel data sit in this file
     compressed: bool
     why_detached: str = ""
+    data_offset: Optional[int] = None  # NIfTI: where the voxels start (vox_offset)
 
     @property
     def voxels(self) -> int:
@@ -242,6 +245,7 @@ def _nifti(hdr: bytes, what: str, name: str, compressed: bool) -> ImageHeader:
         dims = struct.unpack(e + "8h", hdr[40:56])
         datatype = struct.unpack(e + "h", hdr[70:72])[0]
         pixdim = struct.unpack(e + "8f", hdr[76:108])
+        offset = struct.unpack(e + "f", hdr[108:112])[0]
         if magic == b"ni1\x00":
             return ImageHeader(fmt, (), 1, "", 1, (), False, compressed, "it is a NIfTI .hdr whose voxels are in a "
                                                                         "separate .img file")
@@ -255,6 +259,7 @@ def _nifti(hdr: bytes, what: str, name: str, compressed: bool) -> ImageHeader:
         datatype = struct.unpack(e + "h", hdr[12:14])[0]
         dims = struct.unpack(e + "8q", hdr[16:80])
         pixdim = struct.unpack(e + "8d", hdr[104:168])
+        offset = struct.unpack(e + "q", hdr[168:176])[0]
         if magic == b"ni2\x00":
             return ImageHeader(fmt, (), 1, "", 1, (), False, compressed, "it is a NIfTI-2 .hdr whose voxels are in "
                                                                         "a separate .img file")
@@ -272,7 +277,11 @@ def _nifti(hdr: bytes, what: str, name: str, compressed: bool) -> ImageHeader:
     spatial = tuple(shape[:3])
     extra = math.prod(shape[3:]) if ndim > 3 else 1
     spacing = tuple(abs(float(p)) for p in pixdim[1:1 + len(spatial)])
-    return ImageHeader(fmt, spatial, per_voxel * extra, tname, itemsize, spacing, True, compressed)
+    if not (math.isfinite(offset) and 0 <= offset <= MAX_NIFTI_OFFSET):
+        raise _refuse(what, name, f"has a NIfTI vox_offset of {offset:.6g} bytes; header extensions of at most "
+                                  f"{MAX_NIFTI_OFFSET >> 20} MB are read")
+    return ImageHeader(fmt, spatial, per_voxel * extra, tname, itemsize, spacing, True, compressed,
+                       data_offset=max(int(offset), 352 if fmt == "nifti1" else 544))
 
 
 def _inflate_head(fh: BinaryIO, first: bytes, n: int) -> bytes:
@@ -386,7 +395,7 @@ def _looks_like_metaimage(head: bytes) -> bool:
     return bool(_META_LINE.match(first))
 
 
-def _metaimage(head: bytes, what: str, name: str) -> ImageHeader:
+def _metaimage(head: bytes, what: str, name: str, file_size: int) -> ImageHeader:
     fields: dict[str, str] = {}
     data_file = None
     for raw in head.split(b"\n"):
@@ -433,6 +442,12 @@ def _metaimage(head: bytes, what: str, name: str) -> ImageHeader:
     except ValueError:
         raise _refuse(what, name, "has a malformed MetaImage ElementSpacing") from None
     compressed = fields.get("compresseddata", "false").lower() in ("true", "1", "yes")
+    try:  # ITK allocates this much before reading: never more than the file holds
+        compressed_size = int(fields.get("compresseddatasize", "0") or 0)
+    except ValueError:
+        raise _refuse(what, name, "has a malformed MetaImage CompressedDataSize") from None
+    if compressed_size > file_size:
+        raise _refuse(what, name, f"announces {compressed_size:,} bytes of compressed data but holds {file_size:,}")
     return ImageHeader("metaimage", size, components, tname, itemsize, spacing[:len(size)], True, compressed)
 
 
@@ -469,7 +484,7 @@ def read_header(path: Union[str, os.PathLike], *, name: Optional[str] = None, wh
         elif _is_nifti(head):
             header, found = _nifti(head, what, name, compressed=False), "nifti"
         elif _looks_like_metaimage(head):
-            header, found = _metaimage(head, what, name), "metaimage"
+            header, found = _metaimage(head, what, name, os.fstat(fh.fileno()).st_size), "metaimage"
         else:
             raise _refuse(what, name, "is not a recognised image type; send a NIfTI (.nii, .nii.gz), NRRD (.nrrd) or "
                                       "MetaImage (.mha) volume")

@@ -60,6 +60,10 @@ def read_volume(path: str | os.PathLike, *, what: str = "image", allow_vector: b
             f"the {what} file {name!r} has an unsupported type; use one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
     header = inspect_image(path, name=name, what=what)
+    if header.format.startswith("nifti") and not _nifti_data_complete(path, header):
+        raise InvalidInputError(
+            f"the {what} file {name!r} is truncated or corrupt: it holds fewer voxels than its header announces"
+        )
     reader = sitk.ImageFileReader()
     reader.SetImageIO(header.itk_io)
     reader.SetFileName(str(path))
@@ -71,10 +75,6 @@ def read_volume(path: str | os.PathLike, *, what: str = "image", allow_vector: b
             f"the {what} file {name!r} could not be read as an image ({scrub_paths(first, path)[:200]}); is it a "
             "complete NIfTI/NRRD/MHA file?"
         ) from None
-    if header.format.startswith("nifti") and not _nifti_data_complete(path, header):
-        raise InvalidInputError(
-            f"the {what} file {name!r} is truncated or corrupt: it holds fewer voxels than its header announces"
-        )
     read_values = math.prod(img.GetSize()) * img.GetNumberOfComponentsPerPixel()
     if read_values != header.values:
         raise InvalidInputError(
@@ -118,49 +118,27 @@ def scrub_paths(text: str, *paths: str | os.PathLike) -> str:
 def _nifti_data_complete(path: Path, header: ImageHeader) -> bool:
     """False when a NIfTI file (or its gzip stream) ends before the voxel data its header announces.
 
-    ITK reads such files with a warning and zeros for the missing voxels; a clinician would never notice. A gzip
-    stream is inflated in chunks and only up to the announced size: whatever follows (a gzip bomb) is never inflated.
+    ITK reads such files with a warning and zeros for the missing voxels; a clinician would never notice. Checked
+    before ITK reads: a gzip stream is inflated in chunks, discarded as it goes, and only up to the announced size:
+    whatever follows (a gzip bomb) is never inflated.
     """
-    import struct
     import zlib
 
-    def vox_offset(hdr: bytes) -> int:
-        e = "<" if struct.unpack("<i", hdr[:4])[0] in (348, 540) else ">"
-        if header.format == "nifti1":
-            return int(struct.unpack(e + "f", hdr[108:112])[0])
-        return int(struct.unpack(e + "q", hdr[168:176])[0])
-
+    need = int(header.data_offset or 0) + header.nbytes
     try:
         with open_regular(path, follow_symlinks=current_limits().follow_symlinks) as f:
             if not header.compressed:
-                return os.fstat(f.fileno()).st_size >= vox_offset(f.read(540)) + header.nbytes
+                return os.fstat(f.fileno()).st_size >= need
             d = zlib.decompressobj(wbits=31)
             total, pending = 0, b""
-
-            def inflate(limit: int) -> bytes:  # at most ``limit`` bytes: never past what was asked for
-                nonlocal pending, total
+            while total < need:
                 chunk = pending or f.read(1 << 20)
                 if not chunk or d.eof:
-                    return b""
-                got = d.decompress(chunk, limit)
+                    break
+                total += len(d.decompress(chunk, min(1 << 22, need - total)))  # never past the announced size
                 pending = d.unconsumed_tail
-                total += len(got)
-                return got
-
-            head = bytearray()
-            while len(head) < 540:
-                got = inflate(540 - len(head))
-                if not got:
-                    break
-                head += got
-            if len(head) < 348:
-                return False
-            need = max(vox_offset(bytes(head)), 348) + header.nbytes
-            while total < need:
-                if not inflate(min(1 << 22, need - total)):
-                    break
             return total >= need
-    except (EOFError, OSError, zlib.error, struct.error, InvalidInputError):
+    except (EOFError, OSError, zlib.error, InvalidInputError):
         return False
 
 

@@ -159,8 +159,12 @@ async def evaluate_model(model_id: str, body: EvaluateRequest, state: ServerStat
     files = await run_in_threadpool(svc.datasets.case_files, ds["id"], list(dict.fromkeys(body.cases))
                                     if body.cases else None)
     await run_in_threadpool(check_stored_cases, state, bundle, files, names, {c["id"]: c.get("info") for c in cases})
+    from acecal.api.routers.infer import memory_bounded
+
     async with state.queue.slot():
-        return await state.queue.run(_run, state, bundle, ds, files, names, body.temperature, body.raw)
+        return await memory_bounded(
+            lambda: state.queue.run(_run, state, bundle, ds, files, names, body.temperature, body.raw),
+            ds["id"], "this server's memory", subject=f"evaluating dataset {ds['id']!r}")
 
 
 @router.get("/evaluations/{evaluation_id}", response_model=EvaluationResponse, summary="A stored evaluation",

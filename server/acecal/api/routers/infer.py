@@ -109,7 +109,8 @@ def out_of_memory(e: Optional[BaseException]) -> bool:
     return False
 
 
-async def memory_bounded(call: Callable[[], Awaitable[Any]], name: str, where: str = "this server's memory") -> Any:
+async def memory_bounded(call: Callable[[], Awaitable[Any]], name: str, where: str = "this server's memory", *,
+                         subject: Optional[str] = None) -> Any:
     """Await ``call()``; running out of memory becomes a 413 raised only after the failed attempt's exception, its
     traceback and the frames holding its arrays are gone (and collected), so the memory is free before the reply."""
     try:
@@ -118,8 +119,8 @@ async def memory_bounded(call: Callable[[], Awaitable[Any]], name: str, where: s
         if not out_of_memory(e):
             raise
     gc.collect()
-    raise PayloadTooLargeError(f"the image {name!r} is too large for {where}; send a smaller volume (or crop it) or "
-                               "use a server with more memory", code="image_too_large")
+    raise PayloadTooLargeError(f"{subject or f'the image {name!r}'} is too large for {where}; send a smaller volume "
+                               "(or crop it) or use a server with more memory", code="image_too_large")
 
 
 @router.post(
