@@ -316,6 +316,8 @@ def test_deep_nesting_is_422_not_a_crash(served, good, dataset):
     r = requests.post(served.url + "/datasets", data=b'{"name": "' + b"x" * (2 << 20) + b'"}',
                       headers={**AUTH, "Content-Type": "application/json"}, timeout=10)
     assert r.status_code == 413 and "JSON requests may be at most 1 MB" in r.json()["detail"]
+    r = requests.post(served.url + "/finetune", files={"x": ("x.bin", bytes(2 << 20))}, headers=AUTH, timeout=10)
+    assert r.status_code == 413, r.text  # a multipart body to a JSON route gets the JSON cap, not the upload cap
     assert served.healthy()
 
 

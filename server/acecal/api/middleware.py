@@ -1,11 +1,11 @@
 """ASGI middleware: the request size caps.
 
-- A multipart upload whose declared ``Content-Length`` exceeds ``max_upload_mb`` is answered 413 at once, before its
-  body is read; a body without a declared length (chunked) is counted as it arrives and refused as soon as it passes
-  the cap.
-- Any other body (JSON) may hold at most :data:`MAX_JSON_BYTES`: it is read here (never more than that), refused 413
-  beyond it, and refused 422 when nested deeper than :data:`MAX_JSON_DEPTH` (Python's JSON parser would otherwise
-  recurse until ``RecursionError``), then handed on unchanged.
+- An upload (a multipart body to one of the :data:`UPLOAD_ROUTES`) whose declared ``Content-Length`` exceeds
+  ``max_upload_mb`` is answered 413 at once, before its body is read; a body without a declared length (chunked) is
+  counted as it arrives and refused as soon as it passes the cap.
+- Any other body (JSON, or anything sent to another route) may hold at most :data:`MAX_JSON_BYTES`: it is read here
+  (never more than that), refused 413 beyond it, and refused 422 when nested deeper than :data:`MAX_JSON_DEPTH`
+  (Python's JSON parser would otherwise recurse until ``RecursionError``), then handed on unchanged.
 
 Replies are the usual ``{"error": ..., "detail": ...}``.
 """
@@ -32,6 +32,8 @@ MAX_JSON_BYTES = 1024 * 1024
 MAX_JSON_DEPTH = 32
 
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+#: the routes that take multipart uploads (everything else takes small JSON bodies)
+UPLOAD_ROUTES = (re.compile(r"^/infer/[^/]+$"), re.compile(r"^/datasets/[^/]+/cases$"))
 
 
 def json_depth(data: bytes | str) -> int:
@@ -70,7 +72,8 @@ class UploadLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        multipart = headers.get("content-type", "").lower().lstrip().startswith("multipart/")
+        multipart = headers.get("content-type", "").lower().lstrip().startswith("multipart/") and \
+            any(r.match(scope.get("path", "")) for r in UPLOAD_ROUTES)
         limit = self.max_bytes if multipart else min(self.max_bytes, MAX_JSON_BYTES)
         try:
             declared = int(headers.get("content-length")) if headers.get("content-length") is not None else None
