@@ -129,7 +129,8 @@ def test_local_temperature_learns_a_spatially_varying_over_confidence():
 
     fit_cases = synthetic_cases(8, seed=5, scale=scale)
     test_cases = synthetic_cases(6, seed=6, scale=scale)
-    cal, info = fit_local_temperature(fit_cases, epochs=10, lr=0.01, nll_weight=0.1, hidden=4, layers=1, dilation=1)
+    cal, info = fit_local_temperature(fit_cases, epochs=10, lr=0.01, nll_weight=0.1, hidden=4, layers=1, dilation=1,
+                                      use_image=True)  # here the over-confidence is set by the image
     t_only, _ = fit_ace_temperature(fit_cases)
     raw, glob, local = macro_ace(test_cases), macro_ace(test_cases, t_only), macro_ace(test_cases, cal)
     assert local < 0.85 * glob < 0.85 * raw, (raw, glob, local)  # about 0.12, 0.094, 0.06
