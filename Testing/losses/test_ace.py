@@ -391,7 +391,7 @@ def test_argument_errors(cls):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("cls", [HardL1ACELoss, SoftL1ACELoss])
 def test_cuda_matches_cpu_without_host_syncs_in_the_binning(cls):
-    from acecal.losses.binning import _hard_sums, _soft_sums
+    from acecal.losses.binning import differentiable_hard_sums, differentiable_soft_sums
 
     logits, labels, _ = make_case(10, shape=(2, 4, 16, 16, 16), dtype=torch.float32)
     x_cpu = logits.clone().requires_grad_()
@@ -407,8 +407,8 @@ def test_cuda_matches_cpu_without_host_syncs_in_the_binning(cls):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        sums = (_hard_sums(probs, labels.cuda(), 20, False, 0) if cls is HardL1ACELoss
-                else _soft_sums(probs, labels.cuda(), 20, 0))
+        sums = (differentiable_hard_sums(probs, labels.cuda(), 20, False, 0) if cls is HardL1ACELoss
+                else differentiable_soft_sums(probs, labels.cuda(), 20, 0))
         sums[0].sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

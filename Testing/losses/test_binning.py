@@ -9,7 +9,7 @@ import torch
 from monai.metrics import calibration_binning
 
 from acecal.losses import hard_binned_calibration, soft_binned_calibration
-from acecal.losses.binning import _bin_index, _edge_tables_from
+from acecal.binning import _bin_index, _edge_tables_from
 
 EPS32 = torch.finfo(torch.float32).eps
 

@@ -7,7 +7,7 @@ import torch
 from monai.metrics import calibration_binning
 
 from acecal.losses import HardL1ACELoss, SoftL1ACELoss, hard_binned_calibration, soft_binned_calibration
-from acecal.losses.binning import _CHUNK_CPU, _spatial_chunks
+from acecal.binning import _CHUNK_CPU, spatial_chunks
 
 EPS32 = torch.finfo(torch.float32).eps
 SHAPE = (2, 3, 190_001)  # 1.14 M elements: two chunks, the second one short
@@ -36,7 +36,7 @@ def _reference_ace(w, wp, wy, present, empty_weight=None):
 
 @pytest.fixture(scope="module")
 def big_case():
-    assert len(_spatial_chunks(torch.Size(SHAPE), torch.device("cpu"))) == 2
+    assert len(spatial_chunks(torch.Size(SHAPE), torch.device("cpu"))) == 2
     assert SHAPE[0] * SHAPE[1] * SHAPE[2] > _CHUNK_CPU
     gen = torch.Generator().manual_seed(0)
     logits = 2 * torch.randn(*SHAPE, generator=gen, dtype=torch.float64)

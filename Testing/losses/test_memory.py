@@ -1,6 +1,6 @@
 """Memory budget: unique autograd-saved bytes per (voxel x class), softmax output included.
 
-Budget (issue 2), on logits (2, 4, 64, 64, 64) float32 with a label-map target: hard <= 6, soft <= 8. Timings are
+Budget (benchmarks/RESULTS.md), on logits (2, 4, 64, 64, 64) float32 with a label-map target: hard <= 6, soft <= 8. Timings are
 not tested here; they belong to benchmarks/bench_losses.py.
 """
 
@@ -11,7 +11,7 @@ import torch
 from monai.losses import DiceCELoss
 
 from acecal.losses import HardL1ACEandDiceCELoss, HardL1ACELoss, SoftL1ACELoss
-from acecal.losses.binning import _hard_sums, _soft_sums
+from acecal.losses.binning import differentiable_hard_sums, differentiable_soft_sums
 from acecal.losses.memory import saved_bytes_per_element
 
 
@@ -40,11 +40,11 @@ def test_saved_state_is_compact():
     labels = torch.randint(0, 3, (2, 1, 1000), generator=gen)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.numel())) or t, lambda t: t):
-        _hard_sums(probs, labels, 20, False, 0)
+        differentiable_hard_sums(probs, labels, 20, False, 0)
     assert sorted(saved) == [(torch.uint8, 6000)]
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.numel())) or t, lambda t: t):
-        _soft_sums(probs, labels, 20, 0)
+        differentiable_soft_sums(probs, labels, 20, 0)
     assert sorted(saved, key=str) == sorted([(torch.float32, 6000), (torch.uint8, 2000)], key=str)
 
 

@@ -25,6 +25,9 @@ import torch
 from monai.networks.utils import one_hot
 from torch.nn.modules.loss import _Loss
 
+from acecal.errors import InvalidInputError
+from acecal.tensor_checks import check_prediction, check_term_weight, plain_tensor
+
 __all__ = ["DicePlusPlusLoss", "DicePlusPlusCELoss"]
 
 
@@ -48,9 +51,9 @@ class DicePlusPlusLoss(_Loss):
                  softmax: bool = False, smooth: float = 1e-5, batch: bool = False) -> None:
         super().__init__()
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 1:
-            raise ValueError(f"DicePlusPlusLoss: gamma must be a finite number >= 1, got {gamma!r}.")
+            raise InvalidInputError(f"DicePlusPlusLoss: gamma must be a finite number >= 1, got {gamma!r}.")
         if isinstance(smooth, bool) or not isinstance(smooth, (int, float)) or not smooth > 0:
-            raise ValueError(f"DicePlusPlusLoss: smooth must be a number > 0, got {smooth!r}.")
+            raise InvalidInputError(f"DicePlusPlusLoss: smooth must be a number > 0, got {smooth!r}.")
         self.gamma = float(gamma)
         self.include_background = bool(include_background)
         self.to_onehot_y = bool(to_onehot_y)
@@ -59,8 +62,8 @@ class DicePlusPlusLoss(_Loss):
         self.batch = bool(batch)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if input.ndim < 3:
-            raise ValueError(f"DicePlusPlusLoss: input must be (B, C, spatial...), got {tuple(input.shape)}.")
+        input, target = plain_tensor(input), plain_tensor(target)
+        check_prediction(input, "DicePlusPlusLoss")
         n_classes = input.shape[1]
         probs = torch.softmax(input, 1) if self.softmax and n_classes > 1 else input
         if self.to_onehot_y:
@@ -68,8 +71,8 @@ class DicePlusPlusLoss(_Loss):
         else:
             target = target.to(probs.dtype)
         if target.shape != probs.shape:
-            raise ValueError(f"DicePlusPlusLoss: target shape {tuple(target.shape)} does not match the input "
-                             f"{tuple(probs.shape)}.")
+            raise InvalidInputError(f"DicePlusPlusLoss: target shape {tuple(target.shape)} does not match the "
+                                    f"input {tuple(probs.shape)}.")
         if not self.include_background and n_classes > 1:
             probs, target = probs[:, 1:], target[:, 1:]
         dims = tuple(range(2, probs.ndim))
@@ -100,14 +103,11 @@ class DicePlusPlusCELoss(_Loss):
     def __init__(self, gamma: float = 2.0, include_background: bool = True, smooth: float = 1e-5,
                  dice_weight: float = 1.0, ce_weight: float = 1.0, ce_params: dict[str, Any] | None = None) -> None:
         super().__init__()
-        for name, value in (("dice_weight", dice_weight), ("ce_weight", ce_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"DicePlusPlusCELoss: {name} must be a finite number >= 0, got {value!r}.")
+        self.dice_weight = check_term_weight(dice_weight, "dice_weight", "DicePlusPlusCELoss")
+        self.ce_weight = check_term_weight(ce_weight, "ce_weight", "DicePlusPlusCELoss")
         self.dice = DicePlusPlusLoss(gamma=gamma, include_background=include_background, to_onehot_y=True,
                                      softmax=True, smooth=smooth)
         self.cross_entropy = torch.nn.CrossEntropyLoss(**(ce_params or {}))
-        self.dice_weight = float(dice_weight)
-        self.ce_weight = float(ce_weight)
 
     def forward(self, logits: torch.Tensor, label_map: torch.Tensor) -> torch.Tensor:
         ce = self.cross_entropy(logits, label_map[:, 0].long())

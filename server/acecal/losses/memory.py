@@ -1,4 +1,4 @@
-"""Measuring what a loss keeps alive for its backward pass (the memory budget of issue 2)."""
+"""Measuring what a loss keeps alive for its backward pass (the memory budgets in benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 

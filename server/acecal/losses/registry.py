@@ -26,18 +26,20 @@ The two-head losses take ``(B, 2C, spatial...)`` logits (segmentation then calib
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from monai.losses import DiceCELoss, DiceLoss, NACLLoss
 from torch.nn.modules.loss import _Loss
 
-from .combined import HardL1ACEandDiceCELoss, SoftL1ACEandDiceCELoss
+from acecal.errors import InvalidInputError
+from acecal.tensor_checks import check_count, check_term_weight, fused_values, label_checks, raise_if_bad, range_checks
+
+from .combined import PAPER_DICE_PARAMS, HardL1ACEandDiceCELoss, SoftL1ACEandDiceCELoss
 from .dicepp import DicePlusPlusCELoss
 from .twohead import TwoHeadLoss
 
-__all__ = ["LOSS_NAMES", "NACLandDiceLoss", "TWO_HEAD_LOSSES", "build_loss"]
+__all__ = ["BASELINE_DICE_CE_PARAMS", "LOSS_NAMES", "NACLandDiceLoss", "TWO_HEAD_LOSSES", "build_loss"]
 
 LOSS_NAMES: tuple[str, ...] = (
     "baseline_dice_ce",
@@ -52,15 +54,8 @@ LOSS_NAMES: tuple[str, ...] = (
 #: losses of two-head networks: logits (B, 2C, spatial...)
 TWO_HEAD_LOSSES: tuple[str, ...] = ("twohead_dice_ce_softace", "twohead_dice_ce_hardace")
 
-_BASELINE_DICE_CE: dict[str, Any] = {
-    "include_background": True,
-    "to_onehot_y": True,
-    "softmax": True,
-    "squared_pred": True,
-    "smooth_nr": 0.0,
-    "smooth_dr": 1e-5,
-}
-_DICE: dict[str, Any] = {k: v for k, v in _BASELINE_DICE_CE.items()}
+#: The papers' baseline: MONAI ``DiceCELoss`` arguments (its Dice term on a label map, with the softmax).
+BASELINE_DICE_CE_PARAMS: dict[str, Any] = {**PAPER_DICE_PARAMS, "to_onehot_y": True, "softmax": True}
 
 
 class NACLandDiceLoss(_Loss):
@@ -96,20 +91,17 @@ class NACLandDiceLoss(_Loss):
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
-            raise ValueError(f"NACLandDiceLoss: spatial_dims must be 2 or 3, got {spatial_dims!r}.")
-        for name, value in (("nacl_weight", nacl_weight), ("dice_weight", dice_weight)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"NACLandDiceLoss: {name} must be a finite number >= 0, got {value!r}.")
+            raise InvalidInputError(f"NACLandDiceLoss: spatial_dims must be 2 or 3, got {spatial_dims!r}.")
         self.num_classes = num_classes
         self.spatial_dims = spatial_dims
-        self.nacl_weight = float(nacl_weight)
-        self.dice_weight = float(dice_weight)
+        self.nacl_weight = check_term_weight(nacl_weight, "nacl_weight", "NACLandDiceLoss")
+        self.dice_weight = check_term_weight(dice_weight, "dice_weight", "NACLandDiceLoss")
         self.nacl = NACLLoss(classes=num_classes, dim=spatial_dims, **(nacl_params or {}))
-        self.dice = DiceLoss(**{**_DICE, **(dice_params or {})})
+        self.dice = DiceLoss(**{**BASELINE_DICE_CE_PARAMS, **(dice_params or {})})
 
     def forward(self, logits: torch.Tensor, label_map: torch.Tensor) -> torch.Tensor:
         if logits.ndim != self.spatial_dims + 2:
-            raise ValueError(
+            raise InvalidInputError(
                 f"NACLandDiceLoss: built for {self.spatial_dims}-D images, got logits of shape {tuple(logits.shape)}; "
                 f"build it with spatial_dims={logits.ndim - 2}."
             )
@@ -120,7 +112,7 @@ class NACLandDiceLoss(_Loss):
 class _RegistryLoss(_Loss):
     """Uniform front door: checks ``(logits (B, C, spatial...), label_map (B, 1, spatial...))`` and the number of
     classes with clear messages, then calls ``self.loss``. Label values are checked by the ACE losses (one fused
-    check); for the MONAI losses they are checked here with one reduction."""
+    check); for the other losses here, with the same kind of fused check."""
 
     def __init__(self, name: str, num_classes: int, loss: torch.nn.Module, check_labels: bool,
                  channels: int | None = None) -> None:
@@ -134,10 +126,10 @@ class _RegistryLoss(_Loss):
     def forward(self, logits: torch.Tensor, label_map: torch.Tensor) -> torch.Tensor:
         who = f"loss {self.name!r}"
         if not isinstance(logits, torch.Tensor) or not isinstance(label_map, torch.Tensor):
-            raise ValueError(f"{who}: logits and label_map must be torch.Tensor.")
+            raise InvalidInputError(f"{who}: logits and label_map must be torch.Tensor.")
         if logits.ndim < 3 or logits.shape[1] != self.channels:
             two = " (a two-head loss: segmentation then calibration logits)" if self.channels != self.num_classes else ""
-            raise ValueError(
+            raise InvalidInputError(
                 f"{who}: logits must have shape (B, {self.channels}, spatial...){two}, got {tuple(logits.shape)}."
             )
         expected = (logits.shape[0], 1, *logits.shape[2:])
@@ -145,20 +137,11 @@ class _RegistryLoss(_Loss):
             hint = ""
             if label_map.ndim == logits.ndim - 1:
                 hint = " Add the channel dimension with label_map.unsqueeze(1)."
-            raise ValueError(f"{who}: label_map must have shape {expected}, got {tuple(label_map.shape)}.{hint}")
+            raise InvalidInputError(
+                f"{who}: label_map must have shape {expected}, got {tuple(label_map.shape)}.{hint}")
         if self.check_labels:
-            lab = label_map.detach()
-            lab = lab.to(torch.uint8) if lab.dtype == torch.bool else lab
-            lo, hi = torch.aminmax(lab)
-            zmin, zmax = torch.aminmax(logits.detach())
-            stats = torch.stack([zmin.double(), zmax.double(), lo.double(), hi.double()]).tolist()  # one sync
-            if not all(math.isfinite(v) for v in stats[:2]):
-                raise ValueError(f"{who}: logits contain NaN or infinite values (min={stats[0]}, max={stats[1]}).")
-            if not (stats[2] >= 0 and stats[3] <= self.num_classes - 1):
-                raise ValueError(
-                    f"{who}: label values must be class indices in [0, {self.num_classes - 1}], "
-                    f"got values in [{stats[2]}, {stats[3]}]."
-                )
+            values = fused_values(range_checks("input", logits) + label_checks(label_map))
+            raise_if_bad(who, values, input_name="logits", label_name="label_map", num_classes=self.num_classes)
         return self.loss(logits, label_map)
 
 
@@ -184,14 +167,13 @@ def build_loss(name: str, num_classes: int, **overrides: Any) -> torch.nn.Module
         ValueError: unknown name, ``num_classes < 2``, or overrides the underlying class rejects.
     """
     if name not in LOSS_NAMES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}.")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2 (background included), got {num_classes!r}.")
+        raise InvalidInputError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}.")
+    check_count(num_classes, "num_classes", 2, hint=" (background included)")
     try:
         if name == "baseline_dice_ce":
-            loss: torch.nn.Module = DiceCELoss(**{**_BASELINE_DICE_CE, **overrides})
+            loss: torch.nn.Module = DiceCELoss(**{**BASELINE_DICE_CE_PARAMS, **overrides})
         elif name == "labelsmooth_dice_ce":
-            loss = DiceCELoss(**{**_BASELINE_DICE_CE, "label_smoothing": 0.1, **overrides})
+            loss = DiceCELoss(**{**BASELINE_DICE_CE_PARAMS, "label_smoothing": 0.1, **overrides})
         elif name in ("hardl1ace_dice_ce", "softl1ace_dice_ce"):
             cls = HardL1ACEandDiceCELoss if name == "hardl1ace_dice_ce" else SoftL1ACEandDiceCELoss
             loss = cls(**{"to_onehot_y": True, "softmax": True, **overrides})
@@ -199,11 +181,11 @@ def build_loss(name: str, num_classes: int, **overrides: Any) -> torch.nn.Module
             loss = DicePlusPlusCELoss(**overrides)
         elif name in TWO_HEAD_LOSSES:
             binning = "soft" if name == "twohead_dice_ce_softace" else "hard"
-            loss = TwoHeadLoss(DiceCELoss(**_BASELINE_DICE_CE), num_classes, binning=binning, **overrides)
+            loss = TwoHeadLoss(DiceCELoss(**BASELINE_DICE_CE_PARAMS), num_classes, binning=binning, **overrides)
         else:
             loss = NACLandDiceLoss(num_classes, **overrides)
     except TypeError as err:  # unexpected keyword argument
-        raise ValueError(f"loss {name!r}: bad override: {err}") from None
+        raise InvalidInputError(f"loss {name!r}: bad override: {err}") from None
     channels = 2 * num_classes if name in TWO_HEAD_LOSSES else num_classes
     return _RegistryLoss(name, num_classes, loss, check_labels=name not in ("hardl1ace_dice_ce", "softl1ace_dice_ce"),
                          channels=channels)

@@ -11,13 +11,14 @@ loss also trains the shared trunk is the network's ``trunk_grad``, not the loss'
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch.nn.modules.loss import _Loss
 
+from acecal.errors import InvalidInputError
 from acecal.networks.twohead import split_heads
+from acecal.tensor_checks import check_term_weight
 
 from .combined import HardL1ACEandCELoss, SoftL1ACEandCELoss
 
@@ -47,14 +48,11 @@ class TwoHeadLoss(_Loss):
                  num_bins: int = 20, ace_params: dict[str, Any] | None = None) -> None:
         super().__init__()
         if binning not in ("soft", "hard"):
-            raise ValueError(f"TwoHeadLoss: binning must be 'soft' or 'hard', got {binning!r}.")
-        value = calibration_weight
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"TwoHeadLoss: calibration_weight must be a finite number >= 0, got {value!r}.")
+            raise InvalidInputError(f"TwoHeadLoss: binning must be 'soft' or 'hard', got {binning!r}.")
         cls = SoftL1ACEandCELoss if binning == "soft" else HardL1ACEandCELoss
         self.num_classes = int(num_classes)
         self.binning = binning
-        self.calibration_weight = float(calibration_weight)
+        self.calibration_weight = check_term_weight(calibration_weight, "calibration_weight", "TwoHeadLoss")
         self.segmentation = segmentation_loss
         self.calibration = cls(ace_weight=ace_weight, ce_weight=ce_weight, to_onehot_y=True, softmax=True,
                                ace_params={"num_bins": num_bins, **(ace_params or {})})
