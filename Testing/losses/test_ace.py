@@ -145,7 +145,7 @@ def test_empty_classes_are_left_out_of_the_mean(cls):
     present = onehot.flatten(2).sum(-1) > 0
     assert present.sum() == 6  # 8 entries, 2 absent
     mean = cls(to_onehot_y=True, softmax=True)(logits, labels)
-    torch.testing.assert_close(mean, per[present].mean())  # not per[present].sum() / 8 (the published code)
+    torch.testing.assert_close(mean, per[present].mean())  # not per[present].sum() / 8 (the authors' code)
     none = cls(to_onehot_y=True, softmax=True, reduction="none")(logits, labels)
     assert torch.equal(none[~present], torch.zeros(2, dtype=none.dtype))
     torch.testing.assert_close(none[present], per[present])
@@ -237,7 +237,7 @@ def test_hard_gradient_equals_closed_form():
     weight = torch.tensor([1.0, 0.5, 2.0, 1.5], dtype=torch.float64)
     loss = HardL1ACELoss(to_onehot_y=True, weight=weight)(probs, labels)
     loss.backward()
-    # closed form (reference sheet, section 2): sign(mean_p_m - mean_y_m) / (K n_m), times weight / #valid
+    # closed form: sign(mean_p_m - mean_y_m) / (K n_m), times weight / #valid
     edges = torch.linspace(0.0, 1.0 + EPS32, 21)
     present = onehot.flatten(2).sum(-1) > 0
     n_valid = int(present.sum())
@@ -260,7 +260,8 @@ def test_hard_gradient_equals_closed_form():
 
 
 def _soft_closed_form(probs, onehot, num_bins=20, empty_weight=0.01):
-    """d mean_bc(ACE) / d p via the reference sheet's section 3 formula, per (b, c)."""
+    """d mean_bc(ACE) / d p in closed form, per (b, c): the chain rule through the triangular weights w and their
+    derivatives dw, written out with dense (N, M) weight matrices."""
     bsz, nch = probs.shape[:2]
     out = torch.zeros_like(probs)
     for b in range(bsz):

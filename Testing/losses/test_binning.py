@@ -16,7 +16,7 @@ EPS32 = torch.finfo(torch.float32).eps
 
 def _edge_values(num_bins: int) -> torch.Tensor:
     """k/M for every k (rounded to float32 from float64, and computed in float32), their float32 neighbours,
-    MONAI's own edges, 0, 1, the values the reference sheet calls out, and random values."""
+    MONAI's own edges, 0, 1, the values that sit on an edge for M = 20, and random values."""
     k64 = torch.arange(num_bins + 1, dtype=torch.float64) / num_bins
     k32 = torch.arange(num_bins + 1, dtype=torch.float32) / num_bins
     edges = torch.linspace(0.0, 1.0 + EPS32, num_bins + 1)
@@ -50,7 +50,7 @@ def test_hard_binning_equals_monai_on_edges(num_bins, right):
 
 
 def test_hard_binning_documented_tie_rule():
-    # bins are (k/M, (k+1)/M]: a value exactly on k/M goes to the lower bin (reference sheet, section 2)
+    # bins are (k/M, (k+1)/M]: a value exactly on k/M goes to the lower bin (MONAI's rule)
     values = torch.tensor([0.05, 0.5, 0.0, 1.0, 0.95, 0.15, 0.3])
     _, _, counts = hard_binned_calibration(values.view(1, 1, -1), torch.zeros(1, 1, 7))
     expected = torch.zeros(20, dtype=torch.float64)

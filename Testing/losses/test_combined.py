@@ -8,6 +8,7 @@ from monai.losses import DiceLoss
 
 from acecal.losses import (
     HardL1ACEandCELoss,
+    L1ACEandDiceCELoss,
     HardL1ACEandDiceCELoss,
     HardL1ACEandDiceLoss,
     HardL1ACELoss,
@@ -94,7 +95,7 @@ def test_params_overrides_and_weights():
 
 
 def test_ce_class_weights_follow_the_probability_target_form():
-    # with class weights the published code's probability-target CE divides by the voxel count
+    # with class weights the authors' probability-target CE divides by the voxel count
     logits, labels, onehot = _case(3)
     w = torch.tensor([0.2, 1.0, 2.0, 3.0])
     loss = HardL1ACEandCELoss(ace_weight=0.0, to_onehot_y=True, softmax=True, ce_params={"weight": w})
@@ -124,3 +125,25 @@ def test_combined_errors():
         loss(logits, labels + 4)
     with pytest.raises(ValueError, match="label map of shape"):
         loss(logits, labels[:, 0])
+
+
+@pytest.mark.parametrize("ace_cls", [HardL1ACELoss, SoftL1ACELoss])
+def test_prepare_then_from_probs_is_the_loss(ace_cls):
+    # the public two-step API the combined losses use: prepare() applies the activation once, from_probs() the rest
+    logits, labels, onehot = _case(5)
+    for target, to_onehot in ((labels, True), (onehot, False)):
+        ace = ace_cls(to_onehot_y=to_onehot, softmax=True, include_background=False)
+        probs, prepared = ace.prepare(logits, target)
+        torch.testing.assert_close(probs, torch.softmax(logits, 1))
+        assert prepared.shape == target.shape
+        torch.testing.assert_close(ace.from_probs(probs, prepared), ace(logits, target))
+
+
+def test_the_general_combined_loss_leaves_out_terms_set_to_none():
+    logits, labels, onehot = _case(6)
+    ace, dice, ce = _terms(HardL1ACELoss, logits, labels, onehot)
+    general = L1ACEandDiceCELoss(ace_weight=1.0, dice_weight=None, ce_weight=0.25, to_onehot_y=True, softmax=True)
+    assert general.dice is None
+    torch.testing.assert_close(general(logits, labels), ace + 0.25 * ce)
+    torch.testing.assert_close(L1ACEandDiceCELoss(to_onehot_y=True, softmax=True)(logits, labels),
+                               HardL1ACEandDiceCELoss(to_onehot_y=True, softmax=True)(logits, labels))

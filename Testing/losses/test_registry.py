@@ -114,6 +114,8 @@ def test_registry_errors():
             loss_fn(logits, labels[:, 0])
         with pytest.raises(ValueError, match="class indices"):
             loss_fn(logits, labels + 3)
+        with pytest.raises(ValueError, match="non-integer"):  # every loss: the same fused label check
+            loss_fn(logits, labels.float() + 0.5)
         bad = logits.clone()
         bad[0, 0, 0, 0, 0] = float("inf")
         with pytest.raises(ValueError, match="NaN or infinite"):

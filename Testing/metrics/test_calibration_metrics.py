@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import CalibrationErrorMetric, calibration_binning
 
+from acecal.binning import bin_index
+from acecal.losses import hard_binned_calibration
 from acecal.metrics import PROB_TOLERANCE, bin_edges, bin_means, binning_sums, calibration_errors, errors_from_sums
 
 REDUCTIONS = {"ece": "expected", "ace": "average", "mce": "maximum"}
@@ -102,7 +104,7 @@ def test_values_on_edges_go_where_monai_puts_them(right, num_bins):
 
 
 def test_documented_edge_assignment():
-    # reference sheet section 2: 0.05 -> 0, 0.5 -> 9, 0 -> 0, 1.0 -> 19 (a value on k/M goes to the lower bin)
+    # MONAI's rule: 0.05 -> 0, 0.5 -> 9, 0 -> 0, 1.0 -> 19 (a value on k/M goes to the lower bin)
     vals = torch.tensor([0.05, 0.5, 0.0, 1.0, 0.051])
     count, _, _ = binning_sums(vals.view(1, 1, -1), torch.zeros(1, 1, 5), 20)
     expected = torch.zeros(20, dtype=torch.int64)
@@ -190,7 +192,7 @@ def test_ece_equals_pooled_absolute_sum_difference():
 
 
 def test_counts_exact_beyond_float32_range():
-    # float32 accumulation of ones stalls at 2**24 (reference sheet section 8 item 3); ours counts exactly
+    # float32 accumulation of ones stalls at 2**24; ours counts exactly
     n = (1 << 24) + 1001
     probs = torch.full((1, 1, n), 0.1)
     count, sum_p, sum_y = binning_sums(probs, torch.zeros(1, 1, n, dtype=torch.uint8), 20)
@@ -268,3 +270,31 @@ def test_errors_hand_computed():
     assert out["ace"].item() == pytest.approx(sum(gaps) / 2, abs=1e-7)
     assert out["mce"].item() == pytest.approx(max(gaps), abs=1e-7)
     assert not math.isnan(out["ece"].item())
+
+
+def test_the_metric_bins_as_the_loss_bins():
+    """One bin rule (acecal.binning) for both: equal counts and sums, label map or one-hot, background or not."""
+    probs, labels, onehot = random_case(b=2, c=3, spatial=(9, 8, 7), seed=21)
+    probs[0, 1, :3, 0, 0] = torch.tensor([0.05, 0.5, 1.0])  # values on bin edges
+    probs[0, 0, :3, 0, 0] = 1.0 - probs[0, 1, :3, 0, 0]
+    probs[0, 2, :3, 0, 0] = 0.0
+    mean_p, mean_y, counts = hard_binned_calibration(probs, onehot)
+    for target in (labels, onehot):
+        count, sum_p, sum_y = binning_sums(probs, target)
+        assert torch.equal(count, counts.to(torch.int64))
+        ours_p, ours_y = bin_means(count, sum_p, sum_y)
+        torch.testing.assert_close(ours_p, mean_p, rtol=0, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(ours_y, mean_y, rtol=0, atol=1e-12, equal_nan=True)
+        count_fg, _, _ = binning_sums(probs, target, include_background=False)
+        assert torch.equal(count_fg, counts[:, 1:].to(torch.int64))
+
+
+def test_bin_index_is_monai_rule_and_clamps_out_of_range_values():
+    values = torch.cat([bin_edges(20), torch.rand(500, generator=torch.Generator().manual_seed(3))])
+    expected = torch.bucketize(values, bin_edges(20)[1:]).clamp(max=19)
+    assert torch.equal(bin_index(values, 20), expected)
+    assert torch.equal(bin_index(values.double(), 20), expected)  # float64 is binned on its float32 value
+    # tolerated overshoot goes to the end bins, where MONAI's bucketize + clamp puts it
+    out = torch.tensor([-PROB_TOLERANCE, 1.0 + PROB_TOLERANCE])
+    assert bin_index(out, 20).tolist() == [0, 19]
+    assert torch.bucketize(out, bin_edges(20)[1:]).clamp(max=19).tolist() == [0, 19]

@@ -1,7 +1,8 @@
 """acecal.metrics: calibration errors (ECE, ACE, MCE), Dice, and streaming accumulation over a dataset.
 
 - :func:`binning_sums` / :func:`calibration_errors`: MONAI-identical hard binning per (image, class), vectorised and
-  accumulated in int64/float64; ``errors_from_sums`` turns additive per-bin sums into ECE/ACE/MCE.
+  accumulated in int64/float64 (the bin rule and sums of :mod:`acecal.binning`, which the losses share);
+  ``errors_from_sums`` turns additive per-bin sums into ECE/ACE/MCE.
 - :func:`dice_counts` / :func:`dice_scores`: Dice of the argmax segmentation per (image, class).
 - :class:`CalibrationAccumulator`: macro (per image, then mean) and micro (pooled) metrics, per-class and per-case
   tables and the dataset reliability histogram, with (classes x bins) memory per image and DDP merge/reduce.

@@ -12,22 +12,22 @@ Definitions (C = evaluated classes: the foreground classes unless ``include_back
 voxel (``sum(sum_y) > 0``).
 
 **Macro** (the per-image view; what the paper's tables call macro): for each case, the mean over the classes
-*present in that case's target* (absent classes are left out, not scored as the reference code does, which computes
-their ACE as the mean predicted probability, reference sheet section 5); then the mean (and the standard deviation,
-ddof = 1) over cases. Cases with no present class are left out. The per-class macro table is, for each class, the
-mean over the cases in which that class is present.
+*present in that case's target* (absent classes are left out, not scored as MONAI's metric scores them, which makes
+their ACE the mean predicted probability); then the mean (and the standard deviation, ddof = 1) over cases. Cases with
+no present class are left out. The per-class macro table is, for each class, the mean over the cases in which that
+class is present.
 
 **Micro** (the pooled view): every voxel of every case pooled per class: pooled counts, pooled
-``mean_p = sum of sum_p / sum of count`` and ``mean_y = sum of sum_y / sum of count`` per bin (the reference pools
-mean_p as an unweighted mean of per-image means, which is wrong, section 8 item 5), then ECE / ACE / MCE of the pooled
-bins; micro Dice = 2 sum TP / (sum |pred| + sum |target|). All cases are pooled, including those in which a class is
-absent (their voxels are genuine negatives). The dataset micro number is the mean over classes present in at least one
-case.
+``mean_p = sum of sum_p / sum of count`` and ``mean_y = sum of sum_y / sum of count`` per bin (not an unweighted mean
+of per-image bin means, which would weigh a voxel of a small image more than one of a large image), then ECE / ACE /
+MCE of the pooled bins; micro Dice = 2 sum TP / (sum |pred| + sum |target|). All cases are pooled, including those in
+which a class is absent (their voxels are genuine negatives). The dataset micro number is the mean over classes
+present in at least one case.
 
-**Dataset reliability histogram** (section 6): ``histogram[c, k, m]`` = number of cases (in which class c is present
-and confidence bin m is occupied) whose observed frequency ``mean_y`` in bin m falls in frequency bin k (k = 0 is the
-lowest; same binning rule as probabilities). Shape (C, M, M): rows k = observed frequency, columns m = confidence.
-:func:`acecal.plots.plot_dataset_reliability_histogram` normalises each column.
+**Dataset reliability histogram**: ``histogram[c, k, m]`` = number of cases (in which class c is present and
+confidence bin m is occupied) whose observed frequency ``mean_y`` in bin m falls in frequency bin k (k = 0 is the
+lowest; the same bin rule as probabilities, :func:`acecal.binning.bin_index`). Shape (C, M, M): rows k = observed
+frequency, columns m = confidence. :func:`acecal.plots.plot_dataset_reliability_histogram` normalises each column.
 
 **Distributed use** (DDP): either
 
@@ -48,19 +48,13 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 import torch
 
+from acecal.binning import DEFAULT_NUM_BINS, bin_index, bin_means
 from acecal.errors import InvalidInputError
-from acecal.metrics.calibration import (
-    DEFAULT_NUM_BINS,
-    PROB_TOLERANCE,
-    _binning_sums,
-    _target_kind,
-    bin_edges,
-    bin_means,
-    errors_from_sums,
-)
+from acecal.metrics.calibration import PROB_TOLERANCE, binning_sums, errors_from_sums
 from acecal.metrics.dice import dice_counts, dice_from_counts
+from acecal.tensor_checks import check_count, check_num_bins, target_kind
 
-__all__ = ["CalibrationAccumulator", "CalibrationReport", "METRICS"]
+__all__ = ["CalibrationAccumulator", "CalibrationReport", "METRICS", "evaluated_class_names"]
 
 #: Metric names, in the order used by the summary tensors.
 METRICS: Tuple[str, ...] = ("ece", "ace", "mce", "dice")
@@ -139,6 +133,28 @@ def _nan() -> float:
     return float("nan")
 
 
+def evaluated_class_names(num_classes: int, num_bins: int, include_background: bool,
+                          class_names: Optional[Sequence[str]]) -> List[str]:
+    """Check an accumulator's arguments; the names of the evaluated classes (channel 0 left out unless
+    ``include_background``). ``class_names`` names all ``num_classes`` channels or the evaluated ones only; default
+    ``"class_<channel>"``."""
+    check_count(num_classes, "num_classes")
+    check_num_bins(num_bins)
+    if not include_background and num_classes < 2:
+        raise InvalidInputError("include_background=False needs at least 2 classes (background + one)")
+    first = 0 if include_background else 1
+    if class_names is None:
+        return [f"class_{i}" for i in range(first, num_classes)]
+    names = [str(n) for n in class_names]
+    if len(names) == num_classes:
+        return names[first:]
+    if len(names) != num_classes - first:
+        raise InvalidInputError(
+            f"class_names has {len(names)} names; expected {num_classes} (all channels) or {num_classes - first} "
+            "(evaluated channels)")
+    return names
+
+
 class CalibrationAccumulator:
     """Accumulate ECE/ACE/MCE, Dice and reliability data over a dataset, one image (or tile) at a time.
 
@@ -162,27 +178,12 @@ class CalibrationAccumulator:
 
     def __init__(self, num_classes: int, num_bins: int = DEFAULT_NUM_BINS, include_background: bool = False,
                  class_names: Optional[Sequence[str]] = None) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise InvalidInputError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-            raise InvalidInputError(f"num_bins must be an integer >= 1, got {num_bins!r}")
-        if not include_background and num_classes < 2:
-            raise InvalidInputError("include_background=False needs at least 2 classes (background + one)")
+        names = evaluated_class_names(num_classes, num_bins, include_background, class_names)
         self.num_classes = num_classes
         self.num_bins = num_bins
         self.include_background = bool(include_background)
         self.first_channel = 0 if include_background else 1
         self.num_eval = num_classes - self.first_channel
-        if class_names is None:
-            names = [f"class_{i}" for i in range(self.first_channel, num_classes)]
-        else:
-            names = [str(n) for n in class_names]
-            if len(names) == num_classes:
-                names = names[self.first_channel:]
-            elif len(names) != self.num_eval:
-                raise InvalidInputError(
-                    f"class_names has {len(names)} names; expected {num_classes} (all channels) or {self.num_eval} "
-                    "(evaluated channels)")
         self.class_names: List[str] = names
         self._cases: Dict[str, _Case] = {}
         self._auto = 0
@@ -250,8 +251,8 @@ class CalibrationAccumulator:
         if probs.shape[1] != self.num_classes:
             raise InvalidInputError(
                 f"probs has {probs.shape[1]} channels but the accumulator was built for {self.num_classes} classes")
-        count, sum_p, sum_y = _binning_sums(probs, labels, self.num_bins, self.first_channel, False, validate=True)
-        if _target_kind(probs, labels, "labels") == "onehot":
+        count, sum_p, sum_y = binning_sums(probs, labels, self.num_bins, include_background=self.include_background)
+        if target_kind(probs, labels, "labels") == "onehot":
             target = labels.detach()
         else:
             target = labels.detach().reshape(probs.shape[0], 1, *probs.shape[2:])
@@ -453,7 +454,7 @@ class CalibrationAccumulator:
         # Dataset reliability histogram: per class c, confidence bin m, the frequency bin k of each case's mean_y.
         _, mean_y = bin_means(count, sum_p, sum_y)  # (N, C, M)
         ok = present.unsqueeze(-1) & (count > 0)
-        k = torch.bucketize(torch.nan_to_num(mean_y).float(), bin_edges(m)[1:]).clamp_(max=m - 1)
+        k = bin_index(torch.nan_to_num(mean_y), m)
         cls = torch.arange(c).view(1, c, 1)
         col = torch.arange(m).view(1, 1, m)
         flat = ((cls * m + k) * m + col)[ok]

@@ -1,7 +1,7 @@
 """Dice per (image, class) from label maps, as additive counts.
 
-Predictions are the **argmax** over the probability channels (the segmentation a user sees), not the per-channel
-0.5 threshold of the reference code (reference sheet section 5). Dice = 2 TP / (|pred| + |target|) per image and class,
+Predictions are the **argmax** over the probability channels (the segmentation a user sees), not a per-channel
+0.5 threshold (which can mark a voxel as two classes, or none). Dice = 2 TP / (|pred| + |target|) per image and class,
 computed from three int64 counts that add up over tiles and images (so the streaming accumulator can pool them).
 
 Empty classes:
@@ -23,6 +23,7 @@ from typing import Tuple
 import torch
 
 from acecal.errors import InvalidInputError
+from acecal.tensor_checks import check_count, fused_values, label_checks, raise_if_bad, range_checks
 
 __all__ = ["dice_counts", "dice_from_counts", "dice_scores"]
 
@@ -36,24 +37,15 @@ def _as_labels(x: torch.Tensor, num_classes: int, name: str) -> torch.Tensor:
             f"{name} must have shape (B, 1, spatial...) (label map) or (B, {num_classes}, spatial...) "
             f"(probabilities, logits or one-hot), got {tuple(x.shape)}")
     x = x.detach()
-    if x.dtype == torch.bool:
-        x = x.to(torch.uint8)
     if x.shape[1] == 1:
-        x = x[:, 0]
-        if x.is_floating_point() and x.numel() and not bool((x == x.round()).all()):
-            raise InvalidInputError(f"{name} is a label map but holds non-integer (or NaN) values")
-        x = x.to(torch.int64)
         if x.numel():
-            lo, hi = torch.aminmax(x)
-            if int(lo) < 0 or int(hi) >= num_classes:
-                raise InvalidInputError(
-                    f"{name} holds labels in [{int(lo)}, {int(hi)}], expected [0, {num_classes - 1}]")
-        return x
+            raise_if_bad(None, fused_values(label_checks(x)), label_name=name, num_classes=num_classes)
+        return x[:, 0].to(torch.int64)
     if x.shape[1] != num_classes:
         raise InvalidInputError(
             f"{name} has {x.shape[1]} channels; expected 1 (label map) or {num_classes} (one per class)")
-    if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
-        raise InvalidInputError(f"{name} contains NaN or infinite values")
+    if x.is_floating_point() and x.numel():
+        raise_if_bad(None, fused_values(range_checks("input", x)), input_name=name)
     return x.argmax(1)
 
 
@@ -73,8 +65,7 @@ def dice_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> T
     Raises:
         ValueError: shapes that differ, labels outside [0, C), NaN.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise InvalidInputError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    check_count(num_classes, "num_classes")
     p = _as_labels(pred, num_classes, "pred")
     t = _as_labels(target, num_classes, "target")
     if p.shape != t.shape:

@@ -41,8 +41,10 @@ import numpy as np
 import torch
 from scipy.special import ndtr
 
+from acecal.binning import DEFAULT_NUM_BINS, bin_index
 from acecal.errors import InvalidInputError
-from acecal.metrics.calibration import DEFAULT_NUM_BINS, bin_edges, validate_probabilities
+from acecal.metrics.accumulator import evaluated_class_names
+from acecal.metrics.calibration import validate_probabilities
 
 __all__ = [
     "EXACT_MAX_VOXELS",
@@ -229,15 +231,9 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _bin_index(p32: np.ndarray, num_bins: int) -> np.ndarray:
-    """Bin of each float32 probability, exactly as the metric bins it (MONAI's bucketize on the float32 edges)."""
-    idx = torch.bucketize(torch.from_numpy(np.ascontiguousarray(p32)), bin_edges(num_bins)[1:], right=False)
-    return idx.clamp_(max=num_bins - 1).numpy()
-
-
 def _class_laws(p: np.ndarray, num_bins: int) -> List[Optional[PositivesLaw]]:
     """Laws of the M bins of one class (None for an empty bin). ``p``: (N,) float32 probabilities of the class."""
-    idx = _bin_index(p, num_bins)
+    idx = bin_index(torch.from_numpy(p), num_bins).numpy()  # exactly as the metric bins p
     counts = np.bincount(idx, minlength=num_bins)
     laws: List[Optional[PositivesLaw]] = [None] * num_bins
     big = counts > EXACT_MAX_VOXELS
@@ -293,20 +289,10 @@ class FloorAccumulator:
 
     def __init__(self, num_classes: int, num_bins: int = DEFAULT_NUM_BINS, include_background: bool = False,
                  class_names: Optional[Sequence[str]] = None) -> None:
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise InvalidInputError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-        if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
-            raise InvalidInputError(f"num_bins must be an integer >= 1, got {num_bins!r}")
-        if not include_background and num_classes < 2:
-            raise InvalidInputError("include_background=False needs at least 2 classes (background + one)")
+        names = evaluated_class_names(num_classes, num_bins, include_background, class_names)
         self.num_classes, self.num_bins = num_classes, num_bins
         self.first_channel = 0 if include_background else 1
         self.num_eval = num_classes - self.first_channel
-        names = [f"class_{i}" for i in range(num_classes)] if class_names is None else [str(n) for n in class_names]
-        if len(names) == num_classes:
-            names = names[self.first_channel:]
-        elif len(names) != self.num_eval:
-            raise InvalidInputError(f"class_names has {len(names)} names; expected {num_classes} or {self.num_eval}")
         self.class_names: List[str] = names
         self._cases: Dict[str, Tuple[List[Dict[str, float]], np.ndarray]] = {}
         self._pooled: List[List[Optional[PositivesLaw]]] = [[None] * num_bins for _ in range(self.num_eval)]
