@@ -38,75 +38,69 @@ NUM_BINS = 20
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class LoopHardL1ACELoss(torch.nn.Module):
-    """hL1-ACE the obvious way: softmax, one-hot target, then per image and class bucketize + scatter sums."""
+class _LoopL1ACELoss(torch.nn.Module):
+    """Softmax, one-hot target, then a Python loop over (image, class): the subclasses compute one class's ACE."""
 
     def __init__(self, num_bins: int = NUM_BINS) -> None:
         super().__init__()
         self.num_bins = num_bins
 
+    def class_ace(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(logits, 1)
         target = one_hot(labels, num_classes=logits.shape[1])
-        edges = torch.linspace(0.0, 1.0 + torch.finfo(torch.float32).eps, self.num_bins + 1, device=logits.device)
         bsz, nch = probs.shape[:2]
         per_class = []
         present = []
         for b in range(bsz):
             for c in range(nch):
-                p = probs[b, c].reshape(-1)
                 y = target[b, c].reshape(-1)
-                idx = torch.bucketize(p.detach(), edges[1:]).clamp(max=self.num_bins - 1)
-                zeros = torch.zeros(self.num_bins, device=p.device, dtype=p.dtype)
-                counts = zeros.scatter_add(0, idx, torch.ones_like(p))
-                sum_p = zeros.scatter_add(0, idx, p)
-                sum_y = zeros.scatter_add(0, idx, y)
-                nonempty = counts > 0
-                gap = (sum_p / counts.clamp(min=1) - sum_y / counts.clamp(min=1)).abs()
-                per_class.append(gap[nonempty].mean())
+                per_class.append(self.class_ace(probs[b, c].reshape(-1), y))
                 present.append(y.sum() > 0)
         ace = torch.stack(per_class)
         valid = torch.stack(present).to(ace.dtype)
         return (ace * valid).sum() / valid.sum().clamp(min=1)
 
 
-class LoopSoftL1ACELoss(torch.nn.Module):
-    """sL1-ACE the obvious way: per image and class, triangular weights to the two neighbouring bins, scatter sums."""
+class LoopHardL1ACELoss(_LoopL1ACELoss):
+    """hL1-ACE the obvious way: bucketize + scatter sums per image and class."""
+
+    def class_ace(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        edges = torch.linspace(0.0, 1.0 + torch.finfo(torch.float32).eps, self.num_bins + 1, device=p.device)
+        idx = torch.bucketize(p.detach(), edges[1:]).clamp(max=self.num_bins - 1)
+        zeros = torch.zeros(self.num_bins, device=p.device, dtype=p.dtype)
+        counts = zeros.scatter_add(0, idx, torch.ones_like(p))
+        sum_p = zeros.scatter_add(0, idx, p)
+        sum_y = zeros.scatter_add(0, idx, y)
+        nonempty = counts > 0
+        gap = (sum_p / counts.clamp(min=1) - sum_y / counts.clamp(min=1)).abs()
+        return gap[nonempty].mean()
+
+
+class LoopSoftL1ACELoss(_LoopL1ACELoss):
+    """sL1-ACE the obvious way: triangular weights to the two neighbouring bins, scatter sums per image and class."""
 
     def __init__(self, num_bins: int = NUM_BINS, empty_weight: float = 0.01) -> None:
-        super().__init__()
-        self.num_bins = num_bins
+        super().__init__(num_bins)
         self.empty_weight = empty_weight
 
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def class_ace(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         m = self.num_bins
-        probs = torch.softmax(logits, 1)
-        target = one_hot(labels, num_classes=logits.shape[1])
-        bsz, nch = probs.shape[:2]
-        per_class = []
-        present = []
-        for b in range(bsz):
-            for c in range(nch):
-                p = probs[b, c].reshape(-1)
-                y = target[b, c].reshape(-1)
-                t = p * m - 0.5  # position in units of bins, centres at integers
-                left = t.detach().floor().clamp(0, max(m - 2, 0)).long()
-                frac = (t - left).clamp(0.0, 1.0)
-                w_left = 1.0 - frac
-                w_right = frac
-                right = (left + 1).clamp(max=m - 1)
-                zeros = torch.zeros(m, device=p.device, dtype=p.dtype)
-                weight = zeros.scatter_add(0, left, w_left).scatter_add(0, right, w_right)
-                sum_p = zeros.scatter_add(0, left, w_left * p).scatter_add(0, right, w_right * p)
-                sum_y = zeros.scatter_add(0, left, w_left * y).scatter_add(0, right, w_right * y)
-                nonempty = (weight >= self.empty_weight) & (weight > 0)
-                safe = torch.where(nonempty, weight, torch.ones_like(weight))
-                gap = ((sum_p - sum_y).abs() / safe)[nonempty]
-                per_class.append(gap.mean())
-                present.append(y.sum() > 0)
-        ace = torch.stack(per_class)
-        valid = torch.stack(present).to(ace.dtype)
-        return (ace * valid).sum() / valid.sum().clamp(min=1)
+        t = p * m - 0.5  # position in units of bins, centres at integers
+        left = t.detach().floor().clamp(0, max(m - 2, 0)).long()
+        frac = (t - left).clamp(0.0, 1.0)
+        w_left = 1.0 - frac
+        w_right = frac
+        right = (left + 1).clamp(max=m - 1)
+        zeros = torch.zeros(m, device=p.device, dtype=p.dtype)
+        weight = zeros.scatter_add(0, left, w_left).scatter_add(0, right, w_right)
+        sum_p = zeros.scatter_add(0, left, w_left * p).scatter_add(0, right, w_right * p)
+        sum_y = zeros.scatter_add(0, left, w_left * y).scatter_add(0, right, w_right * y)
+        nonempty = (weight >= self.empty_weight) & (weight > 0)
+        safe = torch.where(nonempty, weight, torch.ones_like(weight))
+        return ((sum_p - sum_y).abs() / safe)[nonempty].mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from acecal.errors import InvalidInputError
 __all__ = [
     "FLOAT_DTYPES",
     "LOSS_ADVICE",
+    "check_batched",
     "check_count",
     "check_empty_weight",
     "check_num_bins",
@@ -104,20 +105,25 @@ def check_empty_weight(empty_weight: Any, who: str | None = None) -> float:
     return value
 
 
-def check_prediction(x: Any, who: str | None = None, name: str = "input", *, allow_empty: bool = False) -> None:
-    """``x`` is a floating tensor of shape ``(B, C, spatial...)`` (at least 3 dimensions), non-empty unless
-    ``allow_empty``. Values are not looked at (see :func:`range_checks`)."""
+def check_batched(x: Any, who: str | None = None, name: str = "input", shape: str = "(B, C, spatial...)") -> None:
+    """``x`` is a tensor with a batch, a channel and at least one spatial dimension (``shape`` says which)."""
     p = _prefix(who)
     if not isinstance(x, torch.Tensor):
         raise InvalidInputError(f"{p}{name} must be a torch.Tensor, got {type(x).__name__}.")
     if x.ndim < 3:
         raise InvalidInputError(
-            f"{p}{name} must have shape (B, C, spatial...): at least 3 dimensions, one of them spatial, "
+            f"{p}{name} must have shape {shape}: at least 3 dimensions, one of them spatial, "
             f"got shape {tuple(x.shape)}.")
+
+
+def check_prediction(x: Any, who: str | None = None, name: str = "input", *, allow_empty: bool = False) -> None:
+    """``x`` is a floating tensor of shape ``(B, C, spatial...)`` (at least 3 dimensions), non-empty unless
+    ``allow_empty``. Values are not looked at (see :func:`range_checks`)."""
+    check_batched(x, who, name)
     if x.dtype not in FLOAT_DTYPES:
-        raise InvalidInputError(f"{p}{name} must be a floating point tensor, got dtype {x.dtype}.")
+        raise InvalidInputError(f"{_prefix(who)}{name} must be a floating point tensor, got dtype {x.dtype}.")
     if not allow_empty and x.numel() == 0:
-        raise InvalidInputError(f"{p}{name} must not be empty, got shape {tuple(x.shape)}.")
+        raise InvalidInputError(f"{_prefix(who)}{name} must not be empty, got shape {tuple(x.shape)}.")
 
 
 def target_kind(probs: torch.Tensor, target: Any, name: str = "target") -> Literal["onehot", "labels"]:

@@ -99,8 +99,9 @@ class _SoftBinningFunction(torch.autograd.Function):
     forward(probs (B, C, N), target, num_bins, label_offset) -> (W, sum_wp, sum_wy, y_total), see
     :func:`acecal.binning.soft_bin_sums`; ``y_total`` (B, C) is the target's total per (image, class).
 
-    Backward: with incoming gradients gW, gP, gY per bin, an element in inner cell j (:func:`acecal.binning.soft_cells`)
-    gets ``gP_{j-1} + M (gW_j - gW_{j-1}) + (gP_j - gP_{j-1}) (j - 1/2) + 2 (gP_j - gP_{j-1}) f + M (gY_j - gY_{j-1}) y``
+    Backward: with incoming gradients gW, gP, gY per bin, an element in inner cell j at position f
+    (:func:`acecal.binning.soft_cells`) gets
+    ``gP_{j-1} + M (gW_j - gW_{j-1}) + (gP_j - gP_{j-1}) (j - 1/2) + 2 (gP_j - gP_{j-1}) f + M (gY_j - gY_{j-1}) y``
     (the chain rule through ``w_ik`` and ``w'_ik = -+M``), and an element in an end cell gets ``gP`` of its end bin.
     """
 

@@ -23,19 +23,14 @@ from typing import Tuple
 import torch
 
 from acecal.errors import InvalidInputError
-from acecal.tensor_checks import check_count, fused_values, label_checks, raise_if_bad, range_checks
+from acecal.tensor_checks import check_batched, check_count, fused_values, label_checks, raise_if_bad, range_checks
 
 __all__ = ["dice_counts", "dice_from_counts", "dice_scores"]
 
 
 def _as_labels(x: torch.Tensor, num_classes: int, name: str) -> torch.Tensor:
     """(B, spatial...) int64 labels from a label map (B, 1, spatial...) or from (B, num_classes, spatial...) scores."""
-    if not isinstance(x, torch.Tensor):
-        raise InvalidInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.ndim < 3:
-        raise InvalidInputError(
-            f"{name} must have shape (B, 1, spatial...) (label map) or (B, {num_classes}, spatial...) "
-            f"(probabilities, logits or one-hot), got {tuple(x.shape)}")
+    check_batched(x, name=name, shape=f"(B, 1, spatial...) (a label map) or (B, {num_classes}, spatial...)")
     x = x.detach()
     if x.shape[1] == 1:
         if x.numel():
