@@ -19,6 +19,7 @@ Usage: ``python benchmarks/bench_losses.py [--threads 1] [--repeats 9] [--device
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
@@ -139,8 +140,6 @@ def machine_line(device: torch.device) -> str:
                     break
     except OSError:
         cpu = platform.processor() or cpu
-    import os
-
     line = f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)"
     if device.type == "cuda":
         line += f", GPU {torch.cuda.get_device_name(device)}"

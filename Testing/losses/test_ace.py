@@ -7,8 +7,10 @@ import warnings
 
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from acecal.losses import HardL1ACELoss, SoftL1ACELoss
+from acecal.losses.binning import differentiable_hard_sums, differentiable_soft_sums
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -392,8 +394,6 @@ def test_argument_errors(cls):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("cls", [HardL1ACELoss, SoftL1ACELoss])
 def test_cuda_matches_cpu_without_host_syncs_in_the_binning(cls):
-    from acecal.losses.binning import differentiable_hard_sums, differentiable_soft_sums
-
     logits, labels, _ = make_case(10, shape=(2, 4, 16, 16, 16), dtype=torch.float32)
     x_cpu = logits.clone().requires_grad_()
     ref = cls(to_onehot_y=True, softmax=True)(x_cpu, labels)
@@ -417,8 +417,6 @@ def test_cuda_matches_cpu_without_host_syncs_in_the_binning(cls):
 
 @pytest.mark.parametrize("cls", [HardL1ACELoss, SoftL1ACELoss])
 def test_monai_metatensor_inputs(cls):
-    from monai.data import MetaTensor
-
     logits, labels, _ = make_case(11, dtype=torch.float32)
     x = MetaTensor(logits.clone()).requires_grad_()
     out = cls(to_onehot_y=True, softmax=True)(x, MetaTensor(labels.float()))

@@ -18,6 +18,7 @@ from acecal.metrics import CalibrationAccumulator, binning_sums
 from acecal.metrics.floor import (
     EXACT_MAX_VOXELS,
     FloorAccumulator,
+    _class_laws,
     expected_max,
     floor_errors,
     positives_law,
@@ -112,8 +113,6 @@ def test_bins_are_the_metric_bins():
     rng = np.random.default_rng(7)
     p1 = np.concatenate([edges, rng.uniform(0, 1, 300).astype(np.float32), [0.0, 1.0]]).astype(np.float32)
     probs = np.stack([1 - p1, p1]).reshape(2, -1, 1, 1).astype(np.float32)
-    from acecal.metrics.floor import _class_laws
-
     laws = _class_laws(probs[1].reshape(-1), 20)
     count, sum_p, _ = binning_sums(torch.from_numpy(probs)[None], torch.zeros(1, 1, p1.size, 1, 1, dtype=torch.long),
                                    include_background=False)
