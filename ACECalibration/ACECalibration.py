@@ -383,16 +383,23 @@ class ACECalibrationTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         from ACECalibrationLib import display, nodes, segmentation
-        from ACECalibrationLib.logic import InferenceOutput, create_result_nodes
+        from ACECalibrationLib.client import InferenceReply, InferenceResult, Region, Summary
+        from ACECalibrationLib.logic import create_result_nodes
 
         volume, grid, label = self._syntheticVolume()
         flags = np.zeros_like(label)
         flags[8:11, 10:14, 12:16] = 1
-        region = {"id": 1, "class": 1, "class_name": "sphere", "voxels": int(flags.sum()), "volume_ml": 0.1,
-                  "mean_confidence": 0.6, "centroid_ras": [0.0, 0.0, 0.0]}
-        output = InferenceOutput(labels=label, confidence=np.where(flags > 0, 0.6, 0.99).astype(np.float32),
-                                 uncertainty=np.zeros(label.shape, np.float32), flags=flags, grid=grid,
-                                 label_names={"0": "background", "1": "sphere"}, regions=[region])
+        box = {"min": [0.0, 0.0, 0.0], "max": [1.0, 1.0, 1.0]}
+        region = Region(id=1, class_value=1, class_name="sphere", voxels=int(flags.sum()), volume_ml=0.1,
+                        mean_confidence=0.6, centroid_lps=[0.0, 0.0, 0.0], centroid_ras=[0.0, 0.0, 0.0],
+                        bbox_lps=box, bbox_ras=box)
+        summary = Summary(classes=[], mean_confidence=0.98, uncertain_voxels=int(flags.sum()), uncertain_volume_ml=0.1,
+                          voxel_volume_ml=grid.voxel_volume_ml, region_count=1)
+        reply = InferenceReply(result_id="selftest", model_id="synthetic", labels={"0": "background", "1": "sphere"},
+                               grid=grid, summary=summary, files={}, regions=[region])
+        output = InferenceResult(reply, arrays={
+            "labels": label, "confidence": np.where(flags > 0, 0.6, 0.99).astype(np.float32),
+            "uncertainty": np.zeros(label.shape, np.float32), "flags": flags})
         result = create_result_nodes(slicer.mrmlScene, volume, output)
         self.assertTrue(nodes.volume_nodes_share_grid(volume, result.confidence_node))
         self.assertEqual(result.segmentation_node.GetSegmentation().GetNumberOfSegments(), 1)

@@ -4,7 +4,8 @@ Importable in plain Python with ``slicer-core`` (MRML classes from ``slicer_core
 never needs ``slicer.mrmlScene``, ``slicer.modules`` or Qt. Modules:
 
 - :mod:`.client`: the extension's own copy of the light ``acecal`` client (generated from ``server/acecal`` by
-  ``ACECalibration/CMake/generate_light_client.py``; numpy + requests only, Python 3.9+);
+  ``ACECalibration/CMake/generate_light_client.py``; numpy + requests only, Python 3.9+), with the wire protocol
+  (:mod:`.client.protocol`: every key and record of the server's replies);
 - :mod:`.controller`: the module's state machine (connect, models, segment, cancel, scene close, review,
   fine-tune, evaluation); the widget only binds Qt signals to it;
 - :mod:`.logic`: ``run_segmentation`` and its pieces (input copy, inference, result nodes);
@@ -16,8 +17,7 @@ never needs ``slicer.mrmlScene``, ``slicer.modules`` or Qt. Modules:
 - :mod:`.finetune`: training pairs from the scene, fine-tuning and per-case evaluation;
 - :mod:`.worker`, :mod:`.transport`: a Qt-free background task, and a session whose requests Cancel can abort;
 - :mod:`.settings`: server URL history and upload consent (the API key is never stored);
-- :mod:`.sampledata`: the sample hippocampus case shipped with the extension;
-- :mod:`.wire`: every key the Lib reads from the server's replies.
+- :mod:`.sampledata`: the sample hippocampus case shipped with the extension.
 """
 
 import sys

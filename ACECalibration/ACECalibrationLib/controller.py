@@ -27,7 +27,16 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import display, logic, regions, settings, wire
+from . import display, logic, regions, settings
+from .client.protocol import (
+    BACKGROUND_LABEL,
+    EVAL_AGGREGATE,
+    HEALTH_DEVICE,
+    HEALTH_VERSION,
+    JOB_SUCCEEDED,
+    METRIC_NAMES,
+    ModelInfo,
+)
 from .finetune import evaluate_case, start_finetune, training_pair
 from .review import ReviewSession
 from .transport import AbortableSession
@@ -90,7 +99,7 @@ class Controller:
         self.api_key = api_key if api_key is not None else settings.api_key_from_environment()
         self.connection_state = NOT_CONNECTED
         self.connection_text = ""
-        self.models: dict = {}  # model id -> the server's model description (wire.MODEL_* keys)
+        self.models: dict = {}  # model id -> the server's description of it (a ModelInfo)
         self.model_id = ""
         self.status_text = ""
         self.segment_state = IDLE
@@ -122,19 +131,23 @@ class Controller:
         return self.segment_state == IDLE and bool(self.model_id) and self.connection_state == CONNECTED
 
     @property
-    def model(self) -> dict:
-        return self.models.get(self.model_id, {})
+    def model(self) -> ModelInfo | None:
+        """The selected model's description (None when none is selected)."""
+        return self.models.get(self.model_id)
+
+    @property
+    def model_labels(self) -> dict:
+        """The selected model's labels (value as a string -> name); empty when none is selected."""
+        return dict(self.model.labels) if self.model is not None else {}
 
     def model_description(self, model_id: str | None = None) -> str:
         """One line about a model: its loss, labels and measured validation metrics."""
         m = self.models.get(model_id or self.model_id)
-        if not m:
+        if m is None:
             return ""
-        labels = m.get(wire.MODEL_LABELS) or {}
-        names = ", ".join(labels[k] for k in sorted(labels, key=int) if k != wire.BACKGROUND_LABEL)
-        metrics = m.get(wire.MODEL_METRICS) or {}
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, (int, float)))
-        return (f"Loss: {m.get(wire.MODEL_LOSS) or '?'}. Labels: {names or '?'}. "
+        names = ", ".join(m.labels[k] for k in sorted(m.labels, key=int) if k != BACKGROUND_LABEL)
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in m.metrics.items() if isinstance(v, (int, float)))
+        return (f"Loss: {m.loss or '?'}. Labels: {names or '?'}. "
                 f"Measured on validation: {shown or 'no metrics'}.")
 
     def _changed(self) -> None:
@@ -227,7 +240,7 @@ class Controller:
         def work(ctx):
             health = client.health()
             ctx.check()
-            return health, [m.raw for m in client.models()]
+            return health, client.models()
 
         self._connect = _Run(Task(work, name="ACECalibration connect").start(), url=url)
         self.connection_state, self.connection_text = CONNECTING, f"Connecting to {url}..."
@@ -245,13 +258,13 @@ class Controller:
             return
         if run.url != settings.normalize_server_url(self.server_url):
             return  # the user moved to another server meanwhile
-        self.models = {m[wire.MODEL_ID]: m for m in models}
+        self.models = {m.id: m for m in models}
         wanted = self._select_after_connect or self.model_id
         self._select_after_connect = ""
         self.model_id = wanted if wanted in self.models else next(iter(self.models), "")
         self.connection_state = CONNECTED
-        self.connection_text = (f"Connected to {run.url}: server {health.get(wire.HEALTH_VERSION, '?')}, "
-                                f"{health.get(wire.HEALTH_DEVICE, '?')}; {len(self.models)} model(s).")
+        self.connection_text = (f"Connected to {run.url}: server {health.get(HEALTH_VERSION, '?')}, "
+                                f"{health.get(HEALTH_DEVICE, '?')}; {len(self.models)} model(s).")
         if not self.models:
             self.connection_text += " The server has no models."
         self._changed()
@@ -313,9 +326,9 @@ class Controller:
             return logic.infer(client, model_id, array, grid, params, ctx)
 
         task = Task(work, name=f"ACECalibration inference {model_id}").start()
-        model = self.models.get(model_id, {})
+        model = self.models.get(model_id)
         self._segment = _Run(task, session, volume, url, {
-            "reuse": reuse, "model_text": f"{model_id} {model.get(wire.MODEL_DESCRIPTION, '')}"})
+            "reuse": reuse, "model_text": f"{model_id} {model.description if model is not None else ''}"})
         self.segment_state, self.segment_progress = RUNNING, (0.0, "Uploading")
         self._status(f"Segmenting '{volume.GetName()}' with {model_id}...")
         return True
@@ -376,10 +389,10 @@ class Controller:
             self._fail("Could not display the result.", e)
             return
         self._attach(result)
-        s = result.summary or {}
+        s = result.summary
         self._status(f"Done: {len(result.regions)} uncertain region(s), "
-                     f"{float(s.get(wire.SUMMARY_UNCERTAIN_VOLUME_ML, 0.0)):.2f} ml flagged; mean confidence "
-                     f"{float(s.get(wire.SUMMARY_MEAN_CONFIDENCE, float('nan'))):.3f}.")
+                     f"{s.uncertain_volume_ml if s else 0.0:.2f} ml flagged; mean confidence "
+                     f"{s.mean_confidence if s else float('nan'):.3f}.")
         self.view.result_ready(result)
 
     # ============================================================================================== result and review
@@ -524,7 +537,7 @@ class Controller:
         url = self._checked_url()
         if url is None or not self._may_send_key(url) or not self._may_upload(url, "Fine-tuning"):
             return False
-        labels = self.model.get(wire.MODEL_LABELS) or {}
+        labels = self.model_labels
         try:
             data = [training_pair(v, s, labels) for v, s in pairs]
             client = logic.make_client(url, self.api_key)
@@ -569,15 +582,15 @@ class Controller:
             self.finetune_log.append(logic.user_message(e, run.url))
             self._fail("Fine-tuning failed.", e, run.url)
             return
-        if job.get(wire.JOB_STATUS) == wire.JOB_SUCCEEDED and job.get(wire.JOB_MODEL_ID):
-            new = job[wire.JOB_MODEL_ID]
+        if job.status == JOB_SUCCEEDED and job.model_id:
+            new = job.model_id
             self.finetune_log.append(f"New model: {new}")
             self._select_after_connect = new
             self.connection_state = NOT_CONNECTED
             self.connect(quiet=True)  # the model list, now with the new model, selected
             self._status(f"Fine-tuning finished: new model {new}.")
         else:
-            self.finetune_log.append(f"Job ended: {job.get(wire.JOB_STATUS)}. {job.get(wire.JOB_ERROR) or ''}".strip())
+            self.finetune_log.append(f"Job ended: {job.status}. {job.error or ''}".strip())
             self._status(self.finetune_log[-1])
 
     # ============================================================================================== evaluation
@@ -596,7 +609,7 @@ class Controller:
         if url is None or not self._may_send_key(url) or not self._may_upload(url, "Evaluating"):
             return False
         try:
-            pair = training_pair(volume, reference, self.model.get(wire.MODEL_LABELS) or {})
+            pair = training_pair(volume, reference, self.model_labels)
         except Exception as e:  # noqa: BLE001
             self._fail("Cannot evaluate this pair.", e, url)
             return False
@@ -647,9 +660,9 @@ class Controller:
             self.evaluation_text = ""
             self._fail("Evaluation failed.", e, run.url)
             return
-        m = reply.get(wire.EVAL_AGGREGATE) or {}
+        m = reply.get(EVAL_AGGREGATE) or {}
         self.evaluation_text = ", ".join(
-            f"{k.upper() if k != 'dice' else 'Dice'} {m[k]:.3f}" for k in wire.METRIC_NAMES if m.get(k) is not None)
+            f"{k.upper() if k != 'dice' else 'Dice'} {m[k]:.3f}" for k in METRIC_NAMES if m.get(k) is not None)
         path = ""
         if png:
             fd, path = tempfile.mkstemp(prefix="acecal-reliability-", suffix=".png")

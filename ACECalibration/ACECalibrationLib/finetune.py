@@ -9,7 +9,8 @@ map is on the image's exact grid.
 Node names often carry patient names or record numbers, so they never leave the computer: uploaded cases are named
 ``case 1``, ``case 2``, ... and datasets ``Slicer corrections`` / ``Slicer evaluation``; messages about a refused case
 name the node again, locally. The network part (dataset upload, job start, progress) goes through the extension's
-:class:`ACECalibrationLib.client.ACEClient`; reply keys are those of :mod:`.wire`.
+:class:`ACECalibrationLib.client.ACEClient`; replies are read with its wire protocol
+(:mod:`ACECalibrationLib.client.protocol`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from . import display, wire
+from . import display
 from .client.errors import InvalidInputError
 from .client.geometry import Grid
+from .client.protocol import DATASET_ID, EVAL_FIGURES, EVAL_FIGURES_CASES, JOB_ACCEPTED_ID, METRIC_NAMES, JobInfo
 from .nodes import volume_node_to_array
 from .segmentation import segment_label_value, segment_mask
 from .worker import Task, TaskContext
@@ -109,7 +111,7 @@ def upload_pairs(client, pairs: Sequence[TrainingPair], model_id: str, dataset_n
     """
     if not pairs:
         raise InvalidInputError("Add at least one (image, corrected segmentation) pair first.")
-    ds_id = client.create_dataset(dataset_name, model=model_id)[wire.DATASET_ID]
+    ds_id = client.create_dataset(dataset_name, model=model_id)[DATASET_ID]
     try:
         for i, p in enumerate(pairs):
             lo, hi = share * i / len(pairs), share * (i + 1) / len(pairs)
@@ -129,21 +131,18 @@ def upload_pairs(client, pairs: Sequence[TrainingPair], model_id: str, dataset_n
     return ds_id
 
 
-def describe_job(job: Mapping[str, Any]) -> str:
-    """One line for the log: status, epoch and the latest validation metrics."""
-    prog = job.get(wire.JOB_PROGRESS) or {}
-    epochs = prog.get(wire.JOB_PROGRESS_EPOCHS, job.get(wire.JOB_EPOCHS, "?"))
-    text = f"{job.get(wire.JOB_STATUS)}: epoch {prog.get(wire.JOB_PROGRESS_EPOCH, 0)}/{epochs}"
-    metrics = job.get(wire.JOB_METRICS) or []
-    validated = [m for m in metrics if m.get(wire.METRIC_NAMES[0]) is not None]
-    last = metrics[-1] if metrics else {}
-    if last.get(wire.JOB_TRAIN_LOSS) is not None:
-        text += f", loss {last[wire.JOB_TRAIN_LOSS]:.4f}"
-    if validated:
-        v = validated[-1]
-        text += ", validation " + ", ".join(f"{k} {v[k]:.3f}" for k in wire.METRIC_NAMES if v.get(k) is not None)
-    if job.get(wire.JOB_ERROR):
-        text += f" ({job[wire.JOB_ERROR]})"
+def describe_job(job: JobInfo | Mapping[str, Any]) -> str:
+    """One line for the log: status, epoch and the latest validation metrics (``job``: a job view, typed or JSON)."""
+    job = job if isinstance(job, JobInfo) else JobInfo.from_json(job)
+    text = f"{job.status}: epoch {job.progress.epoch}/{job.progress.epochs}"
+    if job.metrics and job.metrics[-1].train_loss is not None:
+        text += f", loss {job.metrics[-1].train_loss:.4f}"
+    v = job.last_validation()
+    if v is not None:
+        values = v.metric_values()
+        text += ", validation " + ", ".join(f"{k} {values[k]:.3f}" for k in METRIC_NAMES if values[k] is not None)
+    if job.error:
+        text += f" ({job.error})"
     return text
 
 
@@ -152,7 +151,8 @@ def start_finetune(client, pairs: Sequence[TrainingPair], base_model: str, loss:
     """Upload ``pairs`` as a dataset, start a fine-tuning job and follow it until it ends, on a worker thread.
 
     The task's progress is the job's (uploads take the first 10 %); its message is :func:`describe_job`'s line.
-    Its result is the final job (a dict; ``model_id`` is the new model when ``status == "succeeded"``).
+    Its result is the final job (a :class:`~ACECalibrationLib.client.protocol.JobInfo`; ``model_id`` is the new model
+    when ``status == "succeeded"``).
     Cancelling the task cancels the job on the server. ``options`` go to ``client.finetune`` (``val_fraction``, ...).
     """
     if not pairs:
@@ -161,15 +161,14 @@ def start_finetune(client, pairs: Sequence[TrainingPair], base_model: str, loss:
     def work(ctx: TaskContext) -> Any:
         ds_id = upload_pairs(client, pairs, base_model, dataset_name, ctx)
         ctx.progress(0.1, "Starting the fine-tuning job")
-        job_id = client.finetune(base_model, ds_id, loss=loss, epochs=int(epochs), **options)[wire.JOB_ACCEPTED_ID]
+        job_id = client.finetune(base_model, ds_id, loss=loss, epochs=int(epochs), **options)[JOB_ACCEPTED_ID]
         try:
-            job = client.job(job_id)
+            job = JobInfo.from_json(client.job(job_id))
             while True:
-                prog = job.get(wire.JOB_PROGRESS) or {}
-                ctx.progress(0.1 + 0.9 * float(prog.get(wire.JOB_PROGRESS_FRACTION) or 0.0), describe_job(job))
-                if job[wire.JOB_STATUS] in wire.JOB_FINAL_STATUSES:
+                ctx.progress(0.1 + 0.9 * job.progress.fraction, describe_job(job))
+                if job.final:
                     return job
-                job = client.job(job_id, wait=poll_s, after=job.get(wire.JOB_REV))  # long-poll: answers on any change
+                job = JobInfo.from_json(client.job(job_id, wait=poll_s, after=job.rev))  # answers on any change
         except BaseException:
             if ctx.cancelled:
                 try:
@@ -195,7 +194,7 @@ def evaluate_case(client, pair: TrainingPair, model_id: str, temperature: bool =
         if ctx is not None:
             ctx.progress(None, "Evaluating on the server")
         reply = client.evaluate(model_id, ds_id, temperature=temperature)
-        figures = (reply.get(wire.EVAL_FIGURES) or {}).get(wire.EVAL_FIGURES_CASES) or {}
+        figures = (reply.get(EVAL_FIGURES) or {}).get(EVAL_FIGURES_CASES) or {}
         png = b""
         if figures:
             buf = io.BytesIO()

@@ -8,7 +8,8 @@ From Slicer's Python console::
 
 The work is split so the GUI never blocks: :func:`prepare_input` (GUI thread: copy the voxels and grid out of the
 node), :func:`infer` (any thread: upload, inference, download through the extension's own copy of the project's
-client, :class:`ACECalibrationLib.client.ACEClient`), :func:`create_result_nodes` (GUI thread: MRML).
+client, :class:`ACECalibrationLib.client.ACEClient`; the result is the client's
+:class:`~ACECalibrationLib.client.InferenceResult`), :func:`create_result_nodes` (GUI thread: MRML).
 :func:`run_segmentation` runs all three in a row; :mod:`.controller` runs the middle one on a worker thread.
 
 Result nodes carry the attribute :data:`~.display.ROLE_ATTRIBUTE` (what they are) and
@@ -18,20 +19,21 @@ Result nodes carry the attribute :data:`~.display.ROLE_ATTRIBUTE` (what they are
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 
-from . import display, regions as regions_mod, segmentation as segmentation_mod, stats, wire
-from .client.errors import ACECalError, InvalidInputError, UnauthorizedError
+from . import display, regions as regions_mod, segmentation as segmentation_mod, stats
+from .client.errors import ACECalError, InvalidInputError, ProtocolError, UnauthorizedError
 from .client.geometry import Grid
+from .client.protocol import BACKGROUND_LABEL, VOLUMES, Summary
+from .client.results import InferenceResult
 from .nodes import add_volume_from_array, ensure_segmentations_logic, grid_from_volume_node, update_volume_from_array
 from .nodes import volume_node_to_array
 from .worker import Cancelled, TaskContext
 
 __all__ = [
-    "InferenceOutput",
     "SegmentationResult",
     "ROLES",
     "make_client",
@@ -58,24 +60,9 @@ RESULT_ID_ATTRIBUTE = "ACECalibration.ResultId"
 
 
 @dataclass
-class InferenceOutput:
-    """What the server returned for one image, as numpy arrays (z, y, x) on ``grid`` (LPS)."""
-
-    labels: np.ndarray
-    confidence: np.ndarray
-    uncertainty: np.ndarray
-    flags: np.ndarray
-    grid: Grid
-    label_names: dict
-    regions: list = field(default_factory=list)  # the server's region dicts (keys in .wire)
-    summary: dict = field(default_factory=dict)
-    result_id: str = ""
-    model_id: str = ""
-
-
-@dataclass
 class SegmentationResult:
-    """The nodes :func:`create_result_nodes` filled, plus the server's summary and regions."""
+    """The nodes :func:`create_result_nodes` filled, plus the server's summary (None once rebuilt from the scene)
+    and the regions table's rows (:class:`~.regions.RegionRow`)."""
 
     segmentation_node: Any
     uncertain_node: Any
@@ -85,7 +72,7 @@ class SegmentationResult:
     statistics_table_node: Any
     segment_ids: dict
     regions: list
-    summary: dict
+    summary: Optional[Summary]
     label_names: dict
     model_id: str = ""
     result_id: str = ""
@@ -130,32 +117,12 @@ def make_client(server_url: str, api_key: str | None = None, **kwargs: Any):
     return client
 
 
-def _to_output(result: Any, model_id: str) -> InferenceOutput:
-    """The client's :class:`~ACECalibrationLib.client.InferenceResult` as an :class:`InferenceOutput`."""
-    arrays = result.arrays
-    missing = [n for n in ("labels", "confidence", "uncertainty", "flags") if arrays.get(n) is None]
-    if missing:
-        raise ACECalError(f"The server's result lacks the {', '.join(missing)} volume(s).", code="bad_response")
-    return InferenceOutput(
-        labels=np.asarray(arrays["labels"]),
-        confidence=np.asarray(arrays["confidence"], dtype=np.float32),
-        uncertainty=np.asarray(arrays["uncertainty"], dtype=np.float32),
-        flags=np.asarray(arrays["flags"]),
-        grid=result.grid,
-        label_names={str(k): str(v) for k, v in dict(result.labels).items()},
-        regions=[dict(r.raw) for r in result.regions],
-        summary=dict(result.summary or {}),
-        result_id=str(result.result_id),
-        model_id=str(result.model_id or model_id),
-    )
-
-
 def _progress_callback(context: TaskContext):
     """Map the client's ``progress(stage, done, total)`` onto the task: upload 0-30 %, downloads 70-100 %.
 
     It also checks the cancel flag on every chunk, so Cancel stops an upload or download within one chunk.
     """
-    downloads = ("labels", "confidence", "uncertainty", "flags")
+    downloads = VOLUMES
 
     def progress(stage: str, done: int, total: int | None) -> None:
         if stage == "upload":
@@ -186,8 +153,9 @@ def infer(
     grid: Grid,
     uncertainty_threshold: float | None = None,
     context: TaskContext | None = None,
-) -> InferenceOutput:
-    """Any thread: upload the volume, run inference on the server, download the four volumes."""
+) -> InferenceResult:
+    """Any thread: upload the volume, run inference on the server, download the four volumes (checked to lie on the
+    input's grid)."""
     if not model_id:
         raise InvalidInputError("No model selected: connect to a server and choose a model.")
     params: dict = {}
@@ -200,15 +168,17 @@ def infer(
     result = client.infer((array_zyx, grid), model_id, params=params or None, progress=progress)
     if context is not None:
         context.check()
-    out = _to_output(result, model_id)
-    if out.grid is not None and not out.grid.same_as(grid):
+    missing = result.missing_volumes()
+    if missing:
+        raise ProtocolError(f"The server's result lacks the {', '.join(missing)} volume(s).")
+    if not result.grid.same_as(grid):
         raise ACECalError(
             "The server returned volumes on a different grid than the input "
-            f"(sent {grid.size} voxels, got {out.grid.size}); the overlay would not line up.", code="grid_mismatch")
-    if out.labels.shape != grid.shape_zyx:
-        raise ACECalError(f"The server returned a label map of shape {out.labels.shape}, expected {grid.shape_zyx}.",
-                          code="grid_mismatch")
-    return out
+            f"(sent {grid.size} voxels, got {result.grid.size}); the overlay would not line up.", code="grid_mismatch")
+    if result.label_map.shape != grid.shape_zyx:
+        raise ACECalError(f"The server returned a label map of shape {result.label_map.shape}, expected "
+                          f"{grid.shape_zyx}.", code="grid_mismatch")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------- MRML side
@@ -243,7 +213,7 @@ def result_from_nodes(scene, volume_node):
     names = {str(v): s.GetSegment(sid).GetName() for v, sid in ids.items()}
     return SegmentationResult(seg, nodes[ROLE_UNCERTAIN], nodes[display.ROLE_CONFIDENCE],
                               nodes[display.ROLE_UNCERTAINTY], nodes[ROLE_REGIONS], nodes[ROLE_STATISTICS], ids,
-                              regions_mod.regions_from_table(nodes[ROLE_REGIONS]), {}, names,
+                              regions_mod.regions_from_table(nodes[ROLE_REGIONS]), None, names,
                               seg.GetAttribute(MODEL_ID_ATTRIBUTE) or "", seg.GetAttribute(RESULT_ID_ATTRIBUTE) or "",
                               reused=True)
 
@@ -262,7 +232,7 @@ def _volume(scene, volume_node, array: np.ndarray, grid: Grid, name: str, node=N
 def create_result_nodes(
     scene,
     volume_node,
-    output: InferenceOutput,
+    result: InferenceResult,
     confidence_display_threshold: float | None = 0.9,
     overlay_opacity: float = 0.5,
     show_in_slice_views: bool = True,
@@ -271,7 +241,8 @@ def create_result_nodes(
     model_text: str = "",
 ) -> SegmentationResult:
     """GUI thread: the anatomy segmentation, the ``Uncertain`` segmentation, confidence and uncertainty volumes, the
-    regions table (the review worklist) and the per-segment statistics table.
+    regions table (the review worklist) and the per-segment statistics table, from an inference ``result`` with its
+    four arrays (what :func:`infer` returns).
 
     Every volume is placed on ``volume_node``'s exact grid: the same IJK-to-RAS matrix and parent transform. With
     ``reuse`` the nodes of the previous result of the same input are refilled (review states start afresh) instead
@@ -281,31 +252,34 @@ def create_result_nodes(
     """
     ensure_segmentations_logic(scene)
     grid = grid_from_volume_node(volume_node)
-    if output.grid is not None and not output.grid.same_as(grid):
+    if not result.grid.same_as(grid):
         raise ACECalError("The result does not lie on the input volume's grid.", code="grid_mismatch")
+    missing = result.missing_volumes()
+    if missing:
+        raise ProtocolError(f"The result lacks the {', '.join(missing)} volume(s).")
     old = find_result_nodes(scene, volume_node) if reuse else {}
     base = volume_node.GetName() or "Volume"
 
     def name(role: str) -> str:
         return scene.GenerateUniqueName(f"{base} {_ROLE_NAME[role]}")
 
-    confidence = _volume(scene, volume_node, output.confidence.astype(np.float32, copy=False), grid,
+    confidence = _volume(scene, volume_node, result.confidence.astype(np.float32, copy=False), grid,
                          name(display.ROLE_CONFIDENCE), old.get(display.ROLE_CONFIDENCE))
-    uncertainty = _volume(scene, volume_node, output.uncertainty.astype(np.float32, copy=False), grid,
+    uncertainty = _volume(scene, volume_node, result.uncertainty.astype(np.float32, copy=False), grid,
                           name(display.ROLE_UNCERTAINTY), old.get(display.ROLE_UNCERTAINTY))
     confidence.SetAttribute(display.ROLE_ATTRIBUTE, display.ROLE_CONFIDENCE)
     uncertainty.SetAttribute(display.ROLE_ATTRIBUTE, display.ROLE_UNCERTAINTY)
     display.set_confidence_threshold(confidence, confidence_display_threshold, uncertainty)
     display.add_color_legend(confidence, "Confidence")
 
-    labels = output.label_names or {wire.BACKGROUND_LABEL: "background"}
+    labels = dict(result.labels) or {BACKGROUND_LABEL: "background"}
     seg, ids = segmentation_mod.create_segmentation_node(
-        scene, volume_node, output.labels, labels, name(ROLE_SEGMENTATION), model_text=model_text,
+        scene, volume_node, result.label_map, labels, name(ROLE_SEGMENTATION), model_text=model_text,
         node=old.get(ROLE_SEGMENTATION))
     uncertain = segmentation_mod.create_uncertain_segmentation(
-        scene, volume_node, output.flags, name(ROLE_UNCERTAIN), node=old.get(ROLE_UNCERTAIN))
+        scene, volume_node, result.flags, name(ROLE_UNCERTAIN), node=old.get(ROLE_UNCERTAIN))
 
-    region_rows = [regions_mod.region_from_reply(r, labels) for r in output.regions]
+    region_rows = [regions_mod.region_from_reply(r, labels) for r in result.regions]
     table = old.get(ROLE_REGIONS) or scene.AddNewNodeByClass("vtkMRMLTableNode", name(ROLE_REGIONS))
     regions_mod.update_regions_table(table, region_rows)
     statistics = old.get(ROLE_STATISTICS) or scene.AddNewNodeByClass("vtkMRMLTableNode", name(ROLE_STATISTICS))
@@ -315,13 +289,13 @@ def create_result_nodes(
                        (display.ROLE_UNCERTAINTY, uncertainty), (ROLE_REGIONS, table), (ROLE_STATISTICS, statistics)):
         node.SetAttribute(display.ROLE_ATTRIBUTE, role)
         node.SetAttribute(display.INPUT_VOLUME_ATTRIBUTE, volume_node.GetID() or "")
-        node.SetAttribute(MODEL_ID_ATTRIBUTE, output.model_id)
-        node.SetAttribute(RESULT_ID_ATTRIBUTE, output.result_id)
+        node.SetAttribute(MODEL_ID_ATTRIBUTE, result.model_id)
+        node.SetAttribute(RESULT_ID_ATTRIBUTE, result.result_id or "")
 
     if show_in_slice_views:
         display.set_overlay(scene, volume_node, confidence, overlay_opacity)
     return SegmentationResult(seg, uncertain, confidence, uncertainty, table, statistics, ids, region_rows,
-                              output.summary, dict(labels), output.model_id, output.result_id, reused=bool(old))
+                              result.summary, dict(labels), result.model_id, result.result_id or "", reused=bool(old))
 
 
 def run_segmentation(
@@ -346,8 +320,8 @@ def run_segmentation(
     """
     array, grid = prepare_input(volume_node)
     client = client if client is not None else make_client(server_url, api_key)
-    output = infer(client, model_id, array, grid, uncertainty_threshold)
-    return create_result_nodes(scene, volume_node, output, confidence_display_threshold, reuse=reuse,
+    result = infer(client, model_id, array, grid, uncertainty_threshold)
+    return create_result_nodes(scene, volume_node, result, confidence_display_threshold, reuse=reuse,
                                model_text=model_id)
 
 

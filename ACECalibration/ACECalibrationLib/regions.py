@@ -1,8 +1,9 @@
 """The uncertain-regions table: the review worklist, and jumping from one region to the next.
 
 The server finds uncertain boundary regions (connected components of low-confidence voxels near predicted
-boundaries) and reports each with its class, size, mean confidence and centroid in LPS and RAS (keys in
-:mod:`.wire`). This module turns that list into a ``vtkMRMLTableNode`` (one row per region) with a ``Review``
+boundaries) and reports each with its class, size, mean confidence and centroid in LPS and RAS
+(:class:`ACECalibrationLib.client.protocol.Region`). This module turns that list into a ``vtkMRMLTableNode`` (one
+row per region, :class:`RegionRow`) with a ``Review``
 column, the clinician's verdict on each region (:data:`REVIEW_STATES`), saved with the scene like any table, and
 turns a row back into the RAS point the slice views should centre on. Only the slice views that show the input or
 its results move; 3D cameras stay where the user put them.
@@ -15,13 +16,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from . import display, wire
+from . import display
 from ._mrml import mrml, vtk
+from .client.protocol import Region
 
 __all__ = [
     "COLUMNS",
     "REVIEW_STATES",
-    "Region",
+    "RegionRow",
     "region_from_reply",
     "create_regions_table",
     "update_regions_table",
@@ -50,37 +52,32 @@ REVIEW_STATES = (UNREVIEWED, REVIEWED, ACCEPTED, CORRECTED)
 
 
 @dataclass(frozen=True)
-class Region:
-    """One uncertain region as the table shows it; ``centroid_ras`` in the (local) RAS of the input volume."""
+class RegionRow:
+    """One row of the regions table: the server's region as the table shows it (a subset of its
+    :class:`~ACECalibrationLib.client.protocol.Region`) and the review state; ``centroid_ras`` in the (local) RAS of
+    the input volume."""
 
     id: int
     class_name: str
-    voxel_count: int
+    voxels: int
     volume_ml: float
     mean_confidence: float
     centroid_ras: tuple
     review: str = UNREVIEWED
 
 
-def region_from_reply(d: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> Region:
-    """A :class:`Region` from one entry of the server's ``regions`` list (a dict, keys in :mod:`.wire`).
+def region_from_reply(region: Region | Mapping[str, Any], labels: Mapping[str, str] | None = None) -> RegionRow:
+    """The table row of one of the server's regions (a :class:`~ACECalibrationLib.client.protocol.Region`, or its
+    JSON, checked by ``Region.from_json``: a missing or misspelt key raises ``ProtocolError``).
 
-    The class is named by the reply's ``class_name``; where that is empty, by ``labels`` (value -> name).
+    The class is named by the region's ``class_name``; where that is empty, by ``labels`` (value -> name).
     """
-    name = str(d.get(wire.REGION_CLASS_NAME) or "")
+    r = region if isinstance(region, Region) else Region.from_json(region)
+    name = r.class_name
     if not name and labels is not None:
-        name = str(labels.get(str(d[wire.REGION_CLASS]), d[wire.REGION_CLASS]))
-    ras = np.asarray(d[wire.REGION_CENTROID_RAS], dtype=float).ravel()
-    if ras.shape != (3,):
-        raise ValueError(f"region {d.get(wire.REGION_ID)}: centroid_ras must have 3 coordinates, got {ras.tolist()}")
-    return Region(
-        id=int(d[wire.REGION_ID]),
-        class_name=name,
-        voxel_count=int(d[wire.REGION_VOXELS]),
-        volume_ml=float(d[wire.REGION_VOLUME_ML]),
-        mean_confidence=float(d[wire.REGION_MEAN_CONFIDENCE]),
-        centroid_ras=tuple(float(x) for x in ras),
-    )
+        name = str(labels.get(str(r.class_value), r.class_value))
+    return RegionRow(id=r.id, class_name=name, voxels=r.voxels, volume_ml=r.volume_ml,
+                     mean_confidence=r.mean_confidence, centroid_ras=tuple(r.centroid_ras))
 
 
 def _column(cls, name: str, values: Sequence[Any]):
@@ -91,7 +88,7 @@ def _column(cls, name: str, values: Sequence[Any]):
     return arr
 
 
-def update_regions_table(table_node, regions: Sequence[Region]) -> None:
+def update_regions_table(table_node, regions: Sequence[RegionRow]) -> None:
     """Fill ``table_node`` with one row per region (replacing its content); review states from the regions."""
     for r in regions:
         if r.review not in REVIEW_STATES:
@@ -100,7 +97,7 @@ def update_regions_table(table_node, regions: Sequence[Region]) -> None:
     table.AddColumn(_column(vtk.vtkIntArray, COL_ID, [r.id for r in regions]))
     table.AddColumn(_column(vtk.vtkStringArray, COL_CLASS, [r.class_name for r in regions]))
     table.AddColumn(_column(vtk.vtkStringArray, COL_REVIEW, [r.review for r in regions]))
-    table.AddColumn(_column(vtk.vtkIntArray, COL_VOXELS, [r.voxel_count for r in regions]))
+    table.AddColumn(_column(vtk.vtkIntArray, COL_VOXELS, [r.voxels for r in regions]))
     table.AddColumn(_column(vtk.vtkDoubleArray, COL_VOLUME, [r.volume_ml for r in regions]))
     table.AddColumn(_column(vtk.vtkDoubleArray, COL_CONFIDENCE, [r.mean_confidence for r in regions]))
     for i, name in enumerate((COL_R, COL_A, COL_S)):
@@ -126,7 +123,7 @@ def update_regions_table(table_node, regions: Sequence[Region]) -> None:
     table_node.EndModify(was)
 
 
-def create_regions_table(scene, regions: Sequence[Region], name: str = "Uncertain regions"):
+def create_regions_table(scene, regions: Sequence[RegionRow], name: str = "Uncertain regions"):
     """A new table node in ``scene`` with one row per region."""
     node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
     update_regions_table(node, regions)
@@ -134,15 +131,15 @@ def create_regions_table(scene, regions: Sequence[Region], name: str = "Uncertai
 
 
 def regions_from_table(table_node) -> list:
-    """The rows of a regions table as :class:`Region` objects (review state included)."""
+    """The rows of a regions table as :class:`RegionRow` objects (review state included)."""
     table = table_node.GetTable()
     out = []
     for row in range(table.GetNumberOfRows()):
         get = lambda col: table.GetValueByName(row, col)  # noqa: E731
-        out.append(Region(
+        out.append(RegionRow(
             id=get(COL_ID).ToInt(),
             class_name=get(COL_CLASS).ToString(),
-            voxel_count=get(COL_VOXELS).ToInt(),
+            voxels=get(COL_VOXELS).ToInt(),
             volume_ml=get(COL_VOLUME).ToDouble(),
             mean_confidence=get(COL_CONFIDENCE).ToDouble(),
             centroid_ras=(get(COL_R).ToDouble(), get(COL_A).ToDouble(), get(COL_S).ToDouble()),

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Generate ``ACECalibrationLib/client/``: the extension's own copy of the light ``acecal`` client.
 
-3D Slicer must not pip-install anything, so the module carries the client (HTTP client, errors, geometry, NRRD
-codec: numpy + requests, both shipped with Slicer) as a sub-package of its Lib. The copy is *generated* from
+3D Slicer must not pip-install anything, so the module carries the client (HTTP client, wire protocol, errors,
+geometry, NRRD codec: numpy + requests, both shipped with Slicer) as a sub-package of its Lib. The copy is *generated* from
 ``server/acecal``: every file in :data:`SOURCES` is copied unchanged except that its ``acecal`` imports become
 relative imports inside the flat package ``ACECalibrationLib.client``, and a one-line header names the source.
 
@@ -40,6 +40,10 @@ SOURCES = (
     ("errors.py", "errors"),
     ("geometry.py", "geometry"),
     ("nrrd.py", "nrrd"),
+    ("protocol.py", "protocol"),
+    ("client/transport.py", "transport"),
+    ("client/results.py", "results"),
+    ("client/resources.py", "resources"),
     ("client/client.py", "client"),
     ("client/__init__.py", "__init__"),
 )

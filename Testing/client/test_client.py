@@ -54,7 +54,7 @@ def test_infer_a_file_into_arrays_with_progress(client_server, tmp_path):
     assert res.label_map.dtype == np.uint8 and res.confidence.dtype == np.float32
     assert dice(res.label_map, case.label) > 0.9
     assert res.raw["params"]["uncertainty_threshold"] == 0.9
-    assert len(res.regions) == res.summary["region_count"]
+    assert len(res.regions) == res.summary.region_count
     for r in res.regions:
         assert r.class_name == "sphere" and r.voxels > 0
         np.testing.assert_allclose(r.centroid_ras[:2], -np.asarray(r.centroid_lps[:2]))

@@ -122,18 +122,18 @@ def test_reload_reloads_the_lib(tmp_path):
     code = textwrap.dedent(f"""
         import sys, pathlib
         sys.path.insert(0, {str(tmp_path)!r})
-        import ACECalibrationLib.wire as wire
-        before = wire.REGION_VOXELS
-        path = pathlib.Path({str(lib / "wire.py")!r})
-        path.write_text(path.read_text().replace('REGION_VOXELS = "voxels"', 'REGION_VOXELS = "edited"'))
+        import ACECalibrationLib.regions as regions
+        before = regions.COL_VOXELS
+        path = pathlib.Path({str(lib / "regions.py")!r})
+        path.write_text(path.read_text().replace('COL_VOXELS = "Voxels"', 'COL_VOXELS = "Edited"'))
         import ACECalibrationLib
         removed = ACECalibrationLib.unload()
-        import ACECalibrationLib.wire as wire2
-        print(before, wire2.REGION_VOXELS, "ACECalibrationLib.wire" in removed, wire2 is not wire)
+        import ACECalibrationLib.regions as regions2
+        print(before, regions2.COL_VOXELS, "ACECalibrationLib.regions" in removed, regions2 is not regions)
     """)
     r = subprocess.run([sys.executable, "-B", "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["voxels", "edited", "True", "True"]
+    assert r.stdout.split() == ["Voxels", "Edited", "True", "True"]
 
 
 def test_module_classes_icon_and_sample_data(tmp_path):

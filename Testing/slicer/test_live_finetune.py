@@ -38,12 +38,12 @@ def _run(task, timeout=180.0):
 def test_finetune_from_scene_pairs_publishes_a_new_model(scene, client):
     pairs = [_pair(scene, s) for s in (1, 2)]
     task = start_finetune(client, pairs, MODEL, "hardl1ace_dice_ce", epochs=1, val_fraction=0.5, poll_s=1.0)
-    job, messages = _run(task)
-    assert job["status"] == "succeeded", job
-    assert job["model_id"] in {m.id for m in client.models()}
+    job, messages = _run(task)  # the final job view, typed (JobInfo)
+    assert job.status == "succeeded", job
+    assert job.model_id in {m.id for m in client.models()}
     assert any(m.startswith("Uploading case") for m in messages) and any("epoch" in m for m in messages), messages
     assert "validation dice" in messages[-1], messages[-1]  # the latest validation metrics are shown
-    dataset = client.dataset(job["dataset"])
+    dataset = client.dataset(job.dataset)
     assert dataset["num_cases"] == 2
     # node names (often patient names) never leave the computer: cases and dataset have neutral names
     assert sorted(c["name"] for c in dataset["cases"]) == ["case 1", "case 2"] and dataset["name"] == "Slicer corrections"

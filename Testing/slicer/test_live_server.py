@@ -57,7 +57,7 @@ def test_segmentation_overlays_and_table_from_the_server(scene, case, client):
     assert uncertain.GetName() == display.UNCERTAIN_SEGMENT_NAME
     assert np.allclose(uncertain.GetColor(), display.UNCERTAIN_COLOR)
     mask = segmentation.segment_mask(result.segmentation_node, result.segment_ids[1], volume)
-    assert np.array_equal(mask, (output.labels == 1).astype(np.uint8))
+    assert np.array_equal(mask, (output.label_map == 1).astype(np.uint8))
     assert _dice(mask, truth) > 0.8, _dice(mask, truth)
     m = vtk_matrix(volume)
     k, j, i = np.nonzero(mask)
@@ -66,23 +66,24 @@ def test_segmentation_overlays_and_table_from_the_server(scene, case, client):
     flags = segmentation.segment_mask(result.uncertain_node, result.uncertain_segment_id, volume)
     assert np.array_equal(flags, (output.flags > 0).astype(np.uint8))
 
-    # the regions table matches the server's regions, row by row (the keys the Lib reads, .wire, are the server's)
+    # the regions table matches the server's regions, row by row (read with the copied wire protocol)
     assert len(output.regions) > 0, "expected flagged regions at threshold 0.999"
+    assert output.regions[0].extra == {}  # the protocol knows every key the server sends
     rows = regions.regions_from_table(result.regions_table_node)
-    assert len(rows) == len(output.regions) == result.summary["region_count"]
+    assert len(rows) == len(output.regions) == result.summary.region_count
     for row, r in zip(rows, output.regions):
-        assert row.id == r["id"] and row.class_name == r["class_name"] == "sphere"
-        assert row.voxel_count == r["voxels"]
-        assert row.volume_ml == pytest.approx(r["volume_ml"]) and row.mean_confidence == pytest.approx(r["mean_confidence"])
-        assert np.allclose(row.centroid_ras, r["centroid_ras"])
-        assert np.allclose(row.centroid_ras, lps_to_ras(r["centroid_lps"]))
+        assert row.id == r.id and row.class_name == r.class_name == "sphere"
+        assert row.voxels == r.voxels
+        assert row.volume_ml == pytest.approx(r.volume_ml) and row.mean_confidence == pytest.approx(r.mean_confidence)
+        assert np.allclose(row.centroid_ras, r.centroid_ras)
+        assert np.allclose(row.centroid_ras, lps_to_ras(r.centroid_lps))
     # the per-segment statistics computed in Slicer agree with the server's summary of the same label map
-    classes = {c["name"]: c for c in result.summary["classes"]}
+    classes = {c.name: c for c in result.summary.classes}
     for row in stats.segment_statistics(result.segmentation_node, volume, result.confidence_node, result.uncertain_node):
-        assert row.voxels == classes[row.name]["voxels"]
-        assert row.volume_ml == pytest.approx(classes[row.name]["volume_ml"], rel=1e-9)
-        assert row.mean_confidence == pytest.approx(classes[row.name]["mean_confidence"], rel=1e-4)
-        assert row.uncertain_ml == pytest.approx(classes[row.name]["uncertain_volume_ml"], rel=1e-9)
+        assert row.voxels == classes[row.name].voxels
+        assert row.volume_ml == pytest.approx(classes[row.name].volume_ml, rel=1e-9)
+        assert row.mean_confidence == pytest.approx(classes[row.name].mean_confidence, rel=1e-4)
+        assert row.uncertain_ml == pytest.approx(classes[row.name].uncertain_volume_ml, rel=1e-9)
     # navigation goes to the first region's centroid
     assert np.allclose(result.navigator().next(scene), rows[0].centroid_ras)
 

@@ -10,29 +10,19 @@ import pytest
 from ACECalibrationLib import display, logic, nodes, regions, segmentation, stats, terminology
 from ACECalibrationLib._mrml import mrml, numpy_support, vtk
 from ACECalibrationLib.client.geometry import lps_to_ras
-from ACECalibrationLib.logic import InferenceOutput, create_result_nodes, find_result_nodes
+from ACECalibrationLib.client.errors import ProtocolError
+from ACECalibrationLib.logic import create_result_nodes, find_result_nodes
 from ACECalibrationLib.review import ReviewSession
 from oblique import oblique_grid, sphere_on_grid
+from replies import inference_result, region_json
 
 LABELS = {"0": "background", "1": "liver", "2": "my lesion"}
 
 
-def _region(rid, cls, name, voxels, volume_ml, conf, centre_lps):
-    """One region as the server's describe_regions writes it (every key it sends)."""
-    lps = np.asarray(centre_lps, float)
-    return {"id": rid, "class": cls, "class_name": name, "voxels": voxels, "volume_ml": volume_ml,
-            "mean_confidence": conf, "min_confidence": conf - 0.1, "centroid_ijk": [0.0, 0.0, 0.0],
-            "centroid_lps": lps.tolist(), "centroid_ras": lps_to_ras(lps).tolist(),
-            "bbox_ijk": {"min": [0, 0, 0], "max": [1, 1, 1]}, "bbox_lps": {"min": [0, 0, 0], "max": [1, 1, 1]},
-            "bbox_ras": {"min": [0, 0, 0], "max": [1, 1, 1]}}
-
-
 def _output(grid, label, flags, regions_list=(), model_id="m1"):
     confidence = np.where(flags > 0, 0.55, 0.98).astype(np.float32)
-    return InferenceOutput(
-        labels=label, confidence=confidence, uncertainty=(1 - confidence).astype(np.float32), flags=flags,
-        grid=grid, label_names=dict(LABELS), regions=list(regions_list), summary={"uncertain_volume_ml": 1.0},
-        result_id="r1", model_id=model_id)
+    return inference_result(grid, label, confidence, (1 - confidence).astype(np.float32), flags, LABELS,
+                            regions_list, model_id=model_id)
 
 
 def _two_class_case(grid):
@@ -70,8 +60,8 @@ def result(scene):
     image, label, flags, centre_lps = _two_class_case(grid)
     volume = nodes.add_volume_from_array(scene, image, grid, "CT")
     reply_regions = [
-        _region(1, 1, "liver", int(flags.sum()), float(flags.sum() * grid.voxel_volume_ml), 0.55, centre_lps),
-        _region(2, 2, "", 60, 0.3, 0.61, [1.0, 2.0, 3.0]),  # no class_name: named from the model's labels
+        region_json(1, 1, "liver", int(flags.sum()), float(flags.sum() * grid.voxel_volume_ml), 0.55, centre_lps),
+        region_json(2, 2, "", 60, 0.3, 0.61, [1.0, 2.0, 3.0]),  # no class_name: named from the model's labels
     ]
     res = create_result_nodes(scene, volume, _output(grid, label, flags, reply_regions))
     return scene, volume, grid, label, flags, centre_lps, res
@@ -208,7 +198,7 @@ def test_regions_table_rows_and_review_states(result):
     rows = regions.regions_from_table(t)
     assert [r.id for r in rows] == [1, 2]
     assert [r.class_name for r in rows] == ["liver", "my lesion"]  # value 2 named from the model's labels
-    assert rows[0].voxel_count == int(flags.sum()) and rows[0].mean_confidence == pytest.approx(0.55)
+    assert rows[0].voxels == int(flags.sum()) and rows[0].mean_confidence == pytest.approx(0.55)
     assert np.allclose(rows[0].centroid_ras, lps_to_ras(centre_lps))
     assert [r.review for r in rows] == [regions.UNREVIEWED] * 2
     regions.set_review_state(t, 1, regions.ACCEPTED)
@@ -221,16 +211,18 @@ def test_regions_table_rows_and_review_states(result):
 
 
 def test_a_reply_without_the_real_keys_is_refused():
-    good = _region(1, 1, "liver", 10, 0.1, 0.5, [1.0, 2.0, 3.0])
-    assert regions.region_from_reply(good).voxel_count == 10
+    good = region_json(1, 1, "liver", 10, 0.1, 0.5, [1.0, 2.0, 3.0])
+    assert regions.region_from_reply(good).voxels == 10
     for key in ("voxels", "centroid_ras", "mean_confidence"):
         bad = {k: v for k, v in good.items() if k != key}
-        with pytest.raises(KeyError):
+        with pytest.raises(ProtocolError, match=key):
             regions.region_from_reply(bad)
     renamed = dict(good, voxel_count=10)  # a spelling the server does not use is not guessed at
     del renamed["voxels"]
-    with pytest.raises(KeyError, match="voxels"):
+    with pytest.raises(ProtocolError, match="'voxels' is missing"):
         regions.region_from_reply(renamed)
+    with pytest.raises(ProtocolError, match="centroid_ras"):
+        regions.region_from_reply(dict(good, centroid_ras=[1.0, 2.0]))
 
 
 def test_review_states_are_saved_with_the_scene(result, tmp_path):
@@ -358,7 +350,7 @@ def test_navigation_follows_a_parent_transform(scene):
     m.SetElement(2, 3, 40.0)
     t.SetMatrixTransformToParent(m)
     volume.SetAndObserveTransformNodeID(t.GetID())
-    reply = [_region(1, 1, "liver", 1, 0.1, 0.5, lps_to_ras([1.0, 2.0, 3.0]))]
+    reply = [region_json(1, 1, "liver", 1, 0.1, 0.5, lps_to_ras([1.0, 2.0, 3.0]))]
     res = create_result_nodes(scene, volume, _output(grid, label, flags, reply))
     for n in (res.segmentation_node, res.uncertain_node, res.confidence_node, res.uncertainty_node):
         assert n.GetTransformNodeID() == t.GetID()

@@ -18,11 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = textwrap.dedent('''
     import json, sys
     import numpy as np
-    sys.path[:0] = [sys.argv[1] + "/docs", sys.argv[1] + "/Testing"]
+    sys.path[:0] = [sys.argv[1] + "/docs", sys.argv[1] + "/Testing", sys.argv[1] + "/Testing/slicer"]
     import make_screenshot as ms
     from ACECalibrationLib import display, nodes
-    from ACECalibrationLib.logic import InferenceOutput, create_result_nodes
+    from ACECalibrationLib.logic import create_result_nodes
     from oblique import oblique_grid, sphere_on_grid
+    from replies import inference_result
 
     scene = nodes.new_scene()
     ms.add_default_colors(scene)
@@ -33,8 +34,7 @@ SCRIPT = textwrap.dedent('''
     flags[8:12, 10:30, 10:30] = label[8:12, 10:30, 10:30]
     assert flags.sum() > 100
     conf = np.where(flags > 0, 0.3, 0.99).astype(np.float32)
-    out = InferenceOutput(labels=label, confidence=conf, uncertainty=1 - conf, flags=flags, grid=grid,
-                          label_names={"0": "background", "1": "liver"})
+    out = inference_result(grid, label, conf, 1 - conf, flags, {"0": "background", "1": "liver"})
     res = create_result_nodes(scene, volume, out, confidence_display_threshold=0.9)
     centre_ras = np.array([-centre[0], -centre[1], centre[2]])
     rgb = ms.render_slice_view(scene, volume, res.confidence_node, size=(240, 240), centre_ras=centre_ras)

@@ -85,7 +85,29 @@ class BundleError(ACECalError):
     http_status = 500
 
 
-#: code -> class, for the client to rebuild typed errors from a server reply.
+# --- raised by callers of the server (the client, the Slicer module), never sent by it --------------------------------
+class ServerUnreachableError(ACECalError, ConnectionError):
+    """The server could not be reached (not running, wrong URL or port, network down)."""
+
+    code = "unreachable"
+    http_status = 503
+
+
+class ServerTimeoutError(ServerUnreachableError, TimeoutError):
+    """The server did not answer within the client's timeout."""
+
+    code = "timeout"
+    http_status = 504
+
+
+class ProtocolError(ACECalError):
+    """A reply that is not the wire format of :mod:`acecal.protocol` (wrong URL? a proxy? a version mismatch?)."""
+
+    code = "bad_response"
+    http_status = 502
+
+
+#: code -> class, for the client to rebuild typed errors from a server reply (the server's own errors only).
 ERRORS_BY_CODE: dict[str, type[ACECalError]] = {
     cls.code: cls
     for cls in (
