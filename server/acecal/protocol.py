@@ -75,9 +75,10 @@ HEALTH_VERSION, HEALTH_DEVICE, HEALTH_AUTH_REQUIRED = "version", "device", "auth
 DATASET_ID, DATASET_NUM_CASES = "id", "num_cases"
 #: ``POST /finetune``: the new job's id
 JOB_ACCEPTED_ID = "job_id"
-#: ``POST /evaluate/{model}``: macro metrics (``METRIC_NAMES``), figure URLs (``{"dataset_histogram", "cases": {case
-#: id: URL}}``), the number of cases
-EVAL_AGGREGATE, EVAL_FIGURES, EVAL_FIGURES_CASES, EVAL_NUM_CASES = "aggregate", "figures", "cases", "num_cases"
+#: ``POST /evaluate/{model}``: macro metrics (``METRIC_NAMES``), the number of cases, and the figures' URL paths
+#: ``{"dataset_histogram": URL, "cases": {case id: URL}}``
+EVAL_AGGREGATE, EVAL_NUM_CASES, EVAL_FIGURES = "aggregate", "num_cases", "figures"
+EVAL_FIGURES_DATASET, EVAL_FIGURES_CASES = "dataset_histogram", "cases"
 
 
 # ==================================================================================================== records

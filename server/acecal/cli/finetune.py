@@ -19,6 +19,15 @@ from typing import Optional
 import typer
 
 from acecal.cli.main import app
+from acecal.protocol import (
+    DATASET_ID,
+    DATASET_NUM_CASES,
+    JOB_ACCEPTED_ID,
+    JOB_QUEUED,
+    JOB_STATUSES,
+    JOB_SUCCEEDED,
+    JobInfo,
+)
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 LOSSES = ("baseline_dice_ce", "hardl1ace_dice_ce", "softl1ace_dice_ce", "labelsmooth_dice_ce", "nacl_dice")
@@ -44,24 +53,20 @@ def _n(v) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
-def _metrics_text(job: dict) -> str:
-    ms = job.get("metrics") or []
-    if not ms:
+def _metrics_text(job: JobInfo) -> str:
+    if not job.metrics:
         return ""
-    last = ms[-1]
-    val = next((m for m in reversed(ms) if m.get("dice") is not None), None)
-    text = f"loss {_n(last.get('train_loss'))}"
+    text = f"loss {_n(job.metrics[-1].train_loss)}"
+    val = job.last_validation()
     if val is not None:
-        text += (f"  val dice {_n(val.get('dice'))} ace {_n(val.get('ace'))} ece {_n(val.get('ece'))} "
-                 f"mce {_n(val.get('mce'))}")
+        text += f"  val dice {_n(val.dice)} ace {_n(val.ace)} ece {_n(val.ece)} mce {_n(val.mce)}"
     return text
 
 
-def _status_text(job: dict) -> str:
-    if job["status"] == "queued":
-        pos = job.get("queue_position")
-        return "queued" + (f" (position {pos})" if pos else "")
-    return job["status"]
+def _status_text(job: JobInfo) -> str:
+    if job.status == JOB_QUEUED and job.queue_position:
+        return f"{job.status} (position {job.queue_position})"
+    return job.status
 
 
 def follow_job(client, job_id: str, *, quiet: bool = False, timeout: Optional[float] = None) -> dict:
@@ -75,31 +80,31 @@ def follow_job(client, job_id: str, *, quiet: bool = False, timeout: Optional[fl
                   TextColumn("{task.fields[metrics]}"), console=console, disable=quiet, transient=False) as bar:
         task = bar.add_task(job_id, total=1.0, metrics="")
 
-        def update(job: dict) -> None:
-            p = job.get("progress") or {}
-            for m in job.get("metrics") or []:
-                if m["epoch"] not in seen_epochs:
-                    seen_epochs.add(m["epoch"])
-                    if m.get("dice") is not None and not quiet:
-                        bar.console.print(f"epoch {m['epoch']}/{p.get('epochs')}: loss {_n(m.get('train_loss'))}  "
-                                          f"val dice {_n(m.get('dice'))} ace {_n(m.get('ace'))} "
-                                          f"ece {_n(m.get('ece'))} mce {_n(m.get('mce'))}", highlight=False)
-            bar.update(task, completed=float(p.get("fraction") or 0.0),
-                       description=f"{_status_text(job)}: epoch {p.get('epoch', 0)}/{p.get('epochs', '?')}",
+        def update(reply: dict) -> None:
+            job = JobInfo.from_json(reply)
+            p = job.progress
+            for m in job.metrics:
+                if m.epoch not in seen_epochs:
+                    seen_epochs.add(m.epoch)
+                    if m.validated and not quiet:
+                        bar.console.print(f"epoch {m.epoch}/{p.epochs}: loss {_n(m.train_loss)}  val dice "
+                                          f"{_n(m.dice)} ace {_n(m.ace)} ece {_n(m.ece)} mce {_n(m.mce)}",
+                                          highlight=False)
+            bar.update(task, completed=p.fraction, description=f"{_status_text(job)}: epoch {p.epoch}/{p.epochs}",
                        metrics=_metrics_text(job))
 
         return client.wait_job(job_id, timeout=timeout, on_update=update)
 
 
-def _report_end(job: dict) -> None:
-    if job["status"] == "succeeded":
-        fm = job.get("final_metrics") or {}
-        typer.echo(f"job {job['id']} succeeded: new model {job['model_id']} (validation dice {_n(fm.get('dice'))}, "
+def _report_end(job: JobInfo) -> None:
+    if job.status == JOB_SUCCEEDED:
+        fm = job.final_metrics or {}
+        typer.echo(f"job {job.id} succeeded: new model {job.model_id} (validation dice {_n(fm.get('dice'))}, "
                    f"ace {_n(fm.get('ace'))}, ece {_n(fm.get('ece'))}, mce {_n(fm.get('mce'))})", err=True)
-        typer.echo(job["model_id"])
+        typer.echo(job.model_id or "")
         return
-    typer.echo(f"job {job['id']} {job['status']}: {job.get('error') or ''}", err=True)
-    for line in job.get("log_tail") or []:
+    typer.echo(f"job {job.id} {job.status}: {job.error or ''}", err=True)
+    for line in job.log_tail:
         typer.echo(f"  | {line}", err=True)
     raise typer.Exit(1)
 
@@ -153,22 +158,23 @@ def finetune(
                     bar.update(task, total=n, completed=i, description=f"uploading {fname}")
 
                 ds = client.upload_dataset(images, labels, name=name, model=base, on_case=on_case)
-                bar.update(task, completed=ds["num_cases"], description="uploaded")
-            dataset = ds["id"]
-            console.print(f"dataset {dataset}: {ds['num_cases']} case(s) uploaded and checked", highlight=False)
+                bar.update(task, completed=ds[DATASET_NUM_CASES], description="uploaded")
+            dataset = ds[DATASET_ID]
+            console.print(f"dataset {dataset}: {ds[DATASET_NUM_CASES]} case(s) uploaded and checked", highlight=False)
         options = {"lr": lr, "freeze_encoder": freeze_encoder or None, "val_fraction": val_fraction,
                    "val_every": val_every, "fit_temperature": fit_temperature or None, "model_id": model_id}
         acc = client.finetune(base, dataset, loss=loss, epochs=epochs, **options)
-        console.print(f"job {acc['job_id']} queued: {base} -> {acc['model_id']} ({loss}, {epochs} epoch(s))",
+        job_id = acc[JOB_ACCEPTED_ID]
+        console.print(f"job {job_id} queued: {base} -> {acc['model_id']} ({loss}, {epochs} epoch(s))",
                       highlight=False)
         if not wait:
-            typer.echo(acc["job_id"])
+            typer.echo(job_id)
             return
         try:
-            job = follow_job(client, acc["job_id"], quiet=quiet)
+            job = JobInfo.from_json(follow_job(client, job_id, quiet=quiet))
         except KeyboardInterrupt:
-            console.print(f"stopped following; the job goes on. Follow it with `acecal jobs {acc['job_id']} --follow`"
-                          f" or cancel it with `acecal cancel {acc['job_id']}`", highlight=False)
+            console.print(f"stopped following; the job goes on. Follow it with `acecal jobs {job_id} --follow`"
+                          f" or cancel it with `acecal cancel {job_id}`", highlight=False)
             raise typer.Exit(130)
     except ACECalError as e:
         _fail(e)
@@ -178,8 +184,7 @@ def finetune(
 @app.command("jobs")
 def jobs(
     job_id: Optional[str] = typer.Argument(None, help="Show this job in detail (default: list all jobs)."),
-    status: Optional[str] = typer.Option(None, "--status", help="Only jobs in this state (queued, running, "
-                                                                "succeeded, failed, cancelled)."),
+    status: Optional[str] = typer.Option(None, "--status", help=f"Only jobs in this state ({', '.join(JOB_STATUSES)})."),
     follow: bool = typer.Option(False, "--follow", "-f", help="With JOB_ID: follow it until it ends."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     server: str = _server_opt,
@@ -196,25 +201,26 @@ def jobs(
     console = Console()
     try:
         if job_id is not None:
-            job = follow_job(client, job_id) if follow else client.job(job_id)
+            reply = follow_job(client, job_id) if follow else client.job(job_id)
             if as_json:
-                typer.echo(json.dumps(job, indent=2))
+                typer.echo(json.dumps(reply, indent=2))
                 return
-            p = job["progress"]
-            console.print(f"[bold]{job['id']}[/bold]  {_status_text(job)}  epoch {p['epoch']}/{p['epochs']}  "
-                          f"{job['base_model']} -> {job['target_model_id']}  dataset {job['dataset']}  "
-                          f"loss {job['loss']}", highlight=False)
-            if job.get("error"):
-                console.print(f"error: {job['error']}", highlight=False)
+            job = JobInfo.from_json(reply)
+            p = job.progress
+            console.print(f"[bold]{job.id}[/bold]  {_status_text(job)}  epoch {p.epoch}/{p.epochs}  "
+                          f"{job.base_model} -> {job.target_model_id}  dataset {job.dataset}  loss {job.loss}",
+                          highlight=False)
+            if job.error:
+                console.print(f"error: {job.error}", highlight=False)
             t = Table("epoch", "train loss", "dice", "ace", "ece", "mce", "s")
-            for m in job["metrics"]:
-                t.add_row(str(m["epoch"]), _n(m.get("train_loss")), _n(m.get("dice")), _n(m.get("ace")),
-                          _n(m.get("ece")), _n(m.get("mce")), f"{m.get('seconds') or 0:.1f}")
-            if job["metrics"]:
+            for m in job.metrics:
+                t.add_row(str(m.epoch), _n(m.train_loss), _n(m.dice), _n(m.ace), _n(m.ece), _n(m.mce),
+                          f"{m.seconds or 0:.1f}")
+            if job.metrics:
                 console.print(t)
-            for line in job.get("log_tail") or []:
+            for line in job.log_tail:
                 console.print(f"  | {line}", highlight=False, markup=False)
-            if follow and job["status"] != "succeeded":
+            if follow and job.status != JOB_SUCCEEDED:
                 raise typer.Exit(1)
             return
         rows = client.jobs(status=status)
@@ -226,11 +232,11 @@ def jobs(
     table = Table(title=f"fine-tuning jobs on {client.base_url}")
     for col in ("job", "status", "epoch", "base -> model", "dataset", "loss", "last validation", "created"):
         table.add_column(col, no_wrap=col in ("job", "status"))
-    for j in rows:
-        val = next((m for m in reversed(j["metrics"]) if m.get("dice") is not None), None)
-        table.add_row(j["id"], _status_text(j), f"{j['progress']['epoch']}/{j['epochs']}",
-                      f"{j['base_model']} -> {j['target_model_id']}", str(j["dataset"]), str(j["loss"]),
-                      f"dice {_n(val.get('dice'))} ace {_n(val.get('ace'))}" if val else "-", j["created"])
+    for j in map(JobInfo.from_json, rows):
+        val = j.last_validation()
+        table.add_row(j.id, _status_text(j), f"{j.progress.epoch}/{j.epochs}", f"{j.base_model} -> {j.target_model_id}",
+                      str(j.dataset), str(j.loss), f"dice {_n(val.dice)} ace {_n(val.ace)}" if val else "-",
+                      str(j.created))
     console.print(table)
     if not rows:
         typer.echo("no jobs", err=True)
@@ -246,23 +252,21 @@ def cancel(
 ) -> None:
     """Cancel a fine-tuning job: a queued one never starts, a running one stops within seconds, nothing is
     published."""
-    from acecal.errors import ACECalError
+    from acecal.errors import ACECalError, ServerTimeoutError
 
     client = _client(server, api_key, timeout)
     try:
-        job = client.cancel_job(job_id)
-        if wait > 0 and job["status"] not in ("succeeded", "failed", "cancelled"):
-            from acecal.client.client import ServerTimeoutError
-
+        job = JobInfo.from_json(client.cancel_job(job_id))
+        if wait > 0 and not job.final:
             try:
-                job = client.wait_job(job_id, timeout=wait, poll_s=5.0)
+                job = JobInfo.from_json(client.wait_job(job_id, timeout=wait, poll_s=5.0))
             except ServerTimeoutError:
-                job = client.job(job_id)
+                job = JobInfo.from_json(client.job(job_id))
     except ACECalError as e:
         _fail(e)
-    typer.echo(f"job {job['id']}: {job['status']}" + (f" ({job['error']})" if job.get("error") else ""))
-    if job["status"] == "succeeded":
-        typer.echo(f"the job had already finished: model {job['model_id']} was published", err=True)
+    typer.echo(f"job {job.id}: {job.status}" + (f" ({job.error})" if job.error else ""))
+    if job.status == JOB_SUCCEEDED:
+        typer.echo(f"the job had already finished: model {job.model_id} was published", err=True)
 
 
 @app.command("datasets")

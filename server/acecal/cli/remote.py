@@ -1,8 +1,9 @@
 """``acecal infer`` and ``acecal models``: headless use, through a server (``--server URL``) or in-process.
 
 Both modes write the same outputs per image: ``OUT/<image name>/{labels,confidence,uncertainty,flags}.nrrd`` and
-``summary.json`` (the server's reply, with ``files`` naming the local files). Heavy modules (torch, monai, SimpleITK)
-are imported only for in-process inference, so ``--server`` works from the light client install.
+``summary.json`` (the inference reply of :class:`acecal.protocol.InferenceReply`, with ``files`` naming the local
+files). Heavy modules (torch, monai, SimpleITK) are imported only for in-process inference, so ``--server`` works from
+the light client install.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from typing import List, Optional
 import typer
 
 from acecal.cli.main import app
-
-_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+from acecal.protocol import BACKGROUND_LABEL, SUMMARY_NAME, VOLUME_FILE_NAMES, InferenceReply, ModelInfo, image_stem
 
 
 def regular_file(path: Path) -> bool:
@@ -31,11 +31,9 @@ def regular_file(path: Path) -> bool:
 
 
 def case_name(path: Path) -> str:
-    name = path.name
-    for s in _SUFFIXES:
-        if name.lower().endswith(s):
-            return name[: -len(s)] or "image"
-    return path.stem or "image"
+    """The output folder's name for an image: its file name without the image ending."""
+    stem = image_stem(path.name)
+    return (stem if stem is not None else path.stem) or "image"
 
 
 def _unique_dirs(images: List[Path], out: Path) -> list[Path]:
@@ -47,12 +45,6 @@ def _unique_dirs(images: List[Path], out: Path) -> list[Path]:
         seen[base] = n + 1
         dirs.append(out / (base if n == 0 else f"{base}_{n + 1}"))
     return dirs
-
-
-def _local_files() -> dict[str, str]:
-    from acecal.client.client import VOLUMES
-
-    return {name: f"{name}.nrrd" for name in VOLUMES}
 
 
 def _params(threshold, overlap, no_temperature, band_mm, band_voxels, min_region_voxels, connectivity) -> dict:
@@ -122,10 +114,9 @@ def infer(
                 bar.update(task, description=f"{_img.name}: {text}")
 
             try:
-                summary = run_one(img, d, stage)
-                n = summary["summary"]["region_count"]
-                bar.console.print(f"{img.name} -> {d}  ({n} uncertain region(s), "
-                                  f"{summary['summary']['uncertain_volume_ml']:.2f} ml)", highlight=False)
+                summary = run_one(img, d, stage).summary
+                bar.console.print(f"{img.name} -> {d}  ({summary.region_count} uncertain region(s), "
+                                  f"{summary.uncertain_volume_ml:.2f} ml)", highlight=False)
             except ACECalError as e:
                 failures.append((img, e.detail))
                 bar.console.print(f"[red]{img.name}: {e.detail}", highlight=False)
@@ -143,7 +134,7 @@ def _remote_runner(server, api_key, model, params, timeout):
 
     client = ACEClient(server, api_key=api_key, timeout=(10.0, timeout))
 
-    def run(img: Path, out_dir: Path, stage) -> dict:
+    def run(img: Path, out_dir: Path, stage) -> InferenceReply:
         def progress(what: str, done: int, total: Optional[int]) -> None:
             pct = f" {100 * done / total:.0f}%" if total else ""
             stage(("uploading" if what == "upload" else what.replace(":", " ")) + pct)
@@ -151,9 +142,9 @@ def _remote_runner(server, api_key, model, params, timeout):
                 stage("inferring on the server")
 
         res = client.infer(img, model, params=params, out_dir=out_dir, progress=progress)
-        summary = dict(res.raw, files=_local_files(), source={"server": client.base_url, "image": str(img)})
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
+        summary = dict(res.raw, files=dict(VOLUME_FILE_NAMES), source={"server": client.base_url, "image": str(img)})
+        (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+        return res.reply
 
     return run
 
@@ -176,16 +167,17 @@ def _local_runner(model, params, device, models_dirs):
     except TypeError as e:  # pragma: no cover - options mirror the CLI flags
         raise ACECalError(str(e)) from None
 
-    def run(img: Path, out_dir: Path, stage) -> dict:
+    def run(img: Path, out_dir: Path, stage) -> InferenceReply:
         stage("inferring")
         output = run_inference(predictor, img, options)
         stage("writing")
         write_volumes(out_dir, output)
-        summary = {"result_id": None, **output.report, "files": _local_files(),
+        summary = {"result_id": None, **output.report, "files": dict(VOLUME_FILE_NAMES),
                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                    "source": {"bundle": str(bundle.path), "device": str(dev), "image": str(img)}}
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
+        reply = InferenceReply.from_json(summary)  # the same wire format as the server's reply
+        (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
+        return reply
 
     return run
 
@@ -209,31 +201,30 @@ def models(
             from acecal.client import ACEClient
 
             with ACEClient(server, api_key=api_key, timeout=(10.0, timeout)) as c:
-                rows = [m.raw for m in c.models()]
+                rows = c.models()
         else:
             from acecal.api.routers.models import model_info
             from acecal.bundles import ModelRegistry, default_data_dir, default_models_dir
 
             reg = ModelRegistry([default_models_dir(), default_data_dir() / "models"])
-            rows = [model_info(b).model_dump() for b in reg.list()]
+            rows = [ModelInfo.from_json(model_info(b).model_dump()) for b in reg.list()]
     except ACECalError as e:
         typer.echo(f"error: {e.detail}", err=True)
         raise typer.Exit(1)
     if as_json:
-        typer.echo(json.dumps({"models": rows}, indent=2))
+        typer.echo(json.dumps({"models": [m.to_json() for m in rows]}, indent=2))
         return
     table = Table(title=f"models on {server}" if server else "local models")
     table.add_column("id", no_wrap=True, style="bold")
     for col in ("classes", "loss", "T", "threshold", "validation"):
         table.add_column(col)
     for m in rows:
-        metrics = m.get("metrics") or {}
-        shown = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("dice", "ece", "ace") if isinstance(metrics.get(k),
-                                                                                                (int, float)))
-        classes = ", ".join(v for k, v in sorted(m.get("labels", {}).items(), key=lambda kv: int(kv[0])) if k != "0")
-        table.add_row(m["id"], classes, str(m.get("loss", "")),
-                      "-" if m.get("temperature") is None else f"{m['temperature']:.3g}",
-                      str(m.get("uncertainty_threshold", "")), shown)
+        shown = ", ".join(f"{k} {m.metrics[k]:.3f}" for k in ("dice", "ece", "ace")
+                          if isinstance(m.metrics.get(k), (int, float)))
+        classes = ", ".join(m.labels[k] for k in sorted(m.labels, key=int) if k != BACKGROUND_LABEL)
+        table.add_row(m.id, classes, m.loss,
+                      "-" if m.temperature is None else f"{m.temperature:.3g}",
+                      "" if m.uncertainty_threshold is None else str(m.uncertainty_threshold), shown)
     Console().print(table)
     if not rows:
         typer.echo("no models found", err=True)
