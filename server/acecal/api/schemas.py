@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from acecal.errors import InvalidInputError
 from acecal.inference.uncertainty import DEFAULT_BAND_VOXELS, DEFAULT_CONNECTIVITY, DEFAULT_MIN_REGION_VOXELS
+from acecal.protocol import VolumeName
 
 
 class ErrorResponse(BaseModel):
@@ -129,10 +130,13 @@ class EffectiveParams(BaseModel):
     uncertainty_threshold: float
     overlap: float
     use_temperature: bool
+    use_calibrator: bool = Field(description="whether the model's post-hoc calibrator was applied "
+                                             "(use_temperature is its older name)")
     band_mm: Optional[float]
     band_voxels: float
     min_region_voxels: int
     connectivity: int
+    tta: str = Field(description="flip test-time augmentation: none, axis_flips or all_flips")
 
 
 class GridModel(BaseModel):
@@ -162,6 +166,7 @@ class Summary(BaseModel):
     voxel_volume_ml: float
     region_count: int
     temperature: Optional[float] = Field(description="the temperature applied; null when none was")
+    calibrator: Optional[str] = Field(None, description="the kind of post-hoc calibrator applied; null when none was")
 
 
 class Box(BaseModel):
@@ -222,5 +227,3 @@ class DeleteResponse(BaseModel):
     result_id: str
     deleted: bool = True
 
-
-VolumeName = Literal["labels", "confidence", "uncertainty", "flags"]

@@ -1,6 +1,7 @@
 """From probabilities to the four output volumes and the report; the same code serves ``/infer`` and ``acecal infer``.
 
-The report (a JSON-able dict) is what the server returns and what ``summary.json`` holds::
+The report (a JSON-able dict, :class:`acecal.protocol.InferenceReply` less what the result store adds) is what the
+server returns and what ``summary.json`` holds::
 
     {"model_id", "labels": {"0": "background", ...}, "grid": {size, spacing, origin, direction} (LPS),
      "summary": {"classes": [...], "uncertain_volume_ml", ...}, "regions": [...], "params": {...}, "timings": {...}}
@@ -33,12 +34,7 @@ from acecal.inference.uncertainty import (
 )
 from acecal.networks import is_two_head, split_heads
 from acecal.nrrd import write_nrrd
-
-#: the output volumes, in the order they are listed everywhere
-VOLUMES = ("labels", "confidence", "uncertainty", "flags")
-#: file name of each volume in a result folder
-FILE_NAMES = {name: f"{name}.nrrd" for name in VOLUMES}
-SUMMARY_NAME = "summary.json"
+from acecal.protocol import VOLUME_FILE_NAMES, VOLUMES
 
 
 @dataclass
@@ -172,5 +168,5 @@ def write_volumes(out_dir: Union[str, os.PathLike], output: InferenceOutput, *, 
     paths = {}
     for name, arr in output.volumes().items():
         enc = "gzip" if (compress or arr.dtype.kind in "ub") else "raw"
-        paths[name] = write_nrrd(out / FILE_NAMES[name], arr, output.grid, encoding=enc, level=1)
+        paths[name] = write_nrrd(out / VOLUME_FILE_NAMES[name], arr, output.grid, encoding=enc, level=1)
     return paths
