@@ -10,8 +10,8 @@ For each size it compares, side by side and in one run:
 all on logits ``(B, C, spatial)`` float32 with a label-map target ``(B, 1, spatial)`` and softmax inside the loss.
 "saved B/elem" counts the unique storages autograd saves for the backward pass (softmax output included) divided
 by ``B * C * voxels``. Time is the median of ``--repeats`` interleaved runs of ``loss(logits, labels).backward()``.
-Budgets (benchmarks/RESULTS.md): saved B/elem hard <= 6, soft <= 8 at (2, 4, 64^3); CPU time hard <= 2x and soft <= 3x DiceCE,
-both <= 0.7x the loop implementation.
+Budgets (benchmarks/RESULTS.md): saved B/elem hard <= 6, soft <= 8 at (2, 4, 64^3); CPU time hard <= 2x and soft
+<= 3x DiceCE, both <= 0.7x the loop implementation.
 
 Usage: ``python benchmarks/bench_losses.py [--threads 1] [--repeats 9] [--device cpu|cuda]``
 """

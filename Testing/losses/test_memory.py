@@ -1,7 +1,7 @@
 """Memory budget: unique autograd-saved bytes per (voxel x class), softmax output included.
 
-Budget (benchmarks/RESULTS.md), on logits (2, 4, 64, 64, 64) float32 with a label-map target: hard <= 6, soft <= 8. Timings are
-not tested here; they belong to benchmarks/bench_losses.py.
+Budget (benchmarks/RESULTS.md), on logits (2, 4, 64, 64, 64) float32 with a label-map target: hard <= 6, soft <= 8.
+Timings are not tested here; they belong to benchmarks/bench_losses.py.
 """
 
 from __future__ import annotations

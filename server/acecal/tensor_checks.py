@@ -164,7 +164,7 @@ def fused_values(checks: Sequence[tuple[str, torch.Tensor]]) -> dict[str, float]
     if not checks:
         return {}
     values = torch.stack([t.detach().to(torch.float64).reshape(()) for _, t in checks]).tolist()
-    return {name: v for (name, _), v in zip(checks, values)}
+    return {name: v for (name, _), v in zip(checks, values, strict=True)}
 
 
 def raise_if_bad(

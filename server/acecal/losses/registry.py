@@ -128,7 +128,8 @@ class _RegistryLoss(_Loss):
         if not isinstance(logits, torch.Tensor) or not isinstance(label_map, torch.Tensor):
             raise InvalidInputError(f"{who}: logits and label_map must be torch.Tensor.")
         if logits.ndim < 3 or logits.shape[1] != self.channels:
-            two = " (a two-head loss: segmentation then calibration logits)" if self.channels != self.num_classes else ""
+            two = (" (a two-head loss: segmentation then calibration logits)"
+                   if self.channels != self.num_classes else "")
             raise InvalidInputError(
                 f"{who}: logits must have shape (B, {self.channels}, spatial...){two}, got {tuple(logits.shape)}."
             )

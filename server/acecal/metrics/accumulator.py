@@ -42,9 +42,8 @@ frequency, columns m = confidence. :func:`acecal.plots.plot_dataset_reliability_
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -93,7 +92,8 @@ class CalibrationReport:
         per_case: one dict per local case: ``case_id``, ``ece``/``ace``/``mce``/``dice`` (mean over present
             classes), ``present_classes``, and ``classes``: {name: {"present", "ece", "ace", "mce", "dice"}} for every
             class (absent ones computed as MONAI does; Dice 0 if predicted but absent, NaN if in neither).
-        histogram: (C, M, M) int64 dataset reliability histogram (rows: observed-frequency bin, columns: confidence bin).
+        histogram: (C, M, M) int64 dataset reliability histogram (rows: observed-frequency bin, columns: confidence
+            bin).
         micro_count, micro_mean_p, micro_mean_y: (C, M) pooled bins (int64, float64, float64; NaN in empty bins), the
             data of a dataset reliability diagram.
     """
@@ -310,14 +310,14 @@ class CalibrationAccumulator:
         slack = PROB_TOLERANCE * cf + 1e-6
         if bool((sum_p > cf + slack).any()) or bool((sum_y > cf + slack).any()):
             raise InvalidInputError("sum_p and sum_y cannot exceed count in any bin (probabilities are <= 1)")
-        dice = [tp, n_pred, n_target]
-        if any(d is None for d in dice) and not all(d is None for d in dice):
-            raise InvalidInputError("pass all three Dice counts (tp, n_pred, n_target) or none")
-        if tp is None:
+        if tp is None and n_pred is None and n_target is None:
             z = torch.zeros(self.num_eval, dtype=torch.int64)
             dtp, dnp, dnt, has = z, z.clone(), z.clone(), False
+        elif tp is None or n_pred is None or n_target is None:
+            raise InvalidInputError("pass all three Dice counts (tp, n_pred, n_target) or none")
         else:
-            dtp, dnp, dnt = (prep(d, n, 1).round().to(torch.int64) for d, n in zip(dice, ("tp", "n_pred", "n_target")))
+            dtp, dnp, dnt = (prep(d, n, 1).round().to(torch.int64)
+                             for d, n in ((tp, "tp"), (n_pred, "n_pred"), (n_target, "n_target")))
             has = True
         cid = self._ids(case_id, 1)[0]
         self._add(cid, count, sum_p, sum_y, dtp, dnp, dnt, has_dice=has)
@@ -476,7 +476,8 @@ class CalibrationAccumulator:
             "histogram": hist,
         }
 
-    def reduce(self, all_reduce_fn: Callable[[torch.Tensor], Any], device: Union[str, torch.device, None] = None) -> None:
+    def reduce(self, all_reduce_fn: Callable[[torch.Tensor], Any],
+               device: Union[str, torch.device, None] = None) -> None:
         """Sum the :meth:`summary` tensors across processes; :meth:`aggregate` then reports all of them.
 
         Args:
@@ -501,7 +502,7 @@ class CalibrationAccumulator:
         self._reduced = out
 
     def aggregate(self) -> CalibrationReport:
-        """Macro, micro, per-class, per-case numbers and the dataset reliability histogram (see the module docstring)."""
+        """Macro, micro, per-class, per-case numbers and the dataset reliability histogram (module docstring)."""
         s = self._reduced if self._reduced is not None else self.summary()
         names = self.class_names
 
@@ -560,7 +561,8 @@ class CalibrationAccumulator:
                 v = values[i, n][present[n] & ~torch.isnan(values[i, n])]
                 row[name] = float(v.mean()) if v.numel() else _nan()
             row["classes"] = {
-                cname: {"present": bool(present[n, c]), **{name: float(values[i, n, c]) for i, name in enumerate(METRICS)}}
+                cname: {"present": bool(present[n, c]),
+                        **{name: float(values[i, n, c]) for i, name in enumerate(METRICS)}}
                 for c, cname in enumerate(self.class_names)
             }
             rows.append(row)

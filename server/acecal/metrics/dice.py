@@ -45,7 +45,8 @@ def _as_labels(x: torch.Tensor, num_classes: int, name: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dice_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dice_counts(pred: torch.Tensor, target: torch.Tensor,
+                num_classes: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """True positives, predicted and target voxel counts per (image, class).
 
     Args:

@@ -101,11 +101,11 @@ def roi_mask(mask: np.ndarray, radius: float = DEFAULT_ROI_RADIUS) -> np.ndarray
     if radius <= 0:
         return mask.copy()
     h = int(math.floor(radius + 1e-9))
-    box = []
+    sides = []
     for ax in range(mask.ndim):
         hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != ax)))
-        box.append(slice(max(int(hit[0]) - h, 0), min(int(hit[-1]) + h + 1, mask.shape[ax])))
-    box = tuple(box)
+        sides.append(slice(max(int(hit[0]) - h, 0), min(int(hit[-1]) + h + 1, mask.shape[ax])))
+    box = tuple(sides)
     out[box] = ndimage.binary_dilation(mask[box], structure=_ball(radius))
     return out
 

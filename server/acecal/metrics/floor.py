@@ -346,7 +346,7 @@ class FloorAccumulator:
         keys = ("ece", "ace", "mce")
         nan = float("nan")
         case_rows: Dict[str, Dict[str, Any]] = {}
-        class_vals = {k: [[] for _ in range(self.num_eval)] for k in keys}
+        class_vals: Dict[str, List[List[float]]] = {k: [[] for _ in range(self.num_eval)] for k in keys}
         for cid, (errors, present) in self._cases.items():
             row: Dict[str, Any] = {}
             for k in keys:
