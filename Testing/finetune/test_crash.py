@@ -63,7 +63,7 @@ def test_sigkill_during_a_job_loses_nothing_and_the_job_resumes(tiny_bundle, cas
 
 
 def test_graceful_stop_without_resume_fails_the_job_with_a_reason(tiny_bundle, cases_dir, tmp_path):
-    # (and the other way of starting jobs: a fresh `python -m acecal.api.jobproc` process)
+    # (and the other way of starting jobs: a fresh `python -m acecal.jobs.worker` process)
     settings = make_settings(tmp_path / "data", [tiny_bundle.parent], job_resume=False, job_min_free_mb=1,
                              job_start_method="subprocess")
     with LiveServer(settings) as s, ACEClient(s.url) as c:
@@ -83,13 +83,13 @@ def test_one_server_owns_a_data_directorys_jobs(tiny_bundle, tmp_path):
     first = LiveServer(settings).start()
     try:
         with LiveServer(settings) as second:
-            assert first.state.extras["finetune"].runner.owner
-            assert not second.state.extras["finetune"].runner.owner
+            assert first.state.scheduler.owner
+            assert not second.state.scheduler.owner
             with ACEClient(second.url) as c:  # the second one serves the shared state
                 ds = c.create_dataset("shared")["id"]
             with ACEClient(first.url) as c:
                 assert c.dataset(ds)["name"] == "shared"
             first.stop()
-            wait_for(lambda: second.state.extras["finetune"].runner.owner, 10, "the second server to take over")
+            wait_for(lambda: second.state.scheduler.owner, 10, "the second server to take over")
     finally:
         first.stop()

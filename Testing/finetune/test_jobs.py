@@ -82,8 +82,7 @@ def test_finetune_end_to_end(ft_server, client, dataset_id, cases_dir, tmp_path)
     # the job is in the list; the database indexes the model it published
     listing = client.jobs()
     assert job_id in [j["id"] for j in listing]
-    services = ft_server.state.extras["finetune"]
-    assert services.db.get_model(new_id)["job_id"] == job_id
+    assert ft_server.state.db.get_model(new_id).job_id == job_id
 
 
 def test_submissions_are_checked_up_front(ft_server, client, dataset_id, tmp_path):

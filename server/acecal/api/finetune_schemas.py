@@ -7,10 +7,10 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from acecal.bundles.bundle import ID_PATTERN
+from acecal.protocol import FinetuneLoss as LossName
+from acecal.protocol import JobStatus
+from acecal.storage.datasets import clean_text
 
-#: the training losses a fine-tuning job may use (names of ``acecal.losses.registry``)
-LossName = Literal["baseline_dice_ce", "hardl1ace_dice_ce", "softl1ace_dice_ce", "labelsmooth_dice_ce", "nacl_dice"]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 #: upper bound of ``epochs`` in the schema; the server's own limit (``ACECAL_JOB_MAX_EPOCHS``) may be lower
 EPOCHS_LIMIT = 10000
 #: upper bound of each training patch side in voxels (the model's divisibility is checked at submission)
@@ -21,8 +21,6 @@ def _clean_text(value: Optional[str], what: str, limit: int) -> Optional[str]:
     """Names and descriptions travel into model cards and logs: one printable line, like file names."""
     if value is None:
         return None
-    from acecal.api.datastore import clean_text
-
     cleaned = clean_text(value, limit)
     if not cleaned:
         raise ValueError(f"{what} must hold some printable characters")

@@ -74,7 +74,7 @@ class Settings(BaseSettings):
     max_loaded_models: int = Field(4, ge=1)
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: str = "info"
-    # fine-tuning jobs (acecal.api.jobs)
+    # fine-tuning jobs (acecal.jobs)
     job_slots: int = Field(1, ge=1)
     job_queue_size: int = Field(16, ge=0)
     job_threads: Optional[int] = Field(None, ge=1)

@@ -9,7 +9,9 @@ declaring ``File``/``Form`` parameters, for three reasons:
   whole into memory) and are deleted whatever happens;
 - text fields are capped (:data:`MAX_FIELD_BYTES`), unknown parts are skipped without being stored.
 
-The request schema is still documented in OpenAPI (:func:`multipart_body`).
+A received file then gets an ending chosen from its content (:func:`store_upload`: the format's magic bytes decide,
+whatever the user's file name says; a detached header is refused). The request schema is still documented in
+OpenAPI (:func:`multipart_body`).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 
-from acecal.api.store import storage_guard
+from acecal.data.headers import _is_nifti, _looks_like_metaimage
 from acecal.errors import InvalidInputError
+from acecal.protocol import DETACHED_HEADER_SUFFIXES
+from acecal.storage.files import storage_guard
 
 #: the largest text field accepted (``params``, ``name``, ``model``)
 MAX_FIELD_BYTES = 64 * 1024
@@ -231,6 +235,39 @@ def rename_upload(received: ReceivedFile, suffix: str) -> Path:
     os.rename(received.path, target)
     received.path = target
     return target
+
+
+def sniff_suffix(head: bytes) -> Optional[str]:
+    """The file ending for the bytes' format (one of :data:`acecal.protocol.UPLOAD_SUFFIXES`), None if unknown."""
+    if head.startswith(b"NRRD000"):
+        return ".nrrd"
+    if head[:2] == b"\x1f\x8b":
+        return ".nii.gz"
+    if _is_nifti(head):
+        return ".nii"
+    if _looks_like_metaimage(head):
+        return ".mha"
+    return None
+
+
+def upload_suffix(filename: Optional[str], head: bytes, what: str = "image") -> str:
+    """A safe suffix for the temporary copy, from the bytes' format; a detached header's name is refused."""
+    name = display_name(filename)
+    if name.lower().endswith(DETACHED_HEADER_SUFFIXES):
+        raise InvalidInputError(f"{name!r} is a detached header whose voxel data live in another file; send a "
+                                "single-file volume (.nrrd, .nii, .nii.gz or .mha)")
+    sniffed = sniff_suffix(head)
+    if sniffed is None:
+        if not head:
+            raise InvalidInputError(f"the {what} file {name!r} is empty; send a NIfTI, NRRD or MHA volume")
+        raise InvalidInputError(f"{name!r} is not a recognised image type; send a NIfTI (.nii, .nii.gz), NRRD (.nrrd) "
+                                "or MetaImage (.mha) volume")
+    return sniffed
+
+
+def store_upload(received: ReceivedFile, what: str = "image") -> Path:
+    """The received file under its server-chosen name with its format's ending."""
+    return rename_upload(received, upload_suffix(received.filename, received.head, what))
 
 
 def multipart_body(files: dict[str, str], fields: dict[str, str], required: Sequence[str]) -> dict:

@@ -199,6 +199,15 @@ class Bundle:
     def card_path(self) -> Path:
         return self.path / CARD_NAME
 
+    def describe(self) -> dict[str, Any]:
+        """The model as ``GET /models`` and ``acecal models`` describe it (JSON-able)."""
+        c = self.config
+        return {"id": c.id, "description": c.description, "labels": dict(c.labels), "loss": c.loss.name,
+                "loss_params": dict(c.loss.params), "metrics": dict(c.metrics), "temperature": c.temperature,
+                "uncertainty_threshold": c.uncertainty_threshold, "modality": c.modality,
+                "in_channels": c.in_channels, "spacing": list(c.spacing), "orientation": c.orientation,
+                "roi_size": list(c.roi_size), "parent": c.parent, "created": c.created}
+
     def build_network(self):
         """The untrained MONAI network described by the config (torch is imported here, not at module import)."""
         return build_network(self.config)

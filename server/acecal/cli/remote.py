@@ -203,11 +203,10 @@ def models(
             with ACEClient(server, api_key=api_key, timeout=(10.0, timeout)) as c:
                 rows = c.models()
         else:
-            from acecal.api.routers.models import model_info
             from acecal.bundles import ModelRegistry, default_data_dir, default_models_dir
 
             reg = ModelRegistry([default_models_dir(), default_data_dir() / "models"])
-            rows = [ModelInfo.from_json(model_info(b).model_dump()) for b in reg.list()]
+            rows = [ModelInfo.from_json(b.describe()) for b in reg.list()]
     except ACECalError as e:
         typer.echo(f"error: {e.detail}", err=True)
         raise typer.Exit(1)

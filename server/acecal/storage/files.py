@@ -4,7 +4,8 @@
   ``durable``): text, bytes, or anything a ``writer(binary_file)`` callback produces (``torch.save``, say).
 - :func:`atomic_write_json` stores JSON with ``allow_nan=False`` after :func:`json_finite` (NaN/inf become null):
   what the server stores is always valid JSON.
-- :func:`durable_move` / :func:`fsync_path` make a rename durable.
+- :func:`atomic_folder` builds a folder under a hidden temporary name and renames it into place (a reader sees all
+  of it or nothing); :func:`durable_move` / :func:`fsync_path` make a rename durable.
 - :func:`is_disk_error` is the one test for "the disk or the data directory is the problem" (full, quota, read-only,
   permissions, I/O error), :func:`storage_error` the matching :class:`acecal.errors.StorageError` (HTTP 507) and
   :func:`storage_guard` the context manager that turns the one into the other. :func:`disk_full` and
@@ -30,6 +31,7 @@ from acecal.errors import StorageError
 
 __all__ = [
     "DISK_ERRNOS",
+    "atomic_folder",
     "atomic_write",
     "atomic_write_json",
     "disk_full",
@@ -39,6 +41,7 @@ __all__ = [
     "is_disk_error",
     "json_finite",
     "nearly_full",
+    "read_json",
     "storage_error",
     "storage_guard",
 ]
@@ -98,6 +101,27 @@ def atomic_write(path: Union[str, os.PathLike], content: Union[str, bytes, Write
             tmp.unlink()
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Union[str, os.PathLike], *, tmp_name: Optional[str] = None,
+                  durable: bool = False) -> Iterator[Path]:
+    """Build the folder ``path`` inside the block, in a hidden sibling (``tmp_name``, default ``.<name>.tmp``) that is
+    renamed to ``path`` when the block returns and removed when it raises. ``path`` must not exist yet.
+
+    ``durable``: ``fsync`` the parent folder after the rename (the files inside are the block's business).
+    """
+    path = Path(path)
+    tmp = path.with_name(tmp_name or f".{path.name}.tmp")
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        os.rename(tmp, path)
+        if durable:
+            fsync_path(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def json_finite(obj: Any) -> Any:

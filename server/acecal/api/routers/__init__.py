@@ -1,1 +1,1 @@
-"""One router per resource. ``acecal.api.app.ROUTERS`` lists them; later resources add theirs there."""
+"""One router per resource (listed in ``acecal.api.app.ROUTERS``); each calls the services of ``acecal.api.deps``."""

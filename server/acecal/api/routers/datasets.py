@@ -1,19 +1,19 @@
 """Stored datasets for fine-tuning and evaluation: ``/datasets`` and ``/datasets/{id}/cases``.
 
 Each case (image + label map) is checked when it arrives and refused with a 422 naming the problem (see
-:mod:`acecal.api.datastore`); it is stored re-encoded from the images read, and acknowledged only once its files and
-its row are durably stored. The upload route runs before its body is read (:mod:`acecal.api.uploads`): an unknown
-dataset is a 404 without receiving the files.
+:mod:`acecal.storage.datasets`); it is stored re-encoded from the images read, and acknowledged only once its files
+and its row are durably stored. The upload route runs before its body is read (:mod:`acecal.api.uploads`): an
+unknown dataset is a 404 without receiving the files.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from acecal.api.deps import ServerState, get_state
+from acecal.api.deps import DatasetsDep, SettingsDep
 from acecal.api.finetune_schemas import (
     CaseCreated,
     CaseInfo,
@@ -23,11 +23,12 @@ from acecal.api.finetune_schemas import (
     DatasetsResponse,
     Deleted,
 )
-from acecal.api.jobs import services
 from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse
-from acecal.api.uploads import display_name, multipart_body, receive_form
+from acecal.api.uploads import ReceivedForm, display_name, multipart_body, receive_form, store_upload
 from acecal.data.headers import image_limits
 from acecal.errors import InvalidInputError
+from acecal.inference.memory import memory_bounded
+from acecal.storage.datasets import case_view
 
 router = APIRouter(tags=["datasets"])
 _400 = {400: {"model": ErrorResponse, "description": "the body is not valid JSON"}}
@@ -39,25 +40,25 @@ _507 = DISK_FULL_RESPONSE
 
 @router.post("/datasets", response_model=DatasetCreated, status_code=201, summary="Create an empty dataset",
              responses={**_400, 404: {"model": ErrorResponse, "description": "unknown model"}, **_507})
-def create_dataset(body: DatasetCreate, state: ServerState = Depends(get_state)) -> dict:
-    return services(state).datasets.create(body.name, body.model)
+def create_dataset(body: DatasetCreate, datasets: DatasetsDep) -> dict[str, Any]:
+    return datasets.create(body.name, body.model).to_json()
 
 
 @router.get("/datasets", response_model=DatasetsResponse, summary="List the stored datasets")
-def list_datasets(state: ServerState = Depends(get_state)) -> dict:
-    return {"datasets": services(state).datasets.list()}
+def list_datasets(datasets: DatasetsDep) -> dict[str, Any]:
+    return {"datasets": [d.to_json() for d in datasets.list()]}
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetInfo, summary="One dataset with its cases",
             responses=_404)
-def get_dataset(dataset_id: str, state: ServerState = Depends(get_state)) -> dict:
-    return services(state).datasets.describe(dataset_id)
+def get_dataset(dataset_id: str, datasets: DatasetsDep) -> dict[str, Any]:
+    return datasets.describe(dataset_id)
 
 
 @router.delete("/datasets/{dataset_id}", response_model=Deleted, summary="Delete a dataset and its files",
                responses={**_404, **_409})
-def delete_dataset(dataset_id: str, state: ServerState = Depends(get_state)) -> dict:
-    services(state).datasets.delete(dataset_id)
+def delete_dataset(dataset_id: str, datasets: DatasetsDep) -> dict[str, Any]:
+    datasets.delete(dataset_id)
     return {"id": dataset_id}
 
 
@@ -70,7 +71,7 @@ _CASE_BODY = multipart_body(
     required=["image", "label"])
 
 
-def _text_field(form, key: str, limit: int = 200) -> Optional[str]:
+def _text_field(form: ReceivedForm, key: str, limit: int = 200) -> Optional[str]:
     value = form.fields.get(key)
     if value is not None and len(value) > limit:
         raise InvalidInputError(f"invalid request: {key}: at most {limit} characters")
@@ -94,26 +95,23 @@ def _text_field(form, key: str, limit: int = 200) -> Optional[str]:
     },
     openapi_extra=_CASE_BODY,
 )
-async def add_case(request: Request, dataset_id: str, state: ServerState = Depends(get_state)) -> dict:
-    from acecal.api.routers.infer import memory_bounded, store_upload
-
-    svc = services(state)
-    await run_in_threadpool(svc.datasets.get, dataset_id)  # 404 before the body is read
-    form = await receive_form(request, state.settings.tmp_dir, files=("image", "label"), fields=("name", "model"))
+async def add_case(request: Request, dataset_id: str, datasets: DatasetsDep, settings: SettingsDep) -> dict[str, Any]:
+    await run_in_threadpool(datasets.get, dataset_id)  # 404 before the body is read
+    form = await receive_form(request, settings.tmp_dir, files=("image", "label"), fields=("name", "model"))
     try:
         name, model = _text_field(form, "name"), _text_field(form, "model")
         image, label = form.file("image"), form.file("label")
         img = await run_in_threadpool(store_upload, image, "image")
         lab = await run_in_threadpool(store_upload, label, "label")
-        limits = state.settings.image_limits()
+        limits = settings.image_limits()
         image_name, label_name = display_name(image.filename), display_name(label.filename)
 
-        def add() -> dict:
+        def add() -> dict[str, Any]:
             with image_limits(limits):
-                return svc.datasets.add_case(dataset_id, img, lab, image_name=image_name, label_name=label_name,
-                                             name=name, model=model)
+                return datasets.add_case(dataset_id, img, lab, image_name=image_name, label_name=label_name,
+                                         name=name, model=model)
 
-        case = await memory_bounded(lambda: run_in_threadpool(add), image_name)
+        case = await run_in_threadpool(memory_bounded, add, f"the image {image_name!r}")
     finally:
         form.discard()
     return {**case, "dataset": dataset_id}
@@ -121,19 +119,12 @@ async def add_case(request: Request, dataset_id: str, state: ServerState = Depen
 
 @router.get("/datasets/{dataset_id}/cases/{case_id}", response_model=CaseInfo, summary="One case",
             responses=_404)
-def get_case(dataset_id: str, case_id: str, state: ServerState = Depends(get_state)) -> dict:
-    from acecal.api.datastore import case_not_found
-
-    svc = services(state)
-    svc.datasets.get(dataset_id)
-    c = svc.db.get_case(dataset_id, case_id)
-    if c is None:
-        raise case_not_found(dataset_id, case_id)
-    return svc.datasets.case_view(c)
+def get_case(dataset_id: str, case_id: str, datasets: DatasetsDep) -> dict[str, Any]:
+    return case_view(datasets.get_case(dataset_id, case_id))
 
 
 @router.delete("/datasets/{dataset_id}/cases/{case_id}", response_model=Deleted, summary="Delete a case",
                responses={**_404, **_409})
-def delete_case(dataset_id: str, case_id: str, state: ServerState = Depends(get_state)) -> dict:
-    services(state).datasets.delete_case(dataset_id, case_id)
+def delete_case(dataset_id: str, case_id: str, datasets: DatasetsDep) -> dict[str, Any]:
+    datasets.delete_case(dataset_id, case_id)
     return {"id": case_id}

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
 from acecal import __version__
-from acecal.api.deps import ServerState, get_state
+from acecal.api.deps import ServicesDep
 from acecal.api.schemas import HealthResponse
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/health", response_model=HealthResponse, summary="Server status, version and device")
-async def health(state: ServerState = Depends(get_state)) -> HealthResponse:
-    s = state.settings
-    return HealthResponse(version=__version__, device=state.device, auth_required=s.api_key is not None,
+async def health(services: ServicesDep) -> HealthResponse:
+    s = services.settings
+    return HealthResponse(version=__version__, device=services.device, auth_required=s.api_key is not None,
                           max_upload_mb=s.max_upload_mb, max_voxels=s.max_voxels, max_model_voxels=s.max_model_voxels,
-                          result_ttl_s=s.result_ttl_s, queue=state.queue.stats())
+                          result_ttl_s=s.result_ttl_s, queue=services.queue.stats())

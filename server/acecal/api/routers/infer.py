@@ -18,21 +18,19 @@ import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from acecal.api.deps import ServerState, get_state
-from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse, busy_response, InferParams, InferResponse
-from acecal.api.uploads import ReceivedFile, display_name, multipart_body, receive_form, rename_upload
+from acecal.api.deps import ServicesDep
+from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse, InferParams, InferResponse, busy_response
+from acecal.api.uploads import display_name, multipart_body, receive_form, store_upload
 from acecal.data.headers import image_limits
 from acecal.errors import ACECalError, InvalidInputError, PayloadTooLargeError
+from acecal.inference.memory import out_of_memory
 
 log = logging.getLogger("acecal.api")
 router = APIRouter(tags=["inference"])
-
-#: suffixes accepted for uploads (detached headers, .nhdr/.mhd, cannot travel alone)
-UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 _ERRORS = {
     400: {"model": ErrorResponse, "description": "malformed multipart body"},
@@ -53,74 +51,22 @@ _BODY = multipart_body(
     required=["image"])
 
 
-def sniff_suffix(head: bytes) -> Optional[str]:
-    """The file ending for the bytes' format (the content decides, whatever the user's file name says)."""
-    from acecal.data.headers import _is_nifti, _looks_like_metaimage
-
-    if head.startswith(b"NRRD000"):
-        return ".nrrd"
-    if head[:2] == b"\x1f\x8b":
-        return ".nii.gz"
-    if _is_nifti(head):
-        return ".nii"
-    if _looks_like_metaimage(head):
-        return ".mha"
-    return None
-
-
-def upload_suffix(filename: Optional[str], head: bytes, what: str = "image") -> str:
-    """A safe suffix for the temporary copy, from the bytes' format; a detached header's name is refused."""
-    name = display_name(filename)
-    if name.lower().endswith((".nhdr", ".mhd")):
-        raise InvalidInputError(f"{name!r} is a detached header whose voxel data live in another file; send a "
-                                "single-file volume (.nrrd, .nii, .nii.gz or .mha)")
-    sniffed = sniff_suffix(head)
-    if sniffed is None:
-        if not head:
-            raise InvalidInputError(f"the {what} file {name!r} is empty; send a NIfTI, NRRD or MHA volume")
-        raise InvalidInputError(f"{name!r} is not a recognised image type; send a NIfTI (.nii, .nii.gz), NRRD (.nrrd) "
-                                "or MetaImage (.mha) volume")
-    return sniffed
-
-
-def store_upload(received: ReceivedFile, what: str = "image") -> Path:
-    """The received file under its server-chosen name with its format's ending."""
-    return rename_upload(received, upload_suffix(received.filename, received.head, what))
-
-
 def _bad_image(name: str, stage: str, exc: Exception) -> InvalidInputError:
     log.warning("image %r could not be %s: %r", name, stage, exc, exc_info=True)
     return InvalidInputError(f"the image {name!r} could not be {stage} ({type(exc).__name__}: {str(exc)[:200]}); "
                              "check that it is a valid 3-D scalar volume")
 
 
-def out_of_memory(e: Optional[BaseException]) -> bool:
-    """MemoryError, or torch's allocation failures (CPU ``can't allocate memory``, CUDA ``out of memory``), also when
-    wrapped (MONAI re-raises a transform's error as ``RuntimeError: applying transform ...`` from it)."""
-    for _ in range(8):  # along the chain of causes
-        if e is None:
-            return False
-        if isinstance(e, MemoryError):
-            return True
-        text = str(e).lower()
-        if isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
-
-
-async def memory_bounded(call: Callable[[], Awaitable[Any]], name: str, where: str = "this server's memory", *,
-                         subject: Optional[str] = None) -> Any:
-    """Await ``call()``; running out of memory becomes a 413 raised only after the failed attempt's exception, its
-    traceback and the frames holding its arrays are gone (and collected), so the memory is free before the reply."""
+async def memory_bounded(call: Callable[[], Awaitable[Any]], name: str, where: str = "this server's memory") -> Any:
+    """Await ``call()``; running out of memory becomes a 413 raised only after the failed attempt is freed."""
     try:
         return await call()
     except BaseException as e:  # noqa: BLE001 - only memory errors are handled here
         if not out_of_memory(e):
             raise
     gc.collect()
-    raise PayloadTooLargeError(f"{subject or f'the image {name!r}'} is too large for {where}; send a smaller volume "
-                               "(or crop it) or use a server with more memory", code="image_too_large")
+    raise PayloadTooLargeError(f"the image {name!r} is too large for {where}; send a smaller volume (or crop it) or "
+                               "use a server with more memory", code="image_too_large")
 
 
 @router.post(
@@ -130,7 +76,7 @@ async def memory_bounded(call: Callable[[], Awaitable[Any]], name: str, where: s
     responses=_ERRORS,
     openapi_extra=_BODY,
 )
-async def infer(request: Request, model_id: str, state: ServerState = Depends(get_state)) -> Response:
+async def infer(request: Request, model_id: str, state: ServicesDep) -> Response:
     t_start = time.perf_counter()
     bundle = await run_in_threadpool(state.registry.get, model_id)  # 404 before the body is read
     limits = state.settings.image_limits()

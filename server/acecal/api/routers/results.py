@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from typing import Iterator
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from acecal.api.deps import ServerState, get_state
+from acecal.api.deps import ResultsDep
 from acecal.api.schemas import DeleteResponse, ErrorResponse, InferResponse, VolumeName
-from acecal.inference.pipeline import FILE_NAMES
+from acecal.protocol import VOLUME_FILE_NAMES
 
 router = APIRouter(tags=["results"])
 
@@ -19,8 +20,8 @@ _CHUNK = 1 << 20
 
 @router.get("/results/{result_id}", response_model=InferResponse, summary="The reply of a finished inference again",
             responses=_NOT_FOUND)
-def get_result(result_id: str, state: ServerState = Depends(get_state)) -> JSONResponse:
-    return JSONResponse(state.results.get(result_id))  # stored as built to the schema: no re-validation
+def get_result(result_id: str, results: ResultsDep) -> JSONResponse:
+    return JSONResponse(results.get(result_id))  # stored as built to the schema: no re-validation
 
 
 @router.get(
@@ -30,12 +31,12 @@ def get_result(result_id: str, state: ServerState = Depends(get_state)) -> JSONR
     responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
                      "description": "the NRRD file"}, **_NOT_FOUND},
 )
-def get_result_file(result_id: str, name: VolumeName, state: ServerState = Depends(get_state)) -> StreamingResponse:
-    path = state.results.file(result_id, name, FILE_NAMES[name])
+def get_result_file(result_id: str, name: VolumeName, results: ResultsDep) -> StreamingResponse:
+    path = results.file(result_id, name, VOLUME_FILE_NAMES[name])
     fh = open(path, "rb")  # opened here: a sweep deleting the folder now cannot break the download
     size = os.fstat(fh.fileno()).st_size
 
-    def chunks():
+    def chunks() -> Iterator[bytes]:
         with fh:
             while True:
                 b = fh.read(_CHUNK)
@@ -50,6 +51,6 @@ def get_result_file(result_id: str, name: VolumeName, state: ServerState = Depen
 
 @router.delete("/results/{result_id}", response_model=DeleteResponse, summary="Delete a result now",
                responses=_NOT_FOUND)
-def delete_result(result_id: str, state: ServerState = Depends(get_state)) -> DeleteResponse:
-    state.results.delete(result_id)
+def delete_result(result_id: str, results: ResultsDep) -> DeleteResponse:
+    results.delete(result_id)
     return DeleteResponse(result_id=result_id)
