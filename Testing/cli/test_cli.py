@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 
 from acecal.cli.main import _register, app
 from acecal.data.io import grid_of, write_volume
+from acecal.protocol import VOLUMES
 
 KEY = "cli-test-key"
-VOLS = ("labels", "confidence", "uncertainty", "flags")
+VOLS = VOLUMES
 
 
 @pytest.fixture(scope="module")

@@ -42,11 +42,15 @@ def test_names_are_the_schemas_literals():
     assert not set(protocol.ACTIVE_JOB_STATUSES) & set(protocol.FINAL_JOB_STATUSES)
     assert protocol.VOLUME_FILE_NAMES == {v: f"{v}.nrrd" for v in protocol.VOLUMES}
     assert protocol.METRIC_NAMES == tuple(fs.Metrics4.model_fields)
+    from acecal.losses.registry import LOSS_NAMES
+
+    assert protocol.FINETUNE_LOSSES == typing.get_args(fs.LossName) and set(protocol.FINETUNE_LOSSES) <= set(LOSS_NAMES)
 
 
 def test_image_stem_knows_every_image_ending():
     assert protocol.image_stem("case.NII.GZ") == "case" and protocol.image_stem("a.b.nrrd") == "a.b"
-    assert protocol.image_stem("scan.nhdr") == "scan" and protocol.image_stem("scan.nhdr", protocol.UPLOAD_SUFFIXES) is None
+    assert protocol.image_stem("scan.nhdr") == "scan"
+    assert protocol.image_stem("scan.nhdr", protocol.UPLOAD_SUFFIXES) is None
     assert protocol.image_stem("notes.txt") is None and protocol.image_stem("x.gz") is None
 
 

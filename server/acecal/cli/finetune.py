@@ -22,6 +22,7 @@ from acecal.cli.main import app
 from acecal.protocol import (
     DATASET_ID,
     DATASET_NUM_CASES,
+    FINETUNE_LOSSES,
     JOB_ACCEPTED_ID,
     JOB_QUEUED,
     JOB_STATUSES,
@@ -30,7 +31,6 @@ from acecal.protocol import (
 )
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
-LOSSES = ("baseline_dice_ce", "hardl1ace_dice_ce", "softl1ace_dice_ce", "labelsmooth_dice_ce", "nacl_dice")
 
 _server_opt = typer.Option(DEFAULT_SERVER, "--server", "-s", envvar="ACECAL_SERVER", show_envvar=True,
                            help="Server URL.")
@@ -118,7 +118,7 @@ def finetune(
                                                                         "instead of uploading (see `acecal datasets`)."),
     name: Optional[str] = typer.Option(None, "--name", help="Name of the uploaded dataset (default: the images "
                                                             "folder's name)."),
-    loss: str = typer.Option("hardl1ace_dice_ce", "--loss", help=f"Training loss: {', '.join(LOSSES)}."),
+    loss: str = typer.Option("hardl1ace_dice_ce", "--loss", help=f"Training loss: {', '.join(FINETUNE_LOSSES)}."),
     epochs: int = typer.Option(20, "--epochs", min=1, help="Training epochs."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default 5e-5)."),
     freeze_encoder: bool = typer.Option(False, "--freeze-encoder", help="Train the decoder only."),
@@ -141,8 +141,9 @@ def finetune(
 
     from acecal.errors import ACECalError
 
-    if loss not in LOSSES:
-        raise typer.BadParameter(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}", param_hint="--loss")
+    if loss not in FINETUNE_LOSSES:
+        raise typer.BadParameter(f"unknown loss {loss!r}; choose one of {', '.join(FINETUNE_LOSSES)}",
+                                 param_hint="--loss")
     if dataset is None and (images is None or labels is None):
         raise typer.BadParameter("give --images and --labels (folders to upload) or --dataset (an uploaded one)")
     console = Console(stderr=True)
@@ -184,7 +185,8 @@ def finetune(
 @app.command("jobs")
 def jobs(
     job_id: Optional[str] = typer.Argument(None, help="Show this job in detail (default: list all jobs)."),
-    status: Optional[str] = typer.Option(None, "--status", help=f"Only jobs in this state ({', '.join(JOB_STATUSES)})."),
+    status: Optional[str] = typer.Option(None, "--status",
+                                         help=f"Only jobs in this state ({', '.join(JOB_STATUSES)})."),
     follow: bool = typer.Option(False, "--follow", "-f", help="With JOB_ID: follow it until it ends."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     server: str = _server_opt,

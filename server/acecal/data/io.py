@@ -22,9 +22,10 @@ import SimpleITK as sitk
 from acecal.data.headers import ImageHeader, current_limits, inspect_image, open_regular
 from acecal.errors import InvalidInputError
 from acecal.geometry import Grid, affine_lps_to_ras
+from acecal.protocol import IMAGE_SUFFIXES
 
 #: file name endings the project reads and writes
-SUPPORTED_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+SUPPORTED_SUFFIXES = IMAGE_SUFFIXES
 
 
 def has_supported_suffix(name: str | os.PathLike) -> bool:

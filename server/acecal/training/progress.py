@@ -1,14 +1,11 @@
 """Progress reporting: the JSON-lines log a server job tails, the callback hook, and cooperative cancellation.
 
-Log format (one JSON object per line, appended and flushed as it happens):
+Log format: one JSON object per line, appended and flushed as it happens, each a
+:class:`acecal.protocol.JobEvent` (``start``, one ``epoch`` per finished epoch counting from 1, ``stopped`` with a
+resumable reason, ``published``; its docstring lists every event's keys). ``JobEvent.from_line`` reads a line back,
+``JobEvent.epoch_metrics`` turns an ``epoch`` event into a job view's metrics entry.
 
-- ``{"event": "start", "model_id", "epochs", "start_epoch", "train_cases", "val_cases", "world_size", "time"}``
-- ``{"event": "epoch", "epoch", "epochs", "train_loss", "lr", "seconds", "val": {"dice","ace","ece","mce"} | null,
-  "best_dice", "best_epoch", "time"}`` — one per finished epoch (``epoch`` counts from 1)
-- ``{"event": "stopped", "reason": "cancelled" | "sitting_limit", "epoch", "time"}`` — resumable
-- ``{"event": "published", "model_id", "path", "metrics", "time"}`` / ``{"event": "error", "message", "time"}``
-
-The callback receives the same dicts, plus ``{"event": "step", "epoch", "step", "steps", "loss"}`` every iteration.
+The callback receives the same dicts, plus a ``step`` event every iteration (never logged).
 """
 
 from __future__ import annotations
