@@ -68,6 +68,9 @@ JOB_QUEUED, JOB_RUNNING, JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED = JOB_STATUSES
 ACTIVE_JOB_STATUSES = (JOB_QUEUED, JOB_RUNNING)
 #: a job in one of these states never changes again
 FINAL_JOB_STATUSES = (JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED)
+#: the training losses a fine-tuning job may use (names of ``acecal.losses.registry``)
+FinetuneLoss = Literal["baseline_dice_ce", "hardl1ace_dice_ce", "softl1ace_dice_ce", "labelsmooth_dice_ce", "nacl_dice"]
+FINETUNE_LOSSES: Tuple[str, ...] = get_args(FinetuneLoss)
 
 # --- keys of the replies callers read by key (the rest are records below) ---------------------------------------------
 #: ``GET /health``
@@ -176,7 +179,8 @@ class Record:
     @classmethod
     def json_keys(cls) -> Tuple[str, ...]:
         """The record's JSON keys, in field order."""
-        return tuple(f.metadata.get("key") or f.name for f in fields(cls) if f.name != "extra")  # type: ignore[arg-type]
+        return tuple(f.metadata.get("key") or f.name
+                     for f in fields(cls) if f.name != "extra")  # type: ignore[arg-type]
 
     @classmethod
     def from_json(cls: Type[R], data: Any) -> R:
@@ -410,7 +414,7 @@ class JobInfo(Record):
         return next((m for m in reversed(self.metrics) if m.validated), None)
 
 
-# --- the training engine's progress events -----------------------------------------------------------------------------
+# --- the training engine's progress events ---------------------------------------------------------------------------
 EVENT_START, EVENT_STEP, EVENT_EPOCH, EVENT_STOPPED, EVENT_PUBLISHED = "start", "step", "epoch", "stopped", "published"
 #: why a run stopped before its last epoch (it resumes from its last checkpoint)
 STOP_CANCELLED, STOP_SITTING_LIMIT = "cancelled", "sitting_limit"
