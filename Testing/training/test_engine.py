@@ -186,4 +186,5 @@ def test_loss_warmup_trains_the_baseline_first(tmp_path, small_data):
     assert warm.history[1]["train_loss"] != base.history[1]["train_loss"]
     b = Bundle.load(warm.bundle_path)
     assert b.config.training["loss"]["warmup_epochs"] == 1
+    assert b.config.training["best_epoch"] == 2  # never a warm-up epoch's weights
     assert "switched on after 1 epochs of `baseline_dice_ce`" in b.card_path.read_text()

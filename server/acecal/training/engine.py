@@ -445,7 +445,9 @@ class Engine:
                                   cancel=None if ctx.distributed else self.cancel)
                     vp = reduce_pass(vp, ctx)
                     val = summarise(vp)
-                    if val["dice"] is not None and (best["dice"] is None or val["dice"] > best["dice"]):
+                    # the best weights are chosen among epochs trained with the run's own loss (after any warm-up)
+                    if (val["dice"] is not None and epoch + 1 > cfg.loss_warmup_epochs
+                            and (best["dice"] is None or val["dice"] > best["dice"])):
                         best = {"dice": val["dice"], "epoch": epoch + 1, "metrics": val}
                         if ctx.is_main:
                             atomic_save({"model": ddp.unwrap(model).state_dict(), "epoch": epoch + 1, "metrics": val},
