@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .results import InferenceResult
+from .transport import FilePart, ProgressCallback, Transport, url_segment
 from .errors import ACECalError, InvalidInputError, NotFoundError, ProtocolError, ServerTimeoutError
 from .geometry import Grid
 from .nrrd import encode_nrrd, read_nrrd
@@ -32,12 +34,10 @@ from .protocol import (
     ModelInfo,
     image_stem,
 )
-from .results import InferenceResult
-from .transport import FilePart, ProgressCallback, Transport, url_segment
 
 #: an image to upload: a file path (streamed from disk) or ``(array_zyx, Grid)`` (sent as NRRD)
-ImageInput = Union[str, "os.PathLike[str]", Tuple[np.ndarray, Grid]]
-PathLike = Union[str, "os.PathLike[str]"]
+ImageInput = Union[str, os.PathLike, Tuple[np.ndarray, Grid]]
+PathLike = Union[str, os.PathLike]
 
 
 def file_part(source: ImageInput, filename: Optional[str] = None, *, compress: bool = False) -> FilePart:

@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from acecal.client.results import InferenceResult
+from acecal.client.transport import FilePart, ProgressCallback, Transport, url_segment
 from acecal.errors import ACECalError, InvalidInputError, NotFoundError, ProtocolError, ServerTimeoutError
 from acecal.geometry import Grid
 from acecal.nrrd import encode_nrrd, read_nrrd
@@ -31,12 +33,10 @@ from acecal.protocol import (
     ModelInfo,
     image_stem,
 )
-from acecal.client.results import InferenceResult
-from acecal.client.transport import FilePart, ProgressCallback, Transport, url_segment
 
 #: an image to upload: a file path (streamed from disk) or ``(array_zyx, Grid)`` (sent as NRRD)
-ImageInput = Union[str, "os.PathLike[str]", Tuple[np.ndarray, Grid]]
-PathLike = Union[str, "os.PathLike[str]"]
+ImageInput = Union[str, os.PathLike, Tuple[np.ndarray, Grid]]
+PathLike = Union[str, os.PathLike]
 
 
 def file_part(source: ImageInput, filename: Optional[str] = None, *, compress: bool = False) -> FilePart:
