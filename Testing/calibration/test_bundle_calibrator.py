@@ -246,3 +246,31 @@ def test_a_model_fine_tuned_from_a_calibrated_bundle_gets_its_own_ace_temperatur
     served = Predictor(b).predict(image_path)
     assert served.calibrator == "temperature" and served.temperature == pytest.approx(c.params["temperature"])
     assert "## Calibrator" in b.card_path.read_text()
+
+
+def test_a_two_head_bundle_is_calibrated_on_its_calibration_head(tiny_bundle, held_out, tmp_path, image_path):
+    from acecal.bundles import NetworkConfig, build_network, write_bundle
+    from acecal.networks import split_heads
+
+    base = Bundle.load(tiny_bundle).config
+    config = base.model_copy(update={"id": "tiny-two-head", "network": NetworkConfig(
+        name="SegResNetTwoHead", args={"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]})})
+    torch.manual_seed(0)
+    net = build_network(config)  # untrained: enough to check which logits the calibrator sees
+    two = write_bundle(tmp_path / "models", config, net.state_dict(), "# two heads\n")
+    info = discover_dataset(held_out)
+    cases = model_space_cases(two, [c for c in info.cases if c.name in HELD][:2])
+    for c in cases:
+        z, img, _ = c.batch()
+        with torch.no_grad():
+            out = net.eval()(img)
+        seg, cal = split_heads(out, 2)
+        assert c.logits.shape[0] == 2 and torch.allclose(c.logits, cal[0], atol=1e-4)
+        assert torch.equal(c.prediction, seg[0].argmax(0))
+    b, _ = calibrate_bundle(two.path, method="ace-temperature", data=held_out, cases=HELD, out_dir=tmp_path / "models",
+                            model_id="tiny-two-head-acet")
+    assert b.config.calibrator.params["temperature"] > 0
+    served = Predictor(b).predict(image_path)
+    raw = Predictor(b, use_calibrator=False).predict(image_path)
+    assert np.array_equal(served.labels, raw.labels)  # labels from the segmentation head, untouched
+    assert served.calibrator == "temperature"

@@ -212,3 +212,19 @@ def test_the_ranking_guard_keeps_only_weights_that_do_not_lose_error_detection(o
     assert info["best_epoch"] == 0 and all("fit_auroc" in h for h in info["history"])
     z, img, _ = over_confident[0].batch()
     assert torch.allclose(cal.temperature(z, img), torch.tensor(info["init_temperature"]), atol=1e-5)
+
+
+def test_a_served_label_map_other_than_the_argmax_is_what_dice_and_error_detection_judge(over_confident):
+    # a two-head network serves the segmentation head's labels with the calibration head's probabilities
+    from acecal.calibration.fitting import error_auroc, served_threshold
+
+    plain = over_confident[:3]
+    shifted = [CalibrationCase(c.name, c.logits, c.label, c.image, prediction=torch.roll(c.logits.argmax(0), 2, 0))
+               for c in plain]
+    a, b = case_metrics(plain), case_metrics(shifted)
+    for n in a:
+        assert b[n]["ace"] == a[n]["ace"] and b[n]["dice"] < a[n]["dice"]
+    assert error_auroc(shifted) != error_auroc(plain)
+    assert 0.5 <= served_threshold(shifted) <= 0.95
+    with pytest.raises(InvalidInputError):
+        CalibrationCase("x", plain[0].logits, plain[0].label, prediction=plain[0].label[:-1])

@@ -1,7 +1,8 @@
 """Held-out cases in model space for fitting calibrators: raw logits, label map and image, cached on disk.
 
 The logits come from :func:`acecal.inference.window.sliding_window_logits` after the bundle's model-space transforms
-(the chain shared with training and serving), i.e. exactly what the predictor hands to the calibrator. Running the
+(the chain shared with training and serving), i.e. exactly what the predictor hands to the calibrator: for a two-head
+bundle the calibration head's logits, with the segmentation head's label map as the served prediction. Running the
 network is the slow part, so each case's tensors are cached under ``<cache_dir>/<bundle id>-<weights digest>/``;
 the weights digest changes with the network, so a stale cache cannot be read for another network.
 """
@@ -50,6 +51,9 @@ def model_space_cases(bundle: Bundle, cases: Sequence[Case], *, cache_dir: Optio
     """
     from acecal.data.transforms import model_space_transforms
     from acecal.inference.window import sliding_window_logits
+    from acecal.networks import is_two_head, split_heads
+
+    two_head = is_two_head(bundle.config)
 
     folder = None
     if cache_dir is not None:
@@ -78,13 +82,19 @@ def model_space_cases(bundle: Bundle, cases: Sequence[Case], *, cache_dir: Optio
             d = chain(case.as_dict())
             image = _plain(d["image"]).float()
             logits = sliding_window_logits(net, image[None], bundle.config)[0].cpu()
-            rec = {"name": case.name, "logits": logits.contiguous(), "image": image.contiguous(),
+            rec = {"name": case.name, "image": image.contiguous(),
                    "label": _plain(d["label"])[0].to(torch.uint8).contiguous()}
+            if two_head:
+                seg, logits = split_heads(logits, bundle.config.num_classes, dim=0)
+                rec["prediction"] = seg.argmax(0).to(torch.uint8).contiguous()
+            rec["logits"] = logits.contiguous()
             if path is not None:
                 tmp = path.with_suffix(".tmp")
                 torch.save(rec, tmp)
                 tmp.replace(path)
-        out.append(CalibrationCase(case.name, rec["logits"].float(), rec["label"].long(), rec["image"].float()))
+        pred = rec.get("prediction")
+        out.append(CalibrationCase(case.name, rec["logits"].float(), rec["label"].long(), rec["image"].float(),
+                                   None if pred is None else pred.long()))
         if progress is not None:
             progress(case.name, cached)
     return out

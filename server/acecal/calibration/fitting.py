@@ -53,6 +53,8 @@ class CalibrationCase:
     logits: torch.Tensor  # (C, x, y, z) float32, raw (uncalibrated) network logits
     label: torch.Tensor   # (x, y, z) integer label map
     image: Optional[torch.Tensor] = None  # (Cin, x, y, z) the normalised image the logits came from
+    # (x, y, z) the served label map when it is not argmax(logits): a two-head network's segmentation head
+    prediction: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         if self.logits.ndim != 4:
@@ -63,6 +65,9 @@ class CalibrationCase:
         if self.image is not None and tuple(self.image.shape[1:]) != tuple(self.logits.shape[1:]):
             raise InvalidInputError(f"case {self.name}: image {tuple(self.image.shape)} does not fit logits "
                                     f"{tuple(self.logits.shape)}")
+        if self.prediction is not None and tuple(self.prediction.shape) != tuple(self.logits.shape[1:]):
+            raise InvalidInputError(f"case {self.name}: prediction {tuple(self.prediction.shape)} does not fit "
+                                    f"logits {tuple(self.logits.shape)}")
 
     def batch(self, device: Any = "cpu") -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
         """(logits (1, C, ...), image (1, Cin, ...) or None, label (1, 1, ...) int64) on ``device``."""
@@ -98,8 +103,8 @@ def case_metrics(cases: Sequence[CalibrationCase], calibrator: Optional[Calibrat
                  num_bins: int = NUM_BINS) -> dict[str, dict[str, Optional[float]]]:
     """Per case: ``{"ace": macro hard ACE, "dice": macro Dice}`` of ``softmax(calibrator(logits))`` (raw if None).
 
-    Dice is the argmax segmentation's, over the foreground classes present in the case (it does not depend on the
-    calibrator; reported to show it).
+    Dice is the served segmentation's (``case.prediction``, else the argmax), over the foreground classes present in
+    the case (it does not depend on the calibrator; reported to show it).
     """
     from acecal.metrics import dice_counts, dice_from_counts
 
@@ -109,7 +114,8 @@ def case_metrics(cases: Sequence[CalibrationCase], calibrator: Optional[Calibrat
         if calibrator is not None:
             z = calibrator.calibrate(z, img)
         p = torch.softmax(z, dim=1)
-        tp, n_pred, n_target = dice_counts(p, y, p.shape[1])
+        seg = p if case.prediction is None else case.prediction[None, None].long()
+        tp, n_pred, n_target = dice_counts(seg, y, p.shape[1])
         dice = dice_from_counts(tp, n_pred, n_target)[0, 1:]
         present = n_target[0, 1:] > 0
         out[case.name] = {"ace": _case_ace(p, y, num_bins),
@@ -177,10 +183,11 @@ class _ErrorRanking:
         from acecal.metrics.error_detection import roi_mask
 
         self.cases = list(cases)
-        self.rois, self.wrong = [], []
+        self.rois, self.wrong, self.preds = [], [], []
         for c in self.cases:
-            pred = c.logits.argmax(0).numpy()
-            truth = c.label.numpy()
+            pred = c.logits.argmax(0) if c.prediction is None else c.prediction.long()
+            self.preds.append(pred)
+            pred, truth = pred.numpy(), c.label.numpy()
             self.rois.append(roi_mask((pred > 0) | (truth > 0)))
             self.wrong.append(pred != truth)
 
@@ -192,11 +199,12 @@ class _ErrorRanking:
 
         hw = np.zeros(NUM_HIST_BINS, np.int64)
         hr = np.zeros(NUM_HIST_BINS, np.int64)
-        for c, roi, wrong in zip(self.cases, self.rois, self.wrong):
+        for c, roi, wrong, pred in zip(self.cases, self.rois, self.wrong, self.preds):
             z, img, _ = c.batch()
             if calibrator is not None:
                 z = calibrator.calibrate(z, img)
-            conf = torch.softmax(z, dim=1)[0].amax(0).numpy()
+            # the served confidence: the probability of the served label (the argmax's for one head)
+            conf = torch.softmax(z, dim=1)[0].gather(0, pred[None])[0].numpy()
             b = confidence_bins(conf)[roi]
             w = wrong[roi]
             hw += np.bincount(b[w], minlength=NUM_HIST_BINS)
@@ -225,7 +233,8 @@ def served_threshold(cases: Sequence[CalibrationCase], calibrator: Optional[Cali
         z, img, y = case.batch()
         if calibrator is not None:
             z = calibrator.calibrate(z, img)
-        c, r = top_label_bins(torch.softmax(z, dim=1), y)
+        pred = None if case.prediction is None else case.prediction[None, None].long()
+        c, r = top_label_bins(torch.softmax(z, dim=1), y, predicted=pred)
         counts += c
         right += r
     return uncertainty_threshold(counts, right, target=target, num_classes=cases[0].logits.shape[0])

@@ -24,6 +24,13 @@ def _calibration_logits(logits: torch.Tensor, bc: BundleConfig) -> torch.Tensor:
     return split_heads(logits, bc.num_classes)[1] if is_two_head(bc) else logits
 
 
+def _served_labels(logits: torch.Tensor, bc: BundleConfig) -> Optional[torch.Tensor]:
+    """A two-head network's served label map (segmentation head's argmax, (x, y, z)); None for one head."""
+    from acecal.networks import is_two_head, split_heads
+
+    return split_heads(logits, bc.num_classes)[0].argmax(1)[0] if is_two_head(bc) else None
+
+
 def publish(
     cfg: TrainConfig,
     bc: BundleConfig,
@@ -98,8 +105,8 @@ def publish(
             from acecal.calibration import CalibrationCase
             from acecal.calibration.workflow import refit_ace_temperature
 
-            cal_cases = [CalibrationCase(n, _calibration_logits(z, bc)[0], y[0, 0]) for n, z, y in
-                         zip(vp.cases, vp.logits, vp.labels)]
+            cal_cases = [CalibrationCase(n, _calibration_logits(z, bc)[0], y[0, 0], prediction=_served_labels(z, bc))
+                         for n, z, y in zip(vp.cases, vp.logits, vp.labels)]
             calibrator, temperature, threshold = refit_ace_temperature(
                 cal_cases, source=f"the fine-tuned network's validation cases (base {base.id} had a "
                                   f"{base.config.calibrator.kind} calibrator)",
