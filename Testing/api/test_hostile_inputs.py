@@ -481,22 +481,21 @@ def test_running_out_of_memory_is_413_and_leaves_nothing(tiny_bundle, tmp_path, 
 def test_a_memory_error_releases_the_failed_attempt_before_the_413():
     """The 413 holds no reference to the MemoryError's traceback, so the arrays of the failed attempt are freed while
     the reply is still being sent (a 413 raised inside the except clause would keep them alive through its context)."""
-    import asyncio
     import weakref
 
-    from acecal.api.routers.infer import memory_bounded
     from acecal.errors import PayloadTooLargeError
+    from acecal.inference.memory import memory_bounded
 
     refs = []
 
-    async def attempt():
+    def attempt():
         partial = np.ones(1 << 20)  # what the failed attempt had allocated
         refs.append(weakref.ref(partial))
         raise RuntimeError("applying transform Spacingd") from RuntimeError(
             "DefaultCPUAllocator: can't allocate memory: you tried to allocate 864086402880032 bytes")
 
     with pytest.raises(PayloadTooLargeError) as e:
-        asyncio.run(memory_bounded(attempt, "far.nrrd"))
+        memory_bounded(attempt, "the image 'far.nrrd'")
     assert e.value.__context__ is None and e.value.__cause__ is None
     assert refs[0]() is None  # freed while the 413 is alive
-    assert "too large for this server's memory" in e.value.detail
+    assert "the image 'far.nrrd' is too large for this server's memory" in e.value.detail

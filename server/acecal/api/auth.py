@@ -19,6 +19,7 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from acecal.api.errors import error_body
 from acecal.errors import UnauthorizedError
 
 bearer = HTTPBearer(auto_error=False, description="the server's API key (acecal serve --api-key / ACECAL_API_KEY)")
@@ -59,8 +60,6 @@ class APIKeyMiddleware:
         try:
             check_authorization(Headers(scope=scope).get("authorization"), self.key)
         except UnauthorizedError as e:
-            from acecal.api.errors import error_body
-
             # the body, if any, is never read: close the connection rather than drain it
             response = JSONResponse(error_body(e.code, e.detail), status_code=401,
                                     headers={"WWW-Authenticate": "Bearer", "Connection": "close"})

@@ -6,7 +6,7 @@ service each. Routers never build services: :func:`acecal.api.services.build_ser
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import Depends, Request
 
@@ -14,13 +14,11 @@ from acecal.api.queue import InferenceQueue
 from acecal.api.services import AppServices
 from acecal.api.settings import Settings
 from acecal.bundles import ModelRegistry
+from acecal.inference.predictor import PredictorCache
 from acecal.jobs.evaluations import EvaluationService
 from acecal.jobs.service import JobService
 from acecal.storage.datasets import DatasetStore
 from acecal.storage.results import ResultStore
-
-if TYPE_CHECKING:
-    from acecal.inference.predictor import PredictorCache
 
 __all__ = ["DatasetsDep", "EvaluationsDep", "JobsDep", "PredictorsDep", "QueueDep", "RegistryDep", "ResultsDep",
            "ServicesDep", "SettingsDep", "get_services"]
@@ -65,7 +63,7 @@ def _evaluations(request: Request) -> EvaluationService:
 ServicesDep = Annotated[AppServices, Depends(get_services)]
 SettingsDep = Annotated[Settings, Depends(_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(_registry)]
-PredictorsDep = Annotated["PredictorCache", Depends(_predictors)]
+PredictorsDep = Annotated[PredictorCache, Depends(_predictors)]
 QueueDep = Annotated[InferenceQueue, Depends(_queue)]
 ResultsDep = Annotated[ResultStore, Depends(_results)]
 DatasetsDep = Annotated[DatasetStore, Depends(_datasets)]

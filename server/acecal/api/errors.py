@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import uuid
 
 from fastapi import FastAPI, Request
@@ -58,8 +59,6 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def _allowed_methods(request: Request) -> list[str]:
     """Every method the API documents on this path (Starlette's 405 names only the first matching route's)."""
-    import re
-
     methods: set[str] = set()
     path = request.url.path
     for template, ops in request.app.openapi().get("paths", {}).items():

@@ -2,9 +2,10 @@
 
 A request first *reserves* a slot (:meth:`InferenceQueue.slot`); at most ``workers + queue_size`` requests hold one
 at a time and the next gets :class:`acecal.errors.ServerBusyError` (503, ``Retry-After`` estimated from the median of
-recent request durations). Inside its slot a request runs CPU stages in the normal thread pool and its device stage through
-:meth:`InferenceQueue.run`, on ``workers`` threads (one by default: the device is used by one forward pass at a time,
-like a GPU lock).
+recent request durations). Inside its slot a request runs CPU stages in the normal thread pool and its device stage on
+``workers`` threads (one by default: the device is used by one forward pass at a time, like a GPU lock): awaited
+from the event loop with :meth:`InferenceQueue.run`, or from a thread-pool thread with :meth:`InferenceQueue.call`
+(the ``run_on_device`` hook of :func:`acecal.inference.pipeline.run_inference`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from acecal.errors import ServerBusyError
+
+T = TypeVar("T")
 
 
 class InferenceQueue:
@@ -44,7 +47,7 @@ class InferenceQueue:
         return max(1.0, min(typical * waves, 600.0))
 
     @asynccontextmanager
-    async def slot(self):
+    async def slot(self) -> AsyncIterator[None]:
         """Hold one of the ``capacity`` places for the duration of a request (503 when none is free)."""
         with self._lock:
             if self._in_flight >= self.capacity:
@@ -65,7 +68,7 @@ class InferenceQueue:
                 self.completed += 1
 
     # --- device work --------------------------------------------------------------------------------------------
-    def _wrap(self, fn: Callable, args, kwargs):
+    def _wrap(self, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
         with self._lock:
             self._running += 1
         try:
@@ -74,12 +77,16 @@ class InferenceQueue:
             with self._lock:
                 self._running -= 1
 
-    async def run(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on a device worker thread and await its result without blocking the event loop."""
         fut = self._executor.submit(self._wrap, fn, args, kwargs)
         return await asyncio.wrap_future(fut)
 
-    def stats(self) -> dict:
+    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn`` on a device worker thread and wait for its result (from a thread, never the event loop)."""
+        return self._executor.submit(self._wrap, fn, args, kwargs).result()
+
+    def stats(self) -> dict[str, int]:
         with self._lock:
             return {"in_flight": self._in_flight, "running": self._running, "capacity": self.capacity,
                     "workers": self.workers, "queue_size": self.queue_size, "completed": self.completed,

@@ -7,6 +7,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from acecal.api.middleware import MAX_JSON_DEPTH, json_depth, too_deep_message
 from acecal.errors import InvalidInputError
 from acecal.inference.uncertainty import DEFAULT_BAND_VOXELS, DEFAULT_CONNECTIVITY, DEFAULT_MIN_REGION_VOXELS
 from acecal.protocol import VolumeName
@@ -101,8 +102,6 @@ class InferParams(BaseModel):
     @classmethod
     def from_form(cls, raw: Optional[str]) -> "InferParams":
         """Parse the form field; any problem is an :class:`InvalidInputError` (422) naming the offending key."""
-        from acecal.api.middleware import MAX_JSON_DEPTH, json_depth, too_deep_message
-
         if raw is None or not raw.strip():
             return cls()
         depth = json_depth(raw)

@@ -19,11 +19,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 from acecal.api.queue import InferenceQueue
 from acecal.api.settings import Settings
 from acecal.bundles import ModelRegistry
+from acecal.inference.predictor import PredictorCache, describe_device
 from acecal.jobs.evaluations import EvaluationService
 from acecal.jobs.scheduler import JobScheduler
 from acecal.jobs.service import JobService
@@ -31,9 +30,6 @@ from acecal.storage.datasets import DatasetStore
 from acecal.storage.db import Database
 from acecal.storage.evaluations import EvaluationStore
 from acecal.storage.results import ResultStore
-
-if TYPE_CHECKING:
-    from acecal.inference.predictor import PredictorCache
 
 __all__ = ["AppServices", "build_services"]
 
@@ -73,9 +69,6 @@ class AppServices:
 
 def build_services(settings: Settings) -> AppServices:
     """Create every service for ``settings`` (folders made; nothing started: see :meth:`AppServices.start`)."""
-    # torch boundary: the predictors load networks; acecal.api's other modules (settings, schemas) stay light
-    from acecal.inference.predictor import PredictorCache, describe_device
-
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     settings.tmp_dir.mkdir(parents=True, exist_ok=True)
     registry = ModelRegistry([*settings.models_dirs, settings.user_models_dir])

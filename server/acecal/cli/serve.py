@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import List, Optional
 
@@ -41,8 +42,7 @@ def serve(
     log_level: str = typer.Option("info", help="uvicorn/acecal log level."),
 ) -> None:
     """Serve models over HTTP: /health, /models, /infer/{model_id}, /results/{id} (API docs at /docs)."""
-    import logging
-
+    # torch boundary: the server (FastAPI, torch, MONAI) loads only when it is started, not for every acecal command
     import uvicorn
 
     from acecal.api.app import create_app

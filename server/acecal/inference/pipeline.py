@@ -16,12 +16,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Union
 
 import numpy as np
 
 from acecal.bundles import BundleConfig
 from acecal.geometry import Grid
+from acecal.inference.memory import DEVICE_MEMORY, HOST_MEMORY, memory_bounded
 from acecal.inference.uncertainty import (
     DEFAULT_BAND_VOXELS,
     DEFAULT_CONNECTIVITY,
@@ -35,6 +36,9 @@ from acecal.inference.uncertainty import (
 from acecal.networks import is_two_head, split_heads
 from acecal.nrrd import write_nrrd
 from acecal.protocol import VOLUME_FILE_NAMES, VOLUMES
+
+if TYPE_CHECKING:  # the predictor imports this module (split_served)
+    from acecal.inference.predictor import DeviceRunner, Predictor
 
 
 @dataclass
@@ -146,13 +150,34 @@ def _calibrator_kind(config: BundleConfig) -> Optional[str]:
     return "temperature" if config.temperature not in (None, 1.0) else None
 
 
-def run_inference(predictor, image: Union[str, os.PathLike], options: Optional[InferenceOptions] = None) -> InferenceOutput:
-    """In-process inference of one image file: the same result the server gives for it."""
+def run_inference(predictor: Predictor, image: Union[str, os.PathLike], options: Optional[InferenceOptions] = None,
+                  *, name: Optional[str] = None, run_on_device: Optional[DeviceRunner] = None) -> InferenceOutput:
+    """Inference of one image file, as ``acecal infer`` and ``POST /infer`` both run it: read, model space, the
+    device stage (through ``run_on_device`` when given: the server's device queue), back to the input grid, analysis.
+
+    Args:
+        name: the image's name in messages (the user's file name rather than a server's temporary name).
+        run_on_device: see :meth:`acecal.inference.predictor.Predictor.predict`.
+
+    Raises:
+        InvalidInputError: an unusable image (422).
+        PayloadTooLargeError: running out of memory (413), on the device or on the host, raised once the failed
+            attempt's memory is free.
+    """
     options = options or InferenceOptions()
+    shown = f"the image {name or Path(image).name!r}"
+    device_memory = DEVICE_MEMORY if predictor.device.type != "cpu" else HOST_MEMORY
+    run = run_on_device or (lambda stage: stage())
+
+    def on_device(stage: Callable[[], Any]) -> Any:
+        return memory_bounded(lambda: run(stage), shown, device_memory)
+
     t0 = time.perf_counter()
-    pred = predictor.predict(image, overlap=options.overlap, use_calibrator=options.calibrate(), tta=options.tta)
-    out = analyse(pred.probs, pred.grid, predictor.config, options, temperature=pred.temperature,
-                  model_id=predictor.bundle.id, timings=pred.timings, labels=pred.labels)
+    pred = memory_bounded(lambda: predictor.predict(image, overlap=options.overlap, use_calibrator=options.calibrate(),
+                                                    tta=options.tta, name=name, run_on_device=on_device), shown)
+    out = memory_bounded(lambda: analyse(pred.probs, pred.grid, predictor.config, options,
+                                         temperature=pred.temperature, model_id=predictor.bundle.id,
+                                         timings=pred.timings, labels=pred.labels), shown)
     out.report["timings"]["total_s"] = round(time.perf_counter() - t0, 4)
     return out
 

@@ -7,8 +7,9 @@ The path (one chain shared with training, see :mod:`acecal.data.transforms`)::
     -> sliding-window logits -> the bundle's calibrator -> softmax    (acecal.inference.window, acecal.calibration)
     -> MONAI Invertd: back through the spacing and orientation steps onto the input grid (bilinear on probabilities)
 
-The three stages are separate methods so the server can run the device stage on its device queue and the CPU
-stages elsewhere; :meth:`Predictor.predict` runs them in a row for in-process use.
+The three stages are separate methods; :meth:`Predictor.predict` runs them in a row, the device stage through an
+optional hook (``run_on_device``: the server's device queue), and is what both the server and ``acecal infer`` call
+(through :func:`acecal.inference.pipeline.run_inference`).
 
 The calibrator (``bundle.json``'s ``calibrator``, or its older ``temperature``; see
 :func:`acecal.calibration.load_calibrator`) rescales the model-space logits by a positive temperature per voxel right
@@ -23,13 +24,14 @@ labels from the segmentation half, probabilities from the calibration half.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -39,13 +41,18 @@ from acecal.bundles import Bundle
 from acecal.data.headers import check_model_space_budget
 from acecal.data.io import grid_of, read_volume, to_metatensor
 from acecal.data.transforms import IMAGE, model_space_transforms
-from acecal.errors import InvalidInputError
+from acecal.errors import ACECalError, InvalidInputError
 from acecal.geometry import Grid
+from acecal.inference.memory import out_of_memory
 from acecal.inference.window import sliding_window_logits
 from acecal.networks import is_two_head, split_heads
 
 PRED = "pred"
 _NOT_LOADED = object()
+log = logging.getLogger("acecal.inference")
+
+#: runs a predictor's device stage: ``run_on_device(stage) -> stage()`` (the server's device queue, for one)
+DeviceRunner = Callable[[Callable[[], torch.Tensor]], torch.Tensor]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -222,18 +229,44 @@ class Predictor:
     # --- all three -----------------------------------------------------------------------------------------------
     def predict(self, image: Union[str, os.PathLike, sitk.Image], *, overlap: Optional[float] = None,
                 use_temperature: Optional[bool] = None, tta: Optional[str] = None,
-                use_calibrator: Optional[bool] = None) -> Prediction:
+                use_calibrator: Optional[bool] = None, name: Optional[str] = None,
+                run_on_device: Optional[DeviceRunner] = None) -> Prediction:
         """Probabilities on the input's exact grid for a file path or a SimpleITK image (two heads: the calibration
-        head's probabilities and the segmentation head's label map)."""
+        head's probabilities and the segmentation head's label map).
+
+        Args:
+            name: the image's name in messages (the user's file name rather than a server's temporary name).
+            run_on_device: runs the device stage, ``run_on_device(stage) -> stage()``; e.g. the server's device
+                queue. The time spent waiting in it is reported as ``queue_wait_s``.
+
+        Raises:
+            InvalidInputError: an unreadable or unusable image, one MONAI cannot bring into the model's space, or one
+                the model gives non-finite probabilities for.
+        """
+        shown = name or (Path(image).name if not isinstance(image, sitk.Image) else "image")
         t0 = time.perf_counter()
-        img = self.load_image(image) if not isinstance(image, sitk.Image) else image
         if isinstance(image, sitk.Image):
+            img = image
             self.check_channels(img)
+        else:
+            img = self.load_image(image, name=name)
         t1 = time.perf_counter()
-        data = self.preprocess(img)
+        data = self._preprocess_or_refuse(img, shown)
         t2 = time.perf_counter()
         on = self.calibrating(use_calibrator, use_temperature)
-        probs_model = self.forward(data, overlap=overlap, tta=tta, use_calibrator=on)
+        forward_s: list[float] = []
+
+        def device_stage() -> torch.Tensor:
+            t = time.perf_counter()
+            try:
+                return self.forward(data, overlap=overlap, tta=tta, use_calibrator=on)
+            finally:
+                forward_s.append(time.perf_counter() - t)
+
+        probs_model = device_stage() if run_on_device is None else run_on_device(device_stage)
+        if not bool(torch.isfinite(probs_model).all()):
+            raise InvalidInputError(f"model {self.bundle.id!r} gave non-finite probabilities for the image {shown!r}; "
+                                    "check its intensities")
         t3 = time.perf_counter()
         probs = self.postprocess(data, probs_model)
         t4 = time.perf_counter()
@@ -242,9 +275,27 @@ class Predictor:
             from acecal.inference.pipeline import split_served
 
             labels, probs = split_served(probs, self.config)
-        return Prediction(probs, grid_of(img), self.temperature(on),
-                          {"read_s": t1 - t0, "preprocess_s": t2 - t1, "inference_s": t3 - t2, "invert_s": t4 - t3},
-                          labels=labels, calibrator=self.calibrator_kind(on))
+        timings = {"read_s": t1 - t0, "preprocess_s": t2 - t1, "inference_s": forward_s[0]}
+        if run_on_device is not None:
+            timings["queue_wait_s"] = max(0.0, t3 - t2 - forward_s[0])
+        timings["invert_s"] = t4 - t3
+        return Prediction(probs, grid_of(img), self.temperature(on), timings, labels=labels,
+                          calibrator=self.calibrator_kind(on))
+
+    def _preprocess_or_refuse(self, img: sitk.Image, name: str) -> dict:
+        """:meth:`preprocess`; a valid file MONAI cannot bring into model space is still bad input (422), except when
+        it ran out of memory (the caller makes that a 413)."""
+        try:
+            return self.preprocess(img, name=name)
+        except ACECalError:
+            raise
+        except Exception as e:
+            if out_of_memory(e):
+                raise
+            log.warning("image %r could not be brought into the model's space: %r", name, e, exc_info=True)
+            raise InvalidInputError(f"the image {name!r} could not be brought into the model's space "
+                                    f"({type(e).__name__}: {str(e)[:200]}); check that it is a valid 3-D scalar "
+                                    "volume") from None
 
 
 def _read_named(path: Union[str, os.PathLike], name: str) -> sitk.Image:

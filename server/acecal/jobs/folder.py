@@ -5,12 +5,13 @@
 - ``spec.json``     what the server asks the job process to run (its TrainConfig, threads, the server's pid);
 - ``dataset.json``  the job's cases (MSD layout, absolute paths into the dataset store);
 - ``job.log``       the process's output plus the server's own lines about the job (``[server] ...``);
-- ``train.jsonl``   the engine's JSON-lines log: one record per epoch (the server follows it into the job's row);
+- ``train.jsonl``   the engine's JSON-lines log of :class:`acecal.protocol.JobEvent` records (the server follows it
+  into the job's row);
 - ``progress.json`` the current step within the epoch (overwritten at most twice a second);
 - ``result.json``   written atomically at the end: ``{"status": "published" | "cancelled" | "error", ...}``;
 - ``work/``         the engine's checkpoints (a resumed job continues from them).
 
-Stdlib only (the job process imports this module before torch).
+Stdlib and :mod:`acecal.protocol` only (the job process imports this module before torch).
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from acecal.errors import ProtocolError
+from acecal.protocol import EVENT_EPOCH, EVENT_START, JobEvent
+
 __all__ = ["EXIT_CANCELLED", "EXIT_DISK_FULL", "EXIT_ERROR", "EXIT_FAILED", "EXIT_PUBLISHED", "JOBS_DIR", "JobFolder",
-           "TrainProgress", "epoch_entry", "tail_lines"]
+           "TrainProgress", "history_metrics", "tail_lines"]
 
 JOBS_DIR = "jobs"
 #: exit statuses of a job process: published, unexpected error, refused/failed (reason in result.json), cancelled,
@@ -48,13 +52,16 @@ def tail_lines(path: Path, n: int = LOG_TAIL_LINES, max_bytes: int = 32768) -> l
     return [ln[:500] for ln in lines if ln.strip()][-n:]
 
 
-def epoch_entry(rec: dict[str, Any]) -> dict[str, Any]:
-    """One finished epoch of the engine's log (``{"event": "epoch", ...}``, or a bundle's training history entry) as
-    the job's metrics list holds it (``EpochMetrics``)."""
-    v = rec.get("val") or {}
-    return {"epoch": int(rec.get("epoch", 0)), "train_loss": rec.get("train_loss"), "lr": rec.get("lr"),
-            "seconds": rec.get("seconds"), "dice": v.get("dice"), "ace": v.get("ace"), "ece": v.get("ece"),
-            "mce": v.get("mce")}
+def history_metrics(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A bundle's training history (the engine's epoch records) as the job's metrics list (``EpochMetrics``);
+    entries that are not epoch records are skipped."""
+    out = []
+    for h in history:
+        try:
+            out.append(JobEvent.from_json({**h, "event": EVENT_EPOCH}).epoch_metrics().to_json())
+        except (ProtocolError, ValueError, TypeError):
+            continue
+    return out
 
 
 def _read_json_dict(path: Path) -> Optional[dict[str, Any]]:
@@ -101,9 +108,9 @@ class JobFolder:
     def read_progress(self) -> Optional[dict[str, Any]]:
         return _read_json_dict(self.progress)
 
-    def read_train_log(self, offset: int) -> tuple[list[dict[str, Any]], int]:
-        """The complete records of ``train.jsonl`` after byte ``offset``, and the offset after the last of them (a
-        half-written last line is left for the next read)."""
+    def read_train_log(self, offset: int) -> tuple[list[JobEvent], int]:
+        """The complete events of ``train.jsonl`` after byte ``offset``, and the offset after the last of them (a
+        half-written last line is left for the next read; a line that is not an event is skipped)."""
         try:
             with open(self.train_log, "rb") as fh:
                 fh.seek(offset)
@@ -113,15 +120,9 @@ class JobFolder:
         end = data.rfind(b"\n")
         if end < 0:
             return [], offset
-        records = []
-        for line in data[: end + 1].decode("utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict):
-                records.append(rec)
-        return records, offset + end + 1
+        lines = data[: end + 1].decode("utf-8", errors="replace").splitlines()
+        events = [ev for ev in map(JobEvent.from_line, lines) if ev is not None]
+        return events, offset + end + 1
 
 
 @dataclass
@@ -138,17 +139,20 @@ class TrainProgress:
     def read(self, folder: JobFolder) -> bool:
         """Take in what the process wrote since the last call; returns whether anything changed."""
         changed = False
-        records, self.offset = folder.read_train_log(self.offset)
-        for rec in records:
-            ev = rec.get("event")
-            if ev == "start":  # a resumed run starts after its last checkpoint: later epochs are done again
-                self.epoch = int(rec.get("start_epoch") or 0)
+        events, self.offset = folder.read_train_log(self.offset)
+        for ev in events:
+            if ev.event == EVENT_START:  # a resumed run starts after its last checkpoint: later epochs are done again
+                self.epoch = ev.start_epoch or 0
                 self.metrics = [m for m in self.metrics if m["epoch"] <= self.epoch]
                 changed = True
-            elif ev == "epoch":
-                e = epoch_entry(rec)
-                self.metrics = [m for m in self.metrics if m["epoch"] < e["epoch"]] + [e]
-                self.epoch = e["epoch"]
+            elif ev.event == EVENT_EPOCH and ev.epoch is not None:
+                try:
+                    entry = ev.epoch_metrics().to_json()
+                except ProtocolError:  # validation metrics that are not numbers: the epoch without them
+                    entry = JobEvent(EVENT_EPOCH, epoch=ev.epoch, train_loss=ev.train_loss, lr=ev.lr,
+                                     seconds=ev.seconds).epoch_metrics().to_json()
+                self.metrics = [m for m in self.metrics if m["epoch"] < ev.epoch] + [entry]
+                self.epoch = ev.epoch
                 self.step = 0
                 changed = True
         p = folder.read_progress()

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from acecal.bundles import CONFIG_NAME, Bundle
 from acecal.errors import BundleError
-from acecal.jobs.folder import EXIT_DISK_FULL, JobFolder, TrainProgress, epoch_entry
+from acecal.jobs.folder import EXIT_DISK_FULL, JobFolder, TrainProgress, history_metrics
 from acecal.jobs.launcher import kill_process_group
 from acecal.protocol import FINAL_JOB_STATUSES, JOB_CANCELLED, JOB_FAILED, JOB_QUEUED, JOB_RUNNING, JOB_SUCCEEDED
 from acecal.storage.db import Database, JobRow, now_iso
@@ -142,7 +142,7 @@ class JobSettler:
 
     def _succeeded(self, job: JobRow, bundle: Bundle, progress: TrainProgress) -> None:
         history = (bundle.config.training or {}).get("history") or []
-        metrics = [epoch_entry(h) for h in history] or progress.metrics
+        metrics = history_metrics(history) or progress.metrics
         final = dict(bundle.config.metrics or {})
         final.pop("top_label_bins", None)
         self.db.update_job(job.id, status=JOB_SUCCEEDED, published=True, finished=now_iso(), pid=None,

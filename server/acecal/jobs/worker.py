@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import psutil
 
-from acecal.errors import ACECalError
+from acecal.errors import ACECalError, ProtocolError
 from acecal.jobs.folder import (
     EXIT_CANCELLED,
     EXIT_DISK_FULL,
@@ -43,6 +43,7 @@ from acecal.jobs.folder import (
     EXIT_PUBLISHED,
     JobFolder,
 )
+from acecal.protocol import EVENT_EPOCH, EVENT_PUBLISHED, EVENT_START, EVENT_STEP, EVENT_STOPPED, JobEvent
 from acecal.storage.files import atomic_write_json, disk_full
 
 __all__ = ["child_main", "main", "run"]
@@ -79,30 +80,31 @@ class _Progress:
         except OSError:
             pass
 
-    def __call__(self, ev: dict[str, Any]) -> None:
-        kind = ev.get("event")
-        if kind == "step":
-            self.state.update(step=ev.get("step"), steps=ev.get("steps"))
+    def __call__(self, raw: dict[str, Any]) -> None:
+        try:
+            ev = JobEvent.from_json(raw)
+        except ProtocolError:  # an event this version does not know how to read: the log has it anyway
+            return
+        if ev.event == EVENT_STEP:
+            self.state.update(step=ev.step, steps=ev.steps)
             self._flush()
-        elif kind == "start":
-            self.state.update(epoch=ev.get("start_epoch", 0), epochs=ev.get("epochs", self.epochs), step=0)
-            how = f"resuming after epoch {ev.get('start_epoch')}" if ev.get("resumed") else "starting"
-            _say(f"{how}: {ev.get('train_cases')} training case(s), {ev.get('val_cases')} validation case(s), "
-                 f"{ev.get('epochs')} epoch(s)")
+        elif ev.event == EVENT_START:
+            self.state.update(epoch=ev.start_epoch or 0, epochs=ev.epochs or self.epochs, step=0)
+            how = f"resuming after epoch {ev.start_epoch}" if ev.resumed else "starting"
+            _say(f"{how}: {ev.train_cases} training case(s), {ev.val_cases} validation case(s), {ev.epochs} epoch(s)")
             self._flush(force=True)
-        elif kind == "epoch":
-            self.state.update(epoch=ev.get("epoch"), step=0)
+        elif ev.event == EVENT_EPOCH:
+            self.state.update(epoch=ev.epoch, step=0)
             self._flush(force=True)
-            v = ev.get("val") or {}
+            v = ev.val or {}
             val = (f"  val dice {_n(v.get('dice'))} ace {_n(v.get('ace'))} ece {_n(v.get('ece'))} "
                    f"mce {_n(v.get('mce'))}") if v else ""
-            _say(f"epoch {ev.get('epoch')}/{ev.get('epochs')}  loss {_n(ev.get('train_loss'))}{val}  "
-                 f"({ev.get('seconds', 0):.1f} s)")
-        elif kind == "published":
-            m = ev.get("metrics") or {}
-            _say(f"published model {ev.get('model_id')} (validation dice {_n(m.get('dice'))}, ace {_n(m.get('ace'))})")
-        elif kind == "stopped":
-            _say(f"stopped after epoch {ev.get('epoch')} ({ev.get('reason')})")
+            _say(f"epoch {ev.epoch}/{ev.epochs}  loss {_n(ev.train_loss)}{val}  ({ev.seconds or 0:.1f} s)")
+        elif ev.event == EVENT_PUBLISHED:
+            m = ev.metrics or {}
+            _say(f"published model {ev.model_id} (validation dice {_n(m.get('dice'))}, ace {_n(m.get('ace'))})")
+        elif ev.event == EVENT_STOPPED:
+            _say(f"stopped after epoch {ev.epoch} ({ev.reason})")
 
 
 def _server_alive(pid: int, started: Optional[float]) -> bool:

@@ -175,10 +175,6 @@ class JobRow:
     finished: Optional[str] = None
     rev: int = 0
 
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE_JOB_STATUSES
-
 
 @dataclass
 class ModelRow:
