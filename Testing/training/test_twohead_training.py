@@ -146,3 +146,32 @@ def test_train_cli_network_arguments_loss_parameters_and_tta(twohead, tmp_path):
     assert cfg.loss.params == {"ace_weight": 3, "num_bins": 10}
     bad = CliRunner().invoke(app, ["train", str(root / "data"), "--network-arg", "trunk_grad", "--id", "x"])
     assert bad.exit_code == 2 and "NAME=VALUE" in bad.output
+
+
+def test_server_serves_the_two_heads_and_the_tta_parameter(twohead, tmp_path):
+    """A real server on loopback: the two-head bundle's labels, confidence and flags over HTTP are the in-process
+    ones (segmentation head's labels, calibration head's probability of them); ``tta`` is a per-request parameter."""
+    from live_server import LiveServer, make_settings
+
+    from acecal.client import ACEClient
+
+    _, bundle = twohead
+    case = make_case((24, 24, 24), seed=43)
+    write_case(case, tmp_path / "c.nii.gz")
+    local = run_inference(Predictor(bundle), tmp_path / "c.nii.gz")
+    local_tta = run_inference(Predictor(bundle), tmp_path / "c.nii.gz", InferenceOptions(tta="all_flips"))
+    with LiveServer(make_settings(tmp_path / "data", [bundle.path.parent])) as server:
+        client = ACEClient(server.url)
+        got = client.infer(tmp_path / "c.nii.gz", bundle.id)
+        np.testing.assert_array_equal(got.arrays["labels"], local.labels)
+        np.testing.assert_allclose(got.arrays["confidence"], local.confidence, atol=1e-6)
+        np.testing.assert_array_equal(got.arrays["flags"], local.flags)
+        assert got.params["tta"] == "none"
+        flipped = client.infer(tmp_path / "c.nii.gz", bundle.id, params={"tta": "all_flips"})
+        assert flipped.params["tta"] == "all_flips"
+        np.testing.assert_allclose(flipped.arrays["confidence"], local_tta.confidence, atol=1e-6)
+        assert np.abs(flipped.arrays["confidence"] - got.arrays["confidence"]).max() > 1e-4
+        from acecal.errors import ACECalError
+
+        with pytest.raises(ACECalError, match="tta"):
+            client.infer(tmp_path / "c.nii.gz", bundle.id, params={"tta": "rotations"})

@@ -97,6 +97,9 @@ class InferParams(BaseModel):
     min_region_voxels: int = Field(DEFAULT_MIN_REGION_VOXELS, ge=1, le=10**9,
                                    description="uncertain regions smaller than this are dropped")
     connectivity: Literal[6, 18, 26] = Field(DEFAULT_CONNECTIVITY, description="voxel connectivity of regions")
+    tta: Optional[Literal["none", "axis_flips", "all_flips"]] = Field(
+        None, description="flip test-time augmentation (softmax averaged over flips; changes the label map); "
+                          "default: the model's own setting")
     compress: bool = Field(False, description="gzip the float volumes too (the masks always are)")
 
     @classmethod

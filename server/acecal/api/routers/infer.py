@@ -74,7 +74,7 @@ async def infer(request: Request, model_id: str, services: ServicesDep) -> Respo
             options = InferenceOptions(
                 uncertainty_threshold=p.uncertainty_threshold, overlap=p.overlap, use_temperature=p.use_temperature,
                 band_mm=p.band_mm, band_voxels=p.band_voxels, min_region_voxels=p.min_region_voxels,
-                connectivity=p.connectivity,
+                connectivity=p.connectivity, tta=p.tta,
             )
             received = form.file("image")
             name = display_name(received.filename)
