@@ -437,7 +437,7 @@ def test_dataset_names_are_cleaned_and_inert_in_cards(served):
     assert r.status_code == 422
 
     from acecal.bundles import BundleConfig
-    from acecal.training.card import model_card
+    from acecal.bundles.card import model_card
 
     bc = BundleConfig(id="x", labels={"0": "background", "1": "sphere"},
                       description="fine-tuned on dataset '<script>alert(1)</script> [x](javascript:alert(1))'",

@@ -17,7 +17,7 @@ from acecal.calibration.calibrators import Calibrator
 from acecal.calibration.fitting import CalibrationCase, case_metrics
 from acecal.errors import InvalidInputError
 
-__all__ = ["split_halves", "cross_fit", "summarise_cases"]
+__all__ = ["change_pct", "split_halves", "cross_fit", "summarise_cases"]
 
 #: A fitting method: cases -> (calibrator, info about the fit).
 FitMethod = Callable[[Sequence[CalibrationCase]], "tuple[Calibrator, dict]"]
@@ -34,6 +34,11 @@ def split_halves(names: Sequence[str], seed: int = 0) -> tuple[list[str], list[s
 def _mean(vals) -> Optional[float]:
     vals = [v for v in vals if v is not None and math.isfinite(v)]
     return sum(vals) / len(vals) if vals else None
+
+
+def change_pct(raw: Optional[float], new: Optional[float]) -> Optional[float]:
+    """The change from ``raw`` to ``new`` in percent of ``raw``; None when either is missing or ``raw`` is 0."""
+    return None if new is None or not raw else 100.0 * (new - raw) / raw
 
 
 def summarise_cases(rows: dict[str, dict]) -> dict[str, Optional[float]]:
@@ -81,8 +86,5 @@ def cross_fit(cases: Sequence[CalibrationCase], fit: FitMethod, *, seed: int = 0
                       "calibrator": {"kind": calibrator.kind, "params": calibrator.spec()}})
     raw_sum = summarise_cases(raw)
     cal_sum = summarise_cases(per_case)
-    change = None
-    if raw_sum["ace"] and cal_sum["ace"] is not None:
-        change = 100.0 * (cal_sum["ace"] - raw_sum["ace"]) / raw_sum["ace"]
-    return {"raw": raw_sum, "calibrated": cal_sum, "change_pct": change, "per_case": per_case, "folds": folds,
+    return {"raw": raw_sum, "calibrated": cal_sum, "change_pct": change_pct(raw_sum["ace"], cal_sum["ace"]), "per_case": per_case, "folds": folds,
             "seed": seed, "calibrators": calibrators}

@@ -16,15 +16,19 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from acecal.bundles import Bundle
+from acecal.bundles.registry import default_data_dir
 from acecal.calibration.fitting import CalibrationCase
 from acecal.data.datasets import Case
+from acecal.data.transforms import model_space_transforms
+from acecal.inference.window import sliding_window_logits
+from acecal.networks import is_two_head, split_heads
+from acecal.storage.files import atomic_write
+from acecal.tensor_checks import plain_tensor
 
 __all__ = ["model_space_cases", "weights_digest", "default_cache_dir"]
 
 
 def default_cache_dir() -> Path:
-    from acecal.bundles.registry import default_data_dir
-
     return default_data_dir() / "cache" / "logits"
 
 
@@ -36,10 +40,6 @@ def weights_digest(bundle: Bundle) -> str:
     return h.hexdigest()[:16]
 
 
-def _plain(t) -> torch.Tensor:
-    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
-
-
 def model_space_cases(bundle: Bundle, cases: Sequence[Case], *, cache_dir: Optional[Path] = None,
                       device: str = "cpu", progress: Optional[Callable[[str, bool], None]] = None
                       ) -> list[CalibrationCase]:
@@ -49,10 +49,6 @@ def model_space_cases(bundle: Bundle, cases: Sequence[Case], *, cache_dir: Optio
         cache_dir: folder of the cache (None: no cache).
         progress: called with (case name, whether it came from the cache).
     """
-    from acecal.data.transforms import model_space_transforms
-    from acecal.inference.window import sliding_window_logits
-    from acecal.networks import is_two_head, split_heads
-
     two_head = is_two_head(bundle.config)
 
     folder = None
@@ -80,18 +76,16 @@ def model_space_cases(bundle: Bundle, cases: Sequence[Case], *, cache_dir: Optio
                 net = bundle.load_network(device)
                 chain = model_space_transforms(bundle.config)
             d = chain(case.as_dict())
-            image = _plain(d["image"]).float()
+            image = plain_tensor(d["image"]).float()
             logits = sliding_window_logits(net, image[None], bundle.config)[0].cpu()
             rec = {"name": case.name, "image": image.contiguous(),
-                   "label": _plain(d["label"])[0].to(torch.uint8).contiguous()}
+                   "label": plain_tensor(d["label"])[0].to(torch.uint8).contiguous()}
             if two_head:
                 seg, logits = split_heads(logits, bundle.config.num_classes, dim=0)
                 rec["prediction"] = seg.argmax(0).to(torch.uint8).contiguous()
             rec["logits"] = logits.contiguous()
-            if path is not None:
-                tmp = path.with_suffix(".tmp")
-                torch.save(rec, tmp)
-                tmp.replace(path)
+            if path is not None:  # a cache: a crash may lose it, never tear it
+                atomic_write(path, lambda fh, rec=rec: torch.save(rec, fh), durable=False)
         pred = rec.get("prediction")
         out.append(CalibrationCase(case.name, rec["logits"].float(), rec["label"].long(), rec["image"].float(),
                                    None if pred is None else pred.long()))

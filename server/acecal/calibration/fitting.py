@@ -22,10 +22,16 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from acecal.calibration.calibrators import T_MAX, T_MIN, Calibrator, LocalTemperatureCalibrator, TemperatureCalibrator
+from acecal.calibration.threshold import NUM_BINS as TOP_BINS
+from acecal.calibration.threshold import top_label_bins, uncertainty_threshold
 from acecal.errors import InvalidInputError
+from acecal.losses import SoftL1ACELoss
+from acecal.metrics import binning_sums, dice_counts, dice_from_counts, errors_from_sums
+from acecal.metrics.error_detection import NUM_HIST_BINS, auroc_from_histograms, confidence_bins, roi_mask
 
 __all__ = ["CalibrationCase", "macro_ace", "case_metrics", "fit_ace_temperature", "fit_local_temperature",
            "served_threshold", "error_auroc",
@@ -88,8 +94,6 @@ def _check_cases(cases: Sequence[CalibrationCase]) -> list[CalibrationCase]:
 @torch.no_grad()
 def _case_ace(probs: torch.Tensor, label: torch.Tensor, num_bins: int) -> Optional[float]:
     """Macro hard ACE of one image: mean over the foreground classes present in ``label`` (None if none is)."""
-    from acecal.metrics import binning_sums, errors_from_sums
-
     count, sum_p, sum_y = binning_sums(probs, label, num_bins, include_background=False)
     ace = errors_from_sums(count, sum_p, sum_y)["ace"][0]  # (C - 1,)
     present = sum_y[0].sum(-1) > 0
@@ -106,8 +110,6 @@ def case_metrics(cases: Sequence[CalibrationCase], calibrator: Optional[Calibrat
     Dice is the served segmentation's (``case.prediction``, else the argmax), over the foreground classes present in
     the case (it does not depend on the calibrator; reported to show it).
     """
-    from acecal.metrics import dice_counts, dice_from_counts
-
     out = {}
     for case in _check_cases(cases):
         z, img, y = case.batch()
@@ -180,8 +182,6 @@ class _ErrorRanking:
     The ROIs do not depend on the calibrator (the label map never changes), so they are computed once."""
 
     def __init__(self, cases: Sequence[CalibrationCase]):
-        from acecal.metrics.error_detection import roi_mask
-
         self.cases = list(cases)
         self.rois, self.wrong, self.preds = [], [], []
         for c in self.cases:
@@ -193,10 +193,6 @@ class _ErrorRanking:
 
     @torch.no_grad()
     def __call__(self, calibrator: Optional[Calibrator] = None) -> float:
-        import numpy as np
-
-        from acecal.metrics.error_detection import NUM_HIST_BINS, auroc_from_histograms, confidence_bins
-
         hw = np.zeros(NUM_HIST_BINS, np.int64)
         hr = np.zeros(NUM_HIST_BINS, np.int64)
         for c, roi, wrong, pred in zip(self.cases, self.rois, self.wrong, self.preds):
@@ -221,11 +217,8 @@ def error_auroc(cases: Sequence[CalibrationCase], calibrator: Optional[Calibrato
 def served_threshold(cases: Sequence[CalibrationCase], calibrator: Optional[Calibrator] = None, *,
                      target: float = 0.9) -> float:
     """The bundle's default uncertainty threshold for the calibrated confidence, by the rule training uses
-    (:func:`acecal.training.validation.uncertainty_threshold`: the lowest top-label confidence bin edge from which
+    (:func:`acecal.calibration.threshold.uncertainty_threshold`: the lowest top-label confidence bin edge from which
     every populated bin of ``cases`` was right at least ``target`` of the time)."""
-    from acecal.training.validation import NUM_BINS as TOP_BINS
-    from acecal.training.validation import top_label_bins, uncertainty_threshold
-
     cases = _check_cases(cases)
     counts = torch.zeros(TOP_BINS, dtype=torch.int64)
     right = torch.zeros(TOP_BINS, dtype=torch.int64)
@@ -286,8 +279,6 @@ def fit_local_temperature(
     Returns:
         ``(calibrator, info)`` with the training record (losses per epoch, the start temperature, the settings).
     """
-    from acecal.losses import SoftL1ACELoss
-
     cases = _check_cases(cases)
     if use_image and any(c.image is None for c in cases):
         raise InvalidInputError("use_image needs every case's image")

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from acecal.bundles import Bundle, BundleConfig, CalibratorConfig, write_bundle
 from acecal.bundles.bundle import CALIBRATOR_WEIGHTS_NAME
@@ -38,8 +40,6 @@ def load_calibrator(bundle: Bundle, device: Any = "cpu") -> Optional[Calibrator]
     except ACECalError as e:
         raise BundleError(f"bundle {bundle.id}: its calibrator cannot be built: {e.detail}") from None
     if cal.has_weights:
-        from safetensors.torch import load_file
-
         path = bundle.calibrator_path
         try:
             state = load_file(str(path))
@@ -63,8 +63,6 @@ def calibrator_config(calibrator: Calibrator, *, fitted_on: dict, metrics: dict)
 
 
 def _half_precision(bundle: Bundle) -> bool:
-    from safetensors import safe_open
-
     with safe_open(str(bundle.weights_path), framework="pt") as f:
         return any(f.get_slice(k).get_dtype() in ("F16", "BF16") for k in f.keys())
 
@@ -85,8 +83,6 @@ def publish_calibrated(base: Bundle, calibrator: Calibrator, record: CalibratorC
     with tempfile.TemporaryDirectory() as tmp:
         extra = {}
         if calibrator.has_weights:
-            from safetensors.torch import save_file
-
             p = Path(tmp) / CALIBRATOR_WEIGHTS_NAME
             save_file({k: v.detach().cpu().float().contiguous() for k, v in calibrator.state_dict().items()}, str(p))
             extra[CALIBRATOR_WEIGHTS_NAME] = p

@@ -18,7 +18,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from acecal.bundles import Bundle, ModelRegistry, resolve_bundle
+from acecal.bundles import Bundle, CalibratorConfig, ModelRegistry, resolve_bundle
+from acecal.bundles.bundle import valid_id
+from acecal.bundles.card import model_card
+from acecal.calibration.crossfit import change_pct, cross_fit, summarise_cases
+from acecal.calibration.data import model_space_cases
+from acecal.calibration.fitting import (
+    CalibrationCase,
+    case_metrics,
+    fit_ace_temperature,
+    fit_local_temperature,
+    served_threshold,
+)
+from acecal.calibration.store import calibrator_config, publish_calibrated
+from acecal.data.datasets import Case, DatasetInfo, discover_dataset, validate_cases
 from acecal.errors import InvalidInputError
 
 __all__ = ["METHODS", "calibrate_bundle", "fit_method"]
@@ -32,8 +45,6 @@ LTS_SETTINGS = ("hidden", "layers", "kernel_size", "dilation", "use_image", "log
 
 def fit_method(method: str, settings: Optional[dict[str, Any]] = None) -> Callable:
     """``cases -> (calibrator, info)`` for a method name of :data:`METHODS` (``settings``: LTS keyword arguments)."""
-    from acecal.calibration.fitting import fit_ace_temperature, fit_local_temperature
-
     settings = dict(settings or {})
     if method == "ace-temperature":
         if settings:
@@ -47,7 +58,7 @@ def fit_method(method: str, settings: Optional[dict[str, Any]] = None) -> Callab
     raise InvalidInputError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def _select_cases(bundle: Bundle, info, names: Optional[Sequence[str]]) -> tuple[list, str]:
+def _select_cases(bundle: Bundle, info: DatasetInfo, names: Optional[Sequence[str]]) -> tuple[list[Case], str]:
     split = (bundle.config.training or {}).get("split") or {}
     if names is None:
         names = split.get("val") or []
@@ -106,14 +117,6 @@ def calibrate_bundle(
             from the calibrated confidence on the fitting cases (the rule training uses on the raw one).
         cache_dir: logits cache (None: no cache).
     """
-    from acecal.bundles.bundle import valid_id
-    from acecal.calibration.crossfit import cross_fit, summarise_cases
-    from acecal.calibration.data import model_space_cases
-    from acecal.calibration.fitting import case_metrics, served_threshold
-    from acecal.calibration.store import calibrator_config, publish_calibrated
-    from acecal.data.datasets import discover_dataset, validate_cases
-    from acecal.training.card import model_card
-
     say = progress or (lambda msg: None)
     fit = fit_method(method, settings)
     base = resolve_bundle(model, registry)
@@ -140,10 +143,6 @@ def calibrate_bundle(
             f"top-label confidence bin edge from which every populated bin (>= 100 voxels) was right >= "
             f"{uncertainty_accuracy:.0%} of the time (the network's own: {base.config.uncertainty_threshold:g})")
     raw = crossed["raw"]
-
-    def pct(v: Optional[float]) -> Optional[float]:
-        return None if v is None or not raw["ace"] else 100.0 * (v - raw["ace"]) / raw["ace"]
-
     folds = []
     for f in crossed["folds"]:
         entry = {"fitted_on": f["fitted_on"], "measured_on": f["measured_on"]}
@@ -161,7 +160,8 @@ def calibrate_bundle(
                          "seed": seed, "folds": folds,
                          "per_case": {n: {"raw_ace": r["raw_ace"], "ace": r["ace"]}
                                       for n, r in crossed["per_case"].items()}},
-        "in_sample": {"ace": in_sample["ace"], "dice": in_sample["dice"], "change_pct": pct(in_sample["ace"])},
+        "in_sample": {"ace": in_sample["ace"], "dice": in_sample["dice"],
+                      "change_pct": change_pct(raw["ace"], in_sample["ace"])},
     }
     fitted_on = {
         "source": source, "dataset": str(data) if data is not None else f"{images} + {labels}",
@@ -187,27 +187,20 @@ def calibrate_bundle(
     return bundle, metrics
 
 
-def refit_ace_temperature(cases: Sequence, *, source: str, uncertainty_accuracy: float = 0.9,
-                          seed: int = 0) -> tuple[Any, float, float]:
+def refit_ace_temperature(cases: Sequence[CalibrationCase], *, source: str, uncertainty_accuracy: float = 0.9,
+                          seed: int = 0) -> tuple[CalibratorConfig, float, float]:
     """An ACE temperature calibrator for a new network (a fine-tuned model whose base carried a calibrator: the base's
     calibrator was fitted to other logits), fitted on that network's validation ``cases``.
 
     Returns ``(CalibratorConfig, temperature, threshold)``: the record (in-sample figures, and cross-fitted ones when
     there are at least 4 cases), T, and the uncertainty threshold for the calibrated confidence by the training rule.
     """
-    from acecal.calibration.crossfit import cross_fit, summarise_cases
-    from acecal.calibration.fitting import case_metrics, fit_ace_temperature, served_threshold
-    from acecal.calibration.store import calibrator_config
-
     calibrator, _ = fit_ace_temperature(cases)
     raw = summarise_cases(case_metrics(cases))
     ins = summarise_cases(case_metrics(cases, calibrator))
-
-    def pct(v):
-        return None if v is None or not raw["ace"] else 100.0 * (v - raw["ace"]) / raw["ace"]
-
     metrics: dict[str, Any] = {"num_bins": 20, "raw": {"ace": raw["ace"], "dice": raw["dice"]},
-                               "in_sample": {"ace": ins["ace"], "dice": ins["dice"], "change_pct": pct(ins["ace"])}}
+                               "in_sample": {"ace": ins["ace"], "dice": ins["dice"],
+                                             "change_pct": change_pct(raw["ace"], ins["ace"])}}
     if len(cases) >= 4:
         crossed = cross_fit(cases, fit_ace_temperature, seed=seed)
         metrics["cross_fitted"] = {"ace": crossed["calibrated"]["ace"], "dice": crossed["calibrated"]["dice"],

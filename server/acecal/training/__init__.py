@@ -2,11 +2,12 @@
 
 Import the submodules (torch and MONAI are needed): ``from acecal.training.engine import Engine``,
 ``from acecal.training.config import TrainConfig``, ``from acecal.training.evaluate import evaluate``.
-``Engine`` and ``TrainConfig`` are also available lazily from this package.
+The names below are also available from this package, imported on first use (importing the package stays cheap).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 _LAZY = {
@@ -18,8 +19,6 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(name)
 

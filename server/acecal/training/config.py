@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -103,8 +104,6 @@ class TrainConfig(BaseModel):
     @field_validator("model_id")
     @classmethod
     def _id_ok(cls, v: Optional[str]) -> Optional[str]:
-        import re
-
         if v is not None and not re.match(ID_PATTERN, v):
             raise ValueError(f"model id {v!r} must be lower-case letters, digits, '.', '_' or '-' (max 64)")
         return v
@@ -133,7 +132,7 @@ class TrainConfig(BaseModel):
         p = Path(path)
         text = p.read_text()
         if p.suffix.lower() in (".yaml", ".yml"):
-            import yaml
+            import yaml  # PyYAML is optional: only YAML settings files need it
 
             raw = yaml.safe_load(text) or {}
         else:

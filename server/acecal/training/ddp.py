@@ -13,6 +13,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from acecal.errors import InvalidInputError
+
 
 @dataclass
 class DistContext:
@@ -93,8 +95,6 @@ def setup(device: Optional[str] = None, backend: Optional[str] = None) -> DistCo
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     want_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     if want_cuda and not torch.cuda.is_available():
-        from acecal.errors import InvalidInputError
-
         raise InvalidInputError(f"device {device!r} was asked for but no CUDA GPU is available; use --device cpu")
     if want_cuda:
         if world > 1:

@@ -20,21 +20,31 @@ per case and fixed-size histograms.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+import SimpleITK as sitk
+import torch
 
 from acecal.bundles import BundleConfig, ModelRegistry, resolve_bundle
 from acecal.bundles.registry import default_data_dir, default_models_dir
 from acecal.data.datasets import discover_folders, validate_cases
+from acecal.data.io import read_volume
 from acecal.errors import InvalidInputError
+from acecal.formatting import finite_or_none, number, percent, ratio
 from acecal.geometry import Grid
-from acecal.metrics.error_detection import DEFAULT_ROI_RADIUS
+from acecal.inference.pipeline import InferenceOptions, analyse
+from acecal.inference.predictor import Predictor
+from acecal.metrics import CalibrationAccumulator
+from acecal.metrics.error_detection import DEFAULT_ROI_RADIUS, ErrorDetectionAccumulator
+from acecal.metrics.floor import FloorAccumulator
+from acecal.plots import plot_dataset_reliability_histogram, plot_reliability_diagram
+from acecal.protocol import EVAL_FIGURES_CASES, EVAL_FIGURES_DATASET, METRIC_NAMES
+from acecal.storage.files import atomic_write, dumps_finite
+from acecal.training.progress import Cancelled, is_cancelled
 
 MACRO_NOTE = ("macro: for each case, the mean over the foreground classes present in that case's label map "
               "(background excluded), then the mean over cases. Per class: the mean over the cases in which the class "
@@ -55,22 +65,22 @@ ERRORS_NOTE = ("error detection: a voxel is wrong when the served label differs 
 REPORT_NAME = "report.json"
 MARKDOWN_NAME = "report.md"
 HISTOGRAM_NAME = "dataset_reliability_histogram.png"
-METRICS4 = ("dice", "ace", "ece", "mce")
+#: the metrics a perfectly calibrated model has a floor of
+FLOOR_METRICS = ("ace", "ece", "mce")
 
 
-def _f(v: Any) -> Optional[float]:
-    if v is None:
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
+def _finite(values: Any, names: tuple[str, ...] = METRIC_NAMES, key: str = "{}") -> dict[str, Optional[float]]:
+    """``{name: values[key.format(name)]}`` as finite floats or None, for each metric name."""
+    return {m: finite_or_none(values[key.format(m)]) for m in names}
 
 
 def _diff(a: Any, b: Any) -> Optional[float]:
-    a, b = _f(a), _f(b)
+    a, b = finite_or_none(a), finite_or_none(b)
     return None if a is None or b is None else a - b
 
 
-def _safe(name: str) -> str:
+def _file_safe(name: str) -> str:
+    """A case id as a file name part: letters, digits, '.', '_' and '-' only, at most 100 characters."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:100] or "case"
 
 
@@ -84,12 +94,8 @@ class EvaluationAccumulator:
         roi_radius: error-detection ROI margin in voxel steps.
     """
 
-    def __init__(self, config: BundleConfig, options=None, roi_radius: float = DEFAULT_ROI_RADIUS) -> None:
-        from acecal.inference.pipeline import InferenceOptions
-        from acecal.metrics import CalibrationAccumulator
-        from acecal.metrics.error_detection import ErrorDetectionAccumulator
-        from acecal.metrics.floor import FloorAccumulator
-
+    def __init__(self, config: BundleConfig, options: Optional[InferenceOptions] = None,
+                 roi_radius: float = DEFAULT_ROI_RADIUS) -> None:
         self.config = config
         self.options = options or InferenceOptions()
         names = config.class_names
@@ -106,10 +112,6 @@ class EvaluationAccumulator:
             truth: (z, y, x) true label map on the same grid.
             labels: the served label map when it is not argmax(probs) (``Prediction.labels``: a two-head network).
         """
-        import torch
-
-        from acecal.inference.pipeline import analyse
-
         truth = np.asarray(truth)
         if truth.shape != probs.shape[1:]:
             raise InvalidInputError(f"case {case_id}: label map {truth.shape} and probabilities {probs.shape[1:]} "
@@ -117,8 +119,8 @@ class EvaluationAccumulator:
         truth = truth.astype(np.int64, copy=False)
         out = analyse(probs, grid, self.config, self.options, temperature=temperature, labels=labels)
         served = torch.from_numpy(out.labels.astype(np.int64))[None, None]
-        self.calibration.update(torch.from_numpy(np.ascontiguousarray(probs))[None], torch.from_numpy(truth)[None, None],
-                                case_id=case_id, predicted=served)
+        self.calibration.update(torch.from_numpy(np.ascontiguousarray(probs))[None],
+                                torch.from_numpy(truth)[None, None], case_id=case_id, predicted=served)
         self.floor.update(probs, truth, case_id)
         self.errors.update(out.labels, out.confidence, out.flags, truth, case_id, voxel_ml=grid.voxel_volume_ml)
         return out
@@ -129,30 +131,29 @@ class EvaluationAccumulator:
         floor = self.floor.aggregate()
         errors = self.errors.aggregate()
         eff = self.options.effective(self.config)
-        macro = {m: _f(rep.macro[m]) for m in METRICS4}
-        micro = {m: _f(rep.micro[m]) for m in METRICS4}
+        macro, micro = _finite(rep.macro), _finite(rep.micro)
         per_class = {}
         for row in rep.per_class:
             name = row["class"]
             fc = floor["per_class"][name]
             per_class[name] = {"label": row["index"], "cases_present": row["cases_present"],
-                               **{m: _f(row[f"macro_{m}"]) for m in METRICS4},
-                               "micro_ace": _f(row["micro_ace"]), "floor_ace": _f(fc["macro_ace"]),
+                               **_finite(row, key="macro_{}"), "micro_ace": finite_or_none(row["micro_ace"]),
+                               "floor_ace": finite_or_none(fc["macro_ace"]),
                                "removable_ace": _diff(row["macro_ace"], fc["macro_ace"]),
-                               "micro_floor_ace": _f(fc["micro_ace"])}
+                               "micro_floor_ace": finite_or_none(fc["micro_ace"])}
         cases, case_classes = [], {}
         for row in rep.per_case:
             cid = row["case_id"]
             fl, ed = floor["per_case"][cid], errors["per_case"][cid]
-            cases.append({"case": cid, **{m: _f(row[m]) for m in METRICS4}, "floor_ace": _f(fl["ace"]),
+            cases.append({"case": cid, **_finite(row), "floor_ace": finite_or_none(fl["ace"]),
                           "auroc": ed["auroc"], "recall": ed["recall"], "flagged_over_wrong": ed["flagged_over_wrong"]})
-            case_classes[cid] = {n: {"present": v["present"], **{m: _f(v[m]) for m in METRICS4},
-                                     "floor_ace": _f(fl["classes"][n]["ace"])}
+            case_classes[cid] = {n: {"present": v["present"], **_finite(v),
+                                     "floor_ace": finite_or_none(fl["classes"][n]["ace"])}
                                  for n, v in row["classes"].items()}
         floor_out = {
-            **{m: _f(floor["macro"][m]) for m in ("ace", "ece", "mce")},
+            **_finite(floor["macro"], FLOOR_METRICS),
             "removable_ace": _diff(macro["ace"], floor["macro"]["ace"]),
-            "micro": {**{m: _f(floor["micro"][m]) for m in ("ace", "ece", "mce")},
+            "micro": {**_finite(floor["micro"], FLOOR_METRICS),
                       "removable_ace": _diff(micro["ace"], floor["micro"]["ace"])},
             "note": FLOOR_NOTE,
         }
@@ -165,7 +166,7 @@ class EvaluationAccumulator:
         })
         return {
             "aggregate": macro,
-            "aggregate_std": {m: _f(rep.macro[f"{m}_std"]) for m in METRICS4},
+            "aggregate_std": _finite(rep.macro, key="{}_std"),
             "micro": micro,
             "floor": floor_out,
             "error_detection": error_out,
@@ -207,15 +208,6 @@ def evaluate(
     Returns:
         the report dict (also written to ``out/report.json``).
     """
-    import SimpleITK as sitk
-    import torch
-
-    from acecal.data.io import read_volume
-    from acecal.inference.pipeline import InferenceOptions
-    from acecal.inference.predictor import Predictor
-    from acecal.training.progress import is_cancelled
-    from acecal.training.validation import Cancelled
-
     t0 = time.time()
     reg = registry or ModelRegistry([default_models_dir(), default_data_dir() / "models"])
     bundle = resolve_bundle(model, reg)
@@ -249,13 +241,12 @@ def evaluate(
     figures: dict[str, str] = {}
     hist_path = None
     if plots:
-        from acecal.plots import plot_dataset_reliability_histogram, plot_reliability_diagram
-
         tag = "raw softmax" if raw else (f"{served}" + (f" T={applied_t:.3g}" if applied_t else "") if served else "")
         for row in numbers["cases"]:
             cid = row["case"]
             mean_p, mean_y, count = ev.calibration.case_bins(cid)
-            p = plot_reliability_diagram(mean_p, mean_y, count, names, out / "figures" / f"reliability_{_safe(cid)}.png",
+            p = plot_reliability_diagram(mean_p, mean_y, count, names,
+                                         out / "figures" / f"reliability_{_file_safe(cid)}.png",
                                          title=f"{cid} ({cfg.id}{', ' + tag if tag else ''})")
             figures[cid] = str(p.relative_to(out))
         hist_path = plot_dataset_reliability_histogram(ev.calibration.aggregate().histogram, names,
@@ -270,28 +261,28 @@ def evaluate(
         **numbers,
         "images": str(images),
         "labels": str(labels),
-        "figures": {"dataset_histogram": HISTOGRAM_NAME if hist_path else None, "cases": figures},
+        "figures": {EVAL_FIGURES_DATASET: HISTOGRAM_NAME if hist_path else None, EVAL_FIGURES_CASES: figures},
         "seconds": round(time.time() - t0, 2),
     }
-    (out / REPORT_NAME).write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
-    (out / MARKDOWN_NAME).write_text(report_markdown(report))
+    atomic_write(out / REPORT_NAME, dumps_finite(report, indent=2) + "\n")
+    atomic_write(out / MARKDOWN_NAME, report_markdown(report))
     return report
 
 
-def _n(v: Any, digits: int = 4) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
+def _row(*cells: str) -> str:
+    """One Markdown table row."""
+    return "| " + " | ".join(cells) + " |"
 
 
-def _pct(v: Any) -> str:
-    return "n/a" if v is None else f"{100 * v:.1f} %"
-
-
-def _ratio(v: Any) -> str:
-    return "n/a" if v is None else f"{v:.2f}x"
+def _detection_row(name: str, v: dict) -> str:
+    """A row of the error-detection table: AUROC, recall, flagged / wrong, precision, wrong and flagged volume."""
+    return _row(name, number(v["auroc"], 3), percent(v["recall"]), ratio(v["flagged_over_wrong"]),
+                percent(v["precision"]), number(v["wrong_ml"], 3), number(v["flagged_ml"], 3))
 
 
 def report_markdown(r: dict) -> str:
-    a, fl, ed = r["aggregate"], r["floor"], r["error_detection"]
+    """``report.md``: the tables of a report dict, its notes and its figures."""
+    a, mi, fl, ed = r["aggregate"], r["micro"], r["floor"], r["error_detection"]
     what = ("the network's own softmax (`--raw`, no post-hoc step)" if r.get("raw") else
             "the served probabilities" + (f" (post-hoc {r['calibrator']}"
                                            + (f", T = {r['temperature']:.3g}" if r.get("temperature") else "") + ")"
@@ -303,15 +294,15 @@ def report_markdown(r: dict) -> str:
         "",
         "| | Dice | ACE | floor | removable | ECE | MCE |",
         "|---|---|---|---|---|---|---|",
-        f"| macro (mean over cases) | {_n(a['dice'])} | {_n(a['ace'])} | {_n(fl['ace'])} | {_n(fl['removable_ace'])} | "
-        f"{_n(a['ece'])} | {_n(a['mce'])} |",
-        f"| micro (pooled voxels) | {_n(r['micro']['dice'])} | {_n(r['micro']['ace'])} | {_n(fl['micro']['ace'])} | "
-        f"{_n(fl['micro']['removable_ace'])} | {_n(r['micro']['ece'])} | {_n(r['micro']['mce'])} |",
+        _row("macro (mean over cases)", *map(number, (a["dice"], a["ace"], fl["ace"], fl["removable_ace"], a["ece"],
+                                                        a["mce"]))),
+        _row("micro (pooled voxels)", *map(number, (mi["dice"], mi["ace"], fl["micro"]["ace"],
+                                                      fl["micro"]["removable_ace"], mi["ece"], mi["mce"]))),
     ]
     for name, v in r["per_class"].items():
-        lines.append(f"| {name} ({v['cases_present']} cases) | {_n(v['dice'])} | {_n(v['ace'])} | {_n(v['floor_ace'])} "
-                     f"| {_n(v['removable_ace'])} | {_n(v['ece'])} | {_n(v['mce'])} |")
-    lines += ["", f"*{r['note']}*", "", f"*{fl['note']}* Floor ECE {_n(fl['ece'], 5)}, MCE {_n(fl['mce'])}.", ""]
+        lines.append(_row(f"{name} ({v['cases_present']} cases)",
+                          *map(number, (v["dice"], v["ace"], v["floor_ace"], v["removable_ace"], v["ece"], v["mce"]))))
+    lines += ["", f"*{r['note']}*", "", f"*{fl['note']}* Floor ECE {number(fl['ece'], 5)}, MCE {number(fl['mce'])}.", ""]
     flags = ed["flags"]
     band = f"{flags['band_mm']:g} mm" if flags.get("band_mm") is not None else f"{flags['band_voxels']:g} voxels"
     lines += [
@@ -320,12 +311,9 @@ def report_markdown(r: dict) -> str:
         f"regions of at least {flags['min_region_voxels']} voxels ({flags['connectivity']}-connected).", "",
         "| | AUROC (1 - confidence) | recall of wrong voxels | flagged / wrong volume | precision | wrong ml | flagged ml |",
         "|---|---|---|---|---|---|---|",
-        f"| all classes | {_n(ed['auroc'], 3)} | {_pct(ed['recall'])} | {_ratio(ed['flagged_over_wrong'])} | "
-        f"{_pct(ed['precision'])} | {_n(ed['wrong_ml'], 3)} | {_n(ed['flagged_ml'], 3)} |",
+        _detection_row("all classes", ed),
     ]
-    for name, v in ed["per_class"].items():
-        lines.append(f"| {name} | {_n(v['auroc'], 3)} | {_pct(v['recall'])} | {_ratio(v['flagged_over_wrong'])} | "
-                     f"{_pct(v['precision'])} | {_n(v['wrong_ml'], 3)} | {_n(v['flagged_ml'], 3)} |")
+    lines += [_detection_row(name, v) for name, v in ed["per_class"].items()]
     lines += ["", f"*{ed['note']}*", ""]
     if r["figures"].get("dataset_histogram"):
         lines += ["## Dataset reliability histogram", "",
@@ -335,8 +323,8 @@ def report_markdown(r: dict) -> str:
     lines += ["## Cases", "", "| case | Dice | ACE | floor | ECE | MCE | AUROC | recall | flagged / wrong |",
               "|---|---|---|---|---|---|---|---|---|"]
     for c in r["cases"]:
-        lines.append(f"| {c['case']} | {_n(c['dice'])} | {_n(c['ace'])} | {_n(c['floor_ace'])} | {_n(c['ece'])} | "
-                     f"{_n(c['mce'])} | {_n(c['auroc'], 3)} | {_pct(c['recall'])} | {_ratio(c['flagged_over_wrong'])} |")
+        lines.append(_row(c["case"], *map(number, (c["dice"], c["ace"], c["floor_ace"], c["ece"], c["mce"])),
+                          number(c["auroc"], 3), percent(c["recall"]), ratio(c["flagged_over_wrong"])))
     figs = r["figures"].get("cases") or {}
     if figs:
         lines += ["", "## Reliability diagrams", ""]

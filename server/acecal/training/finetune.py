@@ -4,10 +4,13 @@ The new bundle inherits the base's network, labels, model space (orientation, sp
 window, gets a new id, ``parent`` = the base's id and its own card with the new validation metrics. The base bundle
 is never modified.
 
-Typical server use::
+In-process use (``progress`` receives the engine's events, ``cancel`` is a ``threading.Event`` or a callable)::
 
-    result = finetune("hippocampus-softace", data=upload_dir, freeze_encoder=True, epochs=20,
-                      out_dir=data_dir / "models", progress=job.report, cancel=job.cancel_event)
+    result = finetune("hippocampus-softace", data="my_cases/", freeze_encoder=True, epochs=20,
+                      out_dir=Path.home() / "my-models", progress=print, cancel=stop_event)
+
+The server's fine-tuning jobs take their settings from :func:`finetune_config` (``acecal.jobs.service``) and run the
+same :class:`~acecal.training.engine.Engine` in a job process (``acecal.jobs.worker``).
 """
 
 from __future__ import annotations

@@ -5,23 +5,33 @@ Log format: one JSON object per line, appended and flushed as it happens, each a
 resumable reason, ``published``; its docstring lists every event's keys). ``JobEvent.from_line`` reads a line back,
 ``JobEvent.epoch_metrics`` turns an ``epoch`` event into a job view's metrics entry.
 
-The callback receives the same dicts, plus a ``step`` event every iteration (never logged).
+The callback receives the same events as JSON objects, plus a ``step`` event every iteration (never logged).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
+import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Callable, Optional, Union
 
-#: a progress hook: called with one event dict at a time; it must return quickly and not raise
+from tqdm.auto import tqdm
+
+from acecal.formatting import number
+from acecal.protocol import EVENT_EPOCH, EVENT_STEP, JobEvent
+from acecal.storage.files import json_finite
+
+#: a progress hook: called with one event (``JobEvent.to_json()``) at a time; it must return quickly and not raise
 ProgressCallback = Callable[[dict], None]
 #: cooperative cancel: a ``threading.Event`` (or anything with ``is_set()``) or a callable returning True to stop
 CancelToken = Union[threading.Event, Callable[[], bool], None]
+
+
+class Cancelled(Exception):
+    """Raised inside a training step, a validation pass or an evaluation when the cancel token fires."""
 
 
 def is_cancelled(token: CancelToken) -> bool:
@@ -31,19 +41,6 @@ def is_cancelled(token: CancelToken) -> bool:
     if callable(is_set):
         return bool(is_set())
     return bool(token())  # type: ignore[operator]
-
-
-def _clean(v: Any) -> Any:
-    """JSON-safe: NaN/inf -> None, numpy/torch scalars -> Python."""
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 0) == 0:
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 def now() -> str:
@@ -59,7 +56,7 @@ class JsonLinesLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> dict:
-        record = _clean({**record, "time": record.get("time") or now()})
+        record = json_finite({**record, "time": record.get("time") or now()})
         if self.path:
             line = json.dumps(record, allow_nan=False) + "\n"
             with open(self.path, "a", encoding="utf-8") as fh:
@@ -95,16 +92,12 @@ class Reporter:
         self.log = JsonLinesLog(log_path if enabled else None)
         self.callback = callback if enabled else None
         if show_bar is None:
-            import sys
-
             show_bar = sys.stderr.isatty()
         self.show_bar = bool(show_bar) and enabled
         self.bar = None
 
     def open_bar(self, total: int, initial: int, desc: str) -> None:
         if self.show_bar:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
     def _notify(self, record: dict) -> None:
@@ -121,20 +114,18 @@ class Reporter:
             self.bar.update(1)
             self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", refresh=False)
         if self.callback is not None:
-            self._notify({"event": "step", "epoch": epoch, "step": step, "steps": steps, "loss": loss})
+            self._notify(JobEvent(EVENT_STEP, epoch=epoch, step=step, steps=steps, loss=loss).to_json())
 
-    def event(self, record: dict, *, log: bool = True) -> dict:
+    def event(self, event: JobEvent, *, log: bool = True) -> dict:
+        """Log ``event`` (with its time) and pass it to the callback; returns the JSON object written."""
         if not self.enabled:
-            return record
-        rec = self.log.write(record) if log else _clean({**record, "time": now()})
-        if self.bar is not None and record.get("event") == "epoch" and record.get("val"):
-            v = record["val"]
-
-            def n(x: Any) -> str:
-                return "n/a" if x is None else f"{x:.4f}"
-
-            self.bar.write(f"epoch {record['epoch']}: loss {n(record.get('train_loss'))}  val dice {n(v.get('dice'))}"
-                           f"  ace {n(v.get('ace'))}  ece {n(v.get('ece'))}  mce {n(v.get('mce'))}")
+            return event.to_json()
+        record = event.to_json()
+        rec = self.log.write(record) if log else json_finite({**record, "time": now()})
+        if self.bar is not None and event.event == EVENT_EPOCH and event.val:
+            v = event.val
+            self.bar.write(f"epoch {event.epoch}: loss {number(event.train_loss)}  val dice {number(v.get('dice'))}"
+                           f"  ace {number(v.get('ace'))}  ece {number(v.get('ece'))}  mce {number(v.get('mce'))}")
         self._notify(rec)
         return rec
 

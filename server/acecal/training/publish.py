@@ -3,6 +3,7 @@ uncertainty threshold, the model card, and an atomic :func:`acecal.bundles.write
 
 from __future__ import annotations
 
+import copy
 import platform
 import time
 from pathlib import Path
@@ -11,23 +12,25 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from acecal.bundles import Bundle, BundleConfig, write_bundle
+from acecal.bundles.card import model_card
+from acecal.calibration import CalibrationCase, fit_temperature
+from acecal.calibration.threshold import uncertainty_threshold
+from acecal.calibration.workflow import refit_ace_temperature
 from acecal.data.datasets import Case, DatasetInfo
-from acecal.training.card import model_card
+from acecal.networks import is_two_head, split_heads
+from acecal.training.checkpoints import BEST, load_checkpoint
 from acecal.training.config import TrainConfig
 from acecal.training.progress import CancelToken
+from acecal.training.validation import run_pass, summarise
 
 
 def _calibration_logits(logits: torch.Tensor, bc: BundleConfig) -> torch.Tensor:
     """The logits a calibrator acts on: a two-head network's calibration head, else all of them (B, C, ...)."""
-    from acecal.networks import is_two_head, split_heads
-
     return split_heads(logits, bc.num_classes)[1] if is_two_head(bc) else logits
 
 
 def _served_labels(logits: torch.Tensor, bc: BundleConfig) -> Optional[torch.Tensor]:
     """A two-head network's served label map (segmentation head's argmax, (x, y, z)); None for one head."""
-    from acecal.networks import is_two_head, split_heads
-
     return split_heads(logits, bc.num_classes)[0].argmax(1)[0] if is_two_head(bc) else None
 
 
@@ -48,18 +51,15 @@ def publish(
     cancel: CancelToken = None,
     world_size: int = 1,
 ) -> Bundle:
-    from acecal.training.engine import BEST
-    from acecal.training.validation import run_pass, summarise, uncertainty_threshold
-
+    """Publish the run's chosen weights (``best.pt`` when a validated epoch was best, else the last) as a bundle
+    ``out_dir/<bc.id>``; ``val_items`` yields the validation cases for the final pass (None: no validation data)."""
     t0 = time.time()
     chosen = "last"
     state = {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
     if best.get("epoch") is not None and (work_dir / BEST).is_file():
-        ck = torch.load(work_dir / BEST, map_location="cpu", weights_only=False)
+        ck = load_checkpoint(work_dir / BEST)
         state = ck["model"]
         chosen = f"best (epoch {ck['epoch']}, by validation Dice)"
-    import copy
-
     device = next(network.parameters()).device
     evalnet = copy.deepcopy(network)  # leave the live module untouched
     evalnet.load_state_dict(state)
@@ -82,10 +82,6 @@ def publish(
         threshold_note = (f"lowest top-label confidence bin edge from which every populated validation bin "
                           f"(>= 100 voxels) was right >= {cfg.uncertainty_accuracy:.0%} of the time")
         if cfg.fit_temperature:
-            from acecal.calibration import fit_temperature
-
-            from acecal.networks import is_two_head, split_heads
-
             # a two-head network's temperature scales its calibration head only
             pairs = [(split_heads(z, bc.num_classes, two_head=is_two_head(bc))[1][0], y[0])
                      for z, y in zip(vp.logits, vp.labels)]
@@ -102,9 +98,6 @@ def publish(
                                                   num_classes=bc.num_classes)
         metrics["top_label_bins"] = {"counts": vp.top_counts.tolist(), "correct": vp.top_correct.tolist()}
         if refit and vp.cases:
-            from acecal.calibration import CalibrationCase
-            from acecal.calibration.workflow import refit_ace_temperature
-
             cal_cases = [CalibrationCase(n, _calibration_logits(z, bc)[0], y[0, 0], prediction=_served_labels(z, bc))
                          for n, z, y in zip(vp.cases, vp.logits, vp.labels)]
             calibrator, temperature, threshold = refit_ace_temperature(

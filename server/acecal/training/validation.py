@@ -5,7 +5,8 @@ pass before publishing (temperature fitting, uncertainty threshold) and ``acecal
 
 Metrics: macro over foreground classes (background excluded) with ``M = 20`` hard bins, through
 ``acecal.metrics.CalibrationAccumulator``. Besides it we keep a top-label histogram (confidence = max softmax
-probability, correct = argmax equals the label), which sets the bundle's ``uncertainty_threshold``.
+probability, correct = argmax equals the label), which sets the bundle's ``uncertainty_threshold``
+(:mod:`acecal.calibration.threshold`).
 
 Two-head networks: the label map (Dice, "correct") is the segmentation head's argmax; the probabilities (ACE, ECE,
 MCE, the confidence of the top-label bins = the calibration head's probability of that label) are the calibration
@@ -14,28 +15,26 @@ head's, as served.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 
 from acecal.bundles import BundleConfig
+from acecal.calibration.threshold import NUM_BINS, top_label_bins
+from acecal.formatting import finite_or_none
 from acecal.inference.window import sliding_window_logits
+from acecal.metrics import CalibrationAccumulator
 from acecal.networks import is_two_head, split_heads
+from acecal.protocol import METRIC_NAMES
+from acecal.tensor_checks import plain_tensor
 from acecal.training.ddp import DistContext
-from acecal.training.progress import CancelToken, is_cancelled
-
-NUM_BINS = 20
-
-
-class Cancelled(Exception):
-    """Raised inside a pass when the cancel token fires."""
+from acecal.training.progress import CancelToken, Cancelled, is_cancelled
 
 
 @dataclass
 class PassResult:
-    accumulator: Any
+    accumulator: CalibrationAccumulator
     top_counts: torch.Tensor  # (NUM_BINS,) int64: voxels per top-label confidence bin
     top_correct: torch.Tensor  # (NUM_BINS,) int64: of which the argmax was right
     cases: list[str] = field(default_factory=list)
@@ -43,52 +42,16 @@ class PassResult:
     labels: list[torch.Tensor] = field(default_factory=list)  # (1, 1, ...) per case, when collected
 
 
-def make_accumulator(num_classes: int, num_bins: int = NUM_BINS, class_names=None):
-    from acecal.metrics import CalibrationAccumulator
-
+def make_accumulator(num_classes: int, num_bins: int = NUM_BINS,
+                     class_names: Optional[Sequence[str]] = None) -> CalibrationAccumulator:
     return CalibrationAccumulator(num_classes, num_bins=num_bins, include_background=False, class_names=class_names)
 
 
-def top_label_bins(probs: torch.Tensor, label: torch.Tensor, num_bins: int = NUM_BINS,
-                   predicted: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Counts and correct counts per top-label confidence bin, bins (k/M, (k+1)/M] as the calibration metrics use.
-
-    ``predicted`` (B, 1, ...): the served label map when it is not the argmax of ``probs`` (two heads); the confidence
-    is then the probability of that label."""
-    if predicted is None:
-        conf, pred = probs.max(dim=1)  # (B, ...)
-    else:
-        pred = predicted[:, 0].long()
-        conf = probs.gather(1, predicted.long()).squeeze(1)
-    correct = pred == label.reshape(pred.shape).long()
-    idx = (torch.ceil(conf.double() * num_bins).long() - 1).clamp_(0, num_bins - 1).reshape(-1)
-    counts = torch.bincount(idx, minlength=num_bins)
-    right = torch.bincount(idx, weights=correct.reshape(-1).double(), minlength=num_bins).round().long()
-    return counts.cpu(), right.cpu()
-
-
-def uncertainty_threshold(counts: torch.Tensor, correct: torch.Tensor, *, target: float = 0.9,
-                          min_count: int = 100, num_classes: int = 2) -> float:
-    """The bundle's default confidence threshold, from the validation top-label reliability.
-
-    Rule: scan the confidence bins from the most confident down; the threshold is the lower edge of the lowest bin
-    such that it and every populated bin above it (>= ``min_count`` voxels) have an observed accuracy of at least
-    ``target``. Voxels below the threshold are those whose bin, on validation data, was right less than ``target``
-    of the time. Clamped to [max(0.5, 1/C) rounded up to a bin edge, 0.95]; 0.95 when even the top bin misses the
-    target (everything but the most confident voxels is then suspect).
-    """
-    m = counts.numel()
-    floor = math.ceil(max(0.5, 1.0 / num_classes) * m) / m
-    thr = 1.0
-    for k in range(m - 1, -1, -1):
-        n = int(counts[k])
-        if n < min_count:
-            continue
-        if int(correct[k]) / n >= target:
-            thr = k / m
-        else:
-            break
-    return float(min(max(thr, floor), (m - 1) / m))
+def case_items(dataset: Any) -> Iterator[dict]:
+    """Validation items from a (Cache)Dataset of model-space cases: a batch of one, the case name attached."""
+    for i in range(len(dataset)):
+        d = dataset[i]
+        yield {"image": d["image"][None], "label": d["label"][None], "case": d.get("case", str(i))}
 
 
 @torch.no_grad()
@@ -127,8 +90,8 @@ def run_pass(
             name = item.get("case")
             if isinstance(name, (list, tuple)):
                 name = name[0]
-            if hasattr(image, "as_tensor"):  # MetaTensor -> plain tensor (no per-op metadata overhead)
-                image, label = image.as_tensor(), label.as_tensor()
+            # MetaTensor -> plain tensor (no per-op metadata overhead)
+            image, label = plain_tensor(image), plain_tensor(label)
             logits = sliding_window_logits(network, image, config, temperature=temperature, tta=tta)
             seg_logits, cal_logits = split_heads(logits, config.num_classes, two_head=two_head)
             probs = torch.softmax(cal_logits, dim=1)
@@ -170,15 +133,6 @@ def summarise(result: PassResult) -> dict:
     return metrics_from_report(result.accumulator.aggregate())
 
 
-def _f(v: Any) -> Optional[float]:
-    if v is None:
-        return None
-    if hasattr(v, "item"):
-        v = v.item()
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
 def metrics_from_report(report: Any) -> dict:
     """The macro Dice/ACE/ECE/MCE of a ``CalibrationReport``."""
-    return {k: _f(report.macro.get(k)) for k in ("dice", "ace", "ece", "mce")}
+    return {k: finite_or_none(report.macro.get(k)) for k in METRIC_NAMES}

@@ -8,7 +8,8 @@ import json
 import re
 from typing import Any, Optional
 
-from acecal.bundles import BundleConfig
+from acecal.bundles.bundle import BundleConfig
+from acecal.formatting import duration, number, signed_percent
 
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|])")
@@ -21,38 +22,16 @@ def markdown_text(v: Any) -> str:
     return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(line, quote=False))
 
 
-def _num(v: Any, nd: int = 4) -> str:
-    if v is None:
-        return "n/a"
-    try:
-        return f"{float(v):.{nd}f}"
-    except (TypeError, ValueError):
-        return str(v)
-
-
-def _dur(seconds: Any) -> str:
-    s = float(seconds or 0)
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 7200:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.2f} h"
-
-
 def _temperature_note(bc: BundleConfig) -> str:
     if bc.calibrator is not None:
         return "see the calibrator below"
     if bc.temperature:
-        return f"{_num(bc.temperature, 3)} (applied at inference)"
+        return f"{number(bc.temperature, 3)} (applied at inference)"
     wt = (bc.metrics or {}).get("with_temperature")
     if wt:
-        return (f"fitted {_num(wt.get('temperature'), 3)} on the validation split but not applied: it raised the "
-                f"validation ACE from {_num((bc.metrics or {}).get('ace'))} to {_num(wt.get('ace'))}")
+        return (f"fitted {number(wt.get('temperature'), 3)} on the validation split but not applied: it raised the "
+                f"validation ACE from {number((bc.metrics or {}).get('ace'))} to {number(wt.get('ace'))}")
     return "not fitted"
-
-
-def _pct(v: Any) -> str:
-    return "n/a" if v is None else f"{float(v):+.1f} %"
 
 
 def calibrator_section(bc: BundleConfig) -> list[str]:
@@ -63,13 +42,13 @@ def calibrator_section(bc: BundleConfig) -> list[str]:
         return []
     f, m = c.fitted_on or {}, c.metrics or {}
     if c.kind == "temperature":
-        what = f"one global temperature T = {_num(c.params.get('temperature'), 3)}, fitted to minimise the macro ACE"
+        what = f"one global temperature T = {number(c.params.get('temperature'), 3)}, fitted to minimise the macro ACE"
     else:
         p = c.params
         what = (f"local temperature scaling (Ding et al., ICCV 2021): a {p.get('layers')}-layer 3-D CNN "
                 f"({p.get('hidden')} channels, dilation {p.get('dilation')}"
                 f"{', logits and image' if p.get('use_image') else ', logits only'}) predicting a temperature per "
-                f"voxel, initialised at T = {_num(p.get('init_temperature'), 3)}, trained with the soft-binned L1-ACE "
+                f"voxel, initialised at T = {number(p.get('init_temperature'), 3)}, trained with the soft-binned L1-ACE "
                 "loss" + (f" + {(f.get('settings') or {}).get('nll_weight')} x NLL"
                           if (f.get("settings") or {}).get("nll_weight") else ""))
     lines = ["", "## Calibrator", "",
@@ -84,14 +63,16 @@ def calibrator_section(bc: BundleConfig) -> list[str]:
     if raw:
         lines += [
             "", "| | Dice | macro ACE | change |", "|---|---|---|---|",
-            f"| raw network | {_num(raw.get('dice'))} | {_num(raw.get('ace'))} | |",
+            f"| raw network | {number(raw.get('dice'))} | {number(raw.get('ace'))} | |",
         ]
         if cf:
             lines.append(f"| calibrated, cross-fitted (fit on one half, measured on the other; seed {cf.get('seed')}) "
-                         f"| {_num(cf.get('dice'))} | {_num(cf.get('ace'))} | {_pct(cf.get('change_pct'))} |")
+                         f"| {number(cf.get('dice'))} | {number(cf.get('ace'))} | "
+                         f"{signed_percent(cf.get('change_pct'))} |")
         if ins:
             lines.append(f"| calibrated, in-sample (the shipped calibrator on the cases it was fitted on) | "
-                         f"{_num(ins.get('dice'))} | {_num(ins.get('ace'))} | {_pct(ins.get('change_pct'))} |")
+                         f"{number(ins.get('dice'))} | {number(ins.get('ace'))} | "
+                         f"{signed_percent(ins.get('change_pct'))} |")
         lines += ["", "The cross-fitted row is the estimate for unseen cases; the in-sample row is optimistic."]
     return lines
 
@@ -134,7 +115,7 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
         f"- Model space: orientation {bc.orientation}, spacing {tuple(bc.spacing)} mm, intensity `{bc.intensity.mode}`.",
         f"- Sliding window: ROI {tuple(bc.roi_size)}, overlap {bc.sw_overlap}, {bc.sw_mode} blending.",
         f"- Temperature: {_temperature_note(bc)}; default uncertainty threshold "
-        f"{_num(bc.uncertainty_threshold, 2)} ({t.get('uncertainty_threshold_rule', '')}).",
+        f"{number(bc.uncertainty_threshold, 2)} ({t.get('uncertainty_threshold_rule', '')}).",
         "",
         "## Data",
         "",
@@ -160,7 +141,7 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
         lines.append(f"- Schedule: extended from {old_total} to {new_total} epochs after epoch {after} (resumed with "
                      "more `--epochs`): the cosine restarts there and spans the new total, a warm restart.")
     lines += [
-        f"- Wall time: {_dur(t.get('wall_time_seconds'))} on {t.get('device')} x {t.get('world_size', 1)} "
+        f"- Wall time: {duration(t.get('wall_time_seconds'))} on {t.get('device')} x {t.get('world_size', 1)} "
         f"(torch {t.get('torch')}).",
     ]
     if t.get("base"):
@@ -175,12 +156,12 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
             "",
             "| | Dice | ACE | ECE | MCE |",
             "|---|---|---|---|---|",
-            f"| {bc.id}{' (raw network, no calibrator)' if bc.calibrator else ''} | {_num(m.get('dice'))} | {_num(m.get('ace'))} | {_num(m.get('ece'))} | {_num(m.get('mce'))} |",
+            f"| {bc.id}{' (raw network, no calibrator)' if bc.calibrator else ''} | {number(m.get('dice'))} | {number(m.get('ace'))} | {number(m.get('ece'))} | {number(m.get('mce'))} |",
         ]
         wt = m.get("with_temperature")
         if wt:
-            lines.append(f"| + temperature {_num(wt.get('temperature'), 3)}{'' if bc.temperature else ' (not applied)'} | {_num(wt.get('dice'))} | "
-                         f"{_num(wt.get('ace'))} | {_num(wt.get('ece'))} | {_num(wt.get('mce'))} |")
+            lines.append(f"| + temperature {number(wt.get('temperature'), 3)}{'' if bc.temperature else ' (not applied)'} | {number(wt.get('dice'))} | "
+                         f"{number(wt.get('ace'))} | {number(wt.get('ece'))} | {number(wt.get('mce'))} |")
     else:
         lines.append("No validation data was held out; the model's calibration has not been measured.")
     lines += calibrator_section(bc)
