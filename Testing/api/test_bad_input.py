@@ -1,7 +1,5 @@
 """Every kind of bad input gets a 4xx with {"error", "detail"}; the server carries on and leaves no temp files."""
 
-import json
-
 import numpy as np
 import pytest
 import requests

@@ -73,9 +73,9 @@ def test_rows_are_typed_and_round_trip(tmp_path):
     ds = db.add_dataset("ds_a", "spheres", "tiny-sphere")
     assert db.get_dataset("ds_a") == ds and ds.to_json() == {"id": "ds_a", "name": "spheres", "model": "tiny-sphere",
                                                              "created": ds.created}
+    info = {"size": [4, 4, 4], "spacing": [1.0, 1.0, float("nan")]}
     case = db.add_case(CaseRow("c_1", "ds_a", "case 1", "datasets/ds_a/images/c_1.nii.gz",
-                               "datasets/ds_a/labels/c_1.nii.gz", {"size": [4, 4, 4], "spacing": [1.0, 1.0, float("nan")]},
-                               now_iso()))
+                               "datasets/ds_a/labels/c_1.nii.gz", info, now_iso()))
     stored = db.get_case("ds_a", "c_1")
     assert stored.info == {"size": [4, 4, 4], "spacing": [1.0, 1.0, None]}  # NaN is never stored
     assert stored.image == case.image and db.all_case_files() == {case.image, case.label}

@@ -8,8 +8,7 @@ import threading
 import pytest
 
 from acecal.errors import StorageError
-from acecal.storage.files import (atomic_write, atomic_write_json, disk_full, durable_move, is_disk_error,
-                                  storage_guard)
+from acecal.storage.files import atomic_write, atomic_write_json, disk_full, durable_move, is_disk_error, storage_guard
 
 
 def test_atomic_write_text_bytes_and_writer(tmp_path):

@@ -17,10 +17,8 @@ EPOCHS_LIMIT = 10000
 PATCH_SIDE_LIMIT = 512
 
 
-def _clean_text(value: Optional[str], what: str, limit: int) -> Optional[str]:
+def _clean_text(value: str, what: str, limit: int) -> str:
     """Names and descriptions travel into model cards and logs: one printable line, like file names."""
-    if value is None:
-        return None
     cleaned = clean_text(value, limit)
     if not cleaned:
         raise ValueError(f"{what} must hold some printable characters")
@@ -126,7 +124,7 @@ class FinetuneRequest(BaseModel):
     @field_validator("description")
     @classmethod
     def _printable(cls, v: Optional[str]) -> Optional[str]:
-        return _clean_text(v, "description", 500)
+        return None if v is None else _clean_text(v, "description", 500)
 
 
 class JobAccepted(BaseModel):

@@ -75,8 +75,9 @@ class UploadLimitMiddleware:
         multipart = headers.get("content-type", "").lower().lstrip().startswith("multipart/") and \
             any(r.match(scope.get("path", "")) for r in UPLOAD_ROUTES)
         limit = self.max_bytes if multipart else min(self.max_bytes, MAX_JSON_BYTES)
+        length = headers.get("content-length")
         try:
-            declared = int(headers.get("content-length")) if headers.get("content-length") is not None else None
+            declared = int(length) if length is not None else None
         except ValueError:
             declared = None
         if declared is not None and declared > limit:

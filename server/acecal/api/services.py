@@ -17,8 +17,8 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
+
 from acecal.api.queue import InferenceQueue
 from acecal.api.settings import Settings
 from acecal.bundles import ModelRegistry
@@ -32,8 +32,6 @@ from acecal.storage.evaluations import EvaluationStore
 from acecal.storage.results import ResultStore
 
 __all__ = ["AppServices", "build_services"]
-
-log = logging.getLogger("acecal.api")
 
 
 @dataclass

@@ -57,7 +57,7 @@ def serve(
         settings = Settings(**overrides)
     except Exception as e:  # pydantic ValidationError: show it plainly
         typer.echo(f"invalid settings: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.host not in _LOOPBACK and settings.api_key is None:
         typer.echo(f"warning: serving on {settings.host} without an API key: anyone who can reach this machine can "

@@ -175,6 +175,8 @@ def run_inference(predictor: Predictor, image: Union[str, os.PathLike], options:
     t0 = time.perf_counter()
     pred = memory_bounded(lambda: predictor.predict(image, overlap=options.overlap, use_calibrator=options.calibrate(),
                                                     tta=options.tta, name=name, run_on_device=on_device), shown)
+    if run_on_device is None:  # no queue, no wait (on_device only bounds the memory)
+        pred.timings.pop("queue_wait_s", None)
     out = memory_bounded(lambda: analyse(pred.probs, pred.grid, predictor.config, options,
                                          temperature=pred.temperature, model_id=predictor.bundle.id,
                                          timings=pred.timings, labels=pred.labels), shown)

@@ -44,6 +44,7 @@ from acecal.data.transforms import IMAGE, model_space_transforms
 from acecal.errors import ACECalError, InvalidInputError
 from acecal.geometry import Grid
 from acecal.inference.memory import out_of_memory
+from acecal.inference.pipeline import split_served
 from acecal.inference.window import sliding_window_logits
 from acecal.networks import is_two_head, split_heads
 
@@ -272,8 +273,6 @@ class Predictor:
         t4 = time.perf_counter()
         labels = None
         if self.two_head:
-            from acecal.inference.pipeline import split_served
-
             labels, probs = split_served(probs, self.config)
         timings = {"read_s": t1 - t0, "preprocess_s": t2 - t1, "inference_s": forward_s[0]}
         if run_on_device is not None:

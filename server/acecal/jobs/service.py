@@ -54,12 +54,12 @@ class JobService:
         """Refuse at submission what would only fail in the job process: a patch the base model's network cannot
         take (422), a case too large once resampled to the base model's spacing (413, ``max_model_voxels``)."""
         # torch boundary: the engine's size check lives with the engine (which imports torch)
-        from acecal.training.engine import _check_sizes
+        from acecal.training.engine import check_patch_sizes
 
         cases = self.datasets.cases(req.dataset)  # 404 first
         base = self.registry.get(req.base_model)
         if req.patch_size is not None:
-            _check_sizes(base.config, tuple(req.patch_size))
+            check_patch_sizes(base.config, tuple(req.patch_size))
         for c in cases:
             if c.info.get("size") and c.info.get("spacing"):
                 check_model_space_budget(c.info["size"], c.info["spacing"], base.config.spacing, name=c.name,
@@ -68,7 +68,7 @@ class JobService:
     def submit(self, req: Any, limits: ImageLimits) -> JobRow:
         """Validate a :class:`~acecal.api.finetune_schemas.FinetuneRequest` and queue the job; returns its row."""
         # torch boundary: building a loss and a TrainConfig imports the training code
-        from acecal.training.engine import build_loss
+        from acecal.training.engine import training_loss
         from acecal.training.finetune import finetune_config
 
         self.check_inputs(req, limits)
@@ -97,7 +97,7 @@ class JobService:
             if not req.val_cases or len(set(req.val_cases)) >= len(ids):
                 raise InvalidInputError("val_cases must hold at least one case and leave at least one to train on")
         if req.loss_params:
-            build_loss(req.loss, bc.num_classes, dict(req.loss_params))  # InvalidInputError (422) when bad
+            training_loss(req.loss, bc.num_classes, dict(req.loss_params))  # InvalidInputError (422) when bad
         job_id = new_id("job")
         model_id = req.model_id or f"{bc.id[:40].rstrip('-._')}-ft-{job_id[4:12]}"
         if model_id in self.registry.ids() or (self.models_dir / model_id).exists() \
@@ -152,7 +152,7 @@ class JobService:
         """Queued job id -> its place in the queue (1 = next to run)."""
         return {job_id: i + 1 for i, job_id in enumerate(self.db.queued_job_ids())}
 
-    def list(self, status: Optional[str] = None, limit: int = 100) -> dict[str, Any]:
+    def overview(self, status: Optional[str] = None, limit: int = 100) -> dict[str, Any]:
         """The jobs (newest first) as :meth:`view` describes them, with the queue's :meth:`stats` (``JobsResponse``)."""
         positions = self.queue_positions()
         return {"jobs": [self.view(j, positions) for j in self.db.list_jobs(status, limit)], **self.stats()}

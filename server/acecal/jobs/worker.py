@@ -225,7 +225,7 @@ def child_main(spec_path: str, log_path: str) -> None:
         fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
         if fd is not None:
             os.close(fd)
-            forkserver._forkserver._forkserver_alive_fd = None
+            forkserver._forkserver._forkserver_alive_fd = None  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - best effort
         pass
     fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

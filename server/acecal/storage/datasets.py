@@ -233,7 +233,8 @@ class DatasetStore:
             raise storage_error(e, "the dataset folder") from None
         return self.db.add_dataset(ds_id, name, model)
 
-    def list(self) -> list[DatasetRow]:
+    def all(self) -> list[DatasetRow]:
+        """Every dataset, oldest first, with its number of cases."""
         return self.db.list_datasets()
 
     def describe(self, ds_id: str) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
 
 
-# --- the schema: a list of migrations, applied in order ----------------------------------------------------------------
+# --- the schema: a list of migrations, applied in order --------------------------------------------------------------
 def _create_tables(c: sqlite3.Connection) -> None:
     """Version 1: datasets, cases, jobs, models."""
     for stmt in (
@@ -121,7 +121,7 @@ MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_create_tables, 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-# --- typed rows ----------------------------------------------------------------------------------------------------------
+# --- typed rows ------------------------------------------------------------------------------------------------------
 @dataclass
 class DatasetRow:
     id: str
@@ -192,7 +192,7 @@ _JOB_COLUMNS = frozenset(f.name for f in dataclasses.fields(JobRow))
 
 
 def _dict_row(cur: sqlite3.Cursor, row: tuple) -> dict:
-    return {d[0]: v for d, v in zip(cur.description, row)}
+    return {d[0]: v for d, v in zip(cur.description, row, strict=True)}
 
 
 def _job(row: Optional[dict]) -> Optional[JobRow]:
@@ -261,9 +261,8 @@ class Database:
                 c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
-        with self._lock:
-            with contextlib.suppress(sqlite3.Error):
-                self._conn.close()
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self._conn.close()
 
     @contextlib.contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:

@@ -46,7 +46,7 @@ def create_dataset(body: DatasetCreate, datasets: DatasetsDep) -> dict[str, Any]
 
 @router.get("/datasets", response_model=DatasetsResponse, summary="List the stored datasets")
 def list_datasets(datasets: DatasetsDep) -> dict[str, Any]:
-    return {"datasets": [d.to_json() for d in datasets.list()]}
+    return {"datasets": [d.to_json() for d in datasets.all()]}
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetInfo, summary="One dataset with its cases",

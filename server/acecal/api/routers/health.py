@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from acecal import __version__
 from acecal.api.deps import ServicesDep
-from acecal.api.schemas import HealthResponse
+from acecal.api.schemas import HealthResponse, QueueStats
 
 router = APIRouter(tags=["health"])
 
@@ -16,4 +16,4 @@ async def health(services: ServicesDep) -> HealthResponse:
     s = services.settings
     return HealthResponse(version=__version__, device=services.device, auth_required=s.api_key is not None,
                           max_upload_mb=s.max_upload_mb, max_voxels=s.max_voxels, max_model_voxels=s.max_model_voxels,
-                          result_ttl_s=s.result_ttl_s, queue=services.queue.stats())
+                          result_ttl_s=s.result_ttl_s, queue=QueueStats(**services.queue.stats()))

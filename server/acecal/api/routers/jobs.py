@@ -54,7 +54,7 @@ def finetune(body: FinetuneRequest, response: Response, jobs: JobsDep, settings:
 def list_jobs(jobs: JobsDep,
               status: Optional[JobStatus] = Query(None, description="only jobs in this state"),
               limit: int = Query(100, ge=1, le=1000, description="at most this many jobs")) -> dict[str, Any]:
-    return jobs.list(status, limit)
+    return jobs.overview(status, limit)
 
 
 @router.get("/jobs/{job_id}", response_model=JobInfo, summary="One job: status, progress, metrics, log tail",
