@@ -8,12 +8,14 @@
 
 A bundle is published atomically: written into a hidden sibling folder, then renamed into place, so a reader never
 sees half a bundle and a crash leaves no bundle at all.
+
+Reading ``bundle.json`` needs pydantic only: torch, safetensors and MONAI are imported where weights are read or
+written and networks built, so the server's settings, schemas and storage use bundles without loading them.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import re
 import shutil
@@ -24,6 +26,7 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from acecal.errors import BundleError
+from acecal.storage.files import fsync_path
 
 CONFIG_NAME = "bundle.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -213,7 +216,7 @@ class Bundle:
         return build_network(self.config)
 
     def state_dict(self) -> dict:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # torch boundary (see the module docstring)
 
         try:
             sd = load_file(str(self.weights_path))
@@ -235,6 +238,8 @@ class Bundle:
 
 
 def build_network(config: BundleConfig):
+    """The untrained network of ``config``: ``acecal.networks`` first (two heads), then MONAI's ``nets``."""
+    # torch boundary (see the module docstring): acecal.networks and MONAI import torch
     from monai.networks import nets
 
     from acecal import networks
@@ -264,8 +269,9 @@ def write_bundle(
         overwrite: replace an existing bundle with the same id (otherwise that is an error).
         extra_files: name -> source path of files to copy in (figures for the card, say).
     """
-    from safetensors.torch import save_file
+    # torch boundary (see the module docstring)
     import torch
+    from safetensors.torch import save_file
 
     parent = Path(parent_dir)
     parent.mkdir(parents=True, exist_ok=True)
@@ -286,8 +292,7 @@ def write_bundle(
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
         for f in tmp.iterdir():  # make the bundle durable before it becomes visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_path(f)
         if final.exists():
             old = parent / f".{config.id}.old"
             shutil.rmtree(old, ignore_errors=True)
@@ -303,8 +308,5 @@ def write_bundle(
 
 
 def valid_id(model_id: str) -> bool:
+    """Whether ``model_id`` is a valid bundle id (:data:`ID_PATTERN`)."""
     return re.match(ID_PATTERN, model_id) is not None
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

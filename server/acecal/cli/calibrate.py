@@ -1,5 +1,5 @@
 """``acecal calibrate``: fit a post-hoc calibrator for ACE and publish a new bundle carrying it. torch is imported
-inside the command."""
+inside the command, so the CLI starts on a client-only install."""
 
 from __future__ import annotations
 
@@ -9,10 +9,9 @@ from typing import Any, Optional
 
 import typer
 
-from acecal.cli.main import app
-
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+from acecal.cli.main import EXIT_BAD_INPUT, EXIT_INTERRUPTED, app
+from acecal.errors import ACECalError
+from acecal.formatting import number, signed_percent
 
 
 def _settings(items: Optional[list[str]]) -> dict[str, Any]:
@@ -58,13 +57,12 @@ def calibrate(
     The label map never changes (the calibrator divides the logits by a positive temperature per voxel). Prints the
     new bundle's id on stdout; the raw, cross-fitted and in-sample macro ACE go to stderr and into the card.
     """
-    from acecal.errors import ACECalError
-
     def say(msg: str) -> None:
         if not quiet:
             typer.echo(msg, err=True)
 
     try:
+        # lazy: fitting a calibrator loads torch and MONAI (the server extra)
         import torch
 
         from acecal.bundles import ModelRegistry
@@ -87,12 +85,11 @@ def calibrate(
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED)
 
-    def n(v):
-        return "n/a" if v is None else f"{v:.4f}"
-
-    cf, ins = m["cross_fitted"], m["in_sample"]
-    say(f"raw:                    dice {n(m['raw']['dice'])}  macro ACE {n(m['raw']['ace'])}")
-    say(f"calibrated, cross-fitted: dice {n(cf['dice'])}  macro ACE {n(cf['ace'])}  ({cf['change_pct']:+.1f} %)")
-    say(f"calibrated, in-sample:    dice {n(ins['dice'])}  macro ACE {n(ins['ace'])}  ({ins['change_pct']:+.1f} %)")
+    raw, cf, ins = m["raw"], m["cross_fitted"], m["in_sample"]
+    say(f"raw:                    dice {number(raw['dice'])}  macro ACE {number(raw['ace'])}")
+    say(f"calibrated, cross-fitted: dice {number(cf['dice'])}  macro ACE {number(cf['ace'])}  "
+        f"({signed_percent(cf['change_pct'])})")
+    say(f"calibrated, in-sample:    dice {number(ins['dice'])}  macro ACE {number(ins['ace'])}  "
+        f"({signed_percent(ins['change_pct'])})")
     say(f"published model {bundle.id} at {bundle.path}")
     typer.echo(bundle.id)

@@ -19,6 +19,7 @@ from typing import Optional
 import typer
 
 from acecal.cli.main import app
+from acecal.errors import ACECalError, ServerTimeoutError
 from acecal.protocol import (
     DATASET_ID,
     DATASET_NUM_CASES,
@@ -39,6 +40,7 @@ _timeout_opt = typer.Option(60.0, "--timeout", help="Read timeout in seconds for
 
 
 def _client(server: str, api_key: Optional[str], timeout: float):
+    # lazy: requests loads only for the commands that talk to a server
     from acecal.client import ACEClient
 
     return ACEClient(server, api_key=api_key, timeout=(10.0, timeout))
@@ -71,6 +73,7 @@ def _status_text(job: JobInfo) -> str:
 
 def follow_job(client, job_id: str, *, quiet: bool = False, timeout: Optional[float] = None) -> dict:
     """Follow a job to its end with a progress bar (stderr); returns the final job."""
+    # lazy: rich loads only for the commands that draw (the CLI starts fast)
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
@@ -136,10 +139,9 @@ def finetune(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress display."),
 ) -> None:
     """Fine-tune a server's model on your labelled cases; the server publishes the result as a new model."""
+    # lazy: rich loads only for the commands that draw (the CLI starts fast)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-    from acecal.errors import ACECalError
 
     if loss not in FINETUNE_LOSSES:
         raise typer.BadParameter(f"unknown loss {loss!r}; choose one of {', '.join(FINETUNE_LOSSES)}",
@@ -194,10 +196,9 @@ def jobs(
     timeout: float = _timeout_opt,
 ) -> None:
     """List the server's fine-tuning jobs, or show (and follow) one."""
+    # lazy: rich loads only for the commands that draw (the CLI starts fast)
     from rich.console import Console
     from rich.table import Table
-
-    from acecal.errors import ACECalError
 
     client = _client(server, api_key, timeout)
     console = Console()
@@ -254,8 +255,6 @@ def cancel(
 ) -> None:
     """Cancel a fine-tuning job: a queued one never starts, a running one stops within seconds, nothing is
     published."""
-    from acecal.errors import ACECalError, ServerTimeoutError
-
     client = _client(server, api_key, timeout)
     try:
         job = JobInfo.from_json(client.cancel_job(job_id))
@@ -281,10 +280,9 @@ def datasets(
     timeout: float = _timeout_opt,
 ) -> None:
     """List the datasets stored on a server, show one, or delete one."""
+    # lazy: rich loads only for the commands that draw (the CLI starts fast)
     from rich.console import Console
     from rich.table import Table
-
-    from acecal.errors import ACECalError
 
     client = _client(server, api_key, timeout)
     console = Console()

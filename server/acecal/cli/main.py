@@ -10,6 +10,8 @@ import importlib
 
 import typer
 
+from acecal import __version__
+
 app = typer.Typer(
     name="acecal",
     help="Calibrated segmentation: train, evaluate, serve and query mL1-ACE SegResNet models.",
@@ -17,6 +19,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_show_locals=False,
 )
+
+#: exit status of a command refused for bad input (typer's own usage errors exit with 2 too)
+EXIT_BAD_INPUT = 2
+#: exit status after Ctrl-C or a cancel (128 + SIGINT)
+EXIT_INTERRUPTED = 130
 
 # Modules that add commands to `app` when imported. Missing modules are skipped so a partial install still runs.
 COMMAND_MODULES = ("acecal.cli.train", "acecal.cli.serve", "acecal.cli.remote", "acecal.cli.finetune",
@@ -26,8 +33,6 @@ COMMAND_MODULES = ("acecal.cli.train", "acecal.cli.serve", "acecal.cli.remote", 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True)):
     if version:
-        from acecal import __version__
-
         typer.echo(__version__)
         raise typer.Exit()
 

@@ -11,19 +11,19 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
+import stat
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from acecal.cli.main import app
+from acecal.errors import ACECalError
 from acecal.protocol import BACKGROUND_LABEL, SUMMARY_NAME, VOLUME_FILE_NAMES, InferenceReply, ModelInfo, image_stem
 
 
 def regular_file(path: Path) -> bool:
     """Whether ``path`` is a regular file (after symlinks), asked without opening it."""
-    import stat
-
     try:
         return stat.S_ISREG(path.stat().st_mode)
     except OSError:
@@ -80,10 +80,9 @@ def infer(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Segment images: four volumes (labels, confidence, uncertainty, flags) and summary.json per image."""
+    # lazy: rich loads only for the commands that draw (the CLI starts fast)
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from acecal.errors import ACECalError
 
     console = Console(stderr=True)
     params = _params(threshold, overlap, no_temperature, band_mm, band_voxels, min_region_voxels, connectivity)
@@ -130,6 +129,7 @@ def infer(
 
 
 def _remote_runner(server, api_key, model, params, timeout):
+    # lazy: requests loads only for the commands that talk to a server
     from acecal.client import ACEClient
 
     client = ACEClient(server, api_key=api_key, timeout=(10.0, timeout))
@@ -150,8 +150,8 @@ def _remote_runner(server, api_key, model, params, timeout):
 
 
 def _local_runner(model, params, device, models_dirs):
+    # torch boundary: in-process inference loads torch, MONAI and SimpleITK (the server extra)
     from acecal.bundles import ModelRegistry, default_data_dir, default_models_dir, resolve_bundle
-    from acecal.errors import ACECalError
     from acecal.inference.pipeline import InferenceOptions, run_inference, write_volumes
     from acecal.inference.predictor import Predictor, resolve_device
 
@@ -191,18 +191,19 @@ def models(
     timeout: float = typer.Option(30.0, help="Read timeout in seconds."),
 ) -> None:
     """List the models a server (or this machine) offers."""
+    # lazy: rich loads only for the commands that draw (the CLI starts fast)
     from rich.console import Console
     from rich.table import Table
 
-    from acecal.errors import ACECalError
-
     try:
         if server:
+            # lazy: requests loads only for the commands that talk to a server
             from acecal.client import ACEClient
 
             with ACEClient(server, api_key=api_key, timeout=(10.0, timeout)) as c:
                 rows = c.models()
         else:
+            # lazy: bundles need pydantic (the server extra); --server works without it
             from acecal.bundles import ModelRegistry, default_data_dir, default_models_dir
 
             reg = ModelRegistry([default_models_dir(), default_data_dir() / "models"])

@@ -1,8 +1,10 @@
-"""``acecal train`` and ``acecal evaluate``. torch / MONAI are imported inside the commands, so the CLI starts on a
-client-only install."""
+"""``acecal train`` and ``acecal evaluate``. The training code (torch, MONAI, pydantic) is imported inside the
+commands, so the CLI starts on a client-only install."""
 
 from __future__ import annotations
 
+import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -10,10 +12,9 @@ from typing import Any, Optional
 
 import typer
 
-from acecal.cli.main import app
-
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+from acecal.cli.main import EXIT_BAD_INPUT, EXIT_INTERRUPTED, app
+from acecal.errors import ACECalError
+from acecal.formatting import number
 
 
 def _ints(text: Optional[str], n: Optional[int] = None, what: str = "value") -> Optional[list[int]]:
@@ -47,8 +48,6 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
 
 def _name_values(items: Optional[list[str]], flag: str) -> dict[str, Any]:
     """NAME=VALUE pairs; VALUE is JSON when it parses (numbers, booleans, lists), else a string."""
-    import json
-
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
@@ -62,8 +61,6 @@ def _name_values(items: Optional[list[str]], flag: str) -> dict[str, Any]:
 
 
 def _is_main_rank() -> bool:
-    import os
-
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -136,9 +133,11 @@ def train(
     Runs on several GPUs or nodes with torchrun: `torchrun --nproc_per_node 4 -m acecal.cli.main train ...`.
     Interrupted runs continue with --resume (same --id or --work-dir).
     """
+    # lazy: pydantic and the training code (torch, MONAI) are the server extra
     from pydantic import ValidationError
 
-    from acecal.errors import ACECalError
+    from acecal.training.config import TrainConfig
+    from acecal.training.engine import Engine
 
     params = _name_values(loss_param, "--loss-param")
     net_args: dict[str, Any] = _name_values(network_arg, "--network-arg")
@@ -169,8 +168,6 @@ def train(
     settings = {k: v for k, v in settings.items() if v is not None}
     settings["command"] = "acecal " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
-        from acecal.training.config import TrainConfig
-
         if config is not None:
             if not config.is_file():
                 _fail(f"the config file {str(config)!r} does not exist")
@@ -190,8 +187,6 @@ def train(
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in e.errors()))
     except (ValueError, OSError) as e:
         _fail(str(e))
-
-    from acecal.training.engine import Engine
 
     main_rank = _is_main_rank()
     try:
@@ -240,9 +235,8 @@ def evaluate(
 ):
     """Evaluate a model on a labelled folder as served: Dice, ACE (and its floor), ECE, MCE per case and per class,
     whether the flags find the errors, reliability figures."""
-    from acecal.errors import ACECalError
-
     try:
+        # lazy: the evaluation loads torch, MONAI and SimpleITK (the server extra)
         from acecal.bundles import ModelRegistry
         from acecal.bundles.registry import default_data_dir, default_models_dir
         from acecal.training.evaluate import evaluate as run_evaluate
@@ -259,14 +253,11 @@ def evaluate(
         _fail(e.detail)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED)
-    a, fl, ed = report["aggregate"], report["floor"], report["error_detection"]
-
-    def n(v, digits=4):
-        return "n/a" if v is None else f"{v:.{digits}f}"
-
-    typer.echo(f"{report['model']}{' (raw)' if report['raw'] else ''}: {report['num_cases']} cases  dice {n(a['dice'])}  "
-               f"ace {n(a['ace'])} (floor {n(fl['ace'])}, removable {n(fl['removable_ace'])})  ece {n(a['ece'])}  "
-               f"mce {n(a['mce'])}  micro ace {n(report['micro']['ace'])}")
-    typer.echo(f"flags: auroc {n(ed['auroc'], 3)}  recall {n(ed['recall'], 3)}  "
-               f"flagged/wrong {n(ed['flagged_over_wrong'], 2)}")
+    a, mi, fl, ed = report["aggregate"], report["micro"], report["floor"], report["error_detection"]
+    typer.echo(f"{report['model']}{' (raw)' if report['raw'] else ''}: {report['num_cases']} cases  "
+               f"dice {number(a['dice'])}  ace {number(a['ace'])} (floor {number(fl['ace'])}, "
+               f"removable {number(fl['removable_ace'])})  ece {number(a['ece'])}  mce {number(a['mce'])}  "
+               f"micro ace {number(mi['ace'])}")
+    typer.echo(f"flags: auroc {number(ed['auroc'], 3)}  recall {number(ed['recall'], 3)}  "
+               f"flagged/wrong {number(ed['flagged_over_wrong'], 2)}")
     typer.echo(f"report: {Path(out) / 'report.json'}")

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
+import SimpleITK as sitk
 
-from acecal.data.io import has_supported_suffix, suffix_of
+from acecal.data.io import grid_of, has_supported_suffix, read_volume, suffix_of
 from acecal.errors import InvalidInputError
 
 #: folder pairs recognised inside a dataset root, in order of preference
@@ -204,10 +205,6 @@ def validate_cases(
     voxels; each label exists, is a readable 3-D scalar volume, holds whole numbers in ``0..num_classes-1``, and lies
     on exactly the image's grid (size, spacing, origin, direction).
     """
-    import SimpleITK as sitk
-
-    from acecal.data.io import grid_of, read_volume
-
     if not cases:
         raise DatasetError("the dataset is empty: no image files (.nii.gz, .nii, .nrrd, .mha) were found")
     problems: list[str] = []

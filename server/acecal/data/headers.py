@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
 from acecal.errors import InvalidInputError, PayloadTooLargeError
+from acecal.nrrd import NRRD_TYPES
 
 #: bytes of a file read to find its header (NRRD and MetaImage text headers end well before this)
 HEADER_LIMIT = 64 * 1024
@@ -60,7 +61,7 @@ def memory_voxel_budget(bytes_per_voxel: int = BYTES_PER_VOXEL) -> int:
     """Voxels this machine's memory holds at inference's peak use per voxel, at least :data:`MIN_DEFAULT_VOXELS`."""
     total = 0
     try:
-        import psutil
+        import psutil  # a server extra: a client-only install has no psutil
 
         total = int(psutil.virtual_memory().total)
     except Exception:  # noqa: BLE001 - psutil is optional here (client installs)
@@ -306,12 +307,6 @@ def _is_nifti(head: bytes) -> bool:
 
 
 # --- NRRD -------------------------------------------------------------------------------------------------------------
-def _nrrd_types() -> dict[str, str]:
-    from acecal.nrrd import NRRD_TYPES
-
-    return NRRD_TYPES
-
-
 _NONSPATIAL_KINDS = {"vector", "covariant-vector", "normal", "list", "point", "2-vector", "3-vector", "4-vector",
                      "3-color", "rgb-color", "hsv-color", "xyz-color", "4-color", "rgba-color", "2d-symmetric-matrix",
                      "3d-symmetric-matrix", "2d-matrix", "3d-matrix", "complex", "quaternion", "scalar",
@@ -349,7 +344,7 @@ def _nrrd(head: bytes, what: str, name: str) -> ImageHeader:
         raise _refuse(what, name, "has an NRRD header with a malformed dimension or sizes field") from None
     if len(sizes) != dim or not 1 <= dim <= 16 or any(s < 1 for s in sizes):
         raise _refuse(what, name, f"has NRRD sizes {_dims(sizes[:8])} that do not match dimension {dim}")
-    types = _nrrd_types()
+    types = NRRD_TYPES
     if ntype not in types:
         raise _refuse(what, name, f"has an unsupported NRRD type {fields['type'][:40]!r}")
     itemsize = int(types[ntype][1])

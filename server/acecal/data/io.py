@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+from monai.data.image_reader import ImageReader
 
 from acecal.data.headers import ImageHeader, current_limits, inspect_image, open_regular
 from acecal.errors import InvalidInputError
@@ -123,8 +127,6 @@ def _nifti_data_complete(path: Path, header: ImageHeader) -> bool:
     before ITK reads: a gzip stream is inflated in chunks, discarded as it goes, and only up to the announced size:
     whatever follows (a gzip bomb) is never inflated.
     """
-    import zlib
-
     need = int(header.data_offset or 0) + header.nbytes
     try:
         with open_regular(path, follow_symlinks=current_limits().follow_symlinks) as f:
@@ -176,11 +178,8 @@ def ras_affine(img: sitk.Image) -> np.ndarray:
     return affine_lps_to_ras(grid_of(img).ijk_to_lps)
 
 
-def to_metatensor(img: sitk.Image, dtype: Any = None):
+def to_metatensor(img: sitk.Image, dtype: Any = None) -> MetaTensor:
     """A MONAI ``MetaTensor`` of shape (1, x, y, z) with the image's RAS affine, as ``LoadImage`` + channel-first give."""
-    import torch
-    from monai.data import MetaTensor
-
     arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
     t = torch.as_tensor(np.ascontiguousarray(arr)[None], dtype=dtype or torch.float32)
     affine = torch.as_tensor(ras_affine(img), dtype=torch.float64)
@@ -188,13 +187,7 @@ def to_metatensor(img: sitk.Image, dtype: Any = None):
                                               "space": "RAS", "original_channel_dim": 0})
 
 
-def _monai_reader_base():
-    from monai.data.image_reader import ImageReader
-
-    return ImageReader
-
-
-class SimpleITKReader(_monai_reader_base()):  # type: ignore[misc]
+class SimpleITKReader(ImageReader):
     """MONAI ``ImageReader`` backed by SimpleITK (NIfTI, NRRD, MetaImage), RAS affines like MONAI's own readers.
 
     Use as ``LoadImaged(keys, reader=SimpleITKReader())``. Each array is returned (x, y, z) without a channel axis

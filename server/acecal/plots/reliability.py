@@ -6,8 +6,8 @@
   diagonal is perfect calibration; ECE / ACE / MCE are printed in the panel and an arrow marks the worst bin (MCE).
   Below each panel, the number of voxels per bin (log scale when the counts span more than a factor 100).
 * :func:`plot_dataset_reliability_histogram`: per class, a heat map whose column m is the distribution, over images,
-  of the observed frequency in confidence bin m (each column sums to 1; reference sheet section 6). Mass on the
-  diagonal = calibrated across the dataset; mass below it = over-confident.
+  of the observed frequency in confidence bin m (each column sums to 1; the dataset reliability histogram of Barfoot
+  et al., MICCAI 2024). Mass on the diagonal = calibrated across the dataset; mass below it = over-confident.
 """
 
 from __future__ import annotations
@@ -209,6 +209,7 @@ def plot_dataset_reliability_histogram(
     Returns:
         The path written.
     """
+    # imported lazily: importing acecal.plots stays cheap
     from matplotlib import colormaps
     from matplotlib.colors import PowerNorm
 
