@@ -12,11 +12,12 @@ import requests
 import SimpleITK as sitk
 import torch
 from live_server import LiveServer, make_settings
+from safetensors.torch import load_file, save_file
 from synthetic import make_case, make_dataset, write_case
 from typer.testing import CliRunner
 
-from acecal.bundles import Bundle
-from acecal.calibration import LocalTemperatureCalibrator, TemperatureCalibrator, load_calibrator
+from acecal.bundles import Bundle, NetworkConfig, build_network, write_bundle
+from acecal.calibration import LocalTemperatureCalibrator, TemperatureCalibrator, load_calibrator, macro_ace
 from acecal.calibration.data import model_space_cases
 from acecal.calibration.workflow import calibrate_bundle
 from acecal.cli.main import _register, app
@@ -24,6 +25,8 @@ from acecal.data.datasets import discover_dataset
 from acecal.errors import BundleError, InvalidInputError
 from acecal.inference.pipeline import InferenceOptions, run_inference
 from acecal.inference.predictor import Predictor
+from acecal.networks import split_heads
+from acecal.training.finetune import finetune
 
 HELD = [f"held_{i:03d}" for i in range(6)]
 
@@ -92,8 +95,6 @@ def test_local_temperature_bundle_round_trip(calibrated, held_out):
     assert cal.spec() == b.config.calibrator.params
     assert b.config.calibrator.fitted_on["settings"]["epochs"] == 2
     # the stored calibrator reproduces the recorded in-sample figure
-    from acecal.calibration import macro_ace
-
     info = discover_dataset(held_out)
     cases = model_space_cases(b, [c for c in info.cases if c.name in HELD])
     assert macro_ace(cases, cal) == pytest.approx(b.config.calibrator.metrics["in_sample"]["ace"], abs=1e-9)
@@ -217,8 +218,6 @@ def test_broken_or_hostile_calibrator_records_are_refused(calibrated, tmp_path, 
 
 
 def test_nan_calibrator_weights_are_refused(calibrated, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     d = tmp_path / "nan"
     shutil.copytree(calibrated["local-temperature"], d)
     state = load_file(str(d / "calibrator.safetensors"))
@@ -230,8 +229,6 @@ def test_nan_calibrator_weights_are_refused(calibrated, tmp_path):
 
 def test_a_model_fine_tuned_from_a_calibrated_bundle_gets_its_own_ace_temperature(calibrated, held_out, tmp_path,
                                                                                   image_path):
-    from acecal.training.finetune import finetune
-
     result = finetune(str(calibrated["local-temperature"]), data=str(held_out), val_cases=HELD[:4], epochs=1,
                       val_every=1, roi_size=(24, 24, 24), batch_size=2, sw_batch_size=1, augment=False,
                       out_dir=str(tmp_path / "models"), work_dir=str(tmp_path / "work"), model_id="tiny-lts-ft")
@@ -249,9 +246,6 @@ def test_a_model_fine_tuned_from_a_calibrated_bundle_gets_its_own_ace_temperatur
 
 
 def test_a_two_head_bundle_is_calibrated_on_its_calibration_head(tiny_bundle, held_out, tmp_path, image_path):
-    from acecal.bundles import NetworkConfig, build_network, write_bundle
-    from acecal.networks import split_heads
-
     base = Bundle.load(tiny_bundle).config
     config = base.model_copy(update={"id": "tiny-two-head", "network": NetworkConfig(
         name="SegResNetTwoHead", args={"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]})})

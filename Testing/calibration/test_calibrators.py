@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy.stats import mannwhitneyu
 
 from acecal.calibration import (
     CalibrationCase,
@@ -20,8 +22,10 @@ from acecal.calibration import (
     macro_ace,
     split_halves,
 )
+from acecal.calibration.fitting import error_auroc, served_threshold
 from acecal.errors import InvalidInputError
 from acecal.metrics import CalibrationAccumulator
+from acecal.metrics.error_detection import roi_mask
 
 SHAPE = (18, 18, 18)
 
@@ -184,12 +188,6 @@ def test_spec_rebuilds_the_same_calibrator():
 
 
 def test_error_auroc_is_the_mann_whitney_statistic_within_the_roi(over_confident):
-    import numpy as np
-    from scipy.stats import mannwhitneyu
-
-    from acecal.calibration.fitting import error_auroc
-    from acecal.metrics.error_detection import roi_mask
-
     cal = TemperatureCalibrator(2.0)
     wrong_scores, right_scores = [], []
     for c in over_confident:
@@ -216,8 +214,6 @@ def test_the_ranking_guard_keeps_only_weights_that_do_not_lose_error_detection(o
 
 def test_a_served_label_map_other_than_the_argmax_is_what_dice_and_error_detection_judge(over_confident):
     # a two-head network serves the segmentation head's labels with the calibration head's probabilities
-    from acecal.calibration.fitting import error_auroc, served_threshold
-
     plain = over_confident[:3]
     shifted = [CalibrationCase(c.name, c.logits, c.label, c.image, prediction=torch.roll(c.logits.argmax(0), 2, 0))
                for c in plain]

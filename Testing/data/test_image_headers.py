@@ -6,9 +6,11 @@ Real files written by SimpleITK for the formats, hand-built hostile headers for 
 from __future__ import annotations
 
 import os
+import struct
 import threading
 import time
 
+import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -59,8 +61,6 @@ def test_vector_images_count_their_components(tmp_path, name):
 
 
 def test_nifti2_header(tmp_path):
-    import nibabel as nib
-
     nib.save(nib.Nifti2Image(np.zeros((6, 5, 4), np.float32), np.diag([1.5, 1.5, 3.0, 1.0])), tmp_path / "n2.nii")
     h = read_header(tmp_path / "n2.nii")
     assert (h.format, h.size, h.pixel_type) == ("nifti2", (6, 5, 4), "float32")
@@ -136,8 +136,6 @@ def test_symlinks_are_followed_only_where_allowed(tmp_path):
 
 
 def _with_vox_offset(offset: float) -> bytes:
-    import struct
-
     block = bytearray(nifti_header((4, 4, 4)))
     block[108:112] = struct.pack("<f", offset)
     return bytes(block) + bytes(256)

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from acecal.geometry import Grid, lps_to_ras
 from acecal.inference.uncertainty import (
@@ -165,8 +166,6 @@ def test_summary_volumes_and_confidence_per_class():
                                 dict(band_mm=2.0), dict(band_mm=3.5), dict(band_mm=9.0)])
 def test_band_equals_the_distance_transform_definition(kw):
     """The fast path (dilation by a ball) and the slow one (distance transform) are the same definition."""
-    from scipy import ndimage
-
     rng = np.random.default_rng(0)
     lab = (ndimage.gaussian_filter(rng.random((20, 22, 24)), 2) > 0.5).astype(np.uint8)
     spacing = (1.5, 0.7, 1.2)

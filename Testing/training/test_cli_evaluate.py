@@ -5,12 +5,20 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import SimpleITK as sitk
+import torch
+from conftest import train_tiny_bundle
 from synthetic import make_dataset
 from typer.testing import CliRunner
 
-from acecal.bundles import Bundle
+from acecal.bundles import Bundle, NetworkConfig
 from acecal.cli.main import _register, app
+from acecal.inference.pipeline import run_inference
+from acecal.inference.predictor import Predictor
+from acecal.metrics import calibration_errors
+from acecal.training.evaluate import evaluate
 
 _register()
 runner = CliRunner()
@@ -65,15 +73,6 @@ def test_evaluate_report(tmp_path, tiny_bundle, eval_data):
 def test_evaluate_judges_exactly_what_inference_serves(tmp_path, tiny_bundle, eval_data):
     """Per case, the report's numbers are those of the served volumes: ACE of the probabilities the predictor
     returns on the input grid, recall and flagged volume of the flags `acecal infer` writes."""
-    import numpy as np
-    import SimpleITK as sitk
-    import torch
-
-    from acecal.inference.pipeline import run_inference
-    from acecal.inference.predictor import Predictor
-    from acecal.metrics import calibration_errors
-    from acecal.training.evaluate import evaluate
-
     rep = evaluate(str(tiny_bundle), eval_data / "images", eval_data / "labels", tmp_path / "r", plots=False,
                    device="cpu")
     predictor = Predictor(Bundle.load(tiny_bundle), "cpu")
@@ -188,11 +187,6 @@ def test_train_cli_bad_input(tmp_path):
 def test_evaluate_two_head_bundle_scores_the_segmentation_head_labels(tmp_path_factory, tiny_bundle, eval_data):
     """Two heads with the calibration loss kept off the trunk: the segmentation is the one-head baseline's, so Dice
     and the wrong voxels equal the baseline's while the probabilities (ACE, floor) are the calibration head's."""
-    from conftest import train_tiny_bundle
-
-    from acecal.bundles import NetworkConfig
-    from acecal.training.evaluate import evaluate
-
     root = tmp_path_factory.mktemp("twohead_eval")
     two = train_tiny_bundle(root, model_id="tiny-twohead-eval", loss="twohead_dice_ce_softace",
                             network=NetworkConfig(name="SegResNetTwoHead", args={

@@ -5,6 +5,7 @@ import threading
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from synthetic import make_dataset
 
 from acecal.bundles import Bundle, ModelRegistry, NetworkConfig
@@ -159,7 +160,6 @@ def test_fit_temperature_and_loss_params(tmp_path, small_data):
     assert b.config.loss.params == {"ace_weight": 0.5}
     card = b.card_path.read_text()
     assert "+ temperature" in card and "`hardl1ace_dice_ce` with `ace_weight=0.5`" in card
-    from safetensors.torch import load_file
     assert all(t.dtype == torch.float16 for t in load_file(str(b.weights_path)).values() if t.is_floating_point())
     b.load_network()  # float16 weights load back into the float32 network
 

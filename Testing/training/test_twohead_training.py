@@ -13,13 +13,17 @@ import numpy as np
 import pytest
 import torch
 from conftest import train_tiny_bundle
+from live_server import LiveServer, make_settings
 from synthetic import make_case, write_case
+from typer.testing import CliRunner
 
 from acecal.bundles import Bundle, NetworkConfig
 from acecal.data.datasets import discover_dataset
 from acecal.data.transforms import model_space_transforms
-from acecal.errors import InvalidInputError
-from acecal.inference.pipeline import InferenceOptions, run_inference
+from acecal.cli.main import _register, app
+from acecal.client import ACEClient
+from acecal.errors import ACECalError, InvalidInputError
+from acecal.inference.pipeline import InferenceOptions, analyse, run_inference
 from acecal.inference.predictor import Predictor
 from acecal.inference.window import sliding_window_logits
 from acecal.metrics import CalibrationAccumulator
@@ -94,8 +98,6 @@ def test_served_labels_from_segmentation_head_probabilities_from_calibration_hea
     np.testing.assert_allclose(out.confidence, expected_conf, atol=1e-6)
     assert not np.allclose(out.confidence, seg.max(0), atol=1e-3)  # not the segmentation head's confidence
     # the server's path: analyse() on the stacked output gives the same volumes
-    from acecal.inference.pipeline import analyse
-
     again = analyse(stacked, out.grid, bundle.config, InferenceOptions())
     np.testing.assert_array_equal(again.labels, out.labels)
     np.testing.assert_allclose(again.confidence, out.confidence)
@@ -127,10 +129,6 @@ def test_bad_network_argument_is_bad_input(twohead, tmp_path):
 
 
 def test_train_cli_network_arguments_loss_parameters_and_tta(twohead, tmp_path):
-    from typer.testing import CliRunner
-
-    from acecal.cli.main import _register, app
-
     _register()  # the commands are registered lazily (the CLI starts without torch)
     root, _ = twohead
     r = CliRunner().invoke(app, [
@@ -151,10 +149,6 @@ def test_train_cli_network_arguments_loss_parameters_and_tta(twohead, tmp_path):
 def test_server_serves_the_two_heads_and_the_tta_parameter(twohead, tmp_path):
     """A real server on loopback: the two-head bundle's labels, confidence and flags over HTTP are the in-process
     ones (segmentation head's labels, calibration head's probability of them); ``tta`` is a per-request parameter."""
-    from live_server import LiveServer, make_settings
-
-    from acecal.client import ACEClient
-
     _, bundle = twohead
     case = make_case((24, 24, 24), seed=43)
     write_case(case, tmp_path / "c.nii.gz")
@@ -171,7 +165,5 @@ def test_server_serves_the_two_heads_and_the_tta_parameter(twohead, tmp_path):
         assert flipped.params["tta"] == "all_flips"
         np.testing.assert_allclose(flipped.arrays["confidence"], local_tta.confidence, atol=1e-6)
         assert np.abs(flipped.arrays["confidence"] - got.arrays["confidence"]).max() > 1e-4
-        from acecal.errors import ACECalError
-
         with pytest.raises(ACECalError, match="tta"):
             client.infer(tmp_path / "c.nii.gz", bundle.id, params={"tta": "rotations"})
