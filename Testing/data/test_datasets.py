@@ -8,7 +8,12 @@ import SimpleITK as sitk
 from synthetic import make_case, make_dataset, write_case
 
 from acecal.data.datasets import (
-    Case, DatasetError, discover_dataset, discover_folders, split_cases, validate_cases,
+    Case,
+    DatasetError,
+    discover_dataset,
+    discover_folders,
+    split_cases,
+    validate_cases,
 )
 
 

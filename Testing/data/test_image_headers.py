@@ -14,8 +14,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from hostile import (fifo, mha_pointer, nifti_gz_bomb, nifti_header, nrrd_gzip_bomb, nrrd_header, nrrd_pointer,
-                     secret_file)
+from hostile import (
+    fifo,
+    mha_pointer,
+    nifti_gz_bomb,
+    nifti_header,
+    nrrd_gzip_bomb,
+    nrrd_header,
+    nrrd_pointer,
+    secret_file,
+)
 
 from acecal.data.headers import (
     MIN_DEFAULT_VOXELS,

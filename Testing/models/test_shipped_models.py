@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from live_server import start_cli_server, stop_process
 
 from acecal.bundles import ModelRegistry
 from acecal.client import ACEClient
-from live_server import start_cli_server, stop_process
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"

@@ -6,9 +6,6 @@ Labels (and Dice) from the segmentation head, probabilities (ACE, confidence, fl
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -18,10 +15,10 @@ from synthetic import make_case, write_case
 from typer.testing import CliRunner
 
 from acecal.bundles import Bundle, NetworkConfig
-from acecal.data.datasets import discover_dataset
-from acecal.data.transforms import model_space_transforms
 from acecal.cli.main import _register, app
 from acecal.client import ACEClient
+from acecal.data.datasets import discover_dataset
+from acecal.data.transforms import model_space_transforms
 from acecal.errors import ACECalError, InvalidInputError
 from acecal.inference.pipeline import InferenceOptions, analyse, run_inference
 from acecal.inference.predictor import Predictor

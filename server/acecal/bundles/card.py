@@ -11,7 +11,6 @@ from typing import Any, Optional
 from acecal.bundles.bundle import BundleConfig
 from acecal.formatting import duration, number, signed_percent
 
-
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|])")
 
 
@@ -81,7 +80,7 @@ def schedule_extensions(history: list[dict]) -> list[tuple[int, int, int]]:
     """``(after_epoch, old_total, new_total)`` wherever the run was resumed with more ``--epochs``, read from the
     per-epoch history (each record carries the total it was trained under)."""
     out = []
-    for prev, cur in zip(history, history[1:]):
+    for prev, cur in zip(history, history[1:], strict=False):
         if prev.get("epochs") and cur.get("epochs") and cur["epochs"] != prev["epochs"]:
             out.append((prev["epoch"], prev["epochs"], cur["epochs"]))
     return out

@@ -107,12 +107,13 @@ class Calibrator(nn.Module):
             for y0 in starts[1]:
                 for z0 in starts[2]:
                     lo = [max(0, a - r) for a in (x0, y0, z0)]
-                    hi = [min(s, a + core + r) for a, s in zip((x0, y0, z0), spatial)]
-                    win = (slice(None), slice(None)) + tuple(slice(a, b) for a, b in zip(lo, hi))
+                    hi = [min(s, a + core + r) for a, s in zip((x0, y0, z0), spatial, strict=True)]
+                    win = (slice(None), slice(None)) + tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
                     t = self.temperature(logits[win], None if image is None else image[win])
-                    inner = tuple(slice(a - l, min(a + core, s) - l) for a, l, s in zip((x0, y0, z0), lo, spatial))
+                    inner = tuple(slice(a - low, min(a + core, s) - low)
+                                  for a, low, s in zip((x0, y0, z0), lo, spatial, strict=True))
                     dst = (slice(None), slice(None)) + tuple(slice(a, min(a + core, s))
-                                                             for a, s in zip((x0, y0, z0), spatial))
+                                                             for a, s in zip((x0, y0, z0), spatial, strict=True))
                     out[dst] = logits[dst] / t[(slice(None), slice(None)) + inner].to(logits.dtype)
         return out
 

@@ -195,7 +195,7 @@ class _ErrorRanking:
     def __call__(self, calibrator: Optional[Calibrator] = None) -> float:
         hw = np.zeros(NUM_HIST_BINS, np.int64)
         hr = np.zeros(NUM_HIST_BINS, np.int64)
-        for c, roi, wrong, pred in zip(self.cases, self.rois, self.wrong, self.preds):
+        for c, roi, wrong, pred in zip(self.cases, self.rois, self.wrong, self.preds, strict=True):
             z, img, _ = c.batch()
             if calibrator is not None:
                 z = calibrator.calibrate(z, img)

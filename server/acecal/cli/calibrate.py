@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import typer
 
-from acecal.cli.main import EXIT_BAD_INPUT, EXIT_INTERRUPTED, app
+from acecal.cli.main import EXIT_INTERRUPTED, app, fail
 from acecal.errors import ACECalError
 from acecal.formatting import number, signed_percent
 
@@ -80,10 +80,9 @@ def calibrate(
             settings=_settings(lts_param), seed=seed, cache_dir=None if no_cache else default_cache_dir(),
             registry=ModelRegistry(dirs), progress=say)
     except ACECalError as e:
-        typer.secho(f"error: {e.detail}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(EXIT_BAD_INPUT)
+        fail(e.detail)
     except KeyboardInterrupt:
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
 
     raw, cf, ins = m["raw"], m["cross_fitted"], m["in_sample"]
     say(f"raw:                    dice {number(raw['dice'])}  macro ACE {number(raw['ace'])}")

@@ -7,6 +7,7 @@ server) happen inside the commands, so ``acecal models --server ...`` works from
 from __future__ import annotations
 
 import importlib
+from typing import NoReturn
 
 import typer
 
@@ -24,6 +25,12 @@ app = typer.Typer(
 EXIT_BAD_INPUT = 2
 #: exit status after Ctrl-C or a cancel (128 + SIGINT)
 EXIT_INTERRUPTED = 130
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    """Print ``error: message`` in red on stderr and exit with ``code``."""
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
 
 # Modules that add commands to `app` when imported. Missing modules are skipped so a partial install still runs.
 COMMAND_MODULES = ("acecal.cli.train", "acecal.cli.serve", "acecal.cli.remote", "acecal.cli.finetune",

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import typer
 
-from acecal.cli.main import EXIT_BAD_INPUT, EXIT_INTERRUPTED, app
+from acecal.cli.main import EXIT_INTERRUPTED, app, fail
 from acecal.errors import ACECalError
 from acecal.formatting import number
 
@@ -41,17 +41,12 @@ def _floats(text: Optional[str], n: int, what: str) -> Optional[list[float]]:
     return vals
 
 
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
-
-
 def _name_values(items: Optional[list[str]], flag: str) -> dict[str, Any]:
     """NAME=VALUE pairs; VALUE is JSON when it parses (numbers, booleans, lists), else a string."""
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            _fail(f"{flag} needs NAME=VALUE, got {item!r}")
+            fail(f"{flag} needs NAME=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         try:
             out[k.strip()] = json.loads(v)
@@ -170,7 +165,7 @@ def train(
     try:
         if config is not None:
             if not config.is_file():
-                _fail(f"the config file {str(config)!r} does not exist")
+                fail(f"the config file {str(config)!r} does not exist")
             cfg = TrainConfig.from_file(config, **settings)
         else:
             cfg = TrainConfig(**settings)
@@ -183,10 +178,10 @@ def train(
                     "name": network or cfg.network.name, "args": {**cfg.network.args, **net_args}})
             cfg = TrainConfig.model_validate({**cfg.model_dump(), **{k: v.model_dump() for k, v in upd.items()}})
     except ValidationError as e:
-        _fail("bad training settings:\n  " + "\n  ".join(
+        fail("bad training settings:\n  " + "\n  ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in e.errors()))
     except (ValueError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
 
     main_rank = _is_main_rank()
     try:
@@ -194,9 +189,9 @@ def train(
     except KeyboardInterrupt:
         if main_rank:
             typer.secho(f"interrupted; continue with --resume --id {cfg.model_id or '<id>'}", err=True)
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     except ACECalError as e:
-        _fail(e.detail)
+        fail(e.detail)
     if not main_rank:
         return
     if result.status == "published":
@@ -250,9 +245,9 @@ def evaluate(
         report = run_evaluate(model, images, labels, out, raw=raw, temperature=temperature, roi_radius=roi_radius,
                               registry=ModelRegistry(dirs), device=device, plots=not no_plots, progress=show)
     except ACECalError as e:
-        _fail(e.detail)
+        fail(e.detail)
     except KeyboardInterrupt:
-        raise typer.Exit(EXIT_INTERRUPTED)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
     a, mi, fl, ed = report["aggregate"], report["micro"], report["floor"], report["error_detection"]
     typer.echo(f"{report['model']}{' (raw)' if report['raw'] else ''}: {report['num_cases']} cases  "
                f"dice {number(a['dice'])}  ace {number(a['ace'])} (floor {number(fl['ace'])}, "

@@ -529,7 +529,7 @@ def model_space_voxels(size: Sequence[int], spacing: Sequence[float], model_spac
     The physical volume over the model's voxel volume: reorientation only permutes the axes, so the product does not
     depend on it (each axis rounded up, as MONAI's ``Spacing`` does, bounds it above by at most one voxel per axis).
     """
-    extent = [max(int(n), 1) * max(float(s), 0.0) for n, s in zip(size, spacing)]
+    extent = [max(int(n), 1) * max(float(s), 0.0) for n, s in zip(size, spacing, strict=False)]
     ms = [max(float(m), 1e-12) for m in model_spacing]
     if len(extent) != len(ms):
         return math.prod(int(n) for n in size)
@@ -546,7 +546,7 @@ def check_model_space_budget(size: Sequence[int], spacing: Sequence[float], mode
     limits = limits or current_limits()
     n = model_space_voxels(size, spacing, model_spacing)
     if n > limits.max_model_voxels:
-        extent = " x ".join(f"{max(int(a), 1) * float(b):.4g}" for a, b in zip(size, spacing))
+        extent = " x ".join(f"{max(int(a), 1) * float(b):.4g}" for a, b in zip(size, spacing, strict=False))
         raise PayloadTooLargeError(
             f"the image {name!r} ({_dims(size)} voxels of {' x '.join(f'{float(s):.4g}' for s in spacing)} mm, "
             f"{extent} mm) becomes about {n:,} voxels at {model_id}'s spacing "

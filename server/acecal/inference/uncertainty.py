@@ -83,7 +83,7 @@ _MAX_BALL_BOX = 4096  # a ball is built only when its bounding box is this small
 def _ball(sampling: np.ndarray, radius: float) -> np.ndarray:
     """Offsets (z, y, x) whose physical length (``sampling`` per axis) is at most ``radius``."""
     half = np.floor(radius / sampling + 1e-9).astype(int)
-    grids = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, sampling)], indexing="ij")
+    grids = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, sampling, strict=True)], indexing="ij")
     return sum(g ** 2 for g in grids) <= radius ** 2 + 1e-6
 
 
@@ -120,7 +120,7 @@ def boundary_band(
             return band
         margin = _margin_voxels(spacing_zyx, band_mm, band_voxels)
         sl = []
-        for ax, (m, n) in enumerate(zip(margin, lab.shape)):
+        for ax, (m, n) in enumerate(zip(margin, lab.shape, strict=True)):
             hit = np.nonzero(within.any(axis=tuple(a for a in range(within.ndim) if a != ax)))[0]
             sl.append(slice(max(int(hit[0]) - m, 0), min(int(hit[-1]) + m + 1, n)))
         sl = tuple(sl)

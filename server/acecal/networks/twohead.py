@@ -146,7 +146,7 @@ class SegResNetTwoHead(SegResNet):
         """Decoder output before any head, ``(B, init_filters, spatial...)`` (SegResNet.decode without conv_final)."""
         x, down_x = self.encode(x)
         down_x.reverse()
-        for i, (up, upl) in enumerate(zip(self.up_samples, self.up_layers)):
+        for i, (up, upl) in enumerate(zip(self.up_samples, self.up_layers, strict=True)):
             x = up(x) + down_x[i + 1]
             x = upl(x)
         return x

@@ -65,7 +65,7 @@ from acecal.training.checkpoints import (
     set_rng_state,
 )
 from acecal.training.config import TrainConfig
-from acecal.training.progress import CancelToken, Cancelled, ProgressCallback, Reporter, is_cancelled
+from acecal.training.progress import Cancelled, CancelToken, ProgressCallback, Reporter, is_cancelled
 from acecal.training.publish import publish
 from acecal.training.validation import case_items, reduce_pass, run_pass, summarise
 
@@ -397,14 +397,14 @@ class Engine:
         set_determinism(seed=cfg.seed)
         train_ds = CacheDataset([c.as_dict() for c in plan.train_cases], train_transforms(plan.bc, cfg),
                                 cache_rate=cfg.cache_rate, num_workers=max(1, cfg.num_workers), progress=False)
-        sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                     seed=cfg.seed, drop_last=False)
+        sampler: DistributedSampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank,
+                                                         shuffle=True, seed=cfg.seed, drop_last=False)
         gen = torch.Generator()
         gen.manual_seed(cfg.seed)
         loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                             generator=gen, pin_memory=ctx.device.type == "cuda")
         my_val = plan.val_cases[ctx.rank::ctx.world_size]
-        val_ds = CacheDataset([c.as_dict() for c in my_val], model_space_transforms(plan.bc),
+        val_ds: Any = CacheDataset([c.as_dict() for c in my_val], model_space_transforms(plan.bc),
                               cache_rate=cfg.cache_rate, num_workers=max(1, cfg.num_workers),
                               progress=False) if my_val else []
         return _Data(train_ds, sampler, gen, loader, val_ds)
@@ -527,7 +527,7 @@ class Engine:
             loss_sum += torch.tensor([lv * x.shape[0], x.shape[0]], dtype=torch.float64)
             plan.reporter.step(epoch + 1, step + 1, steps, lv)
         ctx.all_reduce_sum(loss_sum)
-        return float(loss_sum[0] / max(loss_sum[1], 1)), parts.opt.param_groups[0]["lr"]
+        return float(loss_sum[0]) / max(float(loss_sum[1]), 1.0), parts.opt.param_groups[0]["lr"]
 
     def _validate(self, plan: _Plan, data: _Data, parts: _Model, done: _Progress,
                   epoch: int) -> tuple[Optional[dict], int]:

@@ -68,7 +68,7 @@ class JsonLinesLog:
 
 def read_log(path: str | os.PathLike) -> list[dict]:
     """The records of a JSON-lines log (a trailing partial line is ignored)."""
-    out = []
+    out: list[dict] = []
     p = Path(path)
     if not p.is_file():
         return out

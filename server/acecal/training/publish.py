@@ -70,7 +70,8 @@ def publish(
     calibrator = None
     # the base's calibrator was fitted to the base network's logits: a fine-tuned network gets its own (an ACE
     # temperature fitted on its validation cases), so its outputs stay calibrated by default
-    refit = base is not None and base.config.calibrator is not None
+    base_calibrator = base.config.calibrator if base is not None else None
+    refit = base_calibrator is not None
     threshold = bc.uncertainty_threshold
     threshold_note = "inherited from the base model" if base is not None else "default (no validation data)"
     if val_items is not None:
@@ -84,7 +85,7 @@ def publish(
         if cfg.fit_temperature:
             # a two-head network's temperature scales its calibration head only
             pairs = [(split_heads(z, bc.num_classes, two_head=is_two_head(bc))[1][0], y[0])
-                     for z, y in zip(vp.logits, vp.labels)]
+                     for z, y in zip(vp.logits, vp.labels, strict=True)]
             fitted = float(fit_temperature(pairs))
             vt = run_pass(evalnet, val_items(), bc, temperature=fitted, cancel=cancel)
             mt = summarise(vt)
@@ -97,12 +98,12 @@ def publish(
                 threshold = uncertainty_threshold(vt.top_counts, vt.top_correct, target=cfg.uncertainty_accuracy,
                                                   num_classes=bc.num_classes)
         metrics["top_label_bins"] = {"counts": vp.top_counts.tolist(), "correct": vp.top_correct.tolist()}
-        if refit and vp.cases:
+        if base is not None and base_calibrator is not None and vp.cases:
             cal_cases = [CalibrationCase(n, _calibration_logits(z, bc)[0], y[0, 0], prediction=_served_labels(z, bc))
-                         for n, z, y in zip(vp.cases, vp.logits, vp.labels)]
+                         for n, z, y in zip(vp.cases, vp.logits, vp.labels, strict=True)]
             calibrator, temperature, threshold = refit_ace_temperature(
                 cal_cases, source=f"the fine-tuned network's validation cases (base {base.id} had a "
-                                  f"{base.config.calibrator.kind} calibrator)",
+                                  f"{base_calibrator.kind} calibrator)",
                 uncertainty_accuracy=cfg.uncertainty_accuracy)
             threshold_note = f"for the calibrated confidence (ACE temperature), {threshold_note}"
             if "with_temperature" in metrics:

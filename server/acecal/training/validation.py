@@ -29,7 +29,7 @@ from acecal.networks import is_two_head, split_heads
 from acecal.protocol import METRIC_NAMES
 from acecal.tensor_checks import plain_tensor
 from acecal.training.ddp import DistContext
-from acecal.training.progress import CancelToken, Cancelled, is_cancelled
+from acecal.training.progress import Cancelled, CancelToken, is_cancelled
 
 
 @dataclass
