@@ -169,14 +169,23 @@ class ACECalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.acceptButton.connect("clicked(bool)", lambda: c.mark_region("accepted"))
         self.ui.markCorrectedButton.connect("clicked(bool)", lambda: c.mark_region("corrected"))
         self.ui.updateStatisticsButton.connect("clicked(bool)", lambda: c.update_statistics())
-        self.ui.addPairButton.connect("clicked(bool)", lambda: c.add_pair(
-            self.ui.pairVolumeSelector.currentNode(), self.ui.pairSegmentationSelector.currentNode()))
+        self.ui.addPairButton.connect(
+            "clicked(bool)",
+            lambda: c.add_pair(
+                self.ui.pairVolumeSelector.currentNode(), self.ui.pairSegmentationSelector.currentNode()
+            ),
+        )
         self.ui.removePairButton.connect("clicked(bool)", lambda: c.remove_pair(self.ui.pairsListWidget.currentRow))
-        self.ui.finetuneButton.connect("clicked(bool)", lambda: c.finetune(
-            self.ui.lossComboBox.currentText, self.ui.epochsSpinBox.value))
+        self.ui.finetuneButton.connect(
+            "clicked(bool)", lambda: c.finetune(self.ui.lossComboBox.currentText, self.ui.epochsSpinBox.value)
+        )
         self.ui.finetuneCancelButton.connect("clicked(bool)", lambda: c.cancel_finetune())
-        self.ui.evaluateButton.connect("clicked(bool)", lambda: c.evaluate(
-            self.ui.inputVolumeSelector.currentNode(), self.ui.referenceSegmentationSelector.currentNode()))
+        self.ui.evaluateButton.connect(
+            "clicked(bool)",
+            lambda: c.evaluate(
+                self.ui.inputVolumeSelector.currentNode(), self.ui.referenceSegmentationSelector.currentNode()
+            ),
+        )
         self.ui.evaluateCancelButton.connect("clicked(bool)", lambda: c.cancel_evaluation())
 
         self.initializeParameterNode()
@@ -277,9 +286,15 @@ class ACECalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = int(100 * (fraction or 0.0))
         self.ui.statusLabel.text = c.segment_progress[1] if c.segment_state == "running" else c.status_text
         reviewing = c.review is not None
-        for button in (self.ui.previousRegionButton, self.ui.nextRegionButton, self.ui.nextUnreviewedButton,
-                       self.ui.markReviewedButton, self.ui.acceptButton, self.ui.markCorrectedButton,
-                       self.ui.updateStatisticsButton):
+        for button in (
+            self.ui.previousRegionButton,
+            self.ui.nextRegionButton,
+            self.ui.nextUnreviewedButton,
+            self.ui.markReviewedButton,
+            self.ui.acceptButton,
+            self.ui.markCorrectedButton,
+            self.ui.updateStatisticsButton,
+        ):
             button.enabled = reviewing
         self.ui.regionLabel.text = c.status_text if reviewing else ""
         pairs = [f"{volume.GetName()}  +  {segmentation.GetName()}" for volume, segmentation in c.pairs]
@@ -293,7 +308,7 @@ class ACECalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if len(c.finetune_log) < self._finetuneLines:
             self.ui.finetuneLog.clear()
             self._finetuneLines = 0
-        for line in c.finetune_log[self._finetuneLines:]:
+        for line in c.finetune_log[self._finetuneLines :]:
             self.ui.finetuneLog.appendPlainText(line)
         self._finetuneLines = len(c.finetune_log)
         self.ui.evaluateButton.enabled = c.evaluate_state == "idle"
@@ -326,8 +341,11 @@ class ACECalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDisplayChanged(self, value=None) -> None:
         # the sliders themselves: this slot may run before the parameter node has taken the new value
-        self.controller.set_display(self.ui.confidenceThresholdSlider.value, self.ui.overlayOpacitySlider.value,
-                                    OVERLAY_CHOICES[max(self.ui.overlayComboBox.currentIndex, 0)])
+        self.controller.set_display(
+            self.ui.confidenceThresholdSlider.value,
+            self.ui.overlayOpacitySlider.value,
+            OVERLAY_CHOICES[max(self.ui.overlayComboBox.currentIndex, 0)],
+        )
 
 
 #
@@ -390,21 +408,50 @@ class ACECalibrationTest(ScriptedLoadableModuleTest):
         flags = np.zeros_like(label)
         flags[8:11, 10:14, 12:16] = 1
         box = {"min": [0.0, 0.0, 0.0], "max": [1.0, 1.0, 1.0]}
-        region = Region(id=1, class_value=1, class_name="sphere", voxels=int(flags.sum()), volume_ml=0.1,
-                        mean_confidence=0.6, centroid_lps=[0.0, 0.0, 0.0], centroid_ras=[0.0, 0.0, 0.0],
-                        bbox_lps=box, bbox_ras=box)
-        summary = Summary(classes=[], mean_confidence=0.98, uncertain_voxels=int(flags.sum()), uncertain_volume_ml=0.1,
-                          voxel_volume_ml=grid.voxel_volume_ml, region_count=1)
-        reply = InferenceReply(result_id="selftest", model_id="synthetic", labels={"0": "background", "1": "sphere"},
-                               grid=grid, summary=summary, files={}, regions=[region])
-        output = InferenceResult(reply, arrays={
-            "labels": label, "confidence": np.where(flags > 0, 0.6, 0.99).astype(np.float32),
-            "uncertainty": np.zeros(label.shape, np.float32), "flags": flags})
+        region = Region(
+            id=1,
+            class_value=1,
+            class_name="sphere",
+            voxels=int(flags.sum()),
+            volume_ml=0.1,
+            mean_confidence=0.6,
+            centroid_lps=[0.0, 0.0, 0.0],
+            centroid_ras=[0.0, 0.0, 0.0],
+            bbox_lps=box,
+            bbox_ras=box,
+        )
+        summary = Summary(
+            classes=[],
+            mean_confidence=0.98,
+            uncertain_voxels=int(flags.sum()),
+            uncertain_volume_ml=0.1,
+            voxel_volume_ml=grid.voxel_volume_ml,
+            region_count=1,
+        )
+        reply = InferenceReply(
+            result_id="selftest",
+            model_id="synthetic",
+            labels={"0": "background", "1": "sphere"},
+            grid=grid,
+            summary=summary,
+            files={},
+            regions=[region],
+        )
+        output = InferenceResult(
+            reply,
+            arrays={
+                "labels": label,
+                "confidence": np.where(flags > 0, 0.6, 0.99).astype(np.float32),
+                "uncertainty": np.zeros(label.shape, np.float32),
+                "flags": flags,
+            },
+        )
         result = create_result_nodes(slicer.mrmlScene, volume, output)
         self.assertTrue(nodes.volume_nodes_share_grid(volume, result.confidence_node))
         self.assertEqual(result.segmentation_node.GetSegmentation().GetNumberOfSegments(), 1)
-        self.assertEqual(result.uncertain_node.GetSegmentation().GetNthSegment(0).GetName(),
-                         display.UNCERTAIN_SEGMENT_NAME)
+        self.assertEqual(
+            result.uncertain_node.GetSegmentation().GetNthSegment(0).GetName(), display.UNCERTAIN_SEGMENT_NAME
+        )
         mask = segmentation.segment_mask(result.segmentation_node, result.segment_ids[1], volume)
         self.assertTrue(np.array_equal(mask, label))
         self.assertEqual(result.regions_table_node.GetNumberOfRows(), 1)
@@ -420,8 +467,10 @@ class ACECalibrationTest(ScriptedLoadableModuleTest):
         registerSampleData()
         volume, reference = SampleData.SampleDataLogic().downloadSamples("ACECalHippocampus")
         self.assertEqual(volume.GetImageData().GetDimensions(), (36, 50, 31))
-        names = [reference.GetSegmentation().GetNthSegment(i).GetName()
-                 for i in range(reference.GetSegmentation().GetNumberOfSegments())]
+        names = [
+            reference.GetSegmentation().GetNthSegment(i).GetName()
+            for i in range(reference.GetSegmentation().GetNumberOfSegments())
+        ]
         self.assertEqual(names, ["Anterior", "Posterior"])
         self.delayDisplay("Sample data OK")
 

@@ -27,8 +27,16 @@ if _TESTING not in _sys.path:  # lets tests `import synthetic` under --import-mo
     _sys.path.insert(0, _TESTING)
 
 
-def train_tiny_bundle(root, *, num_classes: int = 2, model_id: str = "tiny-sphere", epochs=None, n_cases: int = 10,
-                      val_fraction: float = 0.2, **overrides):
+def train_tiny_bundle(
+    root,
+    *,
+    num_classes: int = 2,
+    model_id: str = "tiny-sphere",
+    epochs=None,
+    n_cases: int = 10,
+    val_fraction: float = 0.2,
+    **overrides,
+):
     """Train a tiny SegResNet with the real engine on synthetic spheres under ``root``; return the bundle folder.
 
     ``root/data`` holds the dataset (MSD layout), ``root/models/<model_id>`` the bundle, ``root/work`` the run.
@@ -45,11 +53,22 @@ def train_tiny_bundle(root, *, num_classes: int = 2, model_id: str = "tiny-spher
     root = _Path(root)
     data = make_dataset(root / "data", n_cases, layout="msd", num_classes=num_classes, shape_zyx=(24, 24, 24))
     settings = dict(
-        data=str(data), network=NetworkConfig(name="SegResNet", args={"init_filters": 8, "blocks_down": [1, 1],
-                                                                      "blocks_up": [1]}),
-        roi_size=(24, 24, 24), epochs=epochs, batch_size=2, num_samples=1, lr=1e-2, warmup_epochs=1,
-        val_fraction=val_fraction, val_every=epochs, augment=False, out_dir=str(root / "models"),
-        work_dir=str(root / "work"), model_id=model_id, sw_batch_size=1, description="tiny synthetic test model",
+        data=str(data),
+        network=NetworkConfig(name="SegResNet", args={"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]}),
+        roi_size=(24, 24, 24),
+        epochs=epochs,
+        batch_size=2,
+        num_samples=1,
+        lr=1e-2,
+        warmup_epochs=1,
+        val_fraction=val_fraction,
+        val_every=epochs,
+        augment=False,
+        out_dir=str(root / "models"),
+        work_dir=str(root / "work"),
+        model_id=model_id,
+        sw_batch_size=1,
+        description="tiny synthetic test model",
         data_licence="CC0 (synthetic)",
     )
     settings.update(overrides)

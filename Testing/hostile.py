@@ -32,31 +32,43 @@ def fifo(folder: Path, name: str = "pipe") -> Path:
     return path
 
 
-def mha_pointer(target: str, size: Sequence[int] = (16, 16, 16), element_type: str = "MET_SHORT",
-                key: str = "ElementDataFile") -> bytes:
+def mha_pointer(
+    target: str, size: Sequence[int] = (16, 16, 16), element_type: str = "MET_SHORT", key: str = "ElementDataFile"
+) -> bytes:
     """A MetaImage header whose voxel data are 'in' ``target`` (an absolute or relative path)."""
-    return ("ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
-            f"DimSize = {' '.join(map(str, size))}\nElementSpacing = 1 1 1\nElementType = {element_type}\n"
-            f"{key} = {target}\n").encode()
+    return (
+        "ObjectType = Image\nNDims = 3\nBinaryData = True\nBinaryDataByteOrderMSB = False\n"
+        f"DimSize = {' '.join(map(str, size))}\nElementSpacing = 1 1 1\nElementType = {element_type}\n"
+        f"{key} = {target}\n"
+    ).encode()
 
 
-def nrrd_header(sizes: Sequence[int] = (16, 16, 16), ntype: str = "short", encoding: str = "raw",
-                extra: str = "") -> bytes:
+def nrrd_header(
+    sizes: Sequence[int] = (16, 16, 16), ntype: str = "short", encoding: str = "raw", extra: str = ""
+) -> bytes:
     """An NRRD header (ending with its blank line) announcing ``sizes``; no voxel data follow."""
-    return (f"NRRD0004\ntype: {ntype}\ndimension: 3\nspace: left-posterior-superior\n"
-            f"sizes: {' '.join(map(str, sizes))}\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n"
-            f"kinds: domain domain domain\nendian: little\nencoding: {encoding}\nspace origin: (0,0,0)\n"
-            f"{extra}\n").encode()
+    return (
+        f"NRRD0004\ntype: {ntype}\ndimension: 3\nspace: left-posterior-superior\n"
+        f"sizes: {' '.join(map(str, sizes))}\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n"
+        f"kinds: domain domain domain\nendian: little\nencoding: {encoding}\nspace origin: (0,0,0)\n"
+        f"{extra}\n"
+    ).encode()
 
 
-def nrrd_pointer(target: str, sizes: Sequence[int] = (16, 16, 16), ntype: str = "short", key: str = "data file",
-                 encoding: str = "raw") -> bytes:
+def nrrd_pointer(
+    target: str,
+    sizes: Sequence[int] = (16, 16, 16),
+    ntype: str = "short",
+    key: str = "data file",
+    encoding: str = "raw",
+) -> bytes:
     """An NRRD header whose voxel data are 'in' ``target``."""
     return nrrd_header(sizes, ntype, encoding, extra=f"{key}: {target}\n")
 
 
-def nifti_header(shape: Sequence[int], dtype=np.float32, spacing: Sequence[float] = (1.0, 1.0, 1.0),
-                 magic: Optional[bytes] = None) -> bytes:
+def nifti_header(
+    shape: Sequence[int], dtype=np.float32, spacing: Sequence[float] = (1.0, 1.0, 1.0), magic: Optional[bytes] = None
+) -> bytes:
     """A NIfTI-1 header (348 bytes + the 4-byte extension flag) announcing ``shape``; no voxel data."""
     import nibabel as nib
 
@@ -111,15 +123,17 @@ def _stream(prefix: bytes, payload_bytes: int, corrupt_after: Optional[int], blo
     return b"".join(parts)
 
 
-def nifti_gz_bomb(shape: Sequence[int], payload_bytes: int, dtype=np.float32, *,
-                  corrupt_after: Optional[int] = None) -> bytes:
+def nifti_gz_bomb(
+    shape: Sequence[int], payload_bytes: int, dtype=np.float32, *, corrupt_after: Optional[int] = None
+) -> bytes:
     """A ``.nii.gz`` announcing ``shape`` whose gzip stream inflates to the header + ``payload_bytes`` of zeros
     (a few hundred KB of file for hundreds of MB; or, with ``corrupt_after``, turns invalid after that many)."""
     return _stream(nifti_header(shape, dtype), payload_bytes, corrupt_after)
 
 
-def nrrd_gzip_bomb(sizes: Sequence[int], payload_bytes: int, ntype: str = "float", *,
-                   corrupt_after: Optional[int] = None) -> bytes:
+def nrrd_gzip_bomb(
+    sizes: Sequence[int], payload_bytes: int, ntype: str = "float", *, corrupt_after: Optional[int] = None
+) -> bytes:
     """An NRRD with ``encoding: gzip`` announcing ``sizes``; its stream inflates to ``payload_bytes`` of zeros."""
     return nrrd_header(sizes, ntype, "gzip") + _stream(b"", payload_bytes, corrupt_after)
 

@@ -34,8 +34,7 @@ class LiveServer:
         self.settings = settings.model_copy(update={"host": "127.0.0.1", "port": free_port()})
         self.app = create_app(self.settings)
         self.url = f"http://127.0.0.1:{self.settings.port}"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port, log_level="warning",
-                                lifespan="on")
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.settings.port, log_level="warning", lifespan="on")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=f"uvicorn-{self.settings.port}", daemon=True)
 

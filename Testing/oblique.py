@@ -25,14 +25,22 @@ def rotation(axis, degrees: float) -> np.ndarray:
 PERMUTE_FLIP = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]])
 
 
-def oblique_grid(size=(26, 20, 24), spacing=(0.9, 1.3, 1.1), origin=(-120.5, 37.25, 410.0),
-                 tilt_deg: float = 20.0) -> Grid:
+def oblique_grid(
+    size=(26, 20, 24), spacing=(0.9, 1.3, 1.1), origin=(-120.5, 37.25, 410.0), tilt_deg: float = 20.0
+) -> Grid:
     direction = rotation((1.0, 1.0, 0.0), tilt_deg) @ PERMUTE_FLIP
     return Grid(tuple(size), tuple(spacing), tuple(origin), tuple(direction.ravel()))
 
 
-def sphere_on_grid(grid: Grid, *, radius_mm: float = 5.0, noise: float = 0.15, scale: float = 10.0, seed: int = 0,
-                   centre_offset_mm=(0.0, 0.0, 0.0)):
+def sphere_on_grid(
+    grid: Grid,
+    *,
+    radius_mm: float = 5.0,
+    noise: float = 0.15,
+    scale: float = 10.0,
+    seed: int = 0,
+    centre_offset_mm=(0.0, 0.0, 0.0),
+):
     """(image float32, label uint8), both (z, y, x) on ``grid``, and the sphere's LPS centre."""
     rng = np.random.default_rng(seed)
     k, j, i = np.meshgrid(*[np.arange(n) for n in grid.shape_zyx], indexing="ij")

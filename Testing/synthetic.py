@@ -51,8 +51,11 @@ class SyntheticCase:
 
 def _ellipsoid(shape_zyx, centre_zyx, radii_zyx) -> np.ndarray:
     zz, yy, xx = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape_zyx], indexing="ij")
-    d = ((zz - centre_zyx[0]) / radii_zyx[0]) ** 2 + ((yy - centre_zyx[1]) / radii_zyx[1]) ** 2 \
+    d = (
+        ((zz - centre_zyx[0]) / radii_zyx[0]) ** 2
+        + ((yy - centre_zyx[1]) / radii_zyx[1]) ** 2
         + ((xx - centre_zyx[2]) / radii_zyx[2]) ** 2
+    )
     return d <= 1.0
 
 
@@ -86,8 +89,11 @@ def make_case(
     if num_classes == 3:
         radii = tuple(base * rng.uniform(0.7, 1.2, size=3))
         rx = radii[2]
-        c2 = (rng.uniform(radii[0] + 1, z - radii[0] - 2), rng.uniform(radii[1] + 1, y - radii[1] - 2),
-              rng.uniform(x / 2 + rx + 1, max(x / 2 + rx + 1, x - rx - 2)))
+        c2 = (
+            rng.uniform(radii[0] + 1, z - radii[0] - 2),
+            rng.uniform(radii[1] + 1, y - radii[1] - 2),
+            rng.uniform(x / 2 + rx + 1, max(x / 2 + rx + 1, x - rx - 2)),
+        )
         m = _ellipsoid(shape, c2, radii) & (label == 0)
         label[m] = 2
         image[m] = 0.5

@@ -154,8 +154,11 @@ def main() -> None:
     parser.add_argument("--sizes", default=None, help="semicolon-separated B,C,S list, e.g. '2,4,32;2,4,64'")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if args.sizes:
         sizes = [tuple(int(v) for v in s.split(",")) for s in args.sizes.split(";")]
     else:

@@ -57,11 +57,18 @@ def make_bundle(models_dir: Path):
     from acecal.bundles import BundleConfig, NetworkConfig, build_network, write_bundle
 
     torch.manual_seed(0)
-    cfg = BundleConfig(id="bench-random", description="random weights, for timing only",
-                       labels={"0": "background", "1": "sphere"},
-                       network=NetworkConfig(name="SegResNet", args={"init_filters": 8, "blocks_down": [1, 2, 2],
-                                                                     "blocks_up": [1, 1]}),
-                       spacing=(2.0, 2.0, 2.0), roi_size=(64, 64, 64), sw_batch_size=1, sw_overlap=0.25)
+    cfg = BundleConfig(
+        id="bench-random",
+        description="random weights, for timing only",
+        labels={"0": "background", "1": "sphere"},
+        network=NetworkConfig(
+            name="SegResNet", args={"init_filters": 8, "blocks_down": [1, 2, 2], "blocks_up": [1, 1]}
+        ),
+        spacing=(2.0, 2.0, 2.0),
+        roi_size=(64, 64, 64),
+        sw_batch_size=1,
+        sw_overlap=0.25,
+    )
     return write_bundle(models_dir, cfg, build_network(cfg).state_dict(), "# bench-random\n", overwrite=True)
 
 
@@ -81,10 +88,30 @@ def make_volume(n: int, path: Path, seed: int = 0) -> Path:
 
 def start_server(models_dir: Path, data_dir: Path, threads: int, queue: int):
     port = free_port()
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), ACECAL_QUEUE_SIZE=str(queue),
-               PYTHONPATH=str(ROOT / "server") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "acecal.cli.main", "serve", "--host", "127.0.0.1", "--port", str(port), "--models",
-           str(models_dir), "--data-dir", str(data_dir), "--device", "cpu", "--log-level", "warning"]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        ACECAL_QUEUE_SIZE=str(queue),
+        PYTHONPATH=str(ROOT / "server") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "acecal.cli.main",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--models",
+        str(models_dir),
+        "--data-dir",
+        str(data_dir),
+        "--device",
+        "cpu",
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     from acecal.client import ACEClient
@@ -120,8 +147,12 @@ def main() -> None:
     ap.add_argument("--large-repeats", type=int, default=2, help="timed runs per mode for the large volume")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=3, help="requests per concurrent client")
-    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "0")) or 1,
-                    help="torch CPU threads, in both processes (default 1: stable figures on a shared machine)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=int(os.environ.get("OMP_NUM_THREADS", "0")) or 1,
+        help="torch CPU threads, in both processes (default 1: stable figures on a shared machine)",
+    )
     ap.add_argument("--json", type=Path, help="write the figures here")
     args = ap.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # before torch loads, as in the server process
@@ -145,14 +176,20 @@ def main() -> None:
     proc, url = start_server(models_dir, work / "data", args.threads, queue=max(16, args.clients * 2))
     client = ACEClient(url, timeout=(5, 3600))
     results: dict = {
-        "date": _dt.datetime.now().isoformat(timespec="minutes"), "machine": platform.platform(),
-        "cpu_count": os.cpu_count(), "torch_threads": args.threads, "bundle": bundle.id,
-        "network": bundle.config.network.model_dump(), "model_spacing": list(bundle.config.spacing),
-        "roi_size": list(bundle.config.roi_size), "volumes": {},
+        "date": _dt.datetime.now().isoformat(timespec="minutes"),
+        "machine": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": args.threads,
+        "bundle": bundle.id,
+        "network": bundle.config.network.model_dump(),
+        "model_spacing": list(bundle.config.spacing),
+        "roi_size": list(bundle.config.roi_size),
+        "volumes": {},
     }
     try:
-        sizes = [("small", args.small, args.repeats)] + ([("large", args.large, args.large_repeats)] if args.large
-                                                         else [])
+        sizes = [("small", args.small, args.repeats)] + (
+            [("large", args.large, args.large_repeats)] if args.large else []
+        )
         for label, n, reps in sizes:
             path = make_volume(n, work / f"{label}.nrrd")
             # in-process runs on one worker thread, like the server's device worker: same torch threading
@@ -182,16 +219,22 @@ def main() -> None:
             added = [e - sum(t.get(k, 0.0) for k in compute) for e, t in zip(t_e2e, server_timings)]
             med_added = statistics.median(added)
             results["volumes"][label] = {
-                "shape": [n, n, n], "upload_mb": round(path.stat().st_size / 2**20, 1), "repeats": reps,
-                "in_process_s": round(med_in, 4), "end_to_end_s": round(med_e2e, 4),
-                "ratio": round(med_e2e / med_in, 3), "fixed_cost_ms": round((med_e2e - med_in) * 1000, 1),
+                "shape": [n, n, n],
+                "upload_mb": round(path.stat().st_size / 2**20, 1),
+                "repeats": reps,
+                "in_process_s": round(med_in, 4),
+                "end_to_end_s": round(med_e2e, 4),
+                "ratio": round(med_e2e / med_in, 3),
+                "fixed_cost_ms": round((med_e2e - med_in) * 1000, 1),
                 "server_handler_s": round(srv_total, 4),
                 "added_by_server_ms": round(med_added * 1000, 1),
                 "ratio_same_compute": round((med_in + med_added) / med_in, 3),
                 "load_average": [round(v, 2) for v in os.getloadavg()],
-                "server_stages_s": {k: round(statistics.median(t.get(k, 0.0) for t in server_timings), 4)
-                                    for k in server_timings[0]},
-                "all_in_process_s": [round(v, 4) for v in t_in], "all_end_to_end_s": [round(v, 4) for v in t_e2e],
+                "server_stages_s": {
+                    k: round(statistics.median(t.get(k, 0.0) for t in server_timings), 4) for k in server_timings[0]
+                },
+                "all_in_process_s": [round(v, 4) for v in t_in],
+                "all_end_to_end_s": [round(v, 4) for v in t_e2e],
             }
             worker.shutdown()
             print(json.dumps({label: results["volumes"][label]}, indent=1), flush=True)
@@ -216,7 +259,9 @@ def main() -> None:
         wall = time.perf_counter() - t0
         seq = statistics.median(results["volumes"]["small"]["all_in_process_s"])
         results["concurrent"] = {
-            "clients": args.clients, "requests": len(lat), "wall_s": round(wall, 3),
+            "clients": args.clients,
+            "requests": len(lat),
+            "wall_s": round(wall, 3),
             "throughput_rps": round(len(lat) / wall, 3),
             "in_process_sequential_rps": round(1 / seq, 3),
             "latency_p50_s": round(float(np.percentile(lat, 50)), 3),

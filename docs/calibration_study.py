@@ -69,8 +69,10 @@ ROWS = [  # (label, bundle id, cross-fitted temperature)
 METRICS = ("dice", "ace", "ece", "mce")
 ACE_LOSSES = {"hardl1ace_dice_ce": "hL1-ACE + Dice + CE", "softl1ace_dice_ce": "sL1-ACE + Dice + CE"}
 TARGET_BY_LOSS = {"hardl1ace_dice_ce": 20, "softl1ace_dice_ce": 30}  # required macro ACE cut against the baseline, %
-TARGETS = {"hippocampus-hardace": TARGET_BY_LOSS["hardl1ace_dice_ce"],  # the shipped ACE bundles
-           "hippocampus-softace": TARGET_BY_LOSS["softl1ace_dice_ce"]}
+TARGETS = {
+    "hippocampus-hardace": TARGET_BY_LOSS["hardl1ace_dice_ce"],  # the shipped ACE bundles
+    "hippocampus-softace": TARGET_BY_LOSS["softl1ace_dice_ce"],
+}
 CARD_SECTION = "## Against the baseline"
 HERE = Path(__file__).resolve().parent
 
@@ -81,9 +83,9 @@ class CaseData:
 
     name: str
     case: Case
-    data: dict            # the image in model space with its transform record (Predictor.preprocess)
+    data: dict  # the image in model space with its transform record (Predictor.preprocess)
     logits: torch.Tensor  # (1, C or 2C, x, y, z) model-space logits of the serving sliding window
-    truth: np.ndarray     # (z, y, x) int64 true label map on the input grid
+    truth: np.ndarray  # (z, y, x) int64 true label map on the input grid
     grid: Grid
     label_model: torch.Tensor | None = None  # (1, 1, x, y, z) true labels in model space, for temperature fitting
 
@@ -112,8 +114,9 @@ def model_space_labels(config, items: list[CaseData]) -> None:
             it.label_model = (lab.as_tensor() if hasattr(lab, "as_tensor") else lab)[None].long()
 
 
-def served_probs(predictor: Predictor, item: CaseData, temperature: float | None = None,
-                 calibrate: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+def served_probs(
+    predictor: Predictor, item: CaseData, temperature: float | None = None, calibrate: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
     """(probabilities (C, z, y, x), served label map or None) on the input grid, as the predictor serves them, with
     the logits divided by ``temperature`` (a row's own) or passed through the bundle's calibrator (``calibrate``)."""
     cfg = predictor.config
@@ -133,8 +136,9 @@ def served_probs(predictor: Predictor, item: CaseData, temperature: float | None
     return p, None
 
 
-def accumulate(predictor: Predictor, items: list[CaseData],
-               temperatures: dict[str, float] | None = None) -> EvaluationAccumulator:
+def accumulate(
+    predictor: Predictor, items: list[CaseData], temperatures: dict[str, float] | None = None
+) -> EvaluationAccumulator:
     ev = EvaluationAccumulator(predictor.config)
     for it in items:
         probs, labels = served_probs(predictor, it, (temperatures or {}).get(it.name))
@@ -148,11 +152,14 @@ def cross_fitted_temperatures(items: list[CaseData], config, seed: int = 0) -> t
     rng = random.Random(seed)
     order = names[:]
     rng.shuffle(order)
-    halves = [set(order[: len(order) // 2]), set(order[len(order) // 2:])]
+    halves = [set(order[: len(order) // 2]), set(order[len(order) // 2 :])]
     temps, fitted = {}, []
     for k in (0, 1):
-        fit_on = [(split_heads(it.logits, config.num_classes, two_head=is_two_head(config))[1][0], it.label_model[0])
-                  for it in items if it.name in halves[1 - k]]
+        fit_on = [
+            (split_heads(it.logits, config.num_classes, two_head=is_two_head(config))[1][0], it.label_model[0])
+            for it in items
+            if it.name in halves[1 - k]
+        ]
         t = float(fit_temperature(fit_on))
         fitted.append(t)
         for n in halves[k]:
@@ -164,20 +171,38 @@ def row_numbers(ev: EvaluationAccumulator) -> tuple[dict, object]:
     """The study's numbers of one row from its evaluation (and the calibration report, for the figures)."""
     rep = ev.report()
     fl, ed = rep["floor"], rep["error_detection"]
-    cases = {c["case"]: {k: c[k] for k in (*METRICS, "floor_ace", "auroc", "recall", "flagged_over_wrong")}
-             for c in rep["cases"]}
+    cases = {
+        c["case"]: {k: c[k] for k in (*METRICS, "floor_ace", "auroc", "recall", "flagged_over_wrong")}
+        for c in rep["cases"]
+    }
     numbers = {
         "macro": {m: rep["aggregate"][m] for m in METRICS},
         "sd": {m: rep["aggregate_std"][m] for m in METRICS},
         "micro": {m: rep["micro"][m] for m in METRICS},
-        "floor": {"macro": {m: fl[m] for m in ("ace", "ece", "mce")},
-                  "micro": {m: fl["micro"][m] for m in ("ace", "ece", "mce")}},
+        "floor": {
+            "macro": {m: fl[m] for m in ("ace", "ece", "mce")},
+            "micro": {m: fl["micro"][m] for m in ("ace", "ece", "mce")},
+        },
         "removable": {"macro": fl["removable_ace"], "micro": fl["micro"]["removable_ace"]},
-        "error_detection": {**{k: ed[k] for k in ("auroc", "auroc_max_error", "recall", "flagged_over_wrong",
-                                                  "precision", "wrong_ml", "flagged_ml")},
-                            "threshold": ed["flags"]["uncertainty_threshold"], "roi_radius": ed["roi_radius_voxels"],
-                            "per_class": {n: {k: v[k] for k in ("auroc", "recall", "flagged_over_wrong")}
-                                          for n, v in ed["per_class"].items()}},
+        "error_detection": {
+            **{
+                k: ed[k]
+                for k in (
+                    "auroc",
+                    "auroc_max_error",
+                    "recall",
+                    "flagged_over_wrong",
+                    "precision",
+                    "wrong_ml",
+                    "flagged_ml",
+                )
+            },
+            "threshold": ed["flags"]["uncertainty_threshold"],
+            "roi_radius": ed["roi_radius_voxels"],
+            "per_class": {
+                n: {k: v[k] for k in ("auroc", "recall", "flagged_over_wrong")} for n, v in ed["per_class"].items()
+            },
+        },
         "cases": cases,
     }
     return numbers, ev.calibration.aggregate()
@@ -186,8 +211,15 @@ def row_numbers(ev: EvaluationAccumulator) -> tuple[dict, object]:
 def paired_tests(base: dict, other: dict, metric: str) -> tuple[float, float, int]:
     from scipy import stats
 
-    common = [c for c in base if c in other and base[c][metric] is not None and other[c][metric] is not None
-              and math.isfinite(base[c][metric]) and math.isfinite(other[c][metric])]
+    common = [
+        c
+        for c in base
+        if c in other
+        and base[c][metric] is not None
+        and other[c][metric] is not None
+        and math.isfinite(base[c][metric])
+        and math.isfinite(other[c][metric])
+    ]
     a = np.array([base[c][metric] for c in common])
     b = np.array([other[c][metric] for c in common])
     if len(common) < 3 or np.allclose(a, b):
@@ -232,16 +264,23 @@ def compare(results: dict, base_key: str = "hippocampus-baseline") -> None:
         r["vs_baseline"] = {}
         for m in METRICS:
             rel = (r["macro"][m] - base_macro[m]) / base_macro[m] * 100 if base_macro[m] else float("nan")
-            w, t, n = paired_tests(base_rows, r["cases"], m) if key != base_key else (
-                float("nan"), float("nan"), len(base_rows))
+            w, t, n = (
+                paired_tests(base_rows, r["cases"], m)
+                if key != base_key
+                else (float("nan"), float("nan"), len(base_rows))
+            )
             r["vs_baseline"][m] = {"relative_percent": rel, "wilcoxon_p": w, "ttest_p": t, "n": n}
         # the paper's statistic: the mean over cases of the per-case % change (next to the % change of the means)
         r["vs_baseline"]["ace"]["case_mean_percent"] = case_mean_change(base_rows, r["cases"], "ace")
         b, o = results[base_key], r
-        r["vs_baseline"]["micro_ace"] = {"relative_percent": relative(o.get("micro", {}).get("ace"),
-                                                                      b.get("micro", {}).get("ace"))}
-        r["vs_baseline"]["removable_ace"] = {"relative_percent": relative(
-            (o.get("removable") or {}).get("macro"), (b.get("removable") or {}).get("macro"))}
+        r["vs_baseline"]["micro_ace"] = {
+            "relative_percent": relative(o.get("micro", {}).get("ace"), b.get("micro", {}).get("ace"))
+        }
+        r["vs_baseline"]["removable_ace"] = {
+            "relative_percent": relative(
+                (o.get("removable") or {}).get("macro"), (b.get("removable") or {}).get("macro")
+            )
+        }
 
 
 def relative(value, reference) -> float:
@@ -263,20 +302,35 @@ def main() -> None:
     ap.add_argument("--models", action="append", default=None, help="folder(s) holding the bundles")
     ap.add_argument("--data", default=str(HERE.parent.parent / "shared/data/msd_hippocampus/dataset.json"))
     ap.add_argument("--out", default=str(HERE))
-    ap.add_argument("--markdown-only", action="store_true",
-                    help="rewrite calibration-study.md from calibration-study.json without recomputing")
-    ap.add_argument("--update-cards", action="store_true",
-                    help="rewrite the 'Against the baseline' section of the shipped hippocampus cards")
-    ap.add_argument("--no-carry-over", action="store_true",
-                    help="drop the rows of bundles not found instead of keeping their previous entries")
+    ap.add_argument(
+        "--markdown-only",
+        action="store_true",
+        help="rewrite calibration-study.md from calibration-study.json without recomputing",
+    )
+    ap.add_argument(
+        "--update-cards",
+        action="store_true",
+        help="rewrite the 'Against the baseline' section of the shipped hippocampus cards",
+    )
+    ap.add_argument(
+        "--no-carry-over",
+        action="store_true",
+        help="drop the rows of bundles not found instead of keeping their previous entries",
+    )
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     reg = ModelRegistry(args.models or [HERE.parent / "models"])
     base = reg.get("hippocampus-baseline")
     if args.markdown_only:
         saved = json.loads((Path(args.out) / "calibration-study.json").read_text())
-        write_markdown(Path(args.out) / "calibration-study.md", saved["results"], [tuple(m) for m in saved["missing"]],
-                       len(saved["validation_cases"]), base, saved.get("sweep", {}))
+        write_markdown(
+            Path(args.out) / "calibration-study.md",
+            saved["results"],
+            [tuple(m) for m in saved["missing"]],
+            len(saved["validation_cases"]),
+            base,
+            saved.get("sweep", {}),
+        )
         if args.update_cards:
             update_cards(reg, saved["results"])
         return
@@ -303,18 +357,31 @@ def main() -> None:
         macro, fl, ed = numbers["macro"], numbers["floor"], numbers["error_detection"]
         key = f"{bundle.id}{'+ts' if ts else ''}"
         if plot:
-            plot_dataset_reliability_histogram(rep.histogram, rep.class_names, img_dir / f"{key}_histogram.png",
-                                               title=label)
-        print(f"{label:52s} dice {macro['dice']:.4f} ace {macro['ace']:.4f} (floor {fl['macro']['ace']:.4f}) "
-              f"ece {macro['ece']:.5f} mce {macro['mce']:.4f} micro ace {numbers['micro']['ace']:.4f} "
-              f"auroc {fmt(ed['auroc'], 3)} recall {fmt(ed['recall'], 3)} flagged/wrong {fmt(ed['flagged_over_wrong'], 2)}"
-              f"  ({time.time() - t0:.0f} s)", flush=True)
+            plot_dataset_reliability_histogram(
+                rep.histogram, rep.class_names, img_dir / f"{key}_histogram.png", title=label
+            )
+        print(
+            f"{label:52s} dice {macro['dice']:.4f} ace {macro['ace']:.4f} (floor {fl['macro']['ace']:.4f}) "
+            f"ece {macro['ece']:.5f} mce {macro['mce']:.4f} micro ace {numbers['micro']['ace']:.4f} "
+            f"auroc {fmt(ed['auroc'], 3)} recall {fmt(ed['recall'], 3)} flagged/wrong {fmt(ed['flagged_over_wrong'], 2)}"
+            f"  ({time.time() - t0:.0f} s)",
+            flush=True,
+        )
         lam, bins = ace_settings(bundle.config)
-        return {"label": label, "model": bundle.id, "loss": bundle.config.loss.name,
-                "loss_params": bundle.config.loss.params or {}, "lambda": lam, "bins": bins,
-                "temperature_folds": fitted, **numbers, "space": "input grid",
-                "epochs": bundle.config.training.get("epochs"), "lr": bundle.config.training.get("lr"),
-                "best_epoch": bundle.config.training.get("best_epoch")}
+        return {
+            "label": label,
+            "model": bundle.id,
+            "loss": bundle.config.loss.name,
+            "loss_params": bundle.config.loss.params or {},
+            "lambda": lam,
+            "bins": bins,
+            "temperature_folds": fitted,
+            **numbers,
+            "space": "input grid",
+            "epochs": bundle.config.training.get("epochs"),
+            "lr": bundle.config.training.get("lr"),
+            "best_epoch": bundle.config.training.get("best_epoch"),
+        }
 
     def carried(entry: dict) -> dict:
         return {**entry, "carried_over": True}
@@ -335,37 +402,69 @@ def main() -> None:
     same_split = [b for b in reg.list() if list(b.config.training.get("split", {}).get("val", [])) == val_names]
     baselines = {b.config.training.get("epochs"): b for b in same_split if b.config.loss.name == "baseline_dice_ce"}
     sweep, refs = {}, {}
-    for bundle in sorted((b for b in same_split if b.config.loss.name in ACE_LOSSES),
-                         key=lambda b: (bool(b.config.training.get("base")), b.config.training.get("epochs"),
-                                        b.config.loss.name, ace_settings(b.config), b.id)):
+    for bundle in sorted(
+        (b for b in same_split if b.config.loss.name in ACE_LOSSES),
+        key=lambda b: (
+            bool(b.config.training.get("base")),
+            b.config.training.get("epochs"),
+            b.config.loss.name,
+            ace_settings(b.config),
+            b.id,
+        ),
+    ):
         base_id = bundle.config.training.get("base")  # fine-tuned: against the model it started from
-        ref = (next((b for b in same_split if b.id == base_id), None) if base_id
-               else baselines.get(bundle.config.training.get("epochs")))
+        ref = (
+            next((b for b in same_split if b.id == base_id), None)
+            if base_id
+            else baselines.get(bundle.config.training.get("epochs"))
+        )
         if ref is None:
             print(f"{bundle.id}: no reference (same-epochs baseline or base model) on this split, left out")
             continue
         if ref.id not in results and ref.id not in refs:
             refs[ref.id] = evaluate(ref, f"Dice+CE ({ref.id})", False, plot=False)
-        group = {ref.id: results.get(ref.id) or refs[ref.id],
-                 # a main row (same bundle, same label) is reused, not evaluated again
-                 bundle.id: dict(results[bundle.id]) if bundle.id in results
-                 else evaluate(bundle, row_label("", bundle.config), False, plot=False)}
+        group = {
+            ref.id: results.get(ref.id) or refs[ref.id],
+            # a main row (same bundle, same label) is reused, not evaluated again
+            bundle.id: dict(results[bundle.id])
+            if bundle.id in results
+            else evaluate(bundle, row_label("", bundle.config), False, plot=False),
+        }
         compare(group, base_key=ref.id)
         entry = group[bundle.id]
-        entry.update(baseline=ref.id, baseline_macro=group[ref.id]["macro"], base=base_id,
-                     base_epochs=ref.config.training.get("epochs") if base_id else None)
+        entry.update(
+            baseline=ref.id,
+            baseline_macro=group[ref.id]["macro"],
+            base=base_id,
+            base_epochs=ref.config.training.get("epochs") if base_id else None,
+        )
         del entry["cases"]  # per-case numbers are kept for the main rows only
         sweep[bundle.id] = entry
     for key, entry in earlier.get("sweep", {}).items():  # settings whose bundles are not here this time
         if key not in sweep and not any(b.id == key for b in same_split):
             sweep[key] = carried(entry)
-    sweep = dict(sorted(sweep.items(), key=lambda kv: (bool(kv[1].get("base")), kv[1].get("epochs") or 0,
-                                                       kv[1]["loss"], kv[1]["lambda"], kv[1]["bins"], kv[0])))
+    sweep = dict(
+        sorted(
+            sweep.items(),
+            key=lambda kv: (
+                bool(kv[1].get("base")),
+                kv[1].get("epochs") or 0,
+                kv[1]["loss"],
+                kv[1]["lambda"],
+                kv[1]["bins"],
+                kv[0],
+            ),
+        )
+    )
     compare(results)
 
-    (out / "calibration-study.json").write_text(json.dumps({"validation_cases": val_names, "results": results,
-                                                             "sweep": sweep, "missing": missing},
-                                                            indent=1, default=float))
+    (out / "calibration-study.json").write_text(
+        json.dumps(
+            {"validation_cases": val_names, "results": results, "sweep": sweep, "missing": missing},
+            indent=1,
+            default=float,
+        )
+    )
     write_markdown(out / "calibration-study.md", results, missing, len(val_names), base, sweep)
     print(f"wrote {out / 'calibration-study.md'}")
     if args.update_cards:
@@ -381,9 +480,11 @@ def card_section(key: str, results: dict) -> str:
             return ""
         folds = ", ".join(f"{t:.3f}" for t in ts["temperature_folds"])
         verdict = "raises" if ts["macro"]["ace"] > b["macro"]["ace"] else "lowers"
-        return (f"The reference model of the study. Post-hoc temperature scaling (cross-fitted on the validation "
-                f"split, T = {folds}) {verdict} macro ACE from {b['macro']['ace']:.4f} to {ts['macro']['ace']:.4f}."
-                + card_bounds(b, b))
+        return (
+            f"The reference model of the study. Post-hoc temperature scaling (cross-fitted on the validation "
+            f"split, T = {folds}) {verdict} macro ACE from {b['macro']['ace']:.4f} to {ts['macro']['ace']:.4f}."
+            + card_bounds(b, b)
+        )
     r, want = results[key], TARGETS[key]
     v = r["vs_baseline"]
     cut = -v["ace"]["relative_percent"]
@@ -395,14 +496,16 @@ def card_section(key: str, results: dict) -> str:
         why.append(f"Dice {b['macro']['dice'] - r['macro']['dice']:.4f} below the baseline")
     if r["macro"]["dice"] < 0.85:
         why.append("Dice below 0.85")
-    return (f"Macro ACE {r['macro']['ace']:.4f} vs {b['macro']['ace']:.4f} for the Dice+CE baseline: "
-            f"**{cut:.1f} % lower** (paired Wilcoxon p = {fmt_p(v['ace']['wilcoxon_p'])}); MCE "
-            f"{-v['mce']['relative_percent']:.1f} % lower; Dice {r['macro']['dice']:.4f} vs {b['macro']['dice']:.4f} "
-            f"(p = {fmt_p(v['dice']['wilcoxon_p'])}).\n\n"
-            f"Project target: ACE at least {want} % lower with Dice >= 0.85 and no more than 0.01 below the baseline: "
-            + ("**met**." if ok else f"**missed** ({'; '.join(why)}).")
-            + " The loss settings tried on this split and how they fared are in the study's table of loss settings."
-            + card_bounds(r, b))
+    return (
+        f"Macro ACE {r['macro']['ace']:.4f} vs {b['macro']['ace']:.4f} for the Dice+CE baseline: "
+        f"**{cut:.1f} % lower** (paired Wilcoxon p = {fmt_p(v['ace']['wilcoxon_p'])}); MCE "
+        f"{-v['mce']['relative_percent']:.1f} % lower; Dice {r['macro']['dice']:.4f} vs {b['macro']['dice']:.4f} "
+        f"(p = {fmt_p(v['dice']['wilcoxon_p'])}).\n\n"
+        f"Project target: ACE at least {want} % lower with Dice >= 0.85 and no more than 0.01 below the baseline: "
+        + ("**met**." if ok else f"**missed** ({'; '.join(why)}).")
+        + " The loss settings tried on this split and how they fared are in the study's table of loss settings."
+        + card_bounds(r, b)
+    )
 
 
 def card_bounds(r: dict, b: dict) -> str:
@@ -410,17 +513,23 @@ def card_bounds(r: dict, b: dict) -> str:
     if not r.get("floor") or not r.get("error_detection"):
         return ""
     ed, rem = r["error_detection"], r["removable"]["macro"]
-    text = (f"\n\nNoise floor: a perfectly calibrated model with these probabilities would score macro ACE "
-            f"{r['floor']['macro']['ace']:.4f} (per-image bins of small structures hold few voxels), so "
-            f"{rem:.4f} of the ACE is removable")
+    text = (
+        f"\n\nNoise floor: a perfectly calibrated model with these probabilities would score macro ACE "
+        f"{r['floor']['macro']['ace']:.4f} (per-image bins of small structures hold few voxels), so "
+        f"{rem:.4f} of the ACE is removable"
+    )
     if r is not b and b.get("removable"):
-        text += (f", against {b['removable']['macro']:.4f} for the baseline "
-                 f"({100 * (b['removable']['macro'] - rem) / b['removable']['macro']:.0f} % of it removed)")
+        text += (
+            f", against {b['removable']['macro']:.4f} for the baseline "
+            f"({100 * (b['removable']['macro'] - rem) / b['removable']['macro']:.0f} % of it removed)"
+        )
     text += f". Micro ACE (all validation voxels pooled) {r['micro']['ace']:.4f}."
     if ed.get("recall") is not None:
-        text += (f" The served flags (confidence below {ed['threshold']:g} near a predicted boundary) catch "
-                 f"{100 * ed['recall']:.0f} % of the wrong voxels while flagging {ed['flagged_over_wrong']:.2f}x their "
-                 f"volume; AUROC of 1 - confidence for a wrong voxel {ed['auroc']:.3f}.")
+        text += (
+            f" The served flags (confidence below {ed['threshold']:g} near a predicted boundary) catch "
+            f"{100 * ed['recall']:.0f} % of the wrong voxels while flagging {ed['flagged_over_wrong']:.2f}x their "
+            f"volume; AUROC of 1 - confidence for a wrong voxel {ed['auroc']:.3f}."
+        )
     return text
 
 
@@ -450,34 +559,47 @@ def fmt_ratio(v):
 
 
 def flags_meet_targets(ed: dict) -> bool:
-    return (ed.get("recall") or 0) >= FLAG_TARGETS["recall"] and (ed.get("auroc") or 0) >= FLAG_TARGETS["auroc"] \
+    return (
+        (ed.get("recall") or 0) >= FLAG_TARGETS["recall"]
+        and (ed.get("auroc") or 0) >= FLAG_TARGETS["auroc"]
         and (ed.get("flagged_over_wrong") or math.inf) <= FLAG_TARGETS["flagged_over_wrong"]
+    )
 
 
 def bounds_section(results: dict) -> list[str]:
     """The table of what bounds ACE (floor, removable, micro) and whether the flags find the errors."""
     b = results.get("hippocampus-baseline", {})
-    lines = ["", "## What bounds ACE, and do the flags find the errors?", "",
-             "**Floor**: the expected macro ACE of a perfectly calibrated model with the row's probabilities (every "
-             "voxel's label drawn from its own probabilities), computed exactly with the metric's binning "
-             "(`acecal.metrics.floor`): per-image ACE cannot go below it however well a model is calibrated, because "
-             "each bin of a ~1.7k-voxel structure holds few voxels. **Removable** = ACE - floor; *removed* = the "
-             "share of the baseline's removable ACE that the row removes. **Micro**: every validation voxel pooled "
-             "per class (floor in brackets). **Flags** as served (the bundle's confidence threshold, within 2 voxels "
-             "of a predicted boundary, regions of at least 10 voxels): AUROC of 1 - confidence for \"voxel is "
-             "wrong\" against \"voxel is right\" within the predicted or true foreground dilated by 3 voxels (ties "
-             "counted half); recall = wrong volume inside the flags / wrong volume; flagged / wrong = the flagged "
-             "volume per unit of wrong volume (`acecal.metrics.error_detection`).",
-             "",
-             "| model | ACE | floor | removable | removed | micro ACE (floor) | micro ACE vs baseline | threshold | "
-             "AUROC | recall | flagged / wrong |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "## What bounds ACE, and do the flags find the errors?",
+        "",
+        "**Floor**: the expected macro ACE of a perfectly calibrated model with the row's probabilities (every "
+        "voxel's label drawn from its own probabilities), computed exactly with the metric's binning "
+        "(`acecal.metrics.floor`): per-image ACE cannot go below it however well a model is calibrated, because "
+        "each bin of a ~1.7k-voxel structure holds few voxels. **Removable** = ACE - floor; *removed* = the "
+        "share of the baseline's removable ACE that the row removes. **Micro**: every validation voxel pooled "
+        "per class (floor in brackets). **Flags** as served (the bundle's confidence threshold, within 2 voxels "
+        'of a predicted boundary, regions of at least 10 voxels): AUROC of 1 - confidence for "voxel is '
+        'wrong" against "voxel is right" within the predicted or true foreground dilated by 3 voxels (ties '
+        "counted half); recall = wrong volume inside the flags / wrong volume; flagged / wrong = the flagged "
+        "volume per unit of wrong volume (`acecal.metrics.error_detection`).",
+        "",
+        "| model | ACE | floor | removable | removed | micro ACE (floor) | micro ACE vs baseline | threshold | "
+        "AUROC | recall | flagged / wrong |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     b_rem = (b.get("removable") or {}).get("macro")
     for key, r in results.items():
         fl, rem, ed = r.get("floor") or {}, r.get("removable") or {}, r.get("error_detection") or {}
-        removed = "-" if key == "hippocampus-baseline" else (
-            fmt_pct(100 * (b_rem - rem["macro"]) / b_rem, sign=False) if b_rem and rem.get("macro") is not None
-            else "n/a")
+        removed = (
+            "-"
+            if key == "hippocampus-baseline"
+            else (
+                fmt_pct(100 * (b_rem - rem["macro"]) / b_rem, sign=False)
+                if b_rem and rem.get("macro") is not None
+                else "n/a"
+            )
+        )
         micro_floor = (fl.get("micro") or {}).get("ace")
         lines.append(
             f"| {r['label']}{CARRIED if r.get('carried_over') else ''} | {fmt(r['macro']['ace'])} | "
@@ -486,7 +608,8 @@ def bounds_section(results: dict) -> list[str]:
             f"{'-' if key == 'hippocampus-baseline' else fmt_pct(r['vs_baseline']['micro_ace']['relative_percent'])} | "
             f"{fmt(ed.get('threshold'), 2)} | {fmt(ed.get('auroc'), 3)} | "
             f"{fmt_pct(100 * ed['recall'], sign=False) if ed.get('recall') is not None else 'n/a'} | "
-            f"{fmt_ratio(ed.get('flagged_over_wrong'))} |")
+            f"{fmt_ratio(ed.get('flagged_over_wrong'))} |"
+        )
     return lines
 
 
@@ -497,37 +620,52 @@ def floor_bullets(results: dict, hard: dict, soft: dict) -> list[str]:
         return []
     out = []
     fb, ab = b["floor"]["macro"]["ace"], b["macro"]["ace"]
-    floors = ", ".join(f"{r['label'].split(' (')[0]} {fmt(r['floor']['macro']['ace'])}" for r in results.values()
-                       if r.get("floor") and r is not b)
+    floors = ", ".join(
+        f"{r['label'].split(' (')[0]} {fmt(r['floor']['macro']['ace'])}"
+        for r in results.values()
+        if r.get("floor") and r is not b
+    )
     removed = []
     for name, r in (("hard", hard), ("soft", soft)):
         if r.get("removable", {}).get("macro") is not None:
-            removed.append(f"{name} {100 * (b['removable']['macro'] - r['removable']['macro']) / b['removable']['macro']:.0f} %")
+            removed.append(
+                f"{name} {100 * (b['removable']['macro'] - r['removable']['macro']) / b['removable']['macro']:.0f} %"
+            )
     out.append(
         f"- **The floor.** A perfectly calibrated model with the baseline's probabilities would still score macro ACE "
         f"{fb:.4f}: {100 * fb / ab:.0f} % of the baseline's {ab:.4f} is the sampling noise of per-image bins, not "
         f"miscalibration; the other models' floors are close ({floors}). Of the removable part (ACE - floor) the ACE "
-        f"losses remove {' and '.join(removed)}: the same ACE cuts read against what a model can remove at all.")
-    stat = [f"{name} {fmt_pct(r['vs_baseline']['ace'].get('case_mean_percent'))} per case vs "
-            f"{r['vs_baseline']['ace']['relative_percent']:+.1f} % of the means"
-            for name, r in (("hard", hard), ("soft", soft))]
-    micro = [f"{name} {fmt_pct(r['vs_baseline']['micro_ace']['relative_percent'])}"
-             for name, r in (("hard", hard), ("soft", soft))]
+        f"losses remove {' and '.join(removed)}: the same ACE cuts read against what a model can remove at all."
+    )
+    stat = [
+        f"{name} {fmt_pct(r['vs_baseline']['ace'].get('case_mean_percent'))} per case vs "
+        f"{r['vs_baseline']['ace']['relative_percent']:+.1f} % of the means"
+        for name, r in (("hard", hard), ("soft", soft))
+    ]
+    micro = [
+        f"{name} {fmt_pct(r['vs_baseline']['micro_ace']['relative_percent'])}"
+        for name, r in (("hard", hard), ("soft", soft))
+    ]
     out.append(
         f"- **The paper's statistic** (mean of the per-case % changes of ACE): {'; '.join(stat)}. Pooled over all "
         f"validation voxels (micro), where bins hold many voxels and the floor is {fmt(b['floor']['micro']['ace'])}, "
-        f"ACE moves {', '.join(micro)} (baseline micro ACE {fmt(b['micro']['ace'])}).")
+        f"ACE moves {', '.join(micro)} (baseline micro ACE {fmt(b['micro']['ace'])})."
+    )
     rows = [r for r in results.values() if r.get("error_detection")]
     met = [r["label"] for r in rows if flags_meet_targets(r["error_detection"])]
     out.append(
         "- **The flags as served** catch "
-        + "; ".join(f"{r['label'].split(' (')[0]}: {100 * r['error_detection']['recall']:.0f} % of the wrong voxels "
-                    f"flagging {fmt_ratio(r['error_detection']['flagged_over_wrong'])} their volume (AUROC "
-                    f"{fmt(r['error_detection']['auroc'], 3)}, threshold {r['error_detection']['threshold']:g})"
-                    for r in rows if r['error_detection'].get('recall') is not None)
+        + "; ".join(
+            f"{r['label'].split(' (')[0]}: {100 * r['error_detection']['recall']:.0f} % of the wrong voxels "
+            f"flagging {fmt_ratio(r['error_detection']['flagged_over_wrong'])} their volume (AUROC "
+            f"{fmt(r['error_detection']['auroc'], 3)}, threshold {r['error_detection']['threshold']:g})"
+            for r in rows
+            if r["error_detection"].get("recall") is not None
+        )
         + f". Wanted: recall >= {100 * FLAG_TARGETS['recall']:.0f} % at <= {FLAG_TARGETS['flagged_over_wrong']:g}x "
         f"the wrong volume with AUROC >= {FLAG_TARGETS['auroc']:.2f}: "
-        + (f"met by {', '.join(met)}." if met else "met by none of these rows."))
+        + (f"met by {', '.join(met)}." if met else "met by none of these rows.")
+    )
     return out
 
 
@@ -562,21 +700,25 @@ def write_markdown(path: Path, results: dict, missing: list, n_val: int, base, s
     for key, r in results.items():
         m, s, v = r["macro"], r["sd"], r["vs_baseline"]
         is_base = key == "hippocampus-baseline"
-        rel = (lambda k: "-" if is_base else f"{v[k]['relative_percent']:+.1f} %")
+        rel = lambda k: "-" if is_base else f"{v[k]['relative_percent']:+.1f} %"
         dd = "-" if is_base else f"{m['dice'] - results['hippocampus-baseline']['macro']['dice']:+.4f}"
         lines.append(
             f"| {r['label']}{CARRIED if r.get('carried_over') else ''} | {fmt(m['dice'])} +- {fmt(s['dice'], 3)} | "
             f"{fmt(m['ace'])} +- {fmt(s['ace'], 3)} | {fmt(m['ece'], 5)} | {fmt(m['mce'])} | {rel('ace')} | "
             f"{'-' if is_base else fmt_pct(v['ace'].get('case_mean_percent'))} | {rel('mce')} | {dd} | "
             f"{'-' if is_base else fmt_p(v['ace']['wilcoxon_p']) + ' / ' + fmt_p(v['ace']['ttest_p'])} | "
-            f"{'-' if is_base else fmt_p(v['dice']['wilcoxon_p']) + ' / ' + fmt_p(v['dice']['ttest_p'])} |")
+            f"{'-' if is_base else fmt_p(v['dice']['wilcoxon_p']) + ' / ' + fmt_p(v['dice']['ttest_p'])} |"
+        )
     for label, model_id in missing:
         lines.append(f"| {label} | not trained yet (`{model_id}`) | | | | | | | | | |")
     if any(r.get("carried_over") for r in [*results.values(), *sweep.values()]):
-        lines += ["", f"{CARRIED} Not re-measured: the bundle was not in the `--models` folders of this run; its "
-                  "numbers are those of the previous run of this script (model space, which for these 1 mm isotropic "
-                  "crops gives the same Dice / ACE / ECE / MCE as the input grid), without the floor and error "
-                  "detection where that run had none."]
+        lines += [
+            "",
+            f"{CARRIED} Not re-measured: the bundle was not in the `--models` folders of this run; its "
+            "numbers are those of the previous run of this script (model space, which for these 1 mm isotropic "
+            "crops gives the same Dice / ACE / ECE / MCE as the input grid), without the floor and error "
+            "detection where that run had none.",
+        ]
     lines += bounds_section(results)
     lines += ["", "## Targets", ""]
     b = results.get("hippocampus-baseline", {}).get("macro", {})
@@ -587,43 +729,67 @@ def write_markdown(path: Path, results: dict, missing: list, n_val: int, base, s
         r = results[key]
         cut = -r["vs_baseline"]["ace"]["relative_percent"]
         ok = meets_target(r, b["dice"], want)
-        lines.append(f"- `{key}`: macro ACE cut {cut:.1f} % (target >= {want} %), Dice {r['macro']['dice']:.4f} "
-                     f"(target >= 0.85 and >= baseline - 0.01 = {b['dice'] - 0.01:.4f}): **{'met' if ok else 'MISSED'}**.")
+        lines.append(
+            f"- `{key}`: macro ACE cut {cut:.1f} % (target >= {want} %), Dice {r['macro']['dice']:.4f} "
+            f"(target >= 0.85 and >= baseline - 0.01 = {b['dice'] - 0.01:.4f}): **{'met' if ok else 'MISSED'}**."
+        )
     base_t = results.get("hippocampus-baseline+ts", {}).get("temperature_folds") or []
     ext = schedule_extensions(tr.get("history") or [])
-    schedule = (f"{tr.get('epochs')} epochs: " + ", then ".join(
-        [f"{ext[0][1]} epochs of warm-up cosine"] + [f"extended to {n} after epoch {e} (a second cosine cycle "
-                                                      "from the first one's last checkpoint, a warm restart)"
-                                                      for e, _, n in ext])
-                if ext else f"{tr.get('epochs')} epochs of warm-up cosine")
+    schedule = (
+        f"{tr.get('epochs')} epochs: "
+        + ", then ".join(
+            [f"{ext[0][1]} epochs of warm-up cosine"]
+            + [
+                f"extended to {n} after epoch {e} (a second cosine cycle "
+                "from the first one's last checkpoint, a warm restart)"
+                for e, _, n in ext
+            ]
+        )
+        if ext
+        else f"{tr.get('epochs')} epochs of warm-up cosine"
+    )
     lr0 = [h["epoch"] for h in tr.get("history") or [] if h.get("lr") == 0.0]
     hard, soft = results.get("hippocampus-hardace"), results.get("hippocampus-softace")
-    lines += ["", "## Reading the results", "",
-              f"- Every model was trained for {schedule} on 2 CPU cores (bfloat16 autocast), against the paper's 600 "
-              "epochs: the same schedule for every loss, so the comparison is fair, but the absolute numbers are not "
-              "the paper's." + (f" (Epoch {', '.join(map(str, lr0))} ran at learning rate 0: the engine of the time "
-                                "kept the old schedule's final rate for the first extended epoch; since fixed, so "
-                                "rerunning the recipe gives slightly different weights.)" if lr0 else ""),
-              ]
+    lines += [
+        "",
+        "## Reading the results",
+        "",
+        f"- Every model was trained for {schedule} on 2 CPU cores (bfloat16 autocast), against the paper's 600 "
+        "epochs: the same schedule for every loss, so the comparison is fair, but the absolute numbers are not "
+        "the paper's."
+        + (
+            f" (Epoch {', '.join(map(str, lr0))} ran at learning rate 0: the engine of the time "
+            "kept the old schedule's final rate for the first extended epoch; since fixed, so "
+            "rerunning the recipe gives slightly different weights.)"
+            if lr0
+            else ""
+        ),
+    ]
     if base_t:
         ts = results["hippocampus-baseline+ts"]
         under = all(t < 1 for t in base_t)
         lines.append(
             f"- The NLL-optimal temperature of the baseline is {'below' if under else 'above'} 1 (cross-fitted folds: "
-            + ", ".join(f"{t:.3f}" for t in base_t) + "): the Dice+CE network is, in likelihood terms, "
-            + ("*under*-confident, unlike the over-confident long-trained networks of the paper. " if under else
-               "over-confident, as in the paper. ")
+            + ", ".join(f"{t:.3f}" for t in base_t)
+            + "): the Dice+CE network is, in likelihood terms, "
+            + (
+                "*under*-confident, unlike the over-confident long-trained networks of the paper. "
+                if under
+                else "over-confident, as in the paper. "
+            )
             + f"Temperature scaling moves macro ACE {ts['vs_baseline']['ace']['relative_percent']:+.1f} % and ECE "
             f"{ts['vs_baseline']['ece']['relative_percent']:+.1f} %: ACE and MCE weight every confidence bin equally, "
             "ECE counts voxels. The engine stores a fitted temperature in a bundle only when it lowers validation "
-            "ACE.")
+            "ACE."
+        )
     if hard and soft:
         hc, sc = (-r["vs_baseline"]["ace"]["relative_percent"] for r in (hard, soft))
         lines.append(
             f"- The ACE losses lower ACE (hard {hc:.1f} %, soft {sc:.1f} %) and MCE, at a Dice cost "
             f"({hard['macro']['dice'] - b['dice']:+.4f} and {soft['macro']['dice'] - b['dice']:+.4f}) that grows with "
             "the calibration gain, as in the paper (there: hard -13.9 % ACE on average over four data sets, range "
-            "-3 % to -22 %; soft -30.7 %, range -18 % to -41 %, Dice -0.9 %).")
+            "-3 % to -22 %; soft -30.7 %, range -18 % to -41 %, Dice -0.9 %)."
+        )
         lines += floor_bullets(results, hard, soft)
     if "hippocampus-labelsmooth" in results and "hippocampus-nacl" in results:
         ls, nacl = results["hippocampus-labelsmooth"], results["hippocampus-nacl"]
@@ -633,55 +799,89 @@ def write_markdown(path: Path, results: dict, missing: list, n_val: int, base, s
             f"{nacl['vs_baseline']['ace']['relative_percent']:+.1f} %) while their ECE grows "
             f"{ls['macro']['ece'] / b['ece']:.1f}x and {nacl['macro']['ece'] / b['ece']:.1f}x: softened targets move "
             "the huge, confident background bins away from 1, which the count-weighted ECE punishes and ACE hardly "
-            "sees.")
+            "sees."
+        )
     if sweep:
         met = [k for k, r in sweep.items() if meets_target(r, r["baseline_macro"]["dice"], TARGET_BY_LOSS[r["loss"]])]
         lines.append(
             f"- What was tried (next section): {len(sweep)} ACE settings. A larger ACE weight or a different number "
             "of soft bins moves a model along one Dice-for-ACE curve rather than off it; "
-            + (f"these met their bar: {', '.join(f'`{k}`' for k in met)}." if met else
-               "none met both bars, so the cards say the targets are missed.")
+            + (
+                f"these met their bar: {', '.join(f'`{k}`' for k in met)}."
+                if met
+                else "none met both bars, so the cards say the targets are missed."
+            )
             + "".join(
                 f" Training the paper-default {ACE_LOSSES[r['loss']].split(' ')[0]} model {r['epochs']} instead of "
                 f"{o['epochs']} epochs moved its ACE cut from {-o['vs_baseline']['ace']['relative_percent']:.1f} % to "
                 f"{-r['vs_baseline']['ace']['relative_percent']:.1f} % and its Dice gap from "
                 f"{o['macro']['dice'] - o['baseline_macro']['dice']:+.4f} to "
                 f"{r['macro']['dice'] - r['baseline_macro']['dice']:+.4f}."
-                for r in sweep.values() for o in sweep.values()
-                if r["loss"] == o["loss"] and (r["lambda"], r["bins"]) == (o["lambda"], o["bins"]) == (1, 20)
-                and not r.get("base") and not o.get("base")
-                and r["epochs"] > o["epochs"])
-            + ("".join(
-                [" Fine-tuning the trained baseline with an ACE loss instead (what the server's fine-tuning jobs do) "
-                 "keeps Dice closer but cuts ACE less: "]
-                + ["; ".join(f"`{k}` {r['vs_baseline']['ace']['relative_percent']:+.1f} % ACE, Dice "
-                             f"{r['macro']['dice'] - r['baseline_macro']['dice']:+.4f}"
-                             for k, r in sweep.items() if r.get("base"))] + ["."])
-               if any(r.get("base") for r in sweep.values()) else "")
+                for r in sweep.values()
+                for o in sweep.values()
+                if r["loss"] == o["loss"]
+                and (r["lambda"], r["bins"]) == (o["lambda"], o["bins"]) == (1, 20)
+                and not r.get("base")
+                and not o.get("base")
+                and r["epochs"] > o["epochs"]
+            )
+            + (
+                "".join(
+                    [
+                        " Fine-tuning the trained baseline with an ACE loss instead (what the server's fine-tuning jobs do) "
+                        "keeps Dice closer but cuts ACE less: "
+                    ]
+                    + [
+                        "; ".join(
+                            f"`{k}` {r['vs_baseline']['ace']['relative_percent']:+.1f} % ACE, Dice "
+                            f"{r['macro']['dice'] - r['baseline_macro']['dice']:+.4f}"
+                            for k, r in sweep.items()
+                            if r.get("base")
+                        )
+                    ]
+                    + ["."]
+                )
+                if any(r.get("base") for r in sweep.values())
+                else ""
+            )
             + " The paper's own numbers come from 600-1250 epochs on a GPU with a 4x wider network; the next "
-            "experiment is longer training on a lent GPU (`models/train_hippocampus.sh` resumes and extends runs).")
+            "experiment is longer training on a lent GPU (`models/train_hippocampus.sh` resumes and extends runs)."
+        )
     if sweep:
-        lines += ["", "## Loss settings tried", "",
-                  "Every hL1-/sL1-ACE model trained on this split with the same network, seed and schedule, each against "
-                  "the Dice+CE baseline trained for the same number of epochs (a fine-tuned row: against the model it "
-                  "was fine-tuned from). lambda = ACE weight / Dice weight (the "
-                  "paper's sensitivity parameter: 1 is its 0.33 / 0.33 / 0.33); bins = bins of the ACE *loss* (the "
-                  "metrics always use 20 hard bins). Target = the project's bar for that loss (hard: ACE -20 %, soft: "
-                  "ACE -30 %; both: Dice >= 0.85 and within 0.01 of the baseline).", "",
-                  "| model | epochs | loss | lambda | bins | Dice | ACE | floor | MCE | baseline Dice / ACE | "
-                  "ACE vs baseline | per-case ACE change | micro ACE vs baseline | Dice vs baseline | p ACE (W) | "
-                  "p Dice (W) | AUROC / recall / flagged / wrong | target |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Loss settings tried",
+            "",
+            "Every hL1-/sL1-ACE model trained on this split with the same network, seed and schedule, each against "
+            "the Dice+CE baseline trained for the same number of epochs (a fine-tuned row: against the model it "
+            "was fine-tuned from). lambda = ACE weight / Dice weight (the "
+            "paper's sensitivity parameter: 1 is its 0.33 / 0.33 / 0.33); bins = bins of the ACE *loss* (the "
+            "metrics always use 20 hard bins). Target = the project's bar for that loss (hard: ACE -20 %, soft: "
+            "ACE -30 %; both: Dice >= 0.85 and within 0.01 of the baseline).",
+            "",
+            "| model | epochs | loss | lambda | bins | Dice | ACE | floor | MCE | baseline Dice / ACE | "
+            "ACE vs baseline | per-case ACE change | micro ACE vs baseline | Dice vs baseline | p ACE (W) | "
+            "p Dice (W) | AUROC / recall / flagged / wrong | target |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for key, r in sweep.items():
             v, bm = r["vs_baseline"], r["baseline_macro"]
             ok = meets_target(r, bm["dice"], TARGET_BY_LOSS[r["loss"]])
             shipped = " (shipped)" if key in TARGETS else ""
             ed = r.get("error_detection") or {}
-            flags = (f"{fmt(ed.get('auroc'), 3)} / {fmt_pct(100 * ed['recall'], 0, sign=False)} / "
-                     f"{fmt_ratio(ed.get('flagged_over_wrong'))}" if ed.get("recall") is not None else "n/a")
+            flags = (
+                f"{fmt(ed.get('auroc'), 3)} / {fmt_pct(100 * ed['recall'], 0, sign=False)} / "
+                f"{fmt_ratio(ed.get('flagged_over_wrong'))}"
+                if ed.get("recall") is not None
+                else "n/a"
+            )
             lines.append(
                 f"| `{key}`{shipped}{CARRIED if r.get('carried_over') else ''} | "
-                + (f"{r['base_epochs']} + {r['epochs']} fine-tune at lr {r.get('lr'):g}" if r.get("base") else f"{r['epochs']}")
+                + (
+                    f"{r['base_epochs']} + {r['epochs']} fine-tune at lr {r.get('lr'):g}"
+                    if r.get("base")
+                    else f"{r['epochs']}"
+                )
                 + f" | {ACE_LOSSES[r['loss']].split(' ')[0]} | {r['lambda']:g} | "
                 f"{r['bins']} | {fmt(r['macro']['dice'])} | {fmt(r['macro']['ace'])} | "
                 f"{fmt(((r.get('floor') or {}).get('macro') or {}).get('ace'))} | {fmt(r['macro']['mce'])} | "
@@ -689,15 +889,24 @@ def write_markdown(path: Path, results: dict, missing: list, n_val: int, base, s
                 f"{fmt_pct(v['ace'].get('case_mean_percent'))} | "
                 f"{fmt_pct((v.get('micro_ace') or {}).get('relative_percent'))} | "
                 f"{r['macro']['dice'] - bm['dice']:+.4f} | {fmt_p(v['ace']['wilcoxon_p'])} | "
-                f"{fmt_p(v['dice']['wilcoxon_p'])} | {flags} | {'met' if ok else 'missed'} |")
-        lines += ["", "The shipped bundles keep the paper's default setting (lambda 1, 20 bins) at the longest schedule "
-                  "trained, a choice fixed before these rows were known. Every row was evaluated on this validation "
-                  "split, the only held-out data (all 208 labelled cases are in the training or validation split), so "
-                  "a setting picked from this table would carry an optimistic bias; the p-values are per row, not "
-                  "corrected for multiple comparisons."]
-    lines += ["", "## Dataset reliability histograms", "",
-              "Per class and confidence bin (x), the distribution over validation cases of that bin's observed "
-              "frequency (y); a calibrated model concentrates on the diagonal.", ""]
+                f"{fmt_p(v['dice']['wilcoxon_p'])} | {flags} | {'met' if ok else 'missed'} |"
+            )
+        lines += [
+            "",
+            "The shipped bundles keep the paper's default setting (lambda 1, 20 bins) at the longest schedule "
+            "trained, a choice fixed before these rows were known. Every row was evaluated on this validation "
+            "split, the only held-out data (all 208 labelled cases are in the training or validation split), so "
+            "a setting picked from this table would carry an optimistic bias; the p-values are per row, not "
+            "corrected for multiple comparisons.",
+        ]
+    lines += [
+        "",
+        "## Dataset reliability histograms",
+        "",
+        "Per class and confidence bin (x), the distribution over validation cases of that bin's observed "
+        "frequency (y); a calibrated model concentrates on the diagonal.",
+        "",
+    ]
     for key, r in results.items():
         lines.append(f"![{r['label']}](images/study/{key}_histogram.png)")
     lines.append("")

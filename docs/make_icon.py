@@ -32,7 +32,7 @@ def render() -> np.ndarray:
     r = 18.0
     dx = np.maximum(np.maximum(r - x, x - (N - r)), 0)
     dy = np.maximum(np.maximum(r - y, y - (N - r)), 0)
-    inside = dx ** 2 + dy ** 2 <= r ** 2
+    inside = dx**2 + dy**2 <= r**2
     rgba[inside] = (0.12, 0.14, 0.18, 1.0)
     # body cross-section: grey ellipse with soft shading
     body = ((x - 64) / 52) ** 2 + ((y - 66) / 44) ** 2
@@ -42,7 +42,7 @@ def render() -> np.ndarray:
     # organ: confidence tint, yellow core fading to purple at the boundary
     d = np.sqrt(((x - 58) / 30) ** 2 + ((y - 62) / 24) ** 2)
     organ = d <= 1
-    conf = np.clip(1.0 - d ** 3 * 0.8, 0, 1)
+    conf = np.clip(1.0 - d**3 * 0.8, 0, 1)
     rgba[organ, :3] = 0.35 * rgba[organ, :3] + 0.65 * viridis(conf[organ])
     # organ outline (light)
     rim = (d > 0.95) & (d <= 1.03)
@@ -90,8 +90,10 @@ def render_sample_thumbnail(size: int = 160) -> np.ndarray:
     assert seg_reader.ReadData(seg)
     image = nodes.array_from_volume_node(volume).astype(float)
     s = seg.GetSegmentation()
-    masks = [(segmentation.segment_mask(seg, s.GetNthSegmentID(i), volume) > 0, s.GetNthSegment(i).GetColor())
-             for i in range(s.GetNumberOfSegments())]
+    masks = [
+        (segmentation.segment_mask(seg, s.GetNthSegmentID(i), volume) > 0, s.GetNthSegment(i).GetColor())
+        for i in range(s.GetNumberOfSegments())
+    ]
     k = int(np.argmax(sum(m for m, _ in masks).sum(axis=(1, 2))))
     lo, hi = np.percentile(image, [1, 99.5])
     grey = np.clip((image[k] - lo) / (hi - lo), 0, 1)
@@ -109,7 +111,7 @@ def render_sample_thumbnail(size: int = 160) -> np.ndarray:
     out = np.zeros((size, size, 4))
     out[..., 3] = 1.0
     y0, x0 = (size - big.shape[0]) // 2, (size - big.shape[1]) // 2
-    out[y0:y0 + big.shape[0], x0:x0 + big.shape[1], :3] = big
+    out[y0 : y0 + big.shape[0], x0 : x0 + big.shape[1], :3] = big
     scene.Clear(1)
     return (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
 

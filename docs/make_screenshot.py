@@ -63,9 +63,21 @@ def load_volume(scene, path: Path):
 # --------------------------------------------------------------------------------------------------- rendering
 _VIEWS = 0  # each rendered view gets its own slice node and composite node, like the views of a Slicer layout
 
-def render_slice_view(scene, background, foreground, size=(640, 640), centre_ras=None, orientation="Axial",
-                      foreground_opacity=0.6, caption="", footer="", zoom: float = 1.0,
-                      legend: bool = True, mark_centre: bool = False) -> np.ndarray:
+
+def render_slice_view(
+    scene,
+    background,
+    foreground,
+    size=(640, 640),
+    centre_ras=None,
+    orientation="Axial",
+    foreground_opacity=0.6,
+    caption="",
+    footer="",
+    zoom: float = 1.0,
+    legend: bool = True,
+    mark_centre: bool = False,
+) -> np.ndarray:
     """Render one slice view like Slicer's (layers + segmentations + colour legend) to an RGB array (h, w, 3)."""
     app = mrml.vtkSlicerApplicationLogic()
     app.SetMRMLScene(scene)
@@ -74,7 +86,9 @@ def render_slice_view(scene, background, foreground, size=(640, 640), centre_ras
     slice_logic.SetMRMLApplicationLogic(app)
     global _VIEWS
     _VIEWS += 1
-    slice_node = slice_logic.AddSliceNode(("Red", "Yellow", "Green")[(_VIEWS - 1) % 3] + ("" if _VIEWS <= 3 else str(_VIEWS)))
+    slice_node = slice_logic.AddSliceNode(
+        ("Red", "Yellow", "Green")[(_VIEWS - 1) % 3] + ("" if _VIEWS <= 3 else str(_VIEWS))
+    )
     logics = vtk.vtkCollection()  # the colour legend asks the application which layers a view shows
     logics.AddItem(slice_logic)
     app.SetSliceLogics(logics)
@@ -141,8 +155,12 @@ def render_slice_view(scene, background, foreground, size=(640, 640), centre_ras
         cx, cy, arm = size[0] / 2.0, size[1] / 2.0, 9.0
         points = vtk.vtkPoints()
         lines = vtk.vtkCellArray()
-        for a, b in (((cx - arm, cy), (cx - 3, cy)), ((cx + 3, cy), (cx + arm, cy)),
-                     ((cx, cy - arm), (cx, cy - 3)), ((cx, cy + 3), (cx, cy + arm))):
+        for a, b in (
+            ((cx - arm, cy), (cx - 3, cy)),
+            ((cx + 3, cy), (cx + arm, cy)),
+            ((cx, cy - arm), (cx, cy - 3)),
+            ((cx, cy + 3), (cx, cy + arm)),
+        ):
             i = points.InsertNextPoint(a[0], a[1], 0.0)
             j = points.InsertNextPoint(b[0], b[1], 0.0)
             lines.InsertNextCell(2, [i, j])
@@ -250,10 +268,14 @@ def main(argv=None) -> Path:
     ap.add_argument("--api-key", default=os.environ.get("ACECAL_API_KEY"))
     ap.add_argument("--image", type=Path, default=SAMPLE, help="the scan (default: the sample hippocampus case)")
     ap.add_argument("--threshold", type=float, default=0.9, help="hide confidence above this (the module's slider)")
-    ap.add_argument("--flag-below", type=float, default=0.6,
-                    help="flag boundary voxels below this confidence (the module's 'Flag below confidence'; 0 = the "
-                         "model's own threshold, which for the shipped models joins the whole boundary band into one "
-                         "region on this case)")
+    ap.add_argument(
+        "--flag-below",
+        type=float,
+        default=0.6,
+        help="flag boundary voxels below this confidence (the module's 'Flag below confidence'; 0 = the "
+        "model's own threshold, which for the shipped models joins the whole boundary band into one "
+        "region on this case)",
+    )
     ap.add_argument("--zoom", type=float, default=1.0, help="zoom of the slice views")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--out-review", type=Path, default=OUT_REVIEW)
@@ -284,17 +306,30 @@ def main(argv=None) -> Path:
     size = (520, 520)
     set_confidence_threshold(result.confidence_node, args.threshold, result.uncertainty_node)
     left = render_slice_view(
-        scene, volume, result.confidence_node, size=size, centre_ras=centre, zoom=args.zoom, legend=False,
+        scene,
+        volume,
+        result.confidence_node,
+        size=size,
+        centre_ras=centre,
+        zoom=args.zoom,
+        legend=False,
         caption=f"Module view: segments, confidence < {args.threshold:.2f} tinted,\n"
-                f"{n} region{'s' if n != 1 else ''} flagged below {args.flag_below:.2f} outlined (magenta)",
-        footer=f"{args.model} on ACECalHippocampus  |  region 1 of {n}" if n else args.model)
+        f"{n} region{'s' if n != 1 else ''} flagged below {args.flag_below:.2f} outlined (magenta)",
+        footer=f"{args.model} on ACECalHippocampus  |  region 1 of {n}" if n else args.model,
+    )
     set_confidence_threshold(result.confidence_node, 1.0, result.uncertainty_node)
     for seg in (result.segmentation_node, result.uncertain_node):
         seg.GetDisplayNode().SetVisibility(False)
     right = render_slice_view(
-        scene, volume, result.confidence_node, size=size, centre_ras=centre, zoom=args.zoom,
+        scene,
+        volume,
+        result.confidence_node,
+        size=size,
+        centre_ras=centre,
+        zoom=args.zoom,
         caption="Confidence map (slider at 1.0): calibrated probability\nthat the predicted class is right",
-        footer="viridis: dark = doubtful, yellow = confident")
+        footer="viridis: dark = doubtful, yellow = confident",
+    )
     gap = np.full((size[1], 6, 3), 255, np.uint8)
     write_png(np.concatenate([left, gap, right], axis=1), args.out)
     print(args.out)
@@ -311,16 +346,38 @@ def main(argv=None) -> Path:
         review.mark(regions.REVIEWED, 2)
     row = min(1, n - 1) if n else -1
     centre = review.goto(row) if n else None
-    views = [render_slice_view(scene, volume, result.confidence_node, size=(360, 360), centre_ras=centre,
-                               orientation=o, zoom=args.zoom, legend=False, caption=o, mark_centre=bool(n),
-                               footer=f"centred on region {row + 1} (cross)" if n else "")
-             for o in ("Axial", "Sagittal", "Coronal")]
+    views = [
+        render_slice_view(
+            scene,
+            volume,
+            result.confidence_node,
+            size=(360, 360),
+            centre_ras=centre,
+            orientation=o,
+            zoom=args.zoom,
+            legend=False,
+            caption=o,
+            mark_centre=bool(n),
+            footer=f"centred on region {row + 1} (cross)" if n else "",
+        )
+        for o in ("Axial", "Sagittal", "Coronal")
+    ]
     rows = regions.regions_from_table(result.regions_table_node)
-    colours = {regions.ACCEPTED: (0.5, 0.9, 0.5), regions.CORRECTED: (1.0, 0.6, 0.3),
-               regions.REVIEWED: (0.7, 0.8, 1.0), regions.UNREVIEWED: (0.8, 0.8, 0.8)}
+    colours = {
+        regions.ACCEPTED: (0.5, 0.9, 0.5),
+        regions.CORRECTED: (1.0, 0.6, 0.3),
+        regions.REVIEWED: (0.7, 0.8, 1.0),
+        regions.UNREVIEWED: (0.8, 0.8, 0.8),
+    }
     lines = [(f"{'ID':>3} {'Class':<10} {'Review':<11} {'Vol ml':>7} {'Conf':>5}", (1, 1, 1))]
-    lines += [(f"{r.id:>3} {r.class_name[:10]:<10} {r.review:<11} {r.volume_ml:7.3f} {r.mean_confidence:5.2f}"
-               + ("  <" if i == row else ""), colours[r.review]) for i, r in enumerate(rows[:13])]
+    lines += [
+        (
+            f"{r.id:>3} {r.class_name[:10]:<10} {r.review:<11} {r.volume_ml:7.3f} {r.mean_confidence:5.2f}"
+            + ("  <" if i == row else ""),
+            colours[r.review],
+        )
+        for i, r in enumerate(rows[:13])
+    ]
     if len(rows) > 13:
         lines.append((f"... {len(rows) - 13} more", (0.8, 0.8, 0.8)))
     table = draw_table(np.zeros((360, 420, 3), np.uint8), lines, "Uncertain regions (the worklist)")

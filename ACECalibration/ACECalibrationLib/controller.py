@@ -147,8 +147,7 @@ class Controller:
             return ""
         names = ", ".join(m.labels[k] for k in sorted(m.labels, key=int) if k != BACKGROUND_LABEL)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in m.metrics.items() if isinstance(v, (int, float)))
-        return (f"Loss: {m.loss or '?'}. Labels: {names or '?'}. "
-                f"Measured on validation: {shown or 'no metrics'}.")
+        return f"Loss: {m.loss or '?'}. Labels: {names or '?'}. Measured on validation: {shown or 'no metrics'}."
 
     def _changed(self) -> None:
         self.view.changed()
@@ -199,9 +198,10 @@ class Controller:
         if not settings.key_sent_in_clear(url, self.api_key) or url in self._clear_key_ok:
             return True
         if ask and self.view.confirm(
-                "API key sent unencrypted",
-                f"The API key would be sent unencrypted (plain http) to {url}, another computer: anyone on the "
-                "network path could read it. Use an https address if the server has one. Send it anyway?"):
+            "API key sent unencrypted",
+            f"The API key would be sent unencrypted (plain http) to {url}, another computer: anyone on the "
+            "network path could read it. Use an https address if the server has one. Send it anyway?",
+        ):
             self._clear_key_ok.add(url)
             return True
         self._status("Not sent: the API key would have travelled unencrypted.")
@@ -212,10 +212,11 @@ class Controller:
         if settings.has_upload_consent(self.store, url):
             return True
         if self.view.confirm(
-                "Send images to another computer?",
-                f"{what} sends image data to the server at {url}, which is not this computer. Only send images "
-                "there if it is allowed for these data (e.g. the server is inside your institution). Node names and "
-                "patient information are not sent. Send images to this server (remembered for this server)?"):
+            "Send images to another computer?",
+            f"{what} sends image data to the server at {url}, which is not this computer. Only send images "
+            "there if it is allowed for these data (e.g. the server is inside your institution). Node names and "
+            "patient information are not sent. Send images to this server (remembered for this server)?",
+        ):
             settings.remember_upload_consent(self.store, url)
             return True
         self._status("Not sent: no consent to send images to this server.")
@@ -263,8 +264,10 @@ class Controller:
         self._select_after_connect = ""
         self.model_id = wanted if wanted in self.models else next(iter(self.models), "")
         self.connection_state = CONNECTED
-        self.connection_text = (f"Connected to {run.url}: server {health.get(HEALTH_VERSION, '?')}, "
-                                f"{health.get(HEALTH_DEVICE, '?')}; {len(self.models)} model(s).")
+        self.connection_text = (
+            f"Connected to {run.url}: server {health.get(HEALTH_VERSION, '?')}, "
+            f"{health.get(HEALTH_DEVICE, '?')}; {len(self.models)} model(s)."
+        )
         if not self.models:
             self.connection_text += " The server has no models."
         self._changed()
@@ -307,10 +310,15 @@ class Controller:
         if url is None or not self._may_send_key(url) or not self._may_upload(url, "Segmenting"):
             return False
         reuse = not new_nodes
-        if reuse and self.previous_result_reviewed(volume) and not self.view.confirm(
+        if (
+            reuse
+            and self.previous_result_reviewed(volume)
+            and not self.view.confirm(
                 "Replace the reviewed result?",
                 f"The last result of '{volume.GetName()}' has review marks or corrections. Replace it (No keeps it "
-                "and puts the new result in new nodes)?"):
+                "and puts the new result in new nodes)?",
+            )
+        ):
             reuse = False
         try:
             array, grid = logic.prepare_input(volume)  # GUI thread: a copy the worker can own
@@ -327,8 +335,13 @@ class Controller:
 
         task = Task(work, name=f"ACECalibration inference {model_id}").start()
         model = self.models.get(model_id)
-        self._segment = _Run(task, session, volume, url, {
-            "reuse": reuse, "model_text": f"{model_id} {model.description if model is not None else ''}"})
+        self._segment = _Run(
+            task,
+            session,
+            volume,
+            url,
+            {"reuse": reuse, "model_text": f"{model_id} {model.description if model is not None else ''}"},
+        )
         self.segment_state, self.segment_progress = RUNNING, (0.0, "Uploading")
         self._status(f"Segmenting '{volume.GetName()}' with {model_id}...")
         return True
@@ -383,16 +396,25 @@ class Controller:
         self._close_review()
         try:
             result = logic.create_result_nodes(
-                self.scene, volume, output, self.display_threshold, self.overlay_opacity, show_in_slice_views=True,
-                reuse=run.extra["reuse"], model_text=run.extra["model_text"])
+                self.scene,
+                volume,
+                output,
+                self.display_threshold,
+                self.overlay_opacity,
+                show_in_slice_views=True,
+                reuse=run.extra["reuse"],
+                model_text=run.extra["model_text"],
+            )
         except Exception as e:  # noqa: BLE001
             self._fail("Could not display the result.", e)
             return
         self._attach(result)
         s = result.summary
-        self._status(f"Done: {len(result.regions)} uncertain region(s), "
-                     f"{s.uncertain_volume_ml if s else 0.0:.2f} ml flagged; mean confidence "
-                     f"{s.mean_confidence if s else float('nan'):.3f}.")
+        self._status(
+            f"Done: {len(result.regions)} uncertain region(s), "
+            f"{s.uncertain_volume_ml if s else 0.0:.2f} ml flagged; mean confidence "
+            f"{s.mean_confidence if s else float('nan'):.3f}."
+        )
         self.view.result_ready(result)
 
     # ============================================================================================== result and review
@@ -402,8 +424,9 @@ class Controller:
 
     def _attach(self, result) -> None:
         self.result = result
-        self.review = ReviewSession(self.scene, result.regions_table_node, result.segmentation_node,
-                                    result.shown_node_ids())
+        self.review = ReviewSession(
+            self.scene, result.regions_table_node, result.segmentation_node, result.shown_node_ids()
+        )
         self.apply_display()
 
     def _close_review(self) -> None:
@@ -413,8 +436,11 @@ class Controller:
 
     def input_changed(self, volume) -> None:
         """The input volume selection changed: show the result the scene holds for it (a saved scene, say)."""
-        if volume is not None and self.result is not None and \
-                self.result.confidence_node.GetAttribute(display.INPUT_VOLUME_ATTRIBUTE) == volume.GetID():
+        if (
+            volume is not None
+            and self.result is not None
+            and self.result.confidence_node.GetAttribute(display.INPUT_VOLUME_ATTRIBUTE) == volume.GetID()
+        ):
             return
         self._close_review()
         found = logic.result_from_nodes(self.scene, volume) if volume is not None else None
@@ -425,11 +451,20 @@ class Controller:
 
     def _result_alive(self) -> bool:
         r = self.result
-        return r is not None and all(self._node_present(n) for n in (
-            r.segmentation_node, r.uncertain_node, r.confidence_node, r.uncertainty_node, r.regions_table_node))
+        return r is not None and all(
+            self._node_present(n)
+            for n in (
+                r.segmentation_node,
+                r.uncertain_node,
+                r.confidence_node,
+                r.uncertainty_node,
+                r.regions_table_node,
+            )
+        )
 
-    def set_display(self, threshold: float | None = None, opacity: float | None = None,
-                    overlay: str | None = None) -> None:
+    def set_display(
+        self, threshold: float | None = None, opacity: float | None = None, overlay: str | None = None
+    ) -> None:
         """The display controls: hide confidence above ``threshold``, overlay opacity, what the overlay shows."""
         if threshold is not None:
             self.display_threshold = float(threshold)
@@ -462,8 +497,10 @@ class Controller:
             point = self.review.goto(row)
         except IndexError:
             return
-        self.status_text = (f"Region {row + 1} of {len(self.review)} ({self.review.state(row)}) at "
-                            f"R {point[0]:.1f}, A {point[1]:.1f}, S {point[2]:.1f} mm")
+        self.status_text = (
+            f"Region {row + 1} of {len(self.review)} ({self.review.state(row)}) at "
+            f"R {point[0]:.1f}, A {point[1]:.1f}, S {point[2]:.1f} mm"
+        )
         self.view.region_selected(row)
         self._changed()
 
@@ -472,7 +509,11 @@ class Controller:
             self._status("No uncertain regions.")
             return
         n = len(self.review)
-        row = (self.review.current + (1 if forward else -1)) % n if self.review.current >= 0 else (0 if forward else n - 1)
+        row = (
+            (self.review.current + (1 if forward else -1)) % n
+            if self.review.current >= 0
+            else (0 if forward else n - 1)
+        )
         self.goto_region(row)
 
     def next_unreviewed(self) -> None:
@@ -491,8 +532,10 @@ class Controller:
             return
         self.review.mark(state)
         counts = self.review.counts()
-        self._status(f"Region {self.review.current + 1}: {state}. "
-                     f"{len(self.review) - counts[regions.UNREVIEWED]} of {len(self.review)} reviewed.")
+        self._status(
+            f"Region {self.review.current + 1}: {state}. "
+            f"{len(self.review) - counts[regions.UNREVIEWED]} of {len(self.review)} reviewed."
+        )
 
     def update_statistics(self) -> None:
         """Recompute the per-segment volume and mean confidence from the segments as they are now."""
@@ -505,8 +548,10 @@ class Controller:
         if volume is None:
             self._status("The input volume of this result is gone.")
             return
-        stats.update_statistics_table(r.statistics_table_node, stats.segment_statistics(
-            r.segmentation_node, volume, r.confidence_node, r.uncertain_node))
+        stats.update_statistics_table(
+            r.statistics_table_node,
+            stats.segment_statistics(r.segmentation_node, volume, r.confidence_node, r.uncertain_node),
+        )
         self._status("Segment statistics updated.")
 
     # ============================================================================================== fine-tuning
@@ -561,7 +606,7 @@ class Controller:
         run = self._finetune
         if run is None:
             return
-        for message in run.task.messages[len(self.finetune_log):]:
+        for message in run.task.messages[len(self.finetune_log) :]:
             self.finetune_log.append(message)
         self.finetune_progress = run.task.progress[0] or 0.0
         if self.finetune_state == CANCELLING:
@@ -662,7 +707,8 @@ class Controller:
             return
         m = reply.get(EVAL_AGGREGATE) or {}
         self.evaluation_text = ", ".join(
-            f"{k.upper() if k != 'dice' else 'Dice'} {m[k]:.3f}" for k in METRIC_NAMES if m.get(k) is not None)
+            f"{k.upper() if k != 'dice' else 'Dice'} {m[k]:.3f}" for k in METRIC_NAMES if m.get(k) is not None
+        )
         path = ""
         if png:
             fd, path = tempfile.mkstemp(prefix="acecal-reliability-", suffix=".png")

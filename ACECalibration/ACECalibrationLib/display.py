@@ -188,8 +188,10 @@ def configure_probability_display(volume_node, hide_below: float | None = None, 
     Returns the display node. Raises ValueError for a volume that is not one of the module's probability maps.
     """
     if volume_node.GetAttribute(ROLE_ATTRIBUTE) not in (ROLE_CONFIDENCE, ROLE_UNCERTAINTY):
-        raise ValueError(f"'{volume_node.GetName()}' is not a confidence or uncertainty volume made by ACECalibration; "
-                         "its display is left as it is")
+        raise ValueError(
+            f"'{volume_node.GetName()}' is not a confidence or uncertainty volume made by ACECalibration; "
+            "its display is left as it is"
+        )
     scene = volume_node.GetScene()
     color = ensure_confidence_color_node(scene)
     if volume_node.GetDisplayNode() is None:
@@ -204,7 +206,9 @@ def configure_probability_display(volume_node, hide_below: float | None = None, 
         display.SetApplyThreshold(0)
     else:
         display.AutoThresholdOff()
-        display.SetThreshold(-1.0 if hide_below is None else float(hide_below), 2.0 if hide_above is None else float(hide_above))
+        display.SetThreshold(
+            -1.0 if hide_below is None else float(hide_below), 2.0 if hide_above is None else float(hide_above)
+        )
         display.SetApplyThreshold(1)
     display.EndModify(was)
     return display
@@ -258,8 +262,10 @@ def configure_uncertain_display(segmentation_node, outline_thickness: int = 2):
 
 def composite_nodes(scene) -> list:
     """Every slice view's composite node (its background / foreground / label layers)."""
-    return [scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
-            for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))]
+    return [
+        scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode"))
+    ]
 
 
 def views_showing(scene, node_ids: Iterable[str]) -> list:
@@ -286,7 +292,10 @@ def set_overlay(scene, image_node, overlay_node, opacity: float = 0.5, comps: It
     """Show ``image_node`` in the background and ``overlay_node`` (confidence, uncertainty or None) in the foreground
     of the slice views that show the image or a result of it (all views when none does). MRML only: what
     ``slicer.util.setSliceViewerLayers`` does, restricted to the relevant views. Returns the number of views set."""
-    if overlay_node is not None and overlay_node.GetAttribute(ROLE_ATTRIBUTE) not in (ROLE_CONFIDENCE, ROLE_UNCERTAINTY):
+    if overlay_node is not None and overlay_node.GetAttribute(ROLE_ATTRIBUTE) not in (
+        ROLE_CONFIDENCE,
+        ROLE_UNCERTAINTY,
+    ):
         raise ValueError(f"'{overlay_node.GetName()}' is not a confidence or uncertainty volume made by ACECalibration")
     if comps is None:
         ids = [image_node.GetID() if image_node is not None else None]
@@ -313,8 +322,10 @@ def result_probability_nodes(scene, image_node) -> list:
     out = []
     for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
         node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
-        if node.GetAttribute(ROLE_ATTRIBUTE) in (ROLE_CONFIDENCE, ROLE_UNCERTAINTY) and \
-                node.GetAttribute(INPUT_VOLUME_ATTRIBUTE) == image_node.GetID():
+        if (
+            node.GetAttribute(ROLE_ATTRIBUTE) in (ROLE_CONFIDENCE, ROLE_UNCERTAINTY)
+            and node.GetAttribute(INPUT_VOLUME_ATTRIBUTE) == image_node.GetID()
+        ):
             out.append(node)
     return out
 

@@ -28,8 +28,17 @@ from .nodes import volume_node_to_array
 from .segmentation import segment_label_value, segment_mask
 from .worker import Task, TaskContext
 
-__all__ = ["TrainingPair", "upload_name", "segment_values", "labelmap_from_segmentation", "training_pair", "upload_pairs",
-           "describe_job", "start_finetune", "evaluate_case"]
+__all__ = [
+    "TrainingPair",
+    "upload_name",
+    "segment_values",
+    "labelmap_from_segmentation",
+    "training_pair",
+    "upload_pairs",
+    "describe_job",
+    "start_finetune",
+    "evaluate_case",
+]
 
 
 @dataclass
@@ -68,7 +77,8 @@ def segment_values(segmentation_node, labels: Mapping[str, str]) -> dict[str, in
         raise InvalidInputError(
             f"Segment(s) {', '.join(repr(u) for u in unknown)} of '{segmentation_node.GetName()}' match no label of the "
             f"model ({', '.join(n for v, n in sorted(labels.items(), key=lambda kv: int(kv[0])) if int(v) != 0)}). "
-            "Rename them to a model label or delete them.")
+            "Rename them to a model label or delete them."
+        )
     return out
 
 
@@ -101,8 +111,15 @@ def _upload_progress(ctx: TaskContext | None, lo: float, hi: float, message: str
     return progress
 
 
-def upload_pairs(client, pairs: Sequence[TrainingPair], model_id: str, dataset_name: str,
-                 ctx: TaskContext | None = None, share: float = 0.1, cleanup_client=None) -> str:
+def upload_pairs(
+    client,
+    pairs: Sequence[TrainingPair],
+    model_id: str,
+    dataset_name: str,
+    ctx: TaskContext | None = None,
+    share: float = 0.1,
+    cleanup_client=None,
+) -> str:
     """Create a dataset checked against ``model_id``'s labels and upload ``pairs`` into it; returns its id.
 
     The server validates each case on arrival (a bad one raises ``InvalidInputError`` naming it); on any failure
@@ -118,8 +135,13 @@ def upload_pairs(client, pairs: Sequence[TrainingPair], model_id: str, dataset_n
             if ctx is not None:
                 ctx.progress(lo, f"Uploading case {i + 1}/{len(pairs)}: {p.name}")
             try:
-                client.add_case(ds_id, (p.image, p.grid), (p.label, p.grid), name=upload_name(i),
-                                progress=_upload_progress(ctx, lo, hi, f"Uploading case {i + 1}/{len(pairs)}"))
+                client.add_case(
+                    ds_id,
+                    (p.image, p.grid),
+                    (p.label, p.grid),
+                    name=upload_name(i),
+                    progress=_upload_progress(ctx, lo, hi, f"Uploading case {i + 1}/{len(pairs)}"),
+                )
             except InvalidInputError as e:
                 raise InvalidInputError(f"{p.name}: {e.detail}", code=e.code) from None
     except BaseException:
@@ -146,8 +168,16 @@ def describe_job(job: JobInfo | Mapping[str, Any]) -> str:
     return text
 
 
-def start_finetune(client, pairs: Sequence[TrainingPair], base_model: str, loss: str, epochs: int,
-                   dataset_name: str = "Slicer corrections", poll_s: float = 2.0, **options: Any) -> Task:
+def start_finetune(
+    client,
+    pairs: Sequence[TrainingPair],
+    base_model: str,
+    loss: str,
+    epochs: int,
+    dataset_name: str = "Slicer corrections",
+    poll_s: float = 2.0,
+    **options: Any,
+) -> Task:
     """Upload ``pairs`` as a dataset, start a fine-tuning job and follow it until it ends, on a worker thread.
 
     The task's progress is the job's (uploads take the first 10 %); its message is :func:`describe_job`'s line.
@@ -180,8 +210,14 @@ def start_finetune(client, pairs: Sequence[TrainingPair], base_model: str, loss:
     return Task(work, name="ACECalibration fine-tune").start()
 
 
-def evaluate_case(client, pair: TrainingPair, model_id: str, temperature: bool = False,
-                  ctx: TaskContext | None = None, cleanup_client=None) -> tuple:
+def evaluate_case(
+    client,
+    pair: TrainingPair,
+    model_id: str,
+    temperature: bool = False,
+    ctx: TaskContext | None = None,
+    cleanup_client=None,
+) -> tuple:
     """The case's calibration against its reference segmentation: (the server's evaluation reply, reliability PNG).
 
     Uploads the pair as a one-case dataset, runs ``POST /evaluate/{model_id}``, downloads the case's reliability

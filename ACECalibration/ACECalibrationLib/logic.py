@@ -47,14 +47,30 @@ __all__ = [
 
 #: Roles of the result nodes (the value of the node attribute ``display.ROLE_ATTRIBUTE``).
 ROLE_SEGMENTATION, ROLE_UNCERTAIN, ROLE_REGIONS, ROLE_STATISTICS = "segmentation", "uncertain", "regions", "statistics"
-ROLES = (ROLE_SEGMENTATION, ROLE_UNCERTAIN, display.ROLE_CONFIDENCE, display.ROLE_UNCERTAINTY, ROLE_REGIONS,
-         ROLE_STATISTICS)
-_ROLE_CLASS = {ROLE_SEGMENTATION: "vtkMRMLSegmentationNode", ROLE_UNCERTAIN: "vtkMRMLSegmentationNode",
-               display.ROLE_CONFIDENCE: "vtkMRMLScalarVolumeNode", display.ROLE_UNCERTAINTY: "vtkMRMLScalarVolumeNode",
-               ROLE_REGIONS: "vtkMRMLTableNode", ROLE_STATISTICS: "vtkMRMLTableNode"}
-_ROLE_NAME = {ROLE_SEGMENTATION: "segmentation", ROLE_UNCERTAIN: "uncertain", display.ROLE_CONFIDENCE: "confidence",
-              display.ROLE_UNCERTAINTY: "uncertainty", ROLE_REGIONS: "uncertain regions",
-              ROLE_STATISTICS: "segment statistics"}
+ROLES = (
+    ROLE_SEGMENTATION,
+    ROLE_UNCERTAIN,
+    display.ROLE_CONFIDENCE,
+    display.ROLE_UNCERTAINTY,
+    ROLE_REGIONS,
+    ROLE_STATISTICS,
+)
+_ROLE_CLASS = {
+    ROLE_SEGMENTATION: "vtkMRMLSegmentationNode",
+    ROLE_UNCERTAIN: "vtkMRMLSegmentationNode",
+    display.ROLE_CONFIDENCE: "vtkMRMLScalarVolumeNode",
+    display.ROLE_UNCERTAINTY: "vtkMRMLScalarVolumeNode",
+    ROLE_REGIONS: "vtkMRMLTableNode",
+    ROLE_STATISTICS: "vtkMRMLTableNode",
+}
+_ROLE_NAME = {
+    ROLE_SEGMENTATION: "segmentation",
+    ROLE_UNCERTAIN: "uncertain",
+    display.ROLE_CONFIDENCE: "confidence",
+    display.ROLE_UNCERTAINTY: "uncertainty",
+    ROLE_REGIONS: "uncertain regions",
+    ROLE_STATISTICS: "segment statistics",
+}
 MODEL_ID_ATTRIBUTE = "ACECalibration.ModelId"
 RESULT_ID_ATTRIBUTE = "ACECalibration.ResultId"
 
@@ -174,10 +190,14 @@ def infer(
     if not result.grid.same_as(grid):
         raise ACECalError(
             "The server returned volumes on a different grid than the input "
-            f"(sent {grid.size} voxels, got {result.grid.size}); the overlay would not line up.", code="grid_mismatch")
+            f"(sent {grid.size} voxels, got {result.grid.size}); the overlay would not line up.",
+            code="grid_mismatch",
+        )
     if result.label_map.shape != grid.shape_zyx:
-        raise ACECalError(f"The server returned a label map of shape {result.label_map.shape}, expected "
-                          f"{grid.shape_zyx}.", code="grid_mismatch")
+        raise ACECalError(
+            f"The server returned a label map of shape {result.label_map.shape}, expected {grid.shape_zyx}.",
+            code="grid_mismatch",
+        )
     return result
 
 
@@ -191,8 +211,10 @@ def find_result_nodes(scene, volume_node) -> dict:
     for role, cls in _ROLE_CLASS.items():
         for i in range(scene.GetNumberOfNodesByClass(cls)):
             node = scene.GetNthNodeByClass(i, cls)
-            if node.GetAttribute(display.ROLE_ATTRIBUTE) == role and \
-                    node.GetAttribute(display.INPUT_VOLUME_ATTRIBUTE) == vid:
+            if (
+                node.GetAttribute(display.ROLE_ATTRIBUTE) == role
+                and node.GetAttribute(display.INPUT_VOLUME_ATTRIBUTE) == vid
+            ):
                 found[role] = node  # later nodes win: the newest run
     return found
 
@@ -211,11 +233,21 @@ def result_from_nodes(scene, volume_node):
         if value is not None:
             ids[value] = s.GetNthSegmentID(i)
     names = {str(v): s.GetSegment(sid).GetName() for v, sid in ids.items()}
-    return SegmentationResult(seg, nodes[ROLE_UNCERTAIN], nodes[display.ROLE_CONFIDENCE],
-                              nodes[display.ROLE_UNCERTAINTY], nodes[ROLE_REGIONS], nodes[ROLE_STATISTICS], ids,
-                              regions_mod.regions_from_table(nodes[ROLE_REGIONS]), None, names,
-                              seg.GetAttribute(MODEL_ID_ATTRIBUTE) or "", seg.GetAttribute(RESULT_ID_ATTRIBUTE) or "",
-                              reused=True)
+    return SegmentationResult(
+        seg,
+        nodes[ROLE_UNCERTAIN],
+        nodes[display.ROLE_CONFIDENCE],
+        nodes[display.ROLE_UNCERTAINTY],
+        nodes[ROLE_REGIONS],
+        nodes[ROLE_STATISTICS],
+        ids,
+        regions_mod.regions_from_table(nodes[ROLE_REGIONS]),
+        None,
+        names,
+        seg.GetAttribute(MODEL_ID_ATTRIBUTE) or "",
+        seg.GetAttribute(RESULT_ID_ATTRIBUTE) or "",
+        reused=True,
+    )
 
 
 def _volume(scene, volume_node, array: np.ndarray, grid: Grid, name: str, node=None):
@@ -263,10 +295,22 @@ def create_result_nodes(
     def name(role: str) -> str:
         return scene.GenerateUniqueName(f"{base} {_ROLE_NAME[role]}")
 
-    confidence = _volume(scene, volume_node, result.confidence.astype(np.float32, copy=False), grid,
-                         name(display.ROLE_CONFIDENCE), old.get(display.ROLE_CONFIDENCE))
-    uncertainty = _volume(scene, volume_node, result.uncertainty.astype(np.float32, copy=False), grid,
-                          name(display.ROLE_UNCERTAINTY), old.get(display.ROLE_UNCERTAINTY))
+    confidence = _volume(
+        scene,
+        volume_node,
+        result.confidence.astype(np.float32, copy=False),
+        grid,
+        name(display.ROLE_CONFIDENCE),
+        old.get(display.ROLE_CONFIDENCE),
+    )
+    uncertainty = _volume(
+        scene,
+        volume_node,
+        result.uncertainty.astype(np.float32, copy=False),
+        grid,
+        name(display.ROLE_UNCERTAINTY),
+        old.get(display.ROLE_UNCERTAINTY),
+    )
     confidence.SetAttribute(display.ROLE_ATTRIBUTE, display.ROLE_CONFIDENCE)
     uncertainty.SetAttribute(display.ROLE_ATTRIBUTE, display.ROLE_UNCERTAINTY)
     display.set_confidence_threshold(confidence, confidence_display_threshold, uncertainty)
@@ -274,10 +318,17 @@ def create_result_nodes(
 
     labels = dict(result.labels) or {BACKGROUND_LABEL: "background"}
     seg, ids = segmentation_mod.create_segmentation_node(
-        scene, volume_node, result.label_map, labels, name(ROLE_SEGMENTATION), model_text=model_text,
-        node=old.get(ROLE_SEGMENTATION))
+        scene,
+        volume_node,
+        result.label_map,
+        labels,
+        name(ROLE_SEGMENTATION),
+        model_text=model_text,
+        node=old.get(ROLE_SEGMENTATION),
+    )
     uncertain = segmentation_mod.create_uncertain_segmentation(
-        scene, volume_node, result.flags, name(ROLE_UNCERTAIN), node=old.get(ROLE_UNCERTAIN))
+        scene, volume_node, result.flags, name(ROLE_UNCERTAIN), node=old.get(ROLE_UNCERTAIN)
+    )
 
     region_rows = [regions_mod.region_from_reply(r, labels) for r in result.regions]
     table = old.get(ROLE_REGIONS) or scene.AddNewNodeByClass("vtkMRMLTableNode", name(ROLE_REGIONS))
@@ -285,8 +336,14 @@ def create_result_nodes(
     statistics = old.get(ROLE_STATISTICS) or scene.AddNewNodeByClass("vtkMRMLTableNode", name(ROLE_STATISTICS))
     stats.update_statistics_table(statistics, stats.segment_statistics(seg, volume_node, confidence, uncertain))
 
-    for role, node in ((ROLE_SEGMENTATION, seg), (ROLE_UNCERTAIN, uncertain), (display.ROLE_CONFIDENCE, confidence),
-                       (display.ROLE_UNCERTAINTY, uncertainty), (ROLE_REGIONS, table), (ROLE_STATISTICS, statistics)):
+    for role, node in (
+        (ROLE_SEGMENTATION, seg),
+        (ROLE_UNCERTAIN, uncertain),
+        (display.ROLE_CONFIDENCE, confidence),
+        (display.ROLE_UNCERTAINTY, uncertainty),
+        (ROLE_REGIONS, table),
+        (ROLE_STATISTICS, statistics),
+    ):
         node.SetAttribute(display.ROLE_ATTRIBUTE, role)
         node.SetAttribute(display.INPUT_VOLUME_ATTRIBUTE, volume_node.GetID() or "")
         node.SetAttribute(MODEL_ID_ATTRIBUTE, result.model_id)
@@ -294,8 +351,21 @@ def create_result_nodes(
 
     if show_in_slice_views:
         display.set_overlay(scene, volume_node, confidence, overlay_opacity)
-    return SegmentationResult(seg, uncertain, confidence, uncertainty, table, statistics, ids, region_rows,
-                              result.summary, dict(labels), result.model_id, result.result_id or "", reused=bool(old))
+    return SegmentationResult(
+        seg,
+        uncertain,
+        confidence,
+        uncertainty,
+        table,
+        statistics,
+        ids,
+        region_rows,
+        result.summary,
+        dict(labels),
+        result.model_id,
+        result.result_id or "",
+        reused=bool(old),
+    )
 
 
 def run_segmentation(
@@ -321,8 +391,9 @@ def run_segmentation(
     array, grid = prepare_input(volume_node)
     client = client if client is not None else make_client(server_url, api_key)
     result = infer(client, model_id, array, grid, uncertainty_threshold)
-    return create_result_nodes(scene, volume_node, result, confidence_display_threshold, reuse=reuse,
-                               model_text=model_id)
+    return create_result_nodes(
+        scene, volume_node, result, confidence_display_threshold, reuse=reuse, model_text=model_id
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ messages
@@ -332,14 +403,20 @@ def user_message(exc: BaseException, server_url: str = "") -> str:
     if isinstance(exc, Cancelled):
         return "Cancelled."
     if isinstance(exc, UnauthorizedError):
-        return (f"The server{where} refused the API key. Enter the key the server was started with "
-                f"(acecal serve --api-key ... or ACECAL_API_KEY) in the API key field. Server said: {exc.detail}")
+        return (
+            f"The server{where} refused the API key. Enter the key the server was started with "
+            f"(acecal serve --api-key ... or ACECAL_API_KEY) in the API key field. Server said: {exc.detail}"
+        )
     if isinstance(exc, TimeoutError):  # the client's ServerTimeoutError included
-        return (f"The ACECalibration server{where} did not answer in time. It may be busy, unreachable from this "
-                f"computer, or the volume very large; try again, or check the server's log. ({exc})")
+        return (
+            f"The ACECalibration server{where} did not answer in time. It may be busy, unreachable from this "
+            f"computer, or the volume very large; try again, or check the server's log. ({exc})"
+        )
     if isinstance(exc, ConnectionError):  # the client's ServerUnreachableError included
-        return (f"Cannot reach the ACECalibration server{where}. Check that it is running ('acecal serve' or "
-                f"'make serve') and that the address and port are right. ({exc})")
+        return (
+            f"Cannot reach the ACECalibration server{where}. Check that it is running ('acecal serve' or "
+            f"'make serve') and that the address and port are right. ({exc})"
+        )
     if isinstance(exc, ACECalError):
         return exc.detail
     try:

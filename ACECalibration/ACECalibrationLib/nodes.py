@@ -135,7 +135,9 @@ def add_volume_from_array(
     space. Display nodes are created (``CreateDefaultDisplayNodes``).
     """
     if tuple(np.shape(array_zyx)) != grid.shape_zyx:
-        raise ValueError(f"array shape {np.shape(array_zyx)} does not match the grid's (z, y, x) shape {grid.shape_zyx}")
+        raise ValueError(
+            f"array shape {np.shape(array_zyx)} does not match the grid's (z, y, x) shape {grid.shape_zyx}"
+        )
     node = scene.AddNewNodeByClass(class_name, name)
     if node is None:
         raise RuntimeError(f"could not create a {class_name} node")

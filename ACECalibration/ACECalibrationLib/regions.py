@@ -76,8 +76,14 @@ def region_from_reply(region: Region | Mapping[str, Any], labels: Mapping[str, s
     name = r.class_name
     if not name and labels is not None:
         name = str(labels.get(str(r.class_value), r.class_value))
-    return RegionRow(id=r.id, class_name=name, voxels=r.voxels, volume_ml=r.volume_ml,
-                     mean_confidence=r.mean_confidence, centroid_ras=tuple(r.centroid_ras))
+    return RegionRow(
+        id=r.id,
+        class_name=name,
+        voxels=r.voxels,
+        volume_ml=r.volume_ml,
+        mean_confidence=r.mean_confidence,
+        centroid_ras=tuple(r.centroid_ras),
+    )
 
 
 def _column(cls, name: str, values: Sequence[Any]):
@@ -136,15 +142,17 @@ def regions_from_table(table_node) -> list:
     out = []
     for row in range(table.GetNumberOfRows()):
         get = lambda col: table.GetValueByName(row, col)  # noqa: E731
-        out.append(RegionRow(
-            id=get(COL_ID).ToInt(),
-            class_name=get(COL_CLASS).ToString(),
-            voxels=get(COL_VOXELS).ToInt(),
-            volume_ml=get(COL_VOLUME).ToDouble(),
-            mean_confidence=get(COL_CONFIDENCE).ToDouble(),
-            centroid_ras=(get(COL_R).ToDouble(), get(COL_A).ToDouble(), get(COL_S).ToDouble()),
-            review=review_state(table_node, row),
-        ))
+        out.append(
+            RegionRow(
+                id=get(COL_ID).ToInt(),
+                class_name=get(COL_CLASS).ToString(),
+                voxels=get(COL_VOXELS).ToInt(),
+                volume_ml=get(COL_VOLUME).ToDouble(),
+                mean_confidence=get(COL_CONFIDENCE).ToDouble(),
+                centroid_ras=(get(COL_R).ToDouble(), get(COL_A).ToDouble(), get(COL_S).ToDouble()),
+                review=review_state(table_node, row),
+            )
+        )
     return out
 
 

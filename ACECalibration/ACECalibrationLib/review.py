@@ -27,8 +27,9 @@ class ReviewSession:
         self.segmentation_node = segmentation_node
         self.navigator = regions.RegionNavigator(table_node, segmentation_node, shown_node_ids)
         self._segmentation = segmentation_node.GetSegmentation()
-        self._observer = self._segmentation.AddObserver(mrml.vtkSegmentation.SourceRepresentationModified,
-                                                       self._on_modified)
+        self._observer = self._segmentation.AddObserver(
+            mrml.vtkSegmentation.SourceRepresentationModified, self._on_modified
+        )
 
     # --- the worklist ----------------------------------------------------------------------------------------------
     @property

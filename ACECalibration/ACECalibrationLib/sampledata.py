@@ -24,9 +24,11 @@ THUMBNAIL = "ACECalHippocampus.png"
 #: file name -> (node name, Slicer file type, SHA256 of the shipped file)
 FILES = {
     "ACECalHippocampus.nii.gz": (
-        "ACECalHippocampus", "VolumeFile", "d1b0ec8ff9ad7a88605a913f5527802aa5c0a93e576836495b8bade25d017d5d"),
-    "ACECalHippocampusReference.seg.nrrd": (
-        "ACECalHippocampus reference", "SegmentationFile", None),
+        "ACECalHippocampus",
+        "VolumeFile",
+        "d1b0ec8ff9ad7a88605a913f5527802aa5c0a93e576836495b8bade25d017d5d",
+    ),
+    "ACECalHippocampusReference.seg.nrrd": ("ACECalHippocampus reference", "SegmentationFile", None),
 }
 #: label value -> segment name of the reference segmentation (the shipped hippocampus models' label names)
 REFERENCE_LABELS = {"0": "background", "1": "Anterior", "2": "Posterior"}
@@ -78,7 +80,8 @@ def write_reference_segmentation(image_path, label_path, out_path) -> None:
     if not nodes.volume_nodes_share_grid(image, label):
         raise ValueError("the label map is not on the image's grid")
     seg, _ = segmentation.create_segmentation_node(
-        scene, image, nodes.array_from_volume_node(label), REFERENCE_LABELS, "reference", model_text="hippocampus")
+        scene, image, nodes.array_from_volume_node(label), REFERENCE_LABELS, "reference", model_text="hippocampus"
+    )
     writer = mrml.vtkMRMLSegmentationStorageNode()
     scene.AddNode(writer)
     writer.SetFileName(str(out_path))

@@ -17,7 +17,12 @@ from .nodes import array_from_volume_node, grid_from_volume_node
 __all__ = ["SegmentStatistics", "COLUMNS", "segment_statistics", "update_statistics_table"]
 
 COL_SEGMENT, COL_VOXELS, COL_VOLUME, COL_CONFIDENCE, COL_UNCERTAIN = (
-    "Segment", "Voxels", "Volume (ml)", "Mean confidence", "Flagged uncertain (ml)")
+    "Segment",
+    "Voxels",
+    "Volume (ml)",
+    "Mean confidence",
+    "Flagged uncertain (ml)",
+)
 COLUMNS = (COL_SEGMENT, COL_VOXELS, COL_VOLUME, COL_CONFIDENCE, COL_UNCERTAIN)
 
 
@@ -31,8 +36,7 @@ class SegmentStatistics:
     uncertain_ml: float
 
 
-def segment_statistics(segmentation_node, reference_volume, confidence_node=None,
-                       uncertain_node=None) -> list:
+def segment_statistics(segmentation_node, reference_volume, confidence_node=None, uncertain_node=None) -> list:
     """One :class:`SegmentStatistics` per segment of ``segmentation_node``, on ``reference_volume``'s grid."""
     voxel_ml = grid_from_volume_node(reference_volume).voxel_volume_ml
     confidence = array_from_volume_node(confidence_node, copy=False) if confidence_node is not None else None
@@ -80,4 +84,3 @@ def update_statistics_table(table_node, stats: Sequence[SegmentStatistics]) -> N
         if unit:
             table_node.SetColumnUnitLabel(name, unit)
     table_node.EndModify(was)
-

@@ -49,8 +49,17 @@ class Terminology(NamedTuple):
 
     def serialized(self) -> str:
         """The ``TerminologyEntry`` tag value (no modifier, no anatomic region)."""
-        return "~".join([self.context, self.category.serialized(), self.type.serialized(), EMPTY.serialized(),
-                         ANATOMIC_CONTEXT, EMPTY.serialized(), EMPTY.serialized()])
+        return "~".join(
+            [
+                self.context,
+                self.category.serialized(),
+                self.type.serialized(),
+                EMPTY.serialized(),
+                ANATOMIC_CONTEXT,
+                EMPTY.serialized(),
+                EMPTY.serialized(),
+            ]
+        )
 
 
 #: Slicer's default for a new segment (``vtkSegment``'s constructor): General Anatomy, Tissue / Tissue.

@@ -79,22 +79,25 @@ def rewrite(text: str, source: str, modules: dict) -> str:
     lines = text.splitlines(keepends=True)
     for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "acecal" for a in node.names):
-            raise GenerationError(f"{source}, line {node.lineno}: 'import acecal...' cannot be made relative; "
-                                  "use 'from acecal.x import y'")
-        if not (isinstance(node, ast.ImportFrom) and node.level == 0
-                and (node.module or "").split(".")[0] == "acecal"):
+            raise GenerationError(
+                f"{source}, line {node.lineno}: 'import acecal...' cannot be made relative; "
+                "use 'from acecal.x import y'"
+            )
+        if not (isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "acecal"):
             continue
         if node.module not in modules:
-            raise GenerationError(f"{source} imports {node.module}, which is not part of the light client "
-                                  f"(SOURCES in {Path(__file__).name})")
+            raise GenerationError(
+                f"{source} imports {node.module}, which is not part of the light client "
+                f"(SOURCES in {Path(__file__).name})"
+            )
         target = modules[node.module]
         line = lines[node.lineno - 1]
-        head, tail = line[: node.col_offset], line[node.col_offset:]
+        head, tail = line[: node.col_offset], line[node.col_offset :]
         match = _FROM.match(tail)
         if match is None:  # pragma: no cover - e.g. a backslash between "from" and the module name
             raise GenerationError(f"{source}, line {node.lineno}: cannot rewrite {line.strip()!r}")
         where = "." if target == "__init__" else "." + target
-        lines[node.lineno - 1] = head + f"from {where} import" + tail[match.end():]
+        lines[node.lineno - 1] = head + f"from {where} import" + tail[match.end() :]
     return HEADER.format(source=source) + "".join(lines)
 
 

@@ -23,11 +23,18 @@ def test_health_needs_no_key(secured):
     assert r.status_code == 200 and r.json()["auth_required"] is True
 
 
-@pytest.mark.parametrize("method, path", [
-    ("GET", "/models"), ("GET", "/models/tiny-sphere"), ("GET", "/models/tiny-sphere/card"),
-    ("POST", "/infer/tiny-sphere"), ("GET", "/results/" + "0" * 32), ("GET", "/results/" + "0" * 32 + "/files/labels"),
-    ("DELETE", "/results/" + "0" * 32),
-])
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/models"),
+        ("GET", "/models/tiny-sphere"),
+        ("GET", "/models/tiny-sphere/card"),
+        ("POST", "/infer/tiny-sphere"),
+        ("GET", "/results/" + "0" * 32),
+        ("GET", "/results/" + "0" * 32 + "/files/labels"),
+        ("DELETE", "/results/" + "0" * 32),
+    ],
+)
 @pytest.mark.parametrize("header", [None, "Bearer wrong", "Basic czNjcmV0", "Bearer ", "bearer s3cret-key-"])
 def test_everything_else_needs_the_key(secured, method, path, header):
     headers = {"Authorization": header} if header is not None else {}

@@ -37,8 +37,17 @@ def _files(tmp_path):
     }
 
 
-CASES = ["empty", "corrupt gzip", "truncated", "not an image", "detached header", "2-D", "one slice", "NaN",
-         "two channels"]
+CASES = [
+    "empty",
+    "corrupt gzip",
+    "truncated",
+    "not an image",
+    "detached header",
+    "2-D",
+    "one slice",
+    "NaN",
+    "two channels",
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -53,20 +62,27 @@ def test_bad_images_get_422_with_a_message(server, tmp_path, case, assert_no_tem
     assert requests.get(server.url + "/health", timeout=5).status_code == 200
 
 
-@pytest.mark.parametrize("params, message", [
-    ("{not json", "not valid JSON"),
-    ("[1, 2]", "JSON object"),
-    ('{"uncertainty_threshold": 1.5}', "uncertainty_threshold"),
-    ('{"overlap": -0.1}', "overlap"),
-    ('{"connectivity": 4}', "connectivity"),
-    ('{"min_region_voxels": 0}', "min_region_voxels"),
-    ('{"treshold": 0.5}', "treshold"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"uncertainty_threshold": 1.5}', "uncertainty_threshold"),
+        ('{"overlap": -0.1}', "overlap"),
+        ('{"connectivity": 4}', "connectivity"),
+        ('{"min_region_voxels": 0}', "min_region_voxels"),
+        ('{"treshold": 0.5}', "treshold"),
+    ],
+)
 def test_bad_params_get_422(server, tmp_path, params, message, assert_no_temp_files):
     case = make_case((12, 12, 12), seed=1)
     write_case(case, tmp_path / "c.nrrd")
-    r = requests.post(server.url + "/infer/tiny-sphere", files={"image": ("c.nrrd", (tmp_path / "c.nrrd").read_bytes())},
-                      data={"params": params}, timeout=60)
+    r = requests.post(
+        server.url + "/infer/tiny-sphere",
+        files={"image": ("c.nrrd", (tmp_path / "c.nrrd").read_bytes())},
+        data={"params": params},
+        timeout=60,
+    )
     assert r.status_code == 422, r.text
     assert r.json()["error"] == "invalid_input" and message in r.json()["detail"]
 
@@ -74,8 +90,12 @@ def test_bad_params_get_422(server, tmp_path, params, message, assert_no_temp_fi
 def test_missing_image_and_malformed_multipart(server):
     r = requests.post(server.url + "/infer/tiny-sphere", data={"params": "{}"}, timeout=10)
     assert r.status_code == 422 and r.json()["error"] == "invalid_input" and "image" in r.json()["detail"]
-    r = requests.post(server.url + "/infer/tiny-sphere", data=b"--xyz\r\nbroken",
-                      headers={"Content-Type": "multipart/form-data; boundary=xyz"}, timeout=10)
+    r = requests.post(
+        server.url + "/infer/tiny-sphere",
+        data=b"--xyz\r\nbroken",
+        headers={"Content-Type": "multipart/form-data; boundary=xyz"},
+        timeout=10,
+    )
     assert 400 <= r.status_code < 500 and r.json()["error"] == "invalid_input"
 
 
@@ -100,17 +120,27 @@ def test_too_large_uploads_get_413(tiny_bundle, tmp_path):
         assert r.json()["error"] == "payload_too_large" and "MB" in r.json()["detail"]
 
         def chunks():  # no Content-Length: refused while streaming
-            body = (b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.nrrd\"\r\n\r\n" + big
-                    + b"\r\n--b--\r\n")
+            body = (
+                b'--b\r\nContent-Disposition: form-data; name="image"; filename="big.nrrd"\r\n\r\n'
+                + big
+                + b"\r\n--b--\r\n"
+            )
             for i in range(0, len(body), 8192):
-                yield body[i:i + 8192]
+                yield body[i : i + 8192]
 
-        r = requests.post(s.url + "/infer/tiny-sphere", data=chunks(),
-                          headers={"Content-Type": "multipart/form-data; boundary=b"}, timeout=30)
+        r = requests.post(
+            s.url + "/infer/tiny-sphere",
+            data=chunks(),
+            headers={"Content-Type": "multipart/form-data; boundary=b"},
+            timeout=30,
+        )
         assert r.status_code == 413 and r.json()["error"] == "payload_too_large"
         small = make_case((12, 12, 12), seed=2)
         write_case(small, tmp_path / "small.nrrd")
-        r = requests.post(s.url + "/infer/tiny-sphere",
-                          files={"image": ("small.nrrd", (tmp_path / "small.nrrd").read_bytes())}, timeout=60)
+        r = requests.post(
+            s.url + "/infer/tiny-sphere",
+            files={"image": ("small.nrrd", (tmp_path / "small.nrrd").read_bytes())},
+            timeout=60,
+        )
         assert r.status_code == 200, r.text
         assert list(s.settings.tmp_dir.iterdir()) == []

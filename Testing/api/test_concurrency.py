@@ -85,8 +85,11 @@ def test_full_queue_answers_503_with_retry_after(tiny_bundle, tmp_path):
             time.sleep(0.01)
         small = make_case((12, 12, 12), seed=1)
         write_case(small, tmp_path / "small.nrrd")
-        r = requests.post(s.url + "/infer/tiny-sphere",
-                          files={"image": ("small.nrrd", (tmp_path / "small.nrrd").read_bytes())}, timeout=30)
+        r = requests.post(
+            s.url + "/infer/tiny-sphere",
+            files={"image": ("small.nrrd", (tmp_path / "small.nrrd").read_bytes())},
+            timeout=30,
+        )
         busy_while_running = t.is_alive()
         with ACEClient(s.url, busy_retries=0) as c:
             try:

@@ -19,15 +19,34 @@ def test_schemathesis_finds_no_server_errors(tiny_bundle, tmp_path):
         pytest.skip("schemathesis CLI (st) is not installed")
     config = tmp_path / "schemathesis.toml"
     # fuzz the upload against the real model (random bytes must never reach a 5xx), other ids stay random
-    config.write_text('[[operations]]\ninclude-path = "/infer/{model_id}"\nparameters = { "model_id" = "tiny-sphere" }\n')
+    config.write_text(
+        '[[operations]]\ninclude-path = "/infer/{model_id}"\nparameters = { "model_id" = "tiny-sphere" }\n'
+    )
     settings = make_settings(tmp_path / "data", [tiny_bundle.parent], api_key=KEY)
     with LiveServer(settings) as s:
-        cmd = [st, "--config-file", str(config), "run", f"{s.url}/openapi.json",
-               "--max-examples", "30", "--workers", "1", "--seed", "20261129",
-               "--request-timeout", "30", "--header", f"Authorization: Bearer {KEY}",
-               # every check except positive_data_acceptance: a schema-valid upload may still be a bad image (422)
-               "--exclude-checks", "positive_data_acceptance",
-               "--no-color", "--report-dir", str(tmp_path / "report")]
+        cmd = [
+            st,
+            "--config-file",
+            str(config),
+            "run",
+            f"{s.url}/openapi.json",
+            "--max-examples",
+            "30",
+            "--workers",
+            "1",
+            "--seed",
+            "20261129",
+            "--request-timeout",
+            "30",
+            "--header",
+            f"Authorization: Bearer {KEY}",
+            # every check except positive_data_acceptance: a schema-valid upload may still be a bad image (422)
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "--no-color",
+            "--report-dir",
+            str(tmp_path / "report"),
+        ]
         env = dict(os.environ, SCHEMATHESIS_HOOKS="")
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=150, cwd=tmp_path, env=env)
         out = r.stdout + r.stderr

@@ -45,12 +45,18 @@ class Served:
 
     def post_image(self, name: str, blob: bytes, params=None, model: str = "tiny-sphere", timeout: float = 60):
         data = {"params": params} if params is not None else None
-        return requests.post(f"{self.url}/infer/{model}", files={"image": (name, blob)}, data=data, headers=AUTH,
-                             timeout=timeout)
+        return requests.post(
+            f"{self.url}/infer/{model}", files={"image": (name, blob)}, data=data, headers=AUTH, timeout=timeout
+        )
 
     def post_case(self, ds: str, image: tuple, label: tuple, timeout: float = 60, **form):
-        return requests.post(f"{self.url}/datasets/{ds}/cases", files={"image": image, "label": label}, data=form,
-                             headers=AUTH, timeout=timeout)
+        return requests.post(
+            f"{self.url}/datasets/{ds}/cases",
+            files={"image": image, "label": label},
+            data=form,
+            headers=AUTH,
+            timeout=timeout,
+        )
 
     def healthy(self) -> bool:
         return requests.get(self.url + "/health", timeout=2).status_code == 200
@@ -91,9 +97,20 @@ def served(tiny_bundle, tmp_path_factory):
     data, systmp = root / "data", root / "systmp"
     systmp.mkdir()
     proc, url = start_cli_server(
-        ["--models", str(tiny_bundle.parent), "--data-dir", str(data), "--max-upload-mb", "64",
-         "--max-voxels", str(MAX_VOXELS), "--max-model-voxels", str(MAX_MODEL_VOXELS)],
-        env={"ACECAL_API_KEY": KEY, "TMPDIR": str(systmp)})
+        [
+            "--models",
+            str(tiny_bundle.parent),
+            "--data-dir",
+            str(data),
+            "--max-upload-mb",
+            "64",
+            "--max-voxels",
+            str(MAX_VOXELS),
+            "--max-model-voxels",
+            str(MAX_MODEL_VOXELS),
+        ],
+        env={"ACECAL_API_KEY": KEY, "TMPDIR": str(systmp)},
+    )
     yield Served(url, data, proc, root)
     stop_process(proc)
 
@@ -114,8 +131,9 @@ def good(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(served):
-    r = requests.post(served.url + "/datasets", json={"name": "hostile", "model": "tiny-sphere"}, headers=AUTH,
-                      timeout=10)
+    r = requests.post(
+        served.url + "/datasets", json={"name": "hostile", "model": "tiny-sphere"}, headers=AUTH, timeout=10
+    )
     assert r.status_code == 201, r.text
     return r.json()["id"]
 
@@ -190,8 +208,10 @@ def test_fifo_pointers_never_block_and_health_answers_meanwhile(served, good, da
     with ThreadPoolExecutor(16) as pool:
         t0 = time.monotonic()
         infers = [pool.submit(served.post_image, "scan.mha", pointer, timeout=30) for _ in range(12)]
-        cases = [pool.submit(served.post_case, dataset, ("img.nrrd", img), ("lab.mha", pointer), timeout=30)
-                 for _ in range(12)]
+        cases = [
+            pool.submit(served.post_case, dataset, ("img.nrrd", img), ("lab.mha", pointer), timeout=30)
+            for _ in range(12)
+        ]
         replies = [f.result() for f in infers + cases]
         elapsed = time.monotonic() - t0
     stop.set()
@@ -234,10 +254,13 @@ def test_stored_cases_are_reencoded_and_checked_again_before_evaluation(served, 
 
 
 # --- budgets -------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, bomb", [
-    ("bomb.nii.gz", lambda: nifti_gz_bomb((512, 512, 512), 512 << 20)),  # ~0.5 MB inflating to 512 MB
-    ("bomb.nrrd", lambda: nrrd_gzip_bomb((512, 512, 512), 512 << 20)),
-])
+@pytest.mark.parametrize(
+    "name, bomb",
+    [
+        ("bomb.nii.gz", lambda: nifti_gz_bomb((512, 512, 512), 512 << 20)),  # ~0.5 MB inflating to 512 MB
+        ("bomb.nrrd", lambda: nrrd_gzip_bomb((512, 512, 512), 512 << 20)),
+    ],
+)
 def test_gzip_bombs_are_refused_from_their_header_with_memory_bounded(served, good, dataset, name, bomb):
     blob = bomb()
     assert len(blob) < 1 << 20
@@ -273,8 +296,9 @@ def test_huge_spacing_is_refused_before_resampling(served, good, dataset, spacin
     assert r.status_code == 413 and r.json()["error"] == "image_too_large", r.text
     assert "max_model_voxels" in r.json()["detail"] and "ACECAL_MAX_MODEL_VOXELS" in r.json()["detail"]
     assert r.elapsed.total_seconds() < 5
-    label = encode_nrrd(np.zeros((4, 4, 4), np.uint8), Grid((4, 4, 4), (spacing,) * 3, (0.0, 0.0, 0.0),
-                                                             tuple(np.eye(3).ravel())))
+    label = encode_nrrd(
+        np.zeros((4, 4, 4), np.uint8), Grid((4, 4, 4), (spacing,) * 3, (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    )
     r = served.post_case(dataset, ("wide.nrrd", blob), ("wide-label.nrrd", label))
     assert r.status_code == 413 and "max_model_voxels" in r.json()["detail"], r.text
 
@@ -291,8 +315,9 @@ def test_values_that_overflow_the_normalisation_are_422_and_leave_no_result(serv
     assert served.results() == before and served.healthy()
 
 
-@pytest.mark.parametrize("params", ['{"band_mm": 1000}', '{"band_voxels": 1000}', '{"band_mm": 1000, '
-                                                                                   '"uncertainty_threshold": 1}'])
+@pytest.mark.parametrize(
+    "params", ['{"band_mm": 1000}', '{"band_voxels": 1000}', '{"band_mm": 1000, "uncertainty_threshold": 1}']
+)
 def test_huge_bands_are_bounded(served, good, params):
     r = served.post_image("img.nrrd", good[0], params=params)
     assert r.status_code == 200, r.text
@@ -306,29 +331,47 @@ def test_deep_nesting_is_422_not_a_crash(served, good, dataset):
     assert r.status_code == 422 and "nests" in r.json()["detail"], r.text
     r = served.post_image("img.nrrd", good[0], params=deep)
     assert r.status_code == 422 and "longer than 64 KB" in r.json()["detail"], r.text
-    for path, body in (("/datasets", '{"name": ' + deep + "}"),
-                       ("/finetune", '{"base_model": "tiny-sphere", "dataset": "' + dataset + '", "loss_params": {"a": '
-                        + deep + "}}"),
-                       ("/evaluate/tiny-sphere", '{"dataset": ' + deep + "}")):
-        r = requests.post(served.url + path, data=body, headers={**AUTH, "Content-Type": "application/json"},
-                          timeout=10)
+    for path, body in (
+        ("/datasets", '{"name": ' + deep + "}"),
+        (
+            "/finetune",
+            '{"base_model": "tiny-sphere", "dataset": "' + dataset + '", "loss_params": {"a": ' + deep + "}}",
+        ),
+        ("/evaluate/tiny-sphere", '{"dataset": ' + deep + "}"),
+    ):
+        r = requests.post(
+            served.url + path, data=body, headers={**AUTH, "Content-Type": "application/json"}, timeout=10
+        )
         assert r.status_code == 422 and "nests" in r.json()["detail"], (path, r.text)
-    r = requests.post(served.url + "/datasets", data=b'{"name": "' + b"x" * (2 << 20) + b'"}',
-                      headers={**AUTH, "Content-Type": "application/json"}, timeout=10)
+    r = requests.post(
+        served.url + "/datasets",
+        data=b'{"name": "' + b"x" * (2 << 20) + b'"}',
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=10,
+    )
     assert r.status_code == 413 and "JSON requests may be at most 1 MB" in r.json()["detail"]
     r = requests.post(served.url + "/finetune", files={"x": ("x.bin", bytes(2 << 20))}, headers=AUTH, timeout=10)
     assert r.status_code == 413, r.text  # a multipart body to a JSON route gets the JSON cap, not the upload cap
     assert served.healthy()
 
 
-@pytest.mark.parametrize("patch, message", [
-    ([0, 0, 0], "greater than or equal to 1"), ([-1, -1, -1], "greater than or equal to 1"),
-    ([100000] * 3, "less than or equal to 512"), ([25, 24, 24], "divisible by 2"),
-])
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ([0, 0, 0], "greater than or equal to 1"),
+        ([-1, -1, -1], "greater than or equal to 1"),
+        ([100000] * 3, "less than or equal to 512"),
+        ([25, 24, 24], "divisible by 2"),
+    ],
+)
 def test_bad_patch_sizes_are_refused_at_submission(served, dataset, patch, message):
     jobs = requests.get(served.url + "/jobs", headers=AUTH, timeout=10).json()["jobs"]
-    r = requests.post(served.url + "/finetune", json={"base_model": "tiny-sphere", "dataset": dataset,
-                                                      "patch_size": patch}, headers=AUTH, timeout=10)
+    r = requests.post(
+        served.url + "/finetune",
+        json={"base_model": "tiny-sphere", "dataset": dataset, "patch_size": patch},
+        headers=AUTH,
+        timeout=10,
+    )
     assert r.status_code == 422 and message in r.json()["detail"], r.text
     assert requests.get(served.url + "/jobs", headers=AUTH, timeout=10).json()["jobs"] == jobs  # nothing queued
 
@@ -338,8 +381,11 @@ def _raw_post(url: str, path: str, headers: dict, first: bytes, timeout: float =
     """Send the request line, ``headers`` and only the ``first`` bytes of the body; return the reply (status, body)."""
     u = urlparse(url)
     with socket.create_connection((u.hostname, u.port), timeout=timeout) as s:
-        head = f"POST {path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\n" + \
-            "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {u.hostname}:{u.port}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+            + "\r\n"
+        )
         s.sendall(head.encode() + first)
         data = b""
         while b"\r\n\r\n" not in data:
@@ -348,8 +394,9 @@ def _raw_post(url: str, path: str, headers: dict, first: bytes, timeout: float =
                 break
             data += chunk
         head_part, _, rest = data.partition(b"\r\n\r\n")
-        length = int([ln.split(b":")[1] for ln in head_part.split(b"\r\n") if ln.lower().startswith(b"content-length")]
-                     [0])
+        length = int(
+            [ln.split(b":")[1] for ln in head_part.split(b"\r\n") if ln.lower().startswith(b"content-length")][0]
+        )
         while len(rest) < length:
             chunk = s.recv(65536)
             if not chunk:
@@ -366,17 +413,20 @@ def test_bodies_without_the_key_are_refused_before_they_are_read(served):
         t0 = time.monotonic()
         status, body = _raw_post(served.url, "/infer/tiny-sphere", multipart, first)
         assert status == 401 and json.loads(body)["error"] == "unauthorized"
-        status, body = _raw_post(served.url, "/datasets", {"Content-Type": "application/json",
-                                                           "Content-Length": str(big)}, b'{"name": "')
+        status, body = _raw_post(
+            served.url, "/datasets", {"Content-Type": "application/json", "Content-Length": str(big)}, b'{"name": "'
+        )
         assert status == 401
-        status, body = _raw_post(served.url, "/infer/tiny-sphere", {**multipart, "Authorization": "Bearer wrong"},
-                                 first)
+        status, body = _raw_post(
+            served.url, "/infer/tiny-sphere", {**multipart, "Authorization": "Bearer wrong"}, first
+        )
         assert status == 401 and b"refused" in body
         assert time.monotonic() - t0 < 5
     assert rss["growth"] < 20 << 20 and served.leftovers() == []
     # with the key: an unknown model is 404 before the body is read
-    status, body = _raw_post(served.url, "/infer/no-such-model", {**multipart, **AUTH, "Content-Length": str(32 << 20)},
-                             first)
+    status, body = _raw_post(
+        served.url, "/infer/no-such-model", {**multipart, **AUTH, "Content-Length": str(32 << 20)}, first
+    )
     assert status == 404 and json.loads(body)["error"] == "model_not_found"
     assert served.healthy()
 
@@ -386,13 +436,16 @@ def test_uploads_stream_into_the_data_directory_only(served):
     the system temporary folder (TMPDIR points to an empty folder for this server)."""
     arr = np.random.default_rng(3).random((100, 100, 100)).astype(np.float32)
     nrrd = encode_nrrd(arr, Grid.from_zyx_shape(arr.shape))
-    body = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="big.nrrd"\r\n\r\n' + nrrd
-            + b"\r\n--b--\r\n")
+    body = b'--b\r\nContent-Disposition: form-data; name="image"; filename="big.nrrd"\r\n\r\n' + nrrd + b"\r\n--b--\r\n"
     u = urlparse(served.url)
     with socket.create_connection((u.hostname, u.port), timeout=60) as s:
-        s.sendall((f"POST /infer/tiny-sphere HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-                   f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-                  + body[: len(body) // 2])
+        s.sendall(
+            (
+                f"POST /infer/tiny-sphere HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                f"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            + body[: len(body) // 2]
+        )
         deadline = time.monotonic() + 10
         while not served.leftovers() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -404,7 +457,7 @@ def test_uploads_stream_into_the_data_directory_only(served):
         while partial[0].stat().st_size < (1 << 20) and time.monotonic() < deadline:  # the first half, as it lands
             time.sleep(0.05)
         assert partial[0].stat().st_size >= (1 << 20)
-        s.sendall(body[len(body) // 2:])
+        s.sendall(body[len(body) // 2 :])
         reply = b""
         while b"\r\n\r\n" not in reply:
             reply += s.recv(65536)
@@ -417,7 +470,7 @@ def test_uploads_stream_into_the_data_directory_only(served):
 # --- messages and names --------------------------------------------------------------------------------------------------
 def test_messages_carry_no_server_path_and_few_values(served, good, dataset, tmp_path):
     img, lab = good
-    many = np.arange(16 ** 3, dtype=np.int32).reshape(16, 16, 16) % 251  # 251 label values
+    many = np.arange(16**3, dtype=np.int32).reshape(16, 16, 16) % 251  # 251 label values
     label = encode_nrrd(many, Grid.from_zyx_shape(many.shape))
     r = served.post_case(dataset, ("img.nrrd", img), ("many.nrrd", label))
     detail = r.json()["detail"]
@@ -429,8 +482,9 @@ def test_messages_carry_no_server_path_and_few_values(served, good, dataset, tmp
 
 
 def test_dataset_names_are_cleaned_and_inert_in_cards(served):
-    r = requests.post(served.url + "/datasets", json={"name": "a\x00b\r\nc\u202e<script>alert(1)</script>"},
-                      headers=AUTH, timeout=10)
+    r = requests.post(
+        served.url + "/datasets", json={"name": "a\x00b\r\nc\u202e<script>alert(1)</script>"}, headers=AUTH, timeout=10
+    )
     assert r.status_code == 201, r.text
     assert r.json()["name"] == "a?b??c?<script>alert(1)</script>"
     r = requests.post(served.url + "/datasets", json={"name": "\u202e\x00"}, headers=AUTH, timeout=10)
@@ -441,9 +495,12 @@ def test_dataset_names_are_cleaned_and_inert_in_cards(served):
     from acecal.bundles import BundleConfig
     from acecal.bundles.card import model_card
 
-    bc = BundleConfig(id="x", labels={"0": "background", "1": "sphere"},
-                      description="fine-tuned on dataset '<script>alert(1)</script> [x](javascript:alert(1))'",
-                      training={"data": {"source": "dataset '<img src=x onerror=alert(1)>'\r\n# injected"}})
+    bc = BundleConfig(
+        id="x",
+        labels={"0": "background", "1": "sphere"},
+        description="fine-tuned on dataset '<script>alert(1)</script> [x](javascript:alert(1))'",
+        training={"data": {"source": "dataset '<img src=x onerror=alert(1)>'\r\n# injected"}},
+    )
     card = model_card(bc)
     assert "<script>" not in card and "<img" not in card and "\n# injected" not in card
     assert "&lt;script&gt;" in card and "\\[x\\](javascript:alert(1))" in card
@@ -468,7 +525,7 @@ def test_retry_after_is_robust_to_outliers():
 def test_running_out_of_memory_is_413_and_leaves_nothing(tiny_bundle, tmp_path, good):
     """With the model-space budget off, 4^3 voxels of 10 m resample to ~6e13 voxels: the allocation fails, the reply
     is 413 and the server carries on."""
-    settings = make_settings(tmp_path / "data", [tiny_bundle.parent], max_model_voxels=10 ** 18)
+    settings = make_settings(tmp_path / "data", [tiny_bundle.parent], max_model_voxels=10**18)
     with LiveServer(settings) as s:
         arr = np.random.default_rng(1).random((4, 4, 4)).astype(np.float32)
         blob = encode_nrrd(arr, Grid((4, 4, 4), (1e4,) * 3, (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())))
@@ -494,7 +551,8 @@ def test_a_memory_error_releases_the_failed_attempt_before_the_413():
         partial = np.ones(1 << 20)  # what the failed attempt had allocated
         refs.append(weakref.ref(partial))
         raise RuntimeError("applying transform Spacingd") from RuntimeError(
-            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 864086402880032 bytes")
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 864086402880032 bytes"
+        )
 
     with pytest.raises(PayloadTooLargeError) as e:
         memory_bounded(attempt, "the image 'far.nrrd'")

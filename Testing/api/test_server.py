@@ -21,8 +21,9 @@ from acecal.nrrd import read_nrrd
 def post_image(url, path, model="tiny-sphere", params=None, name=None, **kw):
     data = {"params": json.dumps(params)} if params is not None else None
     with open(path, "rb") as fh:
-        return requests.post(f"{url}/infer/{model}", files={"image": (name or path.name, fh)}, data=data,
-                             timeout=120, **kw)
+        return requests.post(
+            f"{url}/infer/{model}", files={"image": (name or path.name, fh)}, data=data, timeout=120, **kw
+        )
 
 
 def test_health_is_open_and_describes_the_server(server):
@@ -63,8 +64,12 @@ def test_oblique_anisotropic_offset_volume_round_trip(server, tmp_path, assert_n
     np.testing.assert_allclose(g["origin"], grid.origin, atol=1e-6)
     np.testing.assert_allclose(g["direction"], grid.direction, atol=1e-6)
     vols = {}
-    for name, dtype in (("labels", sitk.sitkUInt8), ("confidence", sitk.sitkFloat32),
-                        ("uncertainty", sitk.sitkFloat32), ("flags", sitk.sitkUInt8)):
+    for name, dtype in (
+        ("labels", sitk.sitkUInt8),
+        ("confidence", sitk.sitkFloat32),
+        ("uncertainty", sitk.sitkFloat32),
+        ("flags", sitk.sitkUInt8),
+    ):
         f = requests.get(server.url + res["files"][name], timeout=30)
         assert f.status_code == 200 and f.headers["content-type"] == "application/octet-stream"
         (tmp_path / f"{name}.nrrd").write_bytes(f.content)
@@ -96,8 +101,11 @@ def test_oblique_anisotropic_offset_volume_round_trip(server, tmp_path, assert_n
 def test_each_file_type_is_accepted(server, tmp_path, suffix, assert_no_temp_files):
     case = make_case((20, 20, 20), seed=21)
     write_case(case, tmp_path / f"c{suffix}")
-    r = post_image(server.url, tmp_path / f"c{suffix}", params={"uncertainty_threshold": 0.99, "band_mm": 2.0,
-                                                                "min_region_voxels": 1, "connectivity": 6})
+    r = post_image(
+        server.url,
+        tmp_path / f"c{suffix}",
+        params={"uncertainty_threshold": 0.99, "band_mm": 2.0, "min_region_voxels": 1, "connectivity": 6},
+    )
     assert r.status_code == 200, r.text
     p = r.json()["params"]
     assert p["uncertainty_threshold"] == 0.99 and p["band_mm"] == 2.0 and p["connectivity"] == 6
@@ -162,8 +170,14 @@ def test_unknown_endpoints_and_methods_answer_json(server):
 def test_openapi_documents_every_endpoint_with_models(server):
     spec = requests.get(server.url + "/openapi.json", timeout=5).json()
     paths = spec["paths"]
-    for p in ("/health", "/models", "/models/{model_id}", "/infer/{model_id}", "/results/{result_id}",
-              "/results/{result_id}/files/{name}"):
+    for p in (
+        "/health",
+        "/models",
+        "/models/{model_id}",
+        "/infer/{model_id}",
+        "/results/{result_id}",
+        "/results/{result_id}/files/{name}",
+    ):
         assert p in paths, p
     schemas = spec["components"]["schemas"]
     for name in ("HealthResponse", "ModelsResponse", "InferResponse", "Region", "ErrorResponse", "DeleteResponse"):

@@ -42,14 +42,36 @@ def calibrated(tiny_bundle, held_out, tmp_path_factory):
     """{"ace-temperature": bundle folder made by the CLI, "local-temperature": one made by calibrate_bundle}."""
     out = tmp_path_factory.mktemp("calibrated-models")
     _register()
-    res = CliRunner().invoke(app, ["calibrate", str(tiny_bundle), "--method", "ace-temperature", "--data",
-                                   str(held_out), "--cases", ",".join(HELD), "--id", "tiny-acet", "--out", str(out),
-                                   "--no-cache", "-q"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            str(tiny_bundle),
+            "--method",
+            "ace-temperature",
+            "--data",
+            str(held_out),
+            "--cases",
+            ",".join(HELD),
+            "--id",
+            "tiny-acet",
+            "--out",
+            str(out),
+            "--no-cache",
+            "-q",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert res.stdout.strip().splitlines()[-1] == "tiny-acet"
-    lts, metrics = calibrate_bundle(tiny_bundle, method="local-temperature", data=held_out, cases=HELD, out_dir=out,
-                                    model_id="tiny-lts", settings={"epochs": 2, "hidden": 2, "layers": 1,
-                                                                   "nll_weight": 0.1})
+    lts, metrics = calibrate_bundle(
+        tiny_bundle,
+        method="local-temperature",
+        data=held_out,
+        cases=HELD,
+        out_dir=out,
+        model_id="tiny-lts",
+        settings={"epochs": 2, "hidden": 2, "layers": 1, "nll_weight": 0.1},
+    )
     return {"ace-temperature": out / "tiny-acet", "local-temperature": lts.path, "lts_metrics": metrics}
 
 
@@ -102,7 +124,8 @@ def test_local_temperature_bundle_round_trip(calibrated, held_out):
 
 @pytest.mark.parametrize("method", ["ace-temperature", "local-temperature"])
 def test_the_predictor_applies_the_calibrator_by_default_and_the_switch_gives_the_raw_softmax(
-        calibrated, tiny_bundle, image_path, method):
+    calibrated, tiny_bundle, image_path, method
+):
     b = Bundle.load(calibrated[method])
     raw_base = Predictor(Bundle.load(tiny_bundle)).predict(image_path)
     served = Predictor(b).predict(image_path)
@@ -150,8 +173,12 @@ def test_a_real_server_serves_the_calibrated_bundle_and_switches_it_off(calibrat
 
         def infer(params=None) -> tuple[dict, np.ndarray]:
             with open(image_path, "rb") as f:
-                r = requests.post(s.url + "/infer/tiny-lts", files={"image": ("img.nii.gz", f)},
-                                  data={"params": json.dumps(params)} if params else None, timeout=120)
+                r = requests.post(
+                    s.url + "/infer/tiny-lts",
+                    files={"image": ("img.nii.gz", f)},
+                    data={"params": json.dumps(params)} if params else None,
+                    timeout=120,
+                )
             assert r.status_code == 200, r.text
             reply = r.json()
             conf = requests.get(s.url + reply["files"]["confidence"], timeout=30)
@@ -180,8 +207,13 @@ def test_fitting_on_cases_the_network_trained_on_is_refused(tiny_bundle, held_ou
     with pytest.raises(InvalidInputError, match="unknown calibration method"):
         calibrate_bundle(tiny_bundle, method="isotonic", data=held_out, cases=HELD, out_dir=tmp_path)
     with pytest.raises(InvalidInputError, match="already has a calibrator"):
-        calibrate_bundle(_with_calibrator(tiny_bundle, tmp_path), method="ace-temperature", data=held_out,
-                         cases=HELD, out_dir=tmp_path)
+        calibrate_bundle(
+            _with_calibrator(tiny_bundle, tmp_path),
+            method="ace-temperature",
+            data=held_out,
+            cases=HELD,
+            out_dir=tmp_path,
+        )
 
 
 def _with_calibrator(tiny_bundle, tmp_path):
@@ -193,15 +225,18 @@ def _with_calibrator(tiny_bundle, tmp_path):
     return d
 
 
-@pytest.mark.parametrize("change, where", [
-    (lambda cfg, d: cfg["calibrator"].update(weights="../model.safetensors"), "load"),
-    (lambda cfg, d: cfg["calibrator"].update(weights="missing.safetensors"), "load"),
-    (lambda cfg, d: cfg["calibrator"].update(kind="isotonic"), "load"),
-    (lambda cfg, d: cfg["calibrator"]["params"].update(hidden=10**6), "calibrator"),
-    (lambda cfg, d: cfg["calibrator"]["params"].update(hidden=3), "calibrator"),  # weights no longer fit
-    (lambda cfg, d: shutil.copyfile(d / "model.safetensors", d / "calibrator.safetensors"), "calibrator"),
-    (lambda cfg, d: (d / "calibrator.safetensors").write_bytes(b"\x00" * 64), "calibrator"),
-])
+@pytest.mark.parametrize(
+    "change, where",
+    [
+        (lambda cfg, d: cfg["calibrator"].update(weights="../model.safetensors"), "load"),
+        (lambda cfg, d: cfg["calibrator"].update(weights="missing.safetensors"), "load"),
+        (lambda cfg, d: cfg["calibrator"].update(kind="isotonic"), "load"),
+        (lambda cfg, d: cfg["calibrator"]["params"].update(hidden=10**6), "calibrator"),
+        (lambda cfg, d: cfg["calibrator"]["params"].update(hidden=3), "calibrator"),  # weights no longer fit
+        (lambda cfg, d: shutil.copyfile(d / "model.safetensors", d / "calibrator.safetensors"), "calibrator"),
+        (lambda cfg, d: (d / "calibrator.safetensors").write_bytes(b"\x00" * 64), "calibrator"),
+    ],
+)
 def test_broken_or_hostile_calibrator_records_are_refused(calibrated, tmp_path, change, where):
     d = tmp_path / "b"
     shutil.copytree(calibrated["local-temperature"], d)
@@ -227,11 +262,23 @@ def test_nan_calibrator_weights_are_refused(calibrated, tmp_path):
         load_calibrator(Bundle.load(d))
 
 
-def test_a_model_fine_tuned_from_a_calibrated_bundle_gets_its_own_ace_temperature(calibrated, held_out, tmp_path,
-                                                                                  image_path):
-    result = finetune(str(calibrated["local-temperature"]), data=str(held_out), val_cases=HELD[:4], epochs=1,
-                      val_every=1, roi_size=(24, 24, 24), batch_size=2, sw_batch_size=1, augment=False,
-                      out_dir=str(tmp_path / "models"), work_dir=str(tmp_path / "work"), model_id="tiny-lts-ft")
+def test_a_model_fine_tuned_from_a_calibrated_bundle_gets_its_own_ace_temperature(
+    calibrated, held_out, tmp_path, image_path
+):
+    result = finetune(
+        str(calibrated["local-temperature"]),
+        data=str(held_out),
+        val_cases=HELD[:4],
+        epochs=1,
+        val_every=1,
+        roi_size=(24, 24, 24),
+        batch_size=2,
+        sw_batch_size=1,
+        augment=False,
+        out_dir=str(tmp_path / "models"),
+        work_dir=str(tmp_path / "work"),
+        model_id="tiny-lts-ft",
+    )
     assert result.status == "published", result
     b = Bundle.load(result.bundle_path)
     c = b.config.calibrator
@@ -247,8 +294,14 @@ def test_a_model_fine_tuned_from_a_calibrated_bundle_gets_its_own_ace_temperatur
 
 def test_a_two_head_bundle_is_calibrated_on_its_calibration_head(tiny_bundle, held_out, tmp_path, image_path):
     base = Bundle.load(tiny_bundle).config
-    config = base.model_copy(update={"id": "tiny-two-head", "network": NetworkConfig(
-        name="SegResNetTwoHead", args={"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]})})
+    config = base.model_copy(
+        update={
+            "id": "tiny-two-head",
+            "network": NetworkConfig(
+                name="SegResNetTwoHead", args={"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]}
+            ),
+        }
+    )
     torch.manual_seed(0)
     net = build_network(config)  # untrained: enough to check which logits the calibrator sees
     two = write_bundle(tmp_path / "models", config, net.state_dict(), "# two heads\n")
@@ -261,8 +314,14 @@ def test_a_two_head_bundle_is_calibrated_on_its_calibration_head(tiny_bundle, he
         seg, cal = split_heads(out, 2)
         assert c.logits.shape[0] == 2 and torch.allclose(c.logits, cal[0], atol=1e-4)
         assert torch.equal(c.prediction, seg[0].argmax(0))
-    b, _ = calibrate_bundle(two.path, method="ace-temperature", data=held_out, cases=HELD, out_dir=tmp_path / "models",
-                            model_id="tiny-two-head-acet")
+    b, _ = calibrate_bundle(
+        two.path,
+        method="ace-temperature",
+        data=held_out,
+        cases=HELD,
+        out_dir=tmp_path / "models",
+        model_id="tiny-two-head-acet",
+    )
     assert b.config.calibrator.params["temperature"] > 0
     served = Predictor(b).predict(image_path)
     raw = Predictor(b, use_calibrator=False).predict(image_path)

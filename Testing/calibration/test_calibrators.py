@@ -133,8 +133,9 @@ def test_local_temperature_learns_a_spatially_varying_over_confidence():
 
     fit_cases = synthetic_cases(8, seed=5, scale=scale)
     test_cases = synthetic_cases(6, seed=6, scale=scale)
-    cal, info = fit_local_temperature(fit_cases, epochs=10, lr=0.01, nll_weight=0.1, hidden=4, layers=1, dilation=1,
-                                      use_image=True)  # here the over-confidence is set by the image
+    cal, info = fit_local_temperature(
+        fit_cases, epochs=10, lr=0.01, nll_weight=0.1, hidden=4, layers=1, dilation=1, use_image=True
+    )  # here the over-confidence is set by the image
     t_only, _ = fit_ace_temperature(fit_cases)
     raw, glob, local = macro_ace(test_cases), macro_ace(test_cases, t_only), macro_ace(test_cases, cal)
     assert local < 0.85 * glob < 0.85 * raw, (raw, glob, local)  # about 0.12, 0.094, 0.06
@@ -161,18 +162,21 @@ def test_case_metrics_dice_does_not_depend_on_the_calibrator(over_confident):
         assert raw[name]["ace"] != cal[name]["ace"]
 
 
-@pytest.mark.parametrize("kind, params", [
-    ("nope", {}),
-    ("temperature", {"temperature": -1.0}),
-    ("temperature", {"temperature": float("nan")}),
-    ("temperature", {"temperature": 1.0, "extra": 1}),
-    ("local_temperature", {"num_classes": 3, "hidden": 10**6}),
-    ("local_temperature", {"num_classes": 3, "layers": 100}),
-    ("local_temperature", {"num_classes": 3, "kernel_size": 4}),
-    ("local_temperature", {"num_classes": 3, "init_temperature": 0.01}),
-    ("local_temperature", {"num_classes": 3, "logit_scale": math.inf}),
-    ("local_temperature", "not a dict"),
-])
+@pytest.mark.parametrize(
+    "kind, params",
+    [
+        ("nope", {}),
+        ("temperature", {"temperature": -1.0}),
+        ("temperature", {"temperature": float("nan")}),
+        ("temperature", {"temperature": 1.0, "extra": 1}),
+        ("local_temperature", {"num_classes": 3, "hidden": 10**6}),
+        ("local_temperature", {"num_classes": 3, "layers": 100}),
+        ("local_temperature", {"num_classes": 3, "kernel_size": 4}),
+        ("local_temperature", {"num_classes": 3, "init_temperature": 0.01}),
+        ("local_temperature", {"num_classes": 3, "logit_scale": math.inf}),
+        ("local_temperature", "not a dict"),
+    ],
+)
 def test_hostile_or_broken_specs_are_input_errors(kind, params):
     with pytest.raises(InvalidInputError):
         build_calibrator(kind, params)
@@ -205,8 +209,7 @@ def test_error_auroc_is_the_mann_whitney_statistic_within_the_roi(over_confident
 
 def test_the_ranking_guard_keeps_only_weights_that_do_not_lose_error_detection(over_confident):
     # an impossible guard (AUROC must rise by 1): no epoch is eligible, the start (the global temperature) is kept
-    cal, info = fit_local_temperature(over_confident[:4], epochs=2, lr=0.05, hidden=2, layers=1,
-                                      ranking_tolerance=-1.0)
+    cal, info = fit_local_temperature(over_confident[:4], epochs=2, lr=0.05, hidden=2, layers=1, ranking_tolerance=-1.0)
     assert info["best_epoch"] == 0 and all("fit_auroc" in h for h in info["history"])
     z, img, _ = over_confident[0].batch()
     assert torch.allclose(cal.temperature(z, img), torch.tensor(info["init_temperature"]), atol=1e-5)
@@ -215,8 +218,10 @@ def test_the_ranking_guard_keeps_only_weights_that_do_not_lose_error_detection(o
 def test_a_served_label_map_other_than_the_argmax_is_what_dice_and_error_detection_judge(over_confident):
     # a two-head network serves the segmentation head's labels with the calibration head's probabilities
     plain = over_confident[:3]
-    shifted = [CalibrationCase(c.name, c.logits, c.label, c.image, prediction=torch.roll(c.logits.argmax(0), 2, 0))
-               for c in plain]
+    shifted = [
+        CalibrationCase(c.name, c.logits, c.label, c.image, prediction=torch.roll(c.logits.argmax(0), 2, 0))
+        for c in plain
+    ]
     a, b = case_metrics(plain), case_metrics(shifted)
     for n in a:
         assert b[n]["ace"] == a[n]["ace"] and b[n]["dice"] < a[n]["dice"]

@@ -28,8 +28,9 @@ def cli():
 @pytest.fixture(scope="module")
 def served(tiny_bundle, tmp_path_factory):
     data = tmp_path_factory.mktemp("cli-data")
-    proc, url = start_cli_server(["--models", str(tiny_bundle.parent), "--data-dir", str(data)],
-                                 env={"ACECAL_API_KEY": KEY})
+    proc, url = start_cli_server(
+        ["--models", str(tiny_bundle.parent), "--data-dir", str(data)], env={"ACECAL_API_KEY": KEY}
+    )
     yield url
     stop_process(proc)
 
@@ -37,8 +38,9 @@ def served(tiny_bundle, tmp_path_factory):
 def test_serve_starts_with_no_models(tmp_path):
     empty = tmp_path / "models"
     empty.mkdir()
-    proc, url = start_cli_server(["--models", str(empty), "--models", str(tmp_path / "missing"),
-                                  "--data-dir", str(tmp_path / "data")])
+    proc, url = start_cli_server(
+        ["--models", str(empty), "--models", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "data")]
+    )
     try:
         assert requests.get(url + "/health", timeout=5).json()["status"] == "ok"
         assert requests.get(url + "/models", timeout=5).json() == {"models": [], "problems": []}
@@ -74,15 +76,40 @@ def _images(tmp_path):
     return [tmp_path / "in" / "first.nii.gz", tmp_path / "in" / "second.nrrd"], [a.label, label]
 
 
-def test_infer_through_the_server_and_in_process_give_the_same_outputs(cli, served, tiny_bundle, tmp_path,
-                                                                       monkeypatch):
+def test_infer_through_the_server_and_in_process_give_the_same_outputs(cli, served, tiny_bundle, tmp_path, monkeypatch):
     images, truths = _images(tmp_path)
     monkeypatch.setenv("ACECAL_API_KEY", KEY)
-    remote = cli.invoke(app, ["infer", "--server", served, "--model", "tiny-sphere", *map(str, images),
-                              "--out", str(tmp_path / "remote"), "--threshold", "0.9"])
+    remote = cli.invoke(
+        app,
+        [
+            "infer",
+            "--server",
+            served,
+            "--model",
+            "tiny-sphere",
+            *map(str, images),
+            "--out",
+            str(tmp_path / "remote"),
+            "--threshold",
+            "0.9",
+        ],
+    )
     assert remote.exit_code == 0, remote.output
-    local = cli.invoke(app, ["infer", "--model", str(tiny_bundle), *map(str, images), "--out", str(tmp_path / "local"),
-                             "--threshold", "0.9", "--device", "cpu"])
+    local = cli.invoke(
+        app,
+        [
+            "infer",
+            "--model",
+            str(tiny_bundle),
+            *map(str, images),
+            "--out",
+            str(tmp_path / "local"),
+            "--threshold",
+            "0.9",
+            "--device",
+            "cpu",
+        ],
+    )
     assert local.exit_code == 0, local.output
     for img, truth, name in zip(images, truths, ("first", "second")):
         src = sitk.ReadImage(str(img))
@@ -109,20 +136,47 @@ def test_infer_reports_bad_images_and_carries_on(cli, served, tmp_path):
     good = make_case((16, 16, 16), seed=3)
     write_case(good, tmp_path / "good.nrrd")
     (tmp_path / "bad.nii.gz").write_bytes(b"\x1f\x8b not really")
-    r = cli.invoke(app, ["infer", "-s", served, "--api-key", KEY, "-m", "tiny-sphere", str(tmp_path / "bad.nii.gz"),
-                         str(tmp_path / "good.nrrd"), "-o", str(tmp_path / "out"), "-q"])
+    r = cli.invoke(
+        app,
+        [
+            "infer",
+            "-s",
+            served,
+            "--api-key",
+            KEY,
+            "-m",
+            "tiny-sphere",
+            str(tmp_path / "bad.nii.gz"),
+            str(tmp_path / "good.nrrd"),
+            "-o",
+            str(tmp_path / "out"),
+            "-q",
+        ],
+    )
     assert r.exit_code == 1
     assert "bad.nii.gz" in r.output and "1 of 2 image(s) failed" in r.output
     assert (tmp_path / "out" / "good" / "summary.json").is_file()
     assert not (tmp_path / "out" / "bad" / "summary.json").exists()
-    r = cli.invoke(app, ["infer", "-s", served, "-m", "tiny-sphere", str(tmp_path / "nope.nrrd"), "-o",
-                         str(tmp_path / "out")])
+    r = cli.invoke(
+        app, ["infer", "-s", served, "-m", "tiny-sphere", str(tmp_path / "nope.nrrd"), "-o", str(tmp_path / "out")]
+    )
     assert r.exit_code == 2 and "no such file" in r.output
 
 
 def test_infer_in_process_with_an_unknown_model_says_so(cli, tmp_path):
     good = make_case((12, 12, 12), seed=3)
     write_case(good, tmp_path / "good.nrrd")
-    r = cli.invoke(app, ["infer", "-m", "no-such-model", "--models", str(tmp_path), str(tmp_path / "good.nrrd"),
-                         "-o", str(tmp_path / "out")])
+    r = cli.invoke(
+        app,
+        [
+            "infer",
+            "-m",
+            "no-such-model",
+            "--models",
+            str(tmp_path),
+            str(tmp_path / "good.nrrd"),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+    )
     assert r.exit_code == 1 and "unknown model 'no-such-model'" in r.output

@@ -45,8 +45,9 @@ def test_infer_a_file_into_arrays_with_progress(client_server, tmp_path):
     write_case(case, tmp_path / "c.nii.gz")
     events = []
     with ACEClient(client_server.url) as c:
-        res = c.infer(tmp_path / "c.nii.gz", "tiny-sphere", uncertainty_threshold=0.9,
-                      progress=lambda *e: events.append(e))
+        res = c.infer(
+            tmp_path / "c.nii.gz", "tiny-sphere", uncertainty_threshold=0.9, progress=lambda *e: events.append(e)
+        )
         with pytest.raises(ResultNotFoundError):  # deleted from the server once downloaded
             c.result(res.result_id)
     assert res.grid.same_as(grid_of(sitk.ReadImage(str(tmp_path / "c.nii.gz"))), atol=1e-6)
@@ -70,8 +71,13 @@ def test_infer_a_file_into_arrays_with_progress(client_server, tmp_path):
 def test_infer_an_array_on_an_oblique_grid_into_files(client_server, tmp_path):
     image, label, grid, _ = oblique_case(seed=13)
     with ACEClient(client_server.url) as c:
-        res = c.infer((image, grid), "tiny-sphere", out_dir=tmp_path / "out", keep_on_server=True,
-                      volumes=("labels", "confidence"))
+        res = c.infer(
+            (image, grid),
+            "tiny-sphere",
+            out_dir=tmp_path / "out",
+            keep_on_server=True,
+            volumes=("labels", "confidence"),
+        )
         assert c.result(res.result_id).result_id == res.result_id  # kept: fetch the rest later
         c.fetch_volumes(res, volumes=("flags",))
         c.delete_result(res.result_id)

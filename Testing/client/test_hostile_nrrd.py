@@ -51,7 +51,7 @@ def test_a_fifo_is_refused_without_blocking(tmp_path):
 
 def test_gzip_data_are_inflated_only_as_far_as_announced(tmp_path):
     """The stream turns invalid 64 KB past the announced 16^3 float32: a reader inflating further would fail."""
-    need = 16 ** 3 * 4
+    need = 16**3 * 4
     path = tmp_path / "bomb.nrrd"
     path.write_bytes(nrrd_gzip_bomb((16, 16, 16), 0, corrupt_after=need + (64 << 10)))
     vol = read_nrrd(path)
@@ -64,7 +64,7 @@ def test_gzip_data_are_inflated_only_as_far_as_announced(tmp_path):
 
 
 def test_absurd_skips_end_at_once(tmp_path):
-    body = np.zeros(16 ** 3, np.int16).tobytes()
+    body = np.zeros(16**3, np.int16).tobytes()
     path = tmp_path / "skip.nrrd"
     path.write_bytes(nrrd_header(extra="line skip: 1000000000000\n") + body)
     t0 = time.perf_counter()

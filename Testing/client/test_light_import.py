@@ -6,8 +6,20 @@ import textwrap
 from pathlib import Path
 
 SERVER_DIR = str(Path(__file__).resolve().parents[2] / "server")
-BLOCKED = ["torch", "monai", "SimpleITK", "scipy", "fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings",
-           "matplotlib", "safetensors", "nibabel"]
+BLOCKED = [
+    "torch",
+    "monai",
+    "SimpleITK",
+    "scipy",
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "pydantic",
+    "pydantic_settings",
+    "matplotlib",
+    "safetensors",
+    "nibabel",
+]
 
 
 def test_client_imports_without_heavy_modules():

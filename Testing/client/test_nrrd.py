@@ -74,17 +74,26 @@ def test_bytes_round_trip_and_bool_masks():
 
 
 def _header(**fields):
-    base = {"type": "short", "dimension": "3", "sizes": "3 2 2", "encoding": "raw", "endian": "little",
-            "space": "left-posterior-superior",
-            "space directions": "(2,0,0) (0,3,0) (0,0,4)", "space origin": "(1,2,3)"}
+    base = {
+        "type": "short",
+        "dimension": "3",
+        "sizes": "3 2 2",
+        "encoding": "raw",
+        "endian": "little",
+        "space": "left-posterior-superior",
+        "space directions": "(2,0,0) (0,3,0) (0,0,4)",
+        "space origin": "(1,2,3)",
+    }
     base.update(fields)
     return "NRRD0004\n" + "".join(f"{k}: {v}\n" for k, v in base.items() if v is not None) + "\n"
 
 
 def test_ras_space_is_converted_to_lps():
     data = np.arange(12, dtype="<i2")
-    raw = _header(space="right-anterior-superior", **{"space directions": "(-2,0,0) (0,3,0) (0,0,4)"}).encode() \
+    raw = (
+        _header(space="right-anterior-superior", **{"space directions": "(-2,0,0) (0,3,0) (0,0,4)"}).encode()
         + data.tobytes()
+    )
     vol = decode_nrrd(raw)
     np.testing.assert_allclose(vol.grid.origin, (-1, -2, 3))
     np.testing.assert_allclose(vol.grid.direction_matrix, np.diag([1.0, -1.0, 1.0]))
@@ -101,6 +110,7 @@ def test_big_endian_ascii_hex_and_bzip2_encodings():
     vol = decode_nrrd(_header(encoding="hex").encode() + data.astype("<i2").tobytes().hex().encode())
     np.testing.assert_array_equal(vol.array.ravel(), data)
     import bz2
+
     vol = decode_nrrd(_header(encoding="bzip2").encode() + bz2.compress(data.astype("<i2").tobytes()))
     np.testing.assert_array_equal(vol.array.ravel(), data)
 
@@ -114,16 +124,21 @@ def test_detached_header_is_refused_not_followed(tmp_path):
         read_nrrd(tmp_path / "d.nhdr")
 
 
-@pytest.mark.parametrize("blob, message", [
-    (b"hello", "magic"),
-    (_header().encode() + b"\x00\x01", "truncated"),
-    (_header(type="block").encode(), "unsupported NRRD type"),
-    (_header(dimension="2", sizes="3 2", **{"space directions": "(1,0) (0,1)"}).encode() + bytes(12),
-     "spatial axes"),
-    (_header(encoding="gzip").encode() + b"not gzip", "corrupt"),
-    (_header(space="upside-down-sideways").encode() + bytes(24), "space"),
-    (_header(sizes=None).encode(), "sizes"),
-])
+@pytest.mark.parametrize(
+    "blob, message",
+    [
+        (b"hello", "magic"),
+        (_header().encode() + b"\x00\x01", "truncated"),
+        (_header(type="block").encode(), "unsupported NRRD type"),
+        (
+            _header(dimension="2", sizes="3 2", **{"space directions": "(1,0) (0,1)"}).encode() + bytes(12),
+            "spatial axes",
+        ),
+        (_header(encoding="gzip").encode() + b"not gzip", "corrupt"),
+        (_header(space="upside-down-sideways").encode() + bytes(24), "space"),
+        (_header(sizes=None).encode(), "sizes"),
+    ],
+)
 def test_malformed_files_raise_nrrd_error(blob, message):
     with pytest.raises(NrrdError, match=message):
         decode_nrrd(blob)

@@ -51,8 +51,9 @@ def test_msd_json_problems(tmp_path):
     (tmp_path / "dataset.json").write_text("{not json")
     with pytest.raises(DatasetError, match="not valid JSON"):
         discover_dataset(tmp_path)
-    (tmp_path / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/a.nii.gz",
-                                                                     "label": "./labelsTr/a.nii.gz"}]}))
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]})
+    )
     with pytest.raises(DatasetError, match="a: the image file 'a.nii.gz' is empty or missing"):
         validate_cases(discover_dataset(tmp_path).cases, 2)
 
@@ -60,15 +61,15 @@ def test_msd_json_problems(tmp_path):
 def test_every_problem_is_reported_with_its_case(tmp_path):
     root = make_dataset(tmp_path, 6, shape_zyx=(12, 12, 12))
     img, lab = root / "images", root / "labels"
-    (lab / "case_000.nii.gz").unlink()                                          # missing label
+    (lab / "case_000.nii.gz").unlink()  # missing label
     bad = sitk.GetArrayFromImage(sitk.ReadImage(str(lab / "case_001.nii.gz")))
     bad[0, 0, 0] = 3
-    _write(bad, lab / "case_001.nii.gz")                                         # unknown label value
-    _write(np.zeros((10, 12, 12), np.uint8), lab / "case_002.nii.gz")            # grid size differs
+    _write(bad, lab / "case_001.nii.gz")  # unknown label value
+    _write(np.zeros((10, 12, 12), np.uint8), lab / "case_002.nii.gz")  # grid size differs
     _write(np.zeros((12, 12, 12), np.uint8), lab / "case_003.nii.gz", spacing=(1.0, 1.0, 2.0))  # spacing differs
-    _write(np.zeros((12, 12, 12), np.uint8), lab / "case_004.nii.gz", origin=(0.0, 5.0, 0.0))   # origin differs
+    _write(np.zeros((12, 12, 12), np.uint8), lab / "case_004.nii.gz", origin=(0.0, 5.0, 0.0))  # origin differs
     flat = sitk.GetImageFromArray(np.zeros((12, 12), np.float32))
-    sitk.WriteImage(flat, str(img / "case_005.nii.gz"))                          # 2-D image
+    sitk.WriteImage(flat, str(img / "case_005.nii.gz"))  # 2-D image
     info = discover_dataset(root)
     with pytest.raises(DatasetError) as e:
         validate_cases(info.cases, 2)

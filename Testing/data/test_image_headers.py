@@ -48,10 +48,17 @@ def _write(tmp_path, name, array, spacing=(0.5, 0.75, 2.0), compress=False):
     return tmp_path / name
 
 
-@pytest.mark.parametrize("name, compress, fmt", [
-    ("a.nii", False, "nifti1"), ("a.nii.gz", True, "nifti1"), ("a.nrrd", False, "nrrd"), ("g.nrrd", True, "nrrd"),
-    ("a.mha", False, "metaimage"), ("c.mha", True, "metaimage"),
-])
+@pytest.mark.parametrize(
+    "name, compress, fmt",
+    [
+        ("a.nii", False, "nifti1"),
+        ("a.nii.gz", True, "nifti1"),
+        ("a.nrrd", False, "nrrd"),
+        ("g.nrrd", True, "nrrd"),
+        ("a.mha", False, "metaimage"),
+        ("c.mha", True, "metaimage"),
+    ],
+)
 def test_headers_of_real_files(tmp_path, name, compress, fmt):
     path = _write(tmp_path, name, np.zeros((5, 6, 7), np.int16), compress=compress)
     h = read_header(path)
@@ -138,7 +145,7 @@ def test_symlinks_are_followed_only_where_allowed(tmp_path):
     target = _write(tmp_path, "t.nrrd", np.zeros((3, 3, 3), np.uint8))
     (tmp_path / "link.nrrd").symlink_to(target)
     assert read_header(tmp_path / "link.nrrd").size == (3, 3, 3)  # the CLI: a dataset of links is fine
-    with image_limits(ImageLimits(10 ** 9, 10 ** 9, follow_symlinks=False, server=True)):
+    with image_limits(ImageLimits(10**9, 10**9, follow_symlinks=False, server=True)):
         with pytest.raises(InvalidInputError, match="symbolic link"):
             read_volume(tmp_path / "link.nrrd")
 
@@ -149,22 +156,30 @@ def _with_vox_offset(offset: float) -> bytes:
     return bytes(block) + bytes(256)
 
 
-@pytest.mark.parametrize("name, blob, message", [
-    ("a.nii", _with_vox_offset(1e12), "vox_offset of 1e\\+12 bytes"),
-    ("a.nii", _with_vox_offset(4096.0), "truncated"),
-    ("a.nii", nifti_gz_bomb((4, 4, 4), 256), "rename it to .nii.gz"),
-    ("a.nrrd", mha_pointer("LOCAL"), "rename it to .mha"),
-    ("a.nii", nifti_header((4, 4, 4))[:100], "too short"),
-    ("a.nrrd", b"NRRD0004\ntype: short\n" + b"x" * 70000, "no end to its NRRD header"),
-    ("a.nrrd", b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 -4\n\n", "sizes"),
-    ("a.mha", b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_SHORT\n", "no ElementDataFile"),
-    ("a.mha", mha_pointer("LOCAL", element_type="MET_STRING"), "unsupported MetaImage ElementType"),
-    ("a.mha", mha_pointer("LOCAL").replace(b"DimSize", b"CompressedData = True\nCompressedDataSize = "
-                                           + str(100 << 30).encode() + b"\nDimSize") + b"x" * 100,
-     "announces 107,374,182,400 bytes of compressed data but holds"),
-    ("a.nii.gz", b"\x1f\x8b" + b"garbage" * 20, "gzip data are corrupt"),
-    ("a.nii", b"hello, I am not a volume", "not a recognised image type"),
-])
+@pytest.mark.parametrize(
+    "name, blob, message",
+    [
+        ("a.nii", _with_vox_offset(1e12), "vox_offset of 1e\\+12 bytes"),
+        ("a.nii", _with_vox_offset(4096.0), "truncated"),
+        ("a.nii", nifti_gz_bomb((4, 4, 4), 256), "rename it to .nii.gz"),
+        ("a.nrrd", mha_pointer("LOCAL"), "rename it to .mha"),
+        ("a.nii", nifti_header((4, 4, 4))[:100], "too short"),
+        ("a.nrrd", b"NRRD0004\ntype: short\n" + b"x" * 70000, "no end to its NRRD header"),
+        ("a.nrrd", b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4 -4\n\n", "sizes"),
+        ("a.mha", b"ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_SHORT\n", "no ElementDataFile"),
+        ("a.mha", mha_pointer("LOCAL", element_type="MET_STRING"), "unsupported MetaImage ElementType"),
+        (
+            "a.mha",
+            mha_pointer("LOCAL").replace(
+                b"DimSize", b"CompressedData = True\nCompressedDataSize = " + str(100 << 30).encode() + b"\nDimSize"
+            )
+            + b"x" * 100,
+            "announces 107,374,182,400 bytes of compressed data but holds",
+        ),
+        ("a.nii.gz", b"\x1f\x8b" + b"garbage" * 20, "gzip data are corrupt"),
+        ("a.nii", b"hello, I am not a volume", "not a recognised image type"),
+    ],
+)
 def test_malformed_headers_get_clear_messages(tmp_path, name, blob, message):
     (tmp_path / name).write_bytes(blob)
     with pytest.raises(InvalidInputError, match=message):
@@ -187,7 +202,7 @@ def test_a_real_ct_passes_the_default_budgets_from_its_header_alone(tmp_path):
 
 def test_over_budget_images_are_413_from_the_header_with_the_setting_named(tmp_path):
     (tmp_path / "big.nii.gz").write_bytes(nifti_gz_bomb((256, 256, 256), 0))  # 1 KB announcing 64 MB
-    with image_limits(ImageLimits(1_000_000, 10 ** 9, server=True)):
+    with image_limits(ImageLimits(1_000_000, 10**9, server=True)):
         with pytest.raises(PayloadTooLargeError) as e:
             read_volume(tmp_path / "big.nii.gz")
     assert "16,777,216 voxel values" in e.value.detail and "1,000,000" in e.value.detail
@@ -207,20 +222,23 @@ def test_budgets_from_the_environment(monkeypatch):
 def test_model_space_size_is_arithmetic_and_refused_before_resampling():
     assert model_space_voxels((4, 4, 4), (50.0, 50.0, 50.0), (1.0, 1.0, 1.0)) == 8_000_000
     assert model_space_voxels((100, 100, 10), (1.0, 1.0, 5.0), (1.0, 1.0, 1.0)) == 500_000
-    assert model_space_voxels((4, 4, 4), (1e300, 1e300, 1e300), (1.0, 1.0, 1.0)) == 2 ** 62  # no overflow
-    limits = ImageLimits(10 ** 9, 1_000_000)
+    assert model_space_voxels((4, 4, 4), (1e300, 1e300, 1e300), (1.0, 1.0, 1.0)) == 2**62  # no overflow
+    limits = ImageLimits(10**9, 1_000_000)
     with pytest.raises(PayloadTooLargeError, match="max_model_voxels") as e:
         check_model_space_budget((4, 4, 4), (50.0, 50.0, 50.0), (1.0, 1.0, 1.0), name="tiny.nii", limits=limits)
     assert "8,000,000" in e.value.detail and "50" in e.value.detail
 
 
 # --- bounded inflation -----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, bomb", [
-    ("b.nii.gz", lambda need, after: nifti_gz_bomb((16, 16, 16), 0, corrupt_after=after)),
-    ("b.nrrd", lambda need, after: nrrd_gzip_bomb((16, 16, 16), 0, corrupt_after=after)),
-])
+@pytest.mark.parametrize(
+    "name, bomb",
+    [
+        ("b.nii.gz", lambda need, after: nifti_gz_bomb((16, 16, 16), 0, corrupt_after=after)),
+        ("b.nrrd", lambda need, after: nrrd_gzip_bomb((16, 16, 16), 0, corrupt_after=after)),
+    ],
+)
 def test_compressed_data_are_inflated_only_as_far_as_announced(tmp_path, name, bomb):
     """The stream turns invalid 1 MB past the announced 16^3 float32: a reader inflating further would fail."""
-    need = 16 ** 3 * 4
+    need = 16**3 * 4
     (tmp_path / name).write_bytes(bomb(need, need + (1 << 20)))
     assert read_volume(tmp_path / name).GetSize() == (16, 16, 16)

@@ -27,8 +27,9 @@ def cases_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ft_server(tiny_bundle, tmp_path_factory):
     """A server with a job queue of one (the second waiting job gets 503)."""
-    settings = make_settings(tmp_path_factory.mktemp("ft-data"), [tiny_bundle.parent], job_queue_size=1,
-                             job_min_free_mb=1)
+    settings = make_settings(
+        tmp_path_factory.mktemp("ft-data"), [tiny_bundle.parent], job_queue_size=1, job_min_free_mb=1
+    )
     with LiveServer(settings) as s:
         yield s
 

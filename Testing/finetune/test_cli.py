@@ -22,9 +22,29 @@ def cli():
 
 
 def test_finetune_wait_uploads_trains_and_prints_the_new_model_id(ft_server, cases_dir):
-    cmd = [sys.executable, "-m", "acecal.cli.main", "finetune", "--server", ft_server.url, "--base", "tiny-sphere",
-           "--images", str(cases_dir / "images"), "--labels", str(cases_dir / "labels"),
-           "--loss", "hardl1ace_dice_ce", "--epochs", "2", "--val-every", "1", "--name", "cli upload", "--wait"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "acecal.cli.main",
+        "finetune",
+        "--server",
+        ft_server.url,
+        "--base",
+        "tiny-sphere",
+        "--images",
+        str(cases_dir / "images"),
+        "--labels",
+        str(cases_dir / "labels"),
+        "--loss",
+        "hardl1ace_dice_ce",
+        "--epochs",
+        "2",
+        "--val-every",
+        "1",
+        "--name",
+        "cli upload",
+        "--wait",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
     env.pop("ACECAL_API_KEY", None)
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
@@ -44,12 +64,36 @@ def test_finetune_refuses_bad_input_before_uploading(cli, ft_server, cases_dir, 
         before = len(c.datasets())
     r = cli.invoke(app, ["finetune", "--server", ft_server.url, "--base", "tiny-sphere", "--epochs", "1"])
     assert r.exit_code == 2 and "--images" in r.output
-    r = cli.invoke(app, ["finetune", "--server", ft_server.url, "--base", "no-such-model", "--images",
-                         str(cases_dir / "images"), "--labels", str(cases_dir / "labels")])
+    r = cli.invoke(
+        app,
+        [
+            "finetune",
+            "--server",
+            ft_server.url,
+            "--base",
+            "no-such-model",
+            "--images",
+            str(cases_dir / "images"),
+            "--labels",
+            str(cases_dir / "labels"),
+        ],
+    )
     assert r.exit_code == 1 and "unknown model 'no-such-model'" in r.output
     (tmp_path / "labels").mkdir()
-    r = cli.invoke(app, ["finetune", "--server", ft_server.url, "--base", "tiny-sphere", "--images",
-                         str(cases_dir / "images"), "--labels", str(tmp_path / "labels")])
+    r = cli.invoke(
+        app,
+        [
+            "finetune",
+            "--server",
+            ft_server.url,
+            "--base",
+            "tiny-sphere",
+            "--images",
+            str(cases_dir / "images"),
+            "--labels",
+            str(tmp_path / "labels"),
+        ],
+    )
     assert r.exit_code == 1 and "do not pair up" in r.output and "case_000.nii.gz: no label" in r.output
     with ACEClient(ft_server.url) as c:
         assert len(c.datasets()) == before
@@ -57,8 +101,23 @@ def test_finetune_refuses_bad_input_before_uploading(cli, ft_server, cases_dir, 
 
 def test_jobs_cancel_and_datasets_commands(cli, ft_server, dataset_id):
     url = ft_server.url
-    r = cli.invoke(app, ["finetune", "--server", url, "--base", "tiny-sphere", "--dataset", dataset_id,
-                         "--epochs", "1", "--no-wait", "--model-id", "tiny-sphere-cli"])
+    r = cli.invoke(
+        app,
+        [
+            "finetune",
+            "--server",
+            url,
+            "--base",
+            "tiny-sphere",
+            "--dataset",
+            dataset_id,
+            "--epochs",
+            "1",
+            "--no-wait",
+            "--model-id",
+            "tiny-sphere-cli",
+        ],
+    )
     assert r.exit_code == 0, r.output
     job_id = r.stdout.strip().splitlines()[-1]
     assert job_id.startswith("job_")

@@ -23,8 +23,9 @@ def test_sigkill_during_a_job_loses_nothing_and_the_job_resumes(tiny_bundle, cas
         done = c.wait_job(c.finetune("tiny-sphere", ds["id"], epochs=1)["job_id"], timeout=150)
         assert done["status"] == "succeeded"
         acc = c.finetune("tiny-sphere", ds["id"], epochs=12, val_every=4)
-        running = wait_for(lambda: (j := c.job(acc["job_id"]))["progress"]["epoch"] >= 2 and j, 150,
-                           "two finished epochs")
+        running = wait_for(
+            lambda: (j := c.job(acc["job_id"]))["progress"]["epoch"] >= 2 and j, 150, "two finished epochs"
+        )
         assert running["status"] == "running"
         child = running["pid"]
         proc.kill()  # SIGKILL: no shutdown code runs
@@ -64,8 +65,9 @@ def test_sigkill_during_a_job_loses_nothing_and_the_job_resumes(tiny_bundle, cas
 
 def test_graceful_stop_without_resume_fails_the_job_with_a_reason(tiny_bundle, cases_dir, tmp_path):
     # (and the other way of starting jobs: a fresh `python -m acecal.jobs.worker` process)
-    settings = make_settings(tmp_path / "data", [tiny_bundle.parent], job_resume=False, job_min_free_mb=1,
-                             job_start_method="subprocess")
+    settings = make_settings(
+        tmp_path / "data", [tiny_bundle.parent], job_resume=False, job_min_free_mb=1, job_start_method="subprocess"
+    )
     with LiveServer(settings) as s, ACEClient(s.url) as c:
         ds = c.upload_dataset(cases_dir / "images", cases_dir / "labels", name="stop")["id"]
         job_id = c.finetune("tiny-sphere", ds, epochs=500, val_every=1000)["job_id"]

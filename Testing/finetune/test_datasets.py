@@ -46,7 +46,9 @@ def test_good_case_is_stored_under_a_server_chosen_name(ft_server, tmp_path):
     stored = list((ft_server.settings.data_dir / "datasets" / ds).rglob("*.nii.gz"))
     assert sorted(p.name for p in stored) == [f"{case['case_id']}.nii.gz"] * 2  # images/ and labels/
     got = requests.get(f"{url}/datasets/{ds}", timeout=10).json()
-    assert got["id"] == ds and got["name"] == "upload checks" and [c["case_id"] for c in got["cases"]] == [case["case_id"]]
+    assert (
+        got["id"] == ds and got["name"] == "upload checks" and [c["case_id"] for c in got["cases"]] == [case["case_id"]]
+    )
     assert ds in [d["id"] for d in requests.get(f"{url}/datasets", timeout=10).json()["datasets"]]
     assert requests.get(f"{url}/datasets/{ds}/cases/{case['case_id']}", timeout=10).json()["name"] == "evil name"
 
@@ -61,18 +63,38 @@ def _bad_cases(tmp_path):
     three[0, 0, 0] = 2
     yield "not an image", ("notes.txt", b"hello, I am not a volume"), ("lab.nii.gz", lab), "not a recognised image type"
     yield "empty label", ("img.nii.gz", img), ("lab.nii.gz", b""), "label file 'lab.nii.gz' is empty"
-    yield "2-D image", ("flat.nii.gz", _write(tmp_path, "flat.nii.gz", np.zeros((16, 16), np.float32))), \
-        ("lab.nii.gz", lab), "2-D"
+    yield (
+        "2-D image",
+        ("flat.nii.gz", _write(tmp_path, "flat.nii.gz", np.zeros((16, 16), np.float32))),
+        ("lab.nii.gz", lab),
+        "2-D",
+    )
     yield "truncated", ("cut.nii", _write(tmp_path, "cut.nii", good.image)[:-500]), ("lab.nii.gz", lab), "truncated"
     yield "NaN voxels", ("nan.mha", _write(tmp_path, "nan.mha", nan)), ("lab.nii.gz", lab), "NaN"  # NIfTI drops NaN
-    yield "grids differ in size", ("img.nii.gz", img), \
-        ("small.nii.gz", _write(tmp_path, "small.nii.gz", good.label[:8])), "grids differ"
-    yield "grids differ in spacing", ("img.nii.gz", img), \
-        ("sp.nii.gz", _write(tmp_path, "sp.nii.gz", good.label, spacing=(1.0, 1.0, 2.0))), "differ in spacing"
-    yield "non-integer labels", ("img.nii.gz", img), \
-        ("f.nii.gz", _write(tmp_path, "f.nii.gz", float_label)), "non-integer"
-    yield "label unknown to the model", ("img.nii.gz", img), \
-        ("three.nii.gz", _write(tmp_path, "three.nii.gz", three)), "label values [2] are unknown to the model"
+    yield (
+        "grids differ in size",
+        ("img.nii.gz", img),
+        ("small.nii.gz", _write(tmp_path, "small.nii.gz", good.label[:8])),
+        "grids differ",
+    )
+    yield (
+        "grids differ in spacing",
+        ("img.nii.gz", img),
+        ("sp.nii.gz", _write(tmp_path, "sp.nii.gz", good.label, spacing=(1.0, 1.0, 2.0))),
+        "differ in spacing",
+    )
+    yield (
+        "non-integer labels",
+        ("img.nii.gz", img),
+        ("f.nii.gz", _write(tmp_path, "f.nii.gz", float_label)),
+        "non-integer",
+    )
+    yield (
+        "label unknown to the model",
+        ("img.nii.gz", img),
+        ("three.nii.gz", _write(tmp_path, "three.nii.gz", three)),
+        "label values [2] are unknown to the model",
+    )
 
 
 def test_bad_cases_are_refused_with_a_message_naming_the_problem(ft_server, tmp_path):
@@ -122,8 +144,11 @@ def test_client_uploads_arrays_and_folders_and_deletes(ft_server, tmp_path, case
         added = c.add_case(ds["id"], (case.image, grid), (case.label, grid), name="slicer pair")
         assert added["name"] == "slicer pair" and added["label_values"] == [0, 1]
         with pytest.raises(InvalidInputError, match="grids differ"):
-            c.add_case(ds["id"], (case.image, grid), (case.label[:8], Grid((16, 16, 8), grid.spacing, grid.origin,
-                                                                           grid.direction)))
+            c.add_case(
+                ds["id"],
+                (case.image, grid),
+                (case.label[:8], Grid((16, 16, 8), grid.spacing, grid.origin, grid.direction)),
+            )
         # a folder pair: a label without an image is reported before anything is sent
         bad = tmp_path / "bad"
         (bad / "images").mkdir(parents=True)

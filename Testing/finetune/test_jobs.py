@@ -62,7 +62,8 @@ def test_finetune_end_to_end(ft_server, client, dataset_id, cases_dir, tmp_path)
     assert sorted(c["name"] for c in ev["cases"]) == [f"case_00{i}" for i in range(4)]
     # next to ACE: its floor and the removable part; and whether the served flags find the errors
     assert 0 < ev["floor"]["ace"] and ev["floor"]["removable_ace"] == pytest.approx(
-        ev["aggregate"]["ace"] - ev["floor"]["ace"], abs=1e-12)
+        ev["aggregate"]["ace"] - ev["floor"]["ace"], abs=1e-12
+    )
     assert ev["floor"]["micro"]["ace"] > 0 and ev["raw"] is False
     det = ev["error_detection"]
     assert {"auroc", "recall", "flagged_over_wrong", "per_class"} <= set(det) and det["roi_radius_voxels"] == 3
@@ -73,12 +74,16 @@ def test_finetune_end_to_end(ft_server, client, dataset_id, cases_dir, tmp_path)
     assert len(urls) == 5
     for url in urls:
         r = requests.get(ft_server.url + url, timeout=10)
-        assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (
+            r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+        )
     assert len(list((tmp_path / "ev" / "figures").glob("*.png"))) == 5
     again = requests.get(f"{ft_server.url}/evaluations/{ev['evaluation_id']}", timeout=10).json()
     assert again["aggregate"] == ev["aggregate"]
-    assert requests.get(f"{ft_server.url}/evaluations/{ev['evaluation_id']}/figures/nope.png",
-                        timeout=10).status_code == 404
+    assert (
+        requests.get(f"{ft_server.url}/evaluations/{ev['evaluation_id']}/figures/nope.png", timeout=10).status_code
+        == 404
+    )
     # the job is in the list; the database indexes the model it published
     listing = client.jobs()
     assert job_id in [j["id"] for j in listing]
@@ -113,11 +118,13 @@ def test_submissions_are_checked_up_front(ft_server, client, dataset_id, tmp_pat
         client.finetune("tiny-sphere", dataset_id, epochs=1, val_cases=["c_nope"])
     # schema bounds: no huge jobs from a typo (or a fuzzer)
     for bad in ({"epochs": 0}, {"epochs": 10**6}, {"loss": "mse"}, {"lr": -1}, {"unknown": 1}):
-        r = requests.post(f"{ft_server.url}/finetune",
-                          json={"base_model": "tiny-sphere", "dataset": dataset_id, **bad}, timeout=10)
+        r = requests.post(
+            f"{ft_server.url}/finetune", json={"base_model": "tiny-sphere", "dataset": dataset_id, **bad}, timeout=10
+        )
         assert r.status_code == 422, (bad, r.text)
-    r = requests.post(f"{ft_server.url}/finetune", data=b"{not json", headers={"Content-Type": "application/json"},
-                      timeout=10)
+    r = requests.post(
+        f"{ft_server.url}/finetune", data=b"{not json", headers={"Content-Type": "application/json"}, timeout=10
+    )
     assert r.status_code in (400, 422) and r.json()["error"] == "invalid_input"
     assert client.jobs(status="queued") == [] and client.jobs(status="running") == []  # nothing was queued
     with pytest.raises(NotFoundError):
@@ -133,8 +140,11 @@ def test_bounded_queue_cancel_and_inference_during_training(ft_server, client, d
     with pytest.raises(ServerBusyError) as e:  # queue of one: the third job is refused, not queued
         client.finetune("tiny-sphere", dataset_id, epochs=1)
     assert e.value.retry_after > 0
-    running = wait_for(lambda: (j := client.job(long["job_id"]))["progress"]["epoch"] >= 1 and j, 120,
-                       "the long job to finish an epoch")
+    running = wait_for(
+        lambda: (j := client.job(long["job_id"]))["progress"]["epoch"] >= 1 and j,
+        120,
+        "the long job to finish an epoch",
+    )
     assert running["status"] == "running"
     pid = running["pid"]
     assert pid and not pid_gone(pid)
@@ -183,8 +193,9 @@ def test_long_poll_answers_when_the_job_changes(ft_server, client, dataset_id):
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     try:
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                           timeout=10)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return r.returncode == 0
@@ -245,5 +256,9 @@ def test_evaluation_refuses_what_it_cannot_do(ft_server, client, dataset_id, tmp
     assert raw["raw"] is True and raw["calibrator"] is None and raw["floor"]["ace"] > 0
     with pytest.raises(InvalidInputError, match="contradict"):
         client.evaluate("tiny-sphere", dataset_id, temperature=True, raw=True)
-    for path in ("/evaluations/ev_000000000000", "/evaluations/../../etc", "/evaluations/ev_000000000000/figures/x.png"):
+    for path in (
+        "/evaluations/ev_000000000000",
+        "/evaluations/../../etc",
+        "/evaluations/ev_000000000000/figures/x.png",
+    ):
         assert requests.get(ft_server.url + path, timeout=10).status_code == 404

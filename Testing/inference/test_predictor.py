@@ -51,8 +51,9 @@ def test_oblique_anisotropic_offset_volume_comes_back_on_its_grid(predictor, tmp
 def test_report_is_consistent_with_the_volumes(predictor, tmp_path):
     case = make_case((24, 24, 24), seed=5, spacing=(1.2, 0.9, 1.1))
     write_case(case, tmp_path / "c.nrrd")
-    out = run_inference(predictor, tmp_path / "c.nrrd", InferenceOptions(uncertainty_threshold=0.95,
-                                                                         band_voxels=1, min_region_voxels=1))
+    out = run_inference(
+        predictor, tmp_path / "c.nrrd", InferenceOptions(uncertainty_threshold=0.95, band_voxels=1, min_region_voxels=1)
+    )
     rep = out.report
     json.dumps(rep)  # JSON-able
     assert rep["params"]["uncertainty_threshold"] == 0.95 and rep["params"]["band_voxels"] == 1.0

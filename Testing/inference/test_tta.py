@@ -36,13 +36,21 @@ def test_tta_is_the_mean_softmax_over_the_flips(model):
     assert len(set(TTA_FLIPS["all_flips"])) == 8
     for tta, flips in TTA_FLIPS.items():
         got = torch.softmax(sliding_window_logits(net, x, bundle.config, tta=tta), 1)
-        expected = torch.stack([
-            torch.softmax(sliding_window_logits(net, x.flip(d), bundle.config, tta="none"), 1).flip(d) if d
-            else torch.softmax(sliding_window_logits(net, x, bundle.config, tta="none"), 1) for d in flips]).mean(0)
+        expected = torch.stack(
+            [
+                torch.softmax(sliding_window_logits(net, x.flip(d), bundle.config, tta="none"), 1).flip(d)
+                if d
+                else torch.softmax(sliding_window_logits(net, x, bundle.config, tta="none"), 1)
+                for d in flips
+            ]
+        ).mean(0)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     plain = sliding_window_logits(net, x, bundle.config, tta="none")
-    assert not torch.allclose(torch.softmax(plain, 1), torch.softmax(
-        sliding_window_logits(net, x, bundle.config, tta="all_flips"), 1), atol=1e-4)
+    assert not torch.allclose(
+        torch.softmax(plain, 1),
+        torch.softmax(sliding_window_logits(net, x, bundle.config, tta="all_flips"), 1),
+        atol=1e-4,
+    )
 
 
 def test_all_flips_makes_the_prediction_flip_equivariant(model):
@@ -78,8 +86,11 @@ def test_bundle_setting_and_per_call_override(model, tmp_path):
     write_case(case, tmp_path / "c.nii.gz")
     served = with_tta.predict(tmp_path / "c.nii.gz")
     np.testing.assert_allclose(served.probs, without.predict(tmp_path / "c.nii.gz", tta="all_flips").probs, atol=1e-6)
-    np.testing.assert_allclose(with_tta.predict(tmp_path / "c.nii.gz", tta="none").probs,
-                               without.predict(tmp_path / "c.nii.gz").probs, atol=1e-6)
+    np.testing.assert_allclose(
+        with_tta.predict(tmp_path / "c.nii.gz", tta="none").probs,
+        without.predict(tmp_path / "c.nii.gz").probs,
+        atol=1e-6,
+    )
     assert np.abs(served.probs - without.predict(tmp_path / "c.nii.gz").probs).max() > 1e-4
     np.testing.assert_allclose(served.probs.sum(0), 1.0, atol=1e-5)
     out = run_inference(with_tta, tmp_path / "c.nii.gz", InferenceOptions(tta="axis_flips"))

@@ -24,8 +24,8 @@ def _two_class(p1: np.ndarray) -> np.ndarray:
 
 def test_confidence_maps_known_values():
     probs = np.zeros((3, 1, 1, 4), np.float32)
-    probs[:, 0, 0, 0] = [1.0, 0.0, 0.0]          # certain background
-    probs[:, 0, 0, 1] = [1 / 3, 1 / 3, 1 / 3]    # uniform
+    probs[:, 0, 0, 0] = [1.0, 0.0, 0.0]  # certain background
+    probs[:, 0, 0, 1] = [1 / 3, 1 / 3, 1 / 3]  # uniform
     probs[:, 0, 0, 2] = [0.1, 0.2, 0.7]
     probs[:, 0, 0, 3] = [0.0, 0.0, 1.0]
     labels, conf, unc = confidence_maps(probs)
@@ -119,8 +119,9 @@ def test_region_geometry_on_an_oblique_grid():
     c, s = math.cos(0.3), math.sin(0.3)
     direction = (c, 0.0, s, 0.0, -1.0, 0.0, s, 0.0, -c)  # tilted, with a flipped axis
     grid = Grid((14, 12, 10), (0.5, 2.0, 1.5), (10.0, -20.0, 30.0), direction)
-    flags, regions, n = uncertain_boundary_flags(labels, conf, 0.9, grid.spacing[::-1], band_voxels=1,
-                                                 min_region_voxels=1)
+    flags, regions, n = uncertain_boundary_flags(
+        labels, conf, 0.9, grid.spacing[::-1], band_voxels=1, min_region_voxels=1
+    )
     assert n == 1
     (r,) = describe_regions(regions, n, probs, conf, grid, ["background", "a", "b"])
     assert r["class"] == 2 and r["class_name"] == "b"
@@ -162,8 +163,17 @@ def test_summary_volumes_and_confidence_per_class():
     assert s2["classes"][2]["voxels"] == 0 and s2["classes"][2]["mean_confidence"] is None
 
 
-@pytest.mark.parametrize("kw", [dict(band_voxels=0), dict(band_voxels=1.5), dict(band_voxels=2.5),
-                                dict(band_mm=2.0), dict(band_mm=3.5), dict(band_mm=9.0)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(band_voxels=0),
+        dict(band_voxels=1.5),
+        dict(band_voxels=2.5),
+        dict(band_mm=2.0),
+        dict(band_mm=3.5),
+        dict(band_mm=9.0),
+    ],
+)
 def test_band_equals_the_distance_transform_definition(kw):
     """The fast path (dilation by a ball) and the slow one (distance transform) are the same definition."""
     rng = np.random.default_rng(0)

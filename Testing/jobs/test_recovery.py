@@ -24,9 +24,21 @@ def ledger(tmp_path):
 
 
 def _running_job(db: Database, **kw) -> JobRow:
-    job = db.add_job(JobRow(id=new_id("job"), status=JOB_RUNNING, request={}, config={}, epochs=4,
-                            created=now_iso(), model_id="tiny-ft", base_model="tiny-sphere", dataset_id="ds_x",
-                            attempts=1, **kw))
+    job = db.add_job(
+        JobRow(
+            id=new_id("job"),
+            status=JOB_RUNNING,
+            request={},
+            config={},
+            epochs=4,
+            created=now_iso(),
+            model_id="tiny-ft",
+            base_model="tiny-sphere",
+            dataset_id="ds_x",
+            attempts=1,
+            **kw,
+        )
+    )
     JobFolder(db.data_dir / "jobs", job.id).path.mkdir(parents=True)
     return job
 
@@ -41,9 +53,15 @@ def test_train_progress_reads_whole_records_and_restarts_after_a_resume(tmp_path
     folder.path.mkdir()
     p = TrainProgress()
     assert not p.read(folder)  # nothing yet
-    _write_log(folder, [{"event": "start", "start_epoch": 0},
-                        {"event": "epoch", "epoch": 1, "train_loss": 0.9, "val": {"dice": 0.5}},
-                        {"event": "epoch", "epoch": 2, "train_loss": 0.8}], tail='{"event": "epoch", "ep')
+    _write_log(
+        folder,
+        [
+            {"event": "start", "start_epoch": 0},
+            {"event": "epoch", "epoch": 1, "train_loss": 0.9, "val": {"dice": 0.5}},
+            {"event": "epoch", "epoch": 2, "train_loss": 0.8},
+        ],
+        tail='{"event": "epoch", "ep',
+    )
     assert p.read(folder) and p.epoch == 2 and [m["epoch"] for m in p.metrics] == [1, 2]
     assert p.metrics[0]["dice"] == 0.5 and p.metrics[1]["dice"] is None
     folder.progress.write_text(json.dumps({"epoch": 2, "step": 3, "steps": 10}))
@@ -59,9 +77,11 @@ def test_post_mortem_names_signals_and_a_full_disk(tmp_path):
     folder.path.mkdir()
     folder.note("starting")
     assert post_mortem(-signal.SIGKILL, folder, tmp_path, have_result=True).startswith(
-        "the job process was killed by SIGKILL (out of memory?); last log lines: ")
+        "the job process was killed by SIGKILL (out of memory?); last log lines: "
+    )
     assert post_mortem(-signal.SIGTERM, folder, tmp_path, have_result=True).startswith(
-        "the job process was killed by SIGTERM;")
+        "the job process was killed by SIGTERM;"
+    )
     assert "killed by 200" in post_mortem(-200, folder, tmp_path, have_result=True)  # not a signal this OS names
     assert post_mortem(EXIT_DISK_FULL, folder, tmp_path, have_result=False).startswith("the disk is full")
     assert "ended unexpectedly (exit status 1)" in post_mortem(1, folder, tmp_path, have_result=True)
@@ -116,10 +136,20 @@ def test_cancelled_interrupted_and_failed_jobs(ledger):
 def test_recover_settles_every_running_job_and_cancels_queued_ones_asked_to(ledger):
     db, settler = ledger
     left_running = _running_job(db, pid=2**22 + 12345, pid_started=1.0)  # a pid no process has: nothing to kill
-    asked = db.add_job(JobRow(id=new_id("job"), status=JOB_QUEUED, request={}, config={}, epochs=1,
-                              created=now_iso(), cancel_requested=True))
-    waiting = db.add_job(JobRow(id=new_id("job"), status=JOB_QUEUED, request={}, config={}, epochs=1,
-                                created=now_iso()))
+    asked = db.add_job(
+        JobRow(
+            id=new_id("job"),
+            status=JOB_QUEUED,
+            request={},
+            config={},
+            epochs=1,
+            created=now_iso(),
+            cancel_requested=True,
+        )
+    )
+    waiting = db.add_job(
+        JobRow(id=new_id("job"), status=JOB_QUEUED, request={}, config={}, epochs=1, created=now_iso())
+    )
     recover(db, settler)
     assert db.get_job(left_running.id).status == JOB_QUEUED  # queued again to resume
     assert db.get_job(asked.id).status == JOB_CANCELLED

@@ -18,11 +18,26 @@ from acecal.storage.files import atomic_write_json
 def test_a_job_whose_data_is_missing_fails_with_its_reason(tmp_path):
     folder = JobFolder(tmp_path / "jobs", "job_0123456789ab")
     folder.path.mkdir(parents=True)
-    config = {"data": str(folder.dataset_json), "epochs": 1, "out_dir": str(tmp_path / "models"),
-              "work_dir": str(folder.work), "model_id": "never-published", "num_workers": 0}
-    atomic_write_json(folder.spec, {"job_id": folder.job_id, "config": config, "threads": 1, "nice": 0,
-                                    "server_pid": os.getpid(), "server_started": process_started(os.getpid()),
-                                    "cancel_grace_s": 5.0})
+    config = {
+        "data": str(folder.dataset_json),
+        "epochs": 1,
+        "out_dir": str(tmp_path / "models"),
+        "work_dir": str(folder.work),
+        "model_id": "never-published",
+        "num_workers": 0,
+    }
+    atomic_write_json(
+        folder.spec,
+        {
+            "job_id": folder.job_id,
+            "config": config,
+            "threads": 1,
+            "nice": 0,
+            "server_pid": os.getpid(),
+            "server_started": process_started(os.getpid()),
+            "cancel_grace_s": 5.0,
+        },
+    )
     proc = start_job_process("subprocess", folder, threads=1, data_dir=tmp_path)
     assert proc.wait(timeout=120) == EXIT_FAILED
     result = json.loads(folder.result.read_text())
@@ -42,10 +57,12 @@ def _gone(pid: int) -> bool:
 def test_signal_group_reaches_the_whole_group_and_ignores_an_ended_process(tmp_path):
     child_pid = tmp_path / "child.pid"
     # a process group leader with a child, like a job process with its data-loader workers
-    code = ("import subprocess, sys, time\n"
-            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-            f"open({str(child_pid)!r}, 'w').write(str(c.pid))\n"
-            "time.sleep(60)\n")
+    code = (
+        "import subprocess, sys, time\n"
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(child_pid)!r}, 'w').write(str(c.pid))\n"
+        "time.sleep(60)\n"
+    )
     leader = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     try:
         deadline = time.monotonic() + 20

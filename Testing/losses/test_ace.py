@@ -278,9 +278,7 @@ def _soft_closed_form(probs, onehot, num_bins=20, empty_weight=0.01):
             my = (w * y[:, None]).sum(0) / safe
             s = torch.where(ok, torch.sign(mp - my), torch.zeros_like(mp))
             k = ok.sum()
-            term = (s / safe)[None, :] * (
-                w + dw * ((p[:, None] - mp[None, :]) - (y[:, None] - my[None, :]))
-            )
+            term = (s / safe)[None, :] * (w + dw * ((p[:, None] - mp[None, :]) - (y[:, None] - my[None, :])))
             out[b, c] = (term.sum(1) / k).view_as(out[b, c])
     return out
 
@@ -408,8 +406,11 @@ def test_cuda_matches_cpu_without_host_syncs_in_the_binning(cls):
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        sums = (differentiable_hard_sums(probs, labels.cuda(), 20, False, 0) if cls is HardL1ACELoss
-                else differentiable_soft_sums(probs, labels.cuda(), 20, 0))
+        sums = (
+            differentiable_hard_sums(probs, labels.cuda(), 20, False, 0)
+            if cls is HardL1ACELoss
+            else differentiable_soft_sums(probs, labels.cuda(), 20, 0)
+        )
         sums[0].sum().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")

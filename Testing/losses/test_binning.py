@@ -116,8 +116,9 @@ def test_bin_index_general_path_with_edges_below_exact_values(right):
     # the general path with MONAI's own edges equals the fast path
     lo2, hi2 = _edge_tables_from(torch.linspace(0.0, 1.0 + EPS32, num_bins + 1))
     assert hi2 is None
-    assert torch.equal(_bin_index(values, num_bins, right, lo2, hi2, fast=False)[0],
-                       _bin_index(values, num_bins, right, lo2, hi2)[0])
+    assert torch.equal(
+        _bin_index(values, num_bins, right, lo2, hi2, fast=False)[0], _bin_index(values, num_bins, right, lo2, hi2)[0]
+    )
 
 
 def test_hard_mean_p_is_differentiable_with_closed_form_gradient():

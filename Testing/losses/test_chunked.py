@@ -92,9 +92,7 @@ def test_hard_loss_and_gradient_over_chunks(big_case):
 def test_soft_loss_and_gradient_over_chunks(big_case, to_onehot_y):
     logits, labels, onehot = big_case
     x = logits.clone().requires_grad_()
-    loss = SoftL1ACELoss(to_onehot_y=to_onehot_y, softmax=True, empty_weight=0.0)(
-        x, labels if to_onehot_y else onehot
-    )
+    loss = SoftL1ACELoss(to_onehot_y=to_onehot_y, softmax=True, empty_weight=0.0)(x, labels if to_onehot_y else onehot)
     loss.backward()
     x_ref = logits.clone().requires_grad_()
     probs = torch.softmax(x_ref, 1)

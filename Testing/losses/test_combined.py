@@ -145,5 +145,7 @@ def test_the_general_combined_loss_leaves_out_terms_set_to_none():
     general = L1ACEandDiceCELoss(ace_weight=1.0, dice_weight=None, ce_weight=0.25, to_onehot_y=True, softmax=True)
     assert general.dice is None
     torch.testing.assert_close(general(logits, labels), ace + 0.25 * ce)
-    torch.testing.assert_close(L1ACEandDiceCELoss(to_onehot_y=True, softmax=True)(logits, labels),
-                               HardL1ACEandDiceCELoss(to_onehot_y=True, softmax=True)(logits, labels))
+    torch.testing.assert_close(
+        L1ACEandDiceCELoss(to_onehot_y=True, softmax=True)(logits, labels),
+        HardL1ACEandDiceCELoss(to_onehot_y=True, softmax=True)(logits, labels),
+    )

@@ -28,11 +28,13 @@ def test_twohead_loss_is_baseline_on_segmentation_plus_ce_ace_on_calibration():
     seg, cal = logits[:, :3], logits[:, 3:]
     soft = build_loss("twohead_dice_ce_softace", 3)
     expected = DiceCELoss(**BASELINE)(seg, labels) + SoftL1ACEandCELoss(
-        ace_weight=2.0, ce_weight=1.0, to_onehot_y=True, softmax=True, ace_params={"num_bins": 20})(cal, labels)
+        ace_weight=2.0, ce_weight=1.0, to_onehot_y=True, softmax=True, ace_params={"num_bins": 20}
+    )(cal, labels)
     torch.testing.assert_close(soft(logits, labels), expected)
     hard = build_loss("twohead_dice_ce_hardace", 3, ace_weight=4.0, num_bins=10, calibration_weight=0.5)
     expected = DiceCELoss(**BASELINE)(seg, labels) + 0.5 * HardL1ACEandCELoss(
-        ace_weight=4.0, ce_weight=1.0, to_onehot_y=True, softmax=True, ace_params={"num_bins": 10})(cal, labels)
+        ace_weight=4.0, ce_weight=1.0, to_onehot_y=True, softmax=True, ace_params={"num_bins": 10}
+    )(cal, labels)
     torch.testing.assert_close(hard(logits, labels), expected)
 
 
@@ -48,8 +50,10 @@ def test_each_head_gets_only_its_own_loss_gradient():
     torch.testing.assert_close(x.grad[:, 3:], cal.grad)
     # ACE weight 0 leaves plain CE on the calibration head (the warm-up loss of a two-head network)
     warm = build_loss("twohead_dice_ce_softace", 3, ace_weight=0.0)
-    torch.testing.assert_close(warm(logits, labels), DiceCELoss(**BASELINE)(logits[:, :3], labels)
-                               + torch.nn.functional.cross_entropy(logits[:, 3:], labels[:, 0]))
+    torch.testing.assert_close(
+        warm(logits, labels),
+        DiceCELoss(**BASELINE)(logits[:, :3], labels) + torch.nn.functional.cross_entropy(logits[:, 3:], labels[:, 0]),
+    )
 
 
 def test_twohead_loss_errors():
@@ -93,8 +97,9 @@ def test_dicepp_gamma_one_is_soft_dice_and_gamma_two_forgives_uncertain_errors()
     # an uncertain prediction (p = 0.5 everywhere) costs less under gamma = 2 than under gamma = 1
     half = torch.zeros(1, 2, 4, 4, 4)
     y = torch.randint(0, 2, (1, 1, 4, 4, 4), generator=gen)
-    assert DicePlusPlusLoss(gamma=2.0, to_onehot_y=True, softmax=True)(half, y) < \
-        DicePlusPlusLoss(gamma=1.0, to_onehot_y=True, softmax=True)(half, y)
+    assert DicePlusPlusLoss(gamma=2.0, to_onehot_y=True, softmax=True)(half, y) < DicePlusPlusLoss(
+        gamma=1.0, to_onehot_y=True, softmax=True
+    )(half, y)
 
 
 def test_dicepp_ce_registry():
@@ -102,12 +107,15 @@ def test_dicepp_ce_registry():
     logits = torch.randn(2, 3, 4, 4, 4, generator=gen, requires_grad=True)
     labels = torch.randint(0, 3, (2, 1, 4, 4, 4), generator=gen)
     loss = build_loss("dicepp_ce", 3)(logits, labels)
-    expected = DicePlusPlusLoss(gamma=2.0, to_onehot_y=True, softmax=True)(logits, labels) + \
-        torch.nn.functional.cross_entropy(logits, labels[:, 0])
+    expected = DicePlusPlusLoss(gamma=2.0, to_onehot_y=True, softmax=True)(
+        logits, labels
+    ) + torch.nn.functional.cross_entropy(logits, labels[:, 0])
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
-    torch.testing.assert_close(build_loss("dicepp_ce", 3, gamma=3.0, ce_weight=0.0)(logits, labels),
-                               DicePlusPlusLoss(gamma=3.0, to_onehot_y=True, softmax=True)(logits, labels))
+    torch.testing.assert_close(
+        build_loss("dicepp_ce", 3, gamma=3.0, ce_weight=0.0)(logits, labels),
+        DicePlusPlusLoss(gamma=3.0, to_onehot_y=True, softmax=True)(logits, labels),
+    )
     with pytest.raises(ValueError, match="gamma"):
         DicePlusPlusCELoss(gamma=0.5)

@@ -33,7 +33,9 @@ def make_cases(n=5, c=4, seed=0):
             labels[labels == 2] = 0
         if i == 3:
             labels.zero_()
-        logits = torch.randn(1, c, *SPATIAL, generator=g) + 2.0 * torch.nn.functional.one_hot(labels[:, 0], c).movedim(-1, 1)
+        logits = torch.randn(1, c, *SPATIAL, generator=g) + 2.0 * torch.nn.functional.one_hot(labels[:, 0], c).movedim(
+            -1, 1
+        )
         probs = torch.softmax(logits * (1.0 + 0.7 * i), 1)
         cases.append((f"case{i}", probs, labels))
     return cases
@@ -151,8 +153,9 @@ def test_tiles_and_precomputed_sums_equal_whole_images():
             tiled.update(probs[..., s], labels[..., s], case_id=cid)
             count, sum_p, sum_y = binning_sums(probs[..., s], labels[..., s])  # all 4 channels
             tp, n_pred, n_target = dice_counts(probs[..., s], labels[..., s], 4)
-            sums.update_sums(count[0], sum_p[0], sum_y[0], tp=tp[0], n_pred=n_pred[0], n_target=n_target[0],
-                             case_id=cid)
+            sums.update_sums(
+                count[0], sum_p[0], sum_y[0], tp=tp[0], n_pred=n_pred[0], n_target=n_target[0], case_id=cid
+            )
     for acc in (tiled, sums):
         assert acc.case_ids == ["case0", "case1", "case2"]
         rep = acc.aggregate()

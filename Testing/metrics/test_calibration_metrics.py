@@ -17,8 +17,13 @@ REDUCTIONS = {"ece": "expected", "ace": "average", "mce": "maximum"}
 def monai_errors(probs, onehot, num_bins=20, include_background=True, right=False):
     out = {}
     for key, red in REDUCTIONS.items():
-        metric = CalibrationErrorMetric(num_bins=num_bins, include_background=include_background,
-                                        calibration_reduction=red, metric_reduction="none", right=right)
+        metric = CalibrationErrorMetric(
+            num_bins=num_bins,
+            include_background=include_background,
+            calibration_reduction=red,
+            metric_reduction="none",
+            right=right,
+        )
         metric(y_pred=probs, y=onehot)
         out[key] = metric.aggregate()
     return out
@@ -92,15 +97,24 @@ def test_values_on_edges_go_where_monai_puts_them(right, num_bins):
     edges = bin_edges(num_bins)
     grid = torch.arange(num_bins + 1, dtype=torch.float32) / num_bins
     up, down = torch.tensor(2.0), torch.tensor(-2.0)
-    vals = torch.cat([grid, edges, torch.nextafter(edges, up), torch.nextafter(edges, down).clamp(min=0),
-                      torch.nextafter(grid, up).clamp(max=1), torch.tensor([0.0, 1.0, 0.05, 0.15, 0.3, 0.5, 0.95])])
+    vals = torch.cat(
+        [
+            grid,
+            edges,
+            torch.nextafter(edges, up),
+            torch.nextafter(edges, down).clamp(min=0),
+            torch.nextafter(grid, up).clamp(max=1),
+            torch.tensor([0.0, 1.0, 0.05, 0.15, 0.3, 0.5, 0.95]),
+        ]
+    )
     probs = torch.stack([vals, 1 - vals]).unsqueeze(0)  # (1, 2, n)
     onehot = (torch.arange(vals.numel()) % 3 == 0).float().expand(1, 2, -1).clone()
     _, _, counts_ref = calibration_binning(probs, onehot, num_bins, right=right)
     count, _, _ = binning_sums(probs, onehot, num_bins, right=right)
     assert torch.equal(count, counts_ref.to(torch.int64))
-    assert_same(calibration_errors(probs, onehot, num_bins, right=right),
-                monai_errors(probs, onehot, num_bins, right=right))
+    assert_same(
+        calibration_errors(probs, onehot, num_bins, right=right), monai_errors(probs, onehot, num_bins, right=right)
+    )
 
 
 def test_documented_edge_assignment():
@@ -122,7 +136,7 @@ def test_edge_cases_match_monai():
     probs[1, 2] = 0.0
     probs[2] = torch.softmax(torch.randn(3, 5, 5, generator=torch.Generator().manual_seed(1)), 0)
     target = torch.zeros(3, 3, 5, 5)
-    target[0, 0] = 1.0            # class 0 everywhere in image 0, class 1/2 absent
+    target[0, 0] = 1.0  # class 0 everywhere in image 0, class 1/2 absent
     target[1, 0, :2] = 1.0
     target[1, 1, 2:] = 1.0
     target[2, 2] = 1.0
@@ -169,8 +183,9 @@ def test_many_chunks_match_monai_and_float64_reference():
 
 def test_matches_float64_reference_small():
     probs, labels, onehot = random_case(b=2, c=3, spatial=(7, 6, 5), seed=17)
-    assert_same(calibration_errors(probs.double(), labels, 10), float64_reference(probs.double(), onehot, 10),
-                atol=1e-12)
+    assert_same(
+        calibration_errors(probs.double(), labels, 10), float64_reference(probs.double(), onehot, 10), atol=1e-12
+    )
 
 
 def test_sums_add_up_over_tiles():

@@ -32,8 +32,8 @@ def test_empty_class_rules():
     target = torch.zeros(1, 1, 4, 4, dtype=torch.long)
     target[0, 0, :2] = 1
     pred = torch.zeros_like(target)
-    pred[0, 0, 0] = 1            # half of class 1 found
-    pred[0, 0, 3, 0] = 2         # class 2 predicted but absent from the target -> 0
+    pred[0, 0, 0] = 1  # half of class 1 found
+    pred[0, 0, 3, 0] = 2  # class 2 predicted but absent from the target -> 0
     d = dice_scores(pred, target, 4, include_background=True)[0]
     assert d[1].item() == pytest.approx(2 * 4 / (4 + 8))
     assert d[2].item() == 0.0

@@ -96,8 +96,10 @@ def test_streaming_auroc_is_within_its_bound_of_the_exact_statistic():
     # without ties across bins the streaming value is exact
     w = np.array([0.5, 0.7, 0.95], np.float32)
     r = np.array([0.6, 0.99, 0.999, 1.0], np.float32)
-    a, _ = auroc_from_histograms(np.bincount(confidence_bins(w), minlength=NUM_HIST_BINS),
-                                 np.bincount(confidence_bins(r), minlength=NUM_HIST_BINS))
+    a, _ = auroc_from_histograms(
+        np.bincount(confidence_bins(w), minlength=NUM_HIST_BINS),
+        np.bincount(confidence_bins(r), minlength=NUM_HIST_BINS),
+    )
     assert a == pytest.approx((4 + 3 + 3) / 12)
 
 

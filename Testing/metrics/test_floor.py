@@ -114,8 +114,9 @@ def test_bins_are_the_metric_bins():
     p1 = np.concatenate([edges, rng.uniform(0, 1, 300).astype(np.float32), [0.0, 1.0]]).astype(np.float32)
     probs = np.stack([1 - p1, p1]).reshape(2, -1, 1, 1).astype(np.float32)
     laws = _class_laws(probs[1].reshape(-1), 20)
-    count, sum_p, _ = binning_sums(torch.from_numpy(probs)[None], torch.zeros(1, 1, p1.size, 1, 1, dtype=torch.long),
-                                   include_background=False)
+    count, sum_p, _ = binning_sums(
+        torch.from_numpy(probs)[None], torch.zeros(1, 1, p1.size, 1, 1, dtype=torch.long), include_background=False
+    )
     assert [0 if law is None else law.n for law in laws] == count[0, 0].tolist()
     np.testing.assert_allclose([0 if law is None else law.mean for law in laws], sum_p[0, 0].numpy(), rtol=1e-12)
 

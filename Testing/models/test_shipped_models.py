@@ -23,8 +23,11 @@ ROOT = Path(__file__).resolve().parents[2]
 MODELS = ROOT / "models"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "hippocampus"
 SHIPPED = ("hippocampus-baseline", "hippocampus-hardace", "hippocampus-softace")
-LOSSES = {"hippocampus-baseline": "baseline_dice_ce", "hippocampus-hardace": "hardl1ace_dice_ce",
-          "hippocampus-softace": "softl1ace_dice_ce"}
+LOSSES = {
+    "hippocampus-baseline": "baseline_dice_ce",
+    "hippocampus-hardace": "hardl1ace_dice_ce",
+    "hippocampus-softace": "softl1ace_dice_ce",
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,9 @@ def test_bundle_is_complete_small_and_states_measured_calibration(registry, mode
     assert cfg.labels == {"0": "background", "1": "Anterior", "2": "Posterior"}  # as MSD dataset.json names them
     assert cfg.loss.name == LOSSES[model_id]
     wt = cfg.metrics["with_temperature"]  # fitted on validation; applied only where it lowers ACE
-    assert 0.05 < wt["temperature"] < 20 and cfg.temperature == (wt["temperature"] if wt["ace"] < cfg.metrics["ace"] else None)
+    assert 0.05 < wt["temperature"] < 20 and cfg.temperature == (
+        wt["temperature"] if wt["ace"] < cfg.metrics["ace"] else None
+    )
     for f in b.path.iterdir():
         assert f.stat().st_size < 25 * 2**20, f"{f} is over 25 MiB"
     for m in ("dice", "ace", "ece", "mce"):
@@ -64,9 +69,25 @@ def test_fixture_cases_are_held_out(registry):
 
 def test_evaluate_a_shipped_model_on_real_cases(tmp_path):
     out = tmp_path / "report"
-    r = subprocess.run([sys.executable, "-m", "acecal.cli.main", "evaluate", "--model", str(MODELS / "hippocampus-hardace"),
-                        "--images", str(FIXTURES / "images"), "--labels", str(FIXTURES / "labels"), "--out", str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "acecal.cli.main",
+            "evaluate",
+            "--model",
+            str(MODELS / "hippocampus-hardace"),
+            "--images",
+            str(FIXTURES / "images"),
+            "--labels",
+            str(FIXTURES / "labels"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads((out / "report.json").read_text())
     assert rep["model"] == "hippocampus-hardace"
@@ -84,7 +105,9 @@ def test_evaluate_a_shipped_model_on_real_cases(tmp_path):
     ed = rep["error_detection"]
     assert 0.7 < ed["auroc"] <= 1 and ed["auroc_max_error"] < 0.01
     assert 0.5 < ed["recall"] <= 1 and 0.5 < ed["flagged_over_wrong"] < 10 and ed["wrong_voxels"] > 100
-    assert set(ed["per_class"]) == {"Anterior", "Posterior"} and all(0.5 < v["auroc"] <= 1 for v in ed["per_class"].values())
+    assert set(ed["per_class"]) == {"Anterior", "Posterior"} and all(
+        0.5 < v["auroc"] <= 1 for v in ed["per_class"].values()
+    )
     assert rep["space"] == "input grid" and rep["raw"] is False
     assert (out / "report.md").is_file() and (out / "dataset_reliability_histogram.png").is_file()
     assert len(list(out.rglob("reliability_*.png"))) == 2
@@ -108,7 +131,9 @@ def test_make_serve_models_segment_real_mri_over_http(tmp_path):
         truth = sitk.GetArrayFromImage(truth_img).astype(np.int64)
         labels, conf = res.arrays["labels"], res.arrays["confidence"]
         assert labels.shape == truth.shape and res.grid.size == truth_img.GetSize()
-        assert np.allclose(res.grid.origin, truth_img.GetOrigin()) and np.allclose(res.grid.spacing, truth_img.GetSpacing())
+        assert np.allclose(res.grid.origin, truth_img.GetOrigin()) and np.allclose(
+            res.grid.spacing, truth_img.GetSpacing()
+        )
         assert _dice(labels, truth, 1) > 0.7 and _dice(labels, truth, 2) > 0.7
         assert conf.dtype == np.float32 and 0.0 <= conf.min() and conf.max() <= 1.0
         # calibrated confidence is lower where the model is wrong than where it is right

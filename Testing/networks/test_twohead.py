@@ -69,8 +69,10 @@ def test_calibration_gradient_reaches_the_trunk_only_when_asked(trunk_grad):
         p_half = dict(net.named_parameters())["convInit.conv.weight"].grad
         p_full = dict(full.named_parameters())["convInit.conv.weight"].grad
         torch.testing.assert_close(p_half, 0.5 * p_full)
-        torch.testing.assert_close(dict(net.named_parameters())["calibration_head.0.conv1.conv.weight"].grad,
-                                   dict(full.named_parameters())["calibration_head.0.conv1.conv.weight"].grad)
+        torch.testing.assert_close(
+            dict(net.named_parameters())["calibration_head.0.conv1.conv.weight"].grad,
+            dict(full.named_parameters())["calibration_head.0.conv1.conv.weight"].grad,
+        )
 
 
 def test_calibration_head_can_see_the_segmentation_without_training_it():
@@ -98,8 +100,11 @@ def test_split_heads_on_numpy_and_one_head():
 
 
 def test_bundle_network_name_and_bad_arguments():
-    cfg = BundleConfig(id="t", labels={"0": "bg", "1": "a", "2": "b"},
-                       network=NetworkConfig(name="SegResNetTwoHead", args={**ARGS, "trunk_grad": 0.0}))
+    cfg = BundleConfig(
+        id="t",
+        labels={"0": "bg", "1": "a", "2": "b"},
+        network=NetworkConfig(name="SegResNetTwoHead", args={**ARGS, "trunk_grad": 0.0}),
+    )
     net = build_network(cfg)
     assert isinstance(net, SegResNetTwoHead) and net.trunk_grad == 0.0
     assert is_two_head(cfg) and is_two_head(cfg.network) and is_two_head("SegResNetTwoHead") and is_two_head(net)

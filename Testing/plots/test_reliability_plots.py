@@ -35,8 +35,9 @@ def accumulated():
 
 def test_case_reliability_diagram(tmp_path, accumulated):
     mean_p, mean_y, count = accumulated.case_bins("case2")
-    out = plot_reliability_diagram(mean_p, mean_y, count, accumulated.class_names, tmp_path / "sub" / "case2.png",
-                                   title="case2")
+    out = plot_reliability_diagram(
+        mean_p, mean_y, count, accumulated.class_names, tmp_path / "sub" / "case2.png", title="case2"
+    )
     assert out == tmp_path / "sub" / "case2.png"
     width, height, nbytes = png_size(out)
     assert width > 500 and height > 400 and width > height and nbytes > 20_000
@@ -44,7 +45,7 @@ def test_case_reliability_diagram(tmp_path, accumulated):
 
 def test_single_class_numpy_input_with_empty_bins(tmp_path):
     mean_p = torch.linspace(0.025, 0.975, 20).numpy()
-    mean_y = (mean_p * 0.7)
+    mean_y = mean_p * 0.7
     counts = torch.arange(20).numpy() * 1000  # bin 0 empty, counts span > 100x: log scale
     mean_p[0] = mean_y[0] = float("nan")
     width, height, _ = png_size(plot_reliability_diagram(mean_p, mean_y, counts, ["spleen"], tmp_path / "one.png"))
@@ -53,11 +54,15 @@ def test_single_class_numpy_input_with_empty_bins(tmp_path):
 
 def test_pooled_diagram_and_dataset_histogram(tmp_path, accumulated):
     report = accumulated.aggregate()
-    w1, h1, _ = png_size(plot_reliability_diagram(report.micro_mean_p, report.micro_mean_y, report.micro_count,
-                                                  report.class_names, tmp_path / "pooled.png"))
+    w1, h1, _ = png_size(
+        plot_reliability_diagram(
+            report.micro_mean_p, report.micro_mean_y, report.micro_count, report.class_names, tmp_path / "pooled.png"
+        )
+    )
     assert w1 > 500
-    out = plot_dataset_reliability_histogram(report.histogram, report.class_names, tmp_path / "dataset.png",
-                                             title="Test set")
+    out = plot_dataset_reliability_histogram(
+        report.histogram, report.class_names, tmp_path / "dataset.png", title="Test set"
+    )
     width, height, nbytes = png_size(out)
     assert width > 600 and height > 300 and nbytes > 20_000
 

@@ -54,11 +54,19 @@ def test_image_stem_knows_every_image_ending():
     assert protocol.image_stem("notes.txt") is None and protocol.image_stem("x.gz") is None
 
 
-@pytest.mark.parametrize("record, model", [
-    (Region, schemas.Region), (ClassSummary, schemas.ClassSummary), (Summary, schemas.Summary),
-    (InferenceReply, schemas.InferResponse), (ModelInfo, schemas.ModelInfo), (JobInfo, fs.JobInfo),
-    (JobProgress, fs.JobProgress), (EpochMetrics, fs.EpochMetrics),
-])
+@pytest.mark.parametrize(
+    "record, model",
+    [
+        (Region, schemas.Region),
+        (ClassSummary, schemas.ClassSummary),
+        (Summary, schemas.Summary),
+        (InferenceReply, schemas.InferResponse),
+        (ModelInfo, schemas.ModelInfo),
+        (JobInfo, fs.JobInfo),
+        (JobProgress, fs.JobProgress),
+        (EpochMetrics, fs.EpochMetrics),
+    ],
+)
 def test_each_record_has_exactly_its_schemas_keys(record, model):
     assert set(record.json_keys()) == schema_keys(model)
     assert len(record.json_keys()) == len(set(record.json_keys()))
@@ -66,12 +74,14 @@ def test_each_record_has_exactly_its_schemas_keys(record, model):
 
 def test_the_keys_read_by_name_are_in_the_schemas():
     assert {protocol.HEALTH_VERSION, protocol.HEALTH_DEVICE, protocol.HEALTH_AUTH_REQUIRED} <= schema_keys(
-        schemas.HealthResponse)
+        schemas.HealthResponse
+    )
     assert {protocol.DATASET_ID, protocol.DATASET_NUM_CASES} <= schema_keys(fs.DatasetInfo)
     assert protocol.DATASET_ID in schema_keys(fs.DatasetCreated)
     assert protocol.JOB_ACCEPTED_ID in schema_keys(fs.JobAccepted)
     assert {protocol.EVAL_AGGREGATE, protocol.EVAL_NUM_CASES, protocol.EVAL_FIGURES} <= schema_keys(
-        fs.EvaluationResponse)
+        fs.EvaluationResponse
+    )
     assert {protocol.EVAL_FIGURES_DATASET, protocol.EVAL_FIGURES_CASES} == schema_keys(fs.EvaluationFigures)
 
 
@@ -92,8 +102,12 @@ def test_the_real_infer_reply_is_the_protocols_and_the_schemas(server, tmp_path)
     write_case(case, tmp_path / "c.nii.gz")
     params = {"uncertainty_threshold": 0.999}  # flags the doubtful boundary: the reply has regions
     with open(tmp_path / "c.nii.gz", "rb") as fh:
-        r = requests.post(f"{server.url}/infer/tiny-sphere", files={"image": ("c.nii.gz", fh)},
-                          data={"params": json.dumps(params)}, timeout=120)
+        r = requests.post(
+            f"{server.url}/infer/tiny-sphere",
+            files={"image": ("c.nii.gz", fh)},
+            data={"params": json.dumps(params)},
+            timeout=120,
+        )
     assert r.status_code == 200, r.text
     data = r.json()
     reply = InferenceReply.from_json(data)
@@ -147,10 +161,21 @@ def test_the_real_engines_log_is_job_events(tiny_bundle):
 # --------------------------------------------------------------------------------------------- the records' checks
 def _region_json(**change) -> dict:
     box = {"min": [0.0, 0.0, 0.0], "max": [1.0, 2.0, 3.0]}
-    d = {"id": 1, "class": 2, "class_name": "sphere", "voxels": 12, "volume_ml": 0.012, "mean_confidence": 0.6,
-         "min_confidence": 0.4, "centroid_ijk": [1.0, 2.0, 3.0], "centroid_lps": [1.0, 2.0, 3.0],
-         "centroid_ras": [-1.0, -2.0, 3.0], "bbox_ijk": {"min": [0, 0, 0], "max": [1, 2, 3]}, "bbox_lps": box,
-         "bbox_ras": box}
+    d = {
+        "id": 1,
+        "class": 2,
+        "class_name": "sphere",
+        "voxels": 12,
+        "volume_ml": 0.012,
+        "mean_confidence": 0.6,
+        "min_confidence": 0.4,
+        "centroid_ijk": [1.0, 2.0, 3.0],
+        "centroid_lps": [1.0, 2.0, 3.0],
+        "centroid_ras": [-1.0, -2.0, 3.0],
+        "bbox_ijk": {"min": [0, 0, 0], "max": [1, 2, 3]},
+        "bbox_lps": box,
+        "bbox_ras": box,
+    }
     d.update(change)
     return {k: v for k, v in d.items() if v is not ...}
 
@@ -159,10 +184,16 @@ def test_a_region_reads_class_as_class_value_and_refuses_what_does_not_fit():
     r = Region.from_json(_region_json())
     assert r.class_value == 2 and r.to_json()["class"] == 2 and "class_value" not in r.to_json()
     assert Region.from_json(_region_json(voxels=12.0)).voxels == 12  # an integral float is an integer
-    for change, message in [({"class": ...}, "'class' is missing"), ({"voxels": "12"}, "Region.voxels"),
-                            ({"voxels": 1.5}, "integer"), ({"voxels": True}, "integer"),
-                            ({"mean_confidence": float("nan")}, "finite"), ({"centroid_ras": [1.0, 2.0]}, "list of 3"),
-                            ({"bbox_lps": {"min": [0, 0, 0]}}, "min"), ({"class_name": None}, "string")]:
+    for change, message in [
+        ({"class": ...}, "'class' is missing"),
+        ({"voxels": "12"}, "Region.voxels"),
+        ({"voxels": 1.5}, "integer"),
+        ({"voxels": True}, "integer"),
+        ({"mean_confidence": float("nan")}, "finite"),
+        ({"centroid_ras": [1.0, 2.0]}, "list of 3"),
+        ({"bbox_lps": {"min": [0, 0, 0]}}, "min"),
+        ({"class_name": None}, "string"),
+    ]:
         with pytest.raises(ProtocolError, match=message):
             Region.from_json(_region_json(**change))
     with pytest.raises(ProtocolError, match="JSON object"):
@@ -172,13 +203,33 @@ def test_a_region_reads_class_as_class_value_and_refuses_what_does_not_fit():
 
 
 def test_a_reply_names_the_nested_key_that_is_wrong():
-    summary = {"classes": [{"value": 0, "name": "background", "voxels": 1, "volume_ml": 0.001, "mean_confidence": None,
-                            "uncertain_voxels": 0, "uncertain_volume_ml": 0.0}],
-               "mean_confidence": 0.9, "uncertain_voxels": 0, "uncertain_volume_ml": 0.0, "voxel_volume_ml": 0.001,
-               "region_count": 0}
+    summary = {
+        "classes": [
+            {
+                "value": 0,
+                "name": "background",
+                "voxels": 1,
+                "volume_ml": 0.001,
+                "mean_confidence": None,
+                "uncertain_voxels": 0,
+                "uncertain_volume_ml": 0.0,
+            }
+        ],
+        "mean_confidence": 0.9,
+        "uncertain_voxels": 0,
+        "uncertain_volume_ml": 0.0,
+        "voxel_volume_ml": 0.001,
+        "region_count": 0,
+    }
     grid = {"size": [2, 3, 4], "spacing": [1, 1, 1], "origin": [0, 0, 0], "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}
-    ok = {"result_id": "r", "model_id": "m", "labels": {"0": "background"}, "grid": grid, "summary": summary,
-          "files": {}}
+    ok = {
+        "result_id": "r",
+        "model_id": "m",
+        "labels": {"0": "background"},
+        "grid": grid,
+        "summary": summary,
+        "files": {},
+    }
     reply = InferenceReply.from_json(ok)
     assert reply.summary.classes[0].mean_confidence is None and reply.grid.shape_zyx == (4, 3, 2)
     assert reply.regions == [] and reply.summary.temperature is None
@@ -191,17 +242,43 @@ def test_a_reply_names_the_nested_key_that_is_wrong():
 
 
 def test_job_info_and_events_round_trip():
-    view = {"id": "j1", "status": "running", "epochs": 3,
-            "progress": {"epoch": 1, "epochs": 3, "step": 2, "steps": 5, "fraction": 0.4667},
-            "metrics": [{"epoch": 1, "train_loss": 0.5, "lr": 0.01, "seconds": 1.5, "dice": None, "ace": None,
-                         "ece": None, "mce": None}],
-            "rev": 7}
+    view = {
+        "id": "j1",
+        "status": "running",
+        "epochs": 3,
+        "progress": {"epoch": 1, "epochs": 3, "step": 2, "steps": 5, "fraction": 0.4667},
+        "metrics": [
+            {
+                "epoch": 1,
+                "train_loss": 0.5,
+                "lr": 0.01,
+                "seconds": 1.5,
+                "dice": None,
+                "ace": None,
+                "ece": None,
+                "mce": None,
+            }
+        ],
+        "rev": 7,
+    }
     job = JobInfo.from_json(view)
     assert not job.final and job.last_validation() is None and job.progress.fraction == pytest.approx(0.4667)
     assert JobInfo.from_json(dict(view, status=protocol.JOB_CANCELLED)).final
-    epoch = JobEvent.from_json({"event": "epoch", "epoch": 2, "epochs": 3, "train_loss": 0.4, "lr": 0.01,
-                                "seconds": 1.2, "val": {"dice": 0.9, "ace": 0.1, "ece": 0.01, "mce": 0.3},
-                                "val_cases": 1, "best_dice": 0.9, "best_epoch": 2, "time": "t"})
+    epoch = JobEvent.from_json(
+        {
+            "event": "epoch",
+            "epoch": 2,
+            "epochs": 3,
+            "train_loss": 0.4,
+            "lr": 0.01,
+            "seconds": 1.2,
+            "val": {"dice": 0.9, "ace": 0.1, "ece": 0.01, "mce": 0.3},
+            "val_cases": 1,
+            "best_dice": 0.9,
+            "best_epoch": 2,
+            "time": "t",
+        }
+    )
     m = epoch.epoch_metrics()
     assert m.validated and m.metric_values() == {"dice": 0.9, "ace": 0.1, "ece": 0.01, "mce": 0.3}
     stopped = JobEvent(protocol.EVENT_STOPPED, reason=protocol.STOP_CANCELLED, epoch=2)

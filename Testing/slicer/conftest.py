@@ -13,11 +13,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE_DIR = ROOT / "ACECalibration"
-for _p in (MODULE_DIR, ROOT / "Testing", ROOT / "Testing" / "slicer"):  # ACECalibrationLib; oblique.py, live_server.py, ...; slicer_api.py
+for _p in (
+    MODULE_DIR,
+    ROOT / "Testing",
+    ROOT / "Testing" / "slicer",
+):  # ACECalibrationLib; oblique.py, live_server.py, ...; slicer_api.py
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-pytest.importorskip("slicer_core", reason="slicer-core (pip install slicer-core==5.13.31053.0) is needed for the Slicer tests")
+pytest.importorskip(
+    "slicer_core", reason="slicer-core (pip install slicer-core==5.13.31053.0) is needed for the Slicer tests"
+)
 
 
 @pytest.fixture
@@ -46,8 +52,12 @@ def server(tiny_bundle, tmp_path_factory):
     pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, torch, monai) is needed")
     from live_server import LiveServer, make_settings
 
-    settings = make_settings(tmp_path_factory.mktemp("slicer_server"), [tiny_bundle.parent, ROOT / "models"],
-                             api_key=SERVER_KEY, job_min_free_mb=1)
+    settings = make_settings(
+        tmp_path_factory.mktemp("slicer_server"),
+        [tiny_bundle.parent, ROOT / "models"],
+        api_key=SERVER_KEY,
+        job_min_free_mb=1,
+    )
     with LiveServer(settings) as live:
         yield live
 

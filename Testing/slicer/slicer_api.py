@@ -74,14 +74,24 @@ def collect(files=None, ui_path=None) -> dict:
             if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "slicer":
                 for alias in node.names:
                     add(f"{node.module}.{alias.name}", where)
-            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(r"vtkMRML\w+", node.value):
+            elif (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and re.fullmatch(r"vtkMRML\w+", node.value)
+            ):
                 add(node.value, where)
             elif isinstance(node, ast.Attribute):
                 c = _chain(node)
                 if c:
                     chains[c] = where
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "connect" \
-                    and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "connect"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
                 target = _chain(node.func.value) or ""
                 owner = _widget_class(target, widgets)
                 if owner:
@@ -166,6 +176,7 @@ class Sources:
 
 def locate(name: str, src: Sources, tag: str) -> dict | None:
     """Where Slicer's sources at ``tag`` define (or, for Qt names, use) ``name``: {"repo", "source", "pattern"}."""
+
     def entry(source, pattern, repo="slicer"):
         return {"repo": repo, "source": source, "pattern": pattern} if source else None
 
@@ -184,23 +195,33 @@ def locate(name: str, src: Sources, tag: str) -> dict | None:
         return entry(src.grep_python(tag, f'"{signal}"'), re.escape(f'"{signal}"'))
     parts = name.split(".")
     if parts[0] == "slicer" and len(parts) >= 3 and parts[1] in ("util", "ScriptedLoadableModule", "i18n"):
-        path = {"util": "Base/Python/slicer/util.py", "ScriptedLoadableModule": "Base/Python/slicer/ScriptedLoadableModule.py",
-                "i18n": "Base/Python/slicer/i18n.py"}[parts[1]]
+        path = {
+            "util": "Base/Python/slicer/util.py",
+            "ScriptedLoadableModule": "Base/Python/slicer/ScriptedLoadableModule.py",
+            "i18n": "Base/Python/slicer/i18n.py",
+        }[parts[1]]
         return entry(path, rf"^(def|class) {parts[2]}\b")
     if parts[0] == "slicer" and len(parts) == 3 and parts[1] == "parameterNodeWrapper":
         for f in src.files("slicer", tag):
-            if f.startswith("Base/Python/slicer/parameterNodeWrapper/") and f.endswith(".py") and \
-                    re.search(rf"^(def|class) {parts[2]}\b", src.show("slicer", tag, f), re.M):
+            if (
+                f.startswith("Base/Python/slicer/parameterNodeWrapper/")
+                and f.endswith(".py")
+                and re.search(rf"^(def|class) {parts[2]}\b", src.show("slicer", tag, f), re.M)
+            ):
                 return entry(f, rf"^(def|class) {parts[2]}\b")
         return None
     if parts[0] == "slicer" and len(parts) >= 2 and parts[1] == "mrmlScene":
-        return entry("Libs/MRML/Core/vtkMRMLScene.h", rf"\b{parts[2]}\b" if len(parts) > 2 else r"class.*vtkMRMLScene\b")
+        return entry(
+            "Libs/MRML/Core/vtkMRMLScene.h", rf"\b{parts[2]}\b" if len(parts) > 2 else r"class.*vtkMRMLScene\b"
+        )
     if parts[0] == "slicer" and len(parts) >= 2 and re.match(r"(vtk|q)\w+$", parts[1]):
         header = src.header("slicer", tag, parts[1])
         return entry(header, rf"\b{parts[2]}\b" if len(parts) > 2 else rf"class\s+(\w+\s+)?{parts[1]}\b")
     if parts[0] == "SampleData":
-        return entry("Modules/Scripted/SampleData/SampleData.py",
-                     rf"def {parts[-1]}\b" if len(parts) > 2 else rf"^class {parts[1]}\b")
+        return entry(
+            "Modules/Scripted/SampleData/SampleData.py",
+            rf"def {parts[-1]}\b" if len(parts) > 2 else rf"^class {parts[1]}\b",
+        )
     if re.fullmatch(r"vtkMRML\w+", name):
         return entry(src.header("slicer", tag, name), rf"class\s+(\w+\s+)?{name}\b")
     if parts[0].startswith(_WIDGET_PREFIXES) and len(parts) == 2:

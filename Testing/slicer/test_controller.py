@@ -298,7 +298,9 @@ def _non_loopback_alias(port: int) -> str | None:
 def test_images_leave_the_computer_only_with_consent_remembered_per_server(scene, server, server_key):
     url = _non_loopback_alias(int(server.url.rsplit(":", 1)[1]))
     if url is None:
-        pytest.skip("this machine's name does not resolve to 127.0.0.1: no non-loopback address reaches the test server")
+        pytest.skip(
+            "this machine's name does not resolve to 127.0.0.1: no non-loopback address reaches the test server"
+        )
     store = settings.MemorySettings()
     view = RecordingView(answers=[True, False])  # key warning: yes; upload consent: no
     c = make_controller(scene, url, server_key, view, store)
@@ -366,7 +368,7 @@ def test_finetune_and_evaluation_through_the_controller(connected, scene):
     volume, reference = c.pairs[0]
     assert timed(c.evaluate, volume, reference)
     run_until_idle(c, 120)
-    (text, png), = c.view.evaluations
+    ((text, png),) = c.view.evaluations
     assert text.startswith("Dice ") and "ACE" in text and Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     c.cleanup()
     assert not Path(png).exists()  # temporary figures are removed

@@ -41,7 +41,9 @@ def test_cmake_installs_every_script_resource_and_the_generated_client():
     assert "WITH_GENERIC_TESTS" in cm and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cm
     assert "CMake/generate_light_client.py" in cm and 'DESTINATION "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}' in cm
     assert not re.search(r"-m pip|pip (wheel|install)", cm)  # no wheel, no pip step
-    for script in re.findall(r"slicer_add_python_unittest\(SCRIPT (\S+)\)", (MOD / "Testing/Python/CMakeLists.txt").read_text()):
+    for script in re.findall(
+        r"slicer_add_python_unittest\(SCRIPT (\S+)\)", (MOD / "Testing/Python/CMakeLists.txt").read_text()
+    ):
         assert (MOD / "Testing/Python" / script).is_file()
 
 
@@ -51,10 +53,16 @@ def test_nothing_is_pip_installed_and_the_lib_never_imports_the_server_package()
         for word in ("pip_install", "pip_ensure", "slicer.packaging", "slicer.pydeps", "ensureClient"):
             assert word not in text, f"{path.name} uses {word}"
         for node in ast.walk(ast.parse(text)):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
-            assert not [n for n in names if n.split(".")[0] in ("acecal", "torch", "monai", "SimpleITK")], \
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            assert not [n for n in names if n.split(".")[0] in ("acecal", "torch", "monai", "SimpleITK")], (
                 f"{path.name} imports {names}"
+            )
 
 
 def _parameter_fields() -> dict:
@@ -83,7 +91,10 @@ def test_ui_binds_only_parameter_node_fields_and_every_widget_the_code_uses_exis
     layouts = {lay.get("name") for lay in ET.parse(MOD / "Resources/UI/ACECalibration.ui").iter("layout")}
     assert "segmentEditorLayout" in layouts  # where the embedded Segment Editor goes
     api_key = widgets["apiKeyLineEdit"]
-    assert any(p.get("name") == "echoMode" and p.find("enum").text == "QLineEdit::Password" for p in api_key.findall("property"))
+    assert any(
+        p.get("name") == "echoMode" and p.find("enum").text == "QLineEdit::Password"
+        for p in api_key.findall("property")
+    )
     # no free "confidence volume" selector: the display controls act on the module's own result volumes only
     assert not [n for n, w in widgets.items() if w.get("class") == "qMRMLNodeComboBox" and "onfidence" in n]
     overlay_items = [i.find("property/string").text for i in widgets["overlayComboBox"].findall("item")]
@@ -97,7 +108,9 @@ def test_ui_binds_only_parameter_node_fields_and_every_widget_the_code_uses_exis
 def test_the_widget_holds_no_logic():
     tree = ast.parse(WIDGET.read_text())
     widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ACECalibrationWidget")
-    imported = {a.name for n in ast.walk(widget) for a in getattr(n, "names", []) if isinstance(n, (ast.Import, ast.ImportFrom))}
+    imported = {
+        a.name for n in ast.walk(widget) for a in getattr(n, "names", []) if isinstance(n, (ast.Import, ast.ImportFrom))
+    }
     modules = {n.module for n in ast.walk(widget) if isinstance(n, ast.ImportFrom)}
     assert modules <= {"ACECalibrationLib", "ACECalibrationLib.controller"}, modules
     assert imported <= {"settings", "Controller", "ACECalibrationLib"}, imported
@@ -106,14 +119,18 @@ def test_the_widget_holds_no_logic():
     for word in ("requests", "Task(", "threading", "client", "infer(", "create_result_nodes"):
         assert word not in text, word
     for fn in (n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name not in ("setup", "refresh")):
-        assert fn.end_lineno - fn.lineno < 20, f"{fn.name} is {fn.end_lineno - fn.lineno} lines: logic belongs in the Lib"
+        assert fn.end_lineno - fn.lineno < 20, (
+            f"{fn.name} is {fn.end_lineno - fn.lineno} lines: logic belongs in the Lib"
+        )
 
 
 def test_reload_reloads_the_lib(tmp_path):
     tree = ast.parse(WIDGET.read_text())
     widget = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ACECalibrationWidget")
     reload = next(n for n in widget.body if isinstance(n, ast.FunctionDef) and n.name == "onReload")
-    assert "ACECalibrationLib.unload()" in ast.unparse(reload) and "ScriptedLoadableModuleWidget.onReload" in ast.unparse(reload)
+    assert "ACECalibrationLib.unload()" in ast.unparse(
+        reload
+    ) and "ScriptedLoadableModuleWidget.onReload" in ast.unparse(reload)
     # unload() makes the next import read the files again: an edited Lib file takes effect
     import shutil
 
@@ -151,15 +168,18 @@ def test_module_classes_icon_and_sample_data(tmp_path):
     assert src["category"] == "ACECalibration" and src["sampleName"] == "ACECalHippocampus"
     assert src["loadFileTypes"] == ["VolumeFile", "SegmentationFile"] and Path(src["thumbnailFileName"]).is_file()
     for uri, checksum in zip(src["uris"], src["checksums"]):
-        path = Path(uri[len("file://"):])
+        path = Path(uri[len("file://") :])
         assert path.is_file() and checksum == f"SHA256:{sampledata.sha256(path)}"
     # the image is the fixture, unmodified; the reference segmentation regenerates byte for byte from its label map
     fixture = ROOT / "Testing/fixtures/hippocampus"
     shipped = sampledata.sample_dir(MOD)
-    assert (shipped / "ACECalHippocampus.nii.gz").read_bytes() == (fixture / "images/hippocampus_011.nii.gz").read_bytes()
+    assert (shipped / "ACECalHippocampus.nii.gz").read_bytes() == (
+        fixture / "images/hippocampus_011.nii.gz"
+    ).read_bytes()
     out = tmp_path / "reference.seg.nrrd"
-    sampledata.write_reference_segmentation(fixture / "images/hippocampus_011.nii.gz",
-                                            fixture / "labels/hippocampus_011.nii.gz", out)
+    sampledata.write_reference_segmentation(
+        fixture / "images/hippocampus_011.nii.gz", fixture / "labels/hippocampus_011.nii.gz", out
+    )
     assert out.read_bytes() == (shipped / "ACECalHippocampusReference.seg.nrrd").read_bytes()
     # named as the shipped models name their labels, so Evaluate matches the segments
     for bundle in sorted((ROOT / "models").glob("hippocampus-*/bundle.json")):
@@ -169,8 +189,17 @@ def test_module_classes_icon_and_sample_data(tmp_path):
 def test_extensions_index_entry_and_metadata():
     entry = json.loads((ROOT / "ACECalibration.json").read_text())
     # Slicer's Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json: required keys, no others
-    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
-               "build_subdirectory", "enabled", "tier"}
+    allowed = {
+        "$schema",
+        "category",
+        "scm_url",
+        "scm_revision",
+        "scm_type",
+        "build_dependencies",
+        "build_subdirectory",
+        "enabled",
+        "tier",
+    }
     assert {"$schema", "category", "scm_url"} <= set(entry) <= allowed
     assert entry["category"] == "Segmentation" and entry["build_dependencies"] == [] and 1 <= entry["tier"] <= 5
     top = (ROOT / "CMakeLists.txt").read_text()

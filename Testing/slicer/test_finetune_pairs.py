@@ -15,8 +15,9 @@ LABELS = {"0": "background", "1": "liver", "2": "tumour"}
 
 def _scene_with_result(scene):
     grid = oblique_grid(size=(14, 12, 10))
-    volume = nodes.add_volume_from_array(scene, np.random.default_rng(0).random(grid.shape_zyx).astype(np.float32),
-                                         grid, "img")
+    volume = nodes.add_volume_from_array(
+        scene, np.random.default_rng(0).random(grid.shape_zyx).astype(np.float32), grid, "img"
+    )
     label = np.zeros(grid.shape_zyx, np.uint8)
     label[2:6, 3:8, 4:9] = 1
     label[3:5, 4:6, 5:7] = 2

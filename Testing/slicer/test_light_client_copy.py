@@ -37,8 +37,10 @@ def test_the_committed_copy_is_what_the_generator_makes():
     gen = _generator()
     files = gen.generate(ROOT / "server" / "acecal")
     problems = gen.differences(files, COPY)
-    assert not problems, (f"ACECalibrationLib/client differs from server/acecal ({problems}); run "
-                          "python ACECalibration/CMake/generate_light_client.py")
+    assert not problems, (
+        f"ACECalibrationLib/client differs from server/acecal ({problems}); run "
+        "python ACECalibration/CMake/generate_light_client.py"
+    )
     assert set(files) == {f"{target}.py" for _, target in gen.SOURCES}
     # the CLI's --check agrees (CMake and developers use the script itself)
     r = subprocess.run([sys.executable, str(GENERATOR), "--check"], capture_output=True, text=True, timeout=60)
@@ -91,7 +93,7 @@ INTERPRETERS = {
     "3.12": ("ACECAL_TEST_PY312", ROOT / ".venv" / "light-py3.12" / "bin" / "python"),
 }
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json, socket, sys, threading, time
     sys.path.insert(0, sys.argv[1])                    # ACECalibration/: nothing else of this project
     sys.modules["acecal"] = None                       # the server package is not there (and must not be needed)
@@ -159,15 +161,17 @@ SCRIPT = textwrap.dedent('''
     out["acecal_loaded"] = [m for m in sys.modules if m == "acecal" or m.startswith("acecal.")
                             if sys.modules[m] is not None]
     print(json.dumps(out))
-''')
+""")
 
 
 def _interpreter(version: str) -> Path:
     env, default = INTERPRETERS[version]
     path = Path(os.environ.get(env) or default)
     if not path.is_file():
-        pytest.skip(f"no Python {version} environment at {path} (make light-venvs builds it from pyenv's "
-                    f"{version}; or set {env})")
+        pytest.skip(
+            f"no Python {version} environment at {path} (make light-venvs builds it from pyenv's "
+            f"{version}; or set {env})"
+        )
     return path
 
 
@@ -175,9 +179,24 @@ def _interpreter(version: str) -> Path:
 def test_light_client_on_slicers_python_against_a_live_server(version, server, server_key):
     python = _interpreter(version)
     sample = MODULE_DIR / "Resources" / "SampleData"
-    r = subprocess.run([str(python), "-I", "-c", SCRIPT, str(MODULE_DIR), server.url, server_key, "tiny-sphere",
-                        str(sample / "ACECalHippocampus.nii.gz"), str(sample / "ACECalHippocampusReference.seg.nrrd")],
-                       capture_output=True, text=True, timeout=400, cwd=str(Path(python).parent))
+    r = subprocess.run(
+        [
+            str(python),
+            "-I",
+            "-c",
+            SCRIPT,
+            str(MODULE_DIR),
+            server.url,
+            server_key,
+            "tiny-sphere",
+            str(sample / "ACECalHippocampus.nii.gz"),
+            str(sample / "ACECalHippocampusReference.seg.nrrd"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=str(Path(python).parent),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["python"].startswith(version + "."), out

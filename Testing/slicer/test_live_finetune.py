@@ -46,7 +46,9 @@ def test_finetune_from_scene_pairs_publishes_a_new_model(scene, client):
     dataset = client.dataset(job.dataset)
     assert dataset["num_cases"] == 2
     # node names (often patient names) never leave the computer: cases and dataset have neutral names
-    assert sorted(c["name"] for c in dataset["cases"]) == ["case 1", "case 2"] and dataset["name"] == "Slicer corrections"
+    assert (
+        sorted(c["name"] for c in dataset["cases"]) == ["case 1", "case 2"] and dataset["name"] == "Slicer corrections"
+    )
 
 
 def test_cancel_stops_the_job_on_the_server(scene, client):

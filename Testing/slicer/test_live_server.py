@@ -79,7 +79,9 @@ def test_segmentation_overlays_and_table_from_the_server(scene, case, client):
         assert np.allclose(row.centroid_ras, lps_to_ras(r.centroid_lps))
     # the per-segment statistics computed in Slicer agree with the server's summary of the same label map
     classes = {c.name: c for c in result.summary.classes}
-    for row in stats.segment_statistics(result.segmentation_node, volume, result.confidence_node, result.uncertain_node):
+    for row in stats.segment_statistics(
+        result.segmentation_node, volume, result.confidence_node, result.uncertain_node
+    ):
         assert row.voxels == classes[row.name].voxels
         assert row.volume_ml == pytest.approx(classes[row.name].volume_ml, rel=1e-9)
         assert row.mean_confidence == pytest.approx(classes[row.name].mean_confidence, rel=1e-4)
@@ -100,8 +102,14 @@ def test_run_segmentation_entry_point(scene, case, server):
     volume, grid, truth, _ = case
     result = run_segmentation(scene, volume, server.url, MODEL, api_key=KEY)
     assert result.model_id == MODEL and result.label_names == {"0": "background", "1": "sphere"}
-    for name in ("segmentation_node", "uncertain_node", "confidence_node", "uncertainty_node", "regions_table_node",
-                 "statistics_table_node"):
+    for name in (
+        "segmentation_node",
+        "uncertain_node",
+        "confidence_node",
+        "uncertainty_node",
+        "regions_table_node",
+        "statistics_table_node",
+    ):
         assert getattr(result, name) is not None and getattr(result, name).GetScene() is scene
     assert result.regions_table_node.GetNumberOfColumns() == len(regions.COLUMNS)
     assert result.regions_table_node.GetNumberOfRows() == len(result.regions)

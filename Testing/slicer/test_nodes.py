@@ -95,8 +95,9 @@ def test_volume_under_a_parent_transform_keeps_it_for_results(scene):
     m.SetElement(0, 3, 15.0)
     t.SetMatrixTransformToParent(m)
     ref.SetAndObserveTransformNodeID(t.GetID())
-    out = nodes.add_volume_from_array(scene, np.ones(grid.shape_zyx, np.float32), nodes.grid_from_volume_node(ref),
-                                      "out", reference_node=ref)
+    out = nodes.add_volume_from_array(
+        scene, np.ones(grid.shape_zyx, np.float32), nodes.grid_from_volume_node(ref), "out", reference_node=ref
+    )
     assert out.GetTransformNodeID() == t.GetID()
     assert nodes.volume_nodes_share_grid(ref, out)
 

@@ -21,8 +21,9 @@ LABELS = {"0": "background", "1": "liver", "2": "my lesion"}
 
 def _output(grid, label, flags, regions_list=(), model_id="m1"):
     confidence = np.where(flags > 0, 0.55, 0.98).astype(np.float32)
-    return inference_result(grid, label, confidence, (1 - confidence).astype(np.float32), flags, LABELS,
-                            regions_list, model_id=model_id)
+    return inference_result(
+        grid, label, confidence, (1 - confidence).astype(np.float32), flags, LABELS, regions_list, model_id=model_id
+    )
 
 
 def _two_class_case(grid):
@@ -114,8 +115,11 @@ def test_anatomy_segments_named_coloured_coded_and_where_the_truth_is(result):
     tag = mrml.vtkSegment.GetTerminologyEntryTagName()
     assert tag == terminology.TAG
     liver = segmentation.segment_tag(s.GetSegment("label_1"), tag)
-    assert liver.split("~")[:3] == [terminology.GENERAL_ANATOMY, "SCT^123037004^Anatomical Structure",
-                                    "SCT^10200004^Liver"] and len(liver.split("~")) == 7
+    assert (
+        liver.split("~")[:3]
+        == [terminology.GENERAL_ANATOMY, "SCT^123037004^Anatomical Structure", "SCT^10200004^Liver"]
+        and len(liver.split("~")) == 7
+    )
     assert segmentation.segment_tag(s.GetSegment("label_2"), tag) == terminology.DEFAULT.serialized()
     # voxel-exact on the input grid
     for value, sid in res.segment_ids.items():
@@ -185,8 +189,9 @@ def test_slicer_own_viridis_is_used_when_the_scene_has_it(scene, tmp_path):
     assert scene.GetNodeByID(display.SLICER_VIRIDIS_ID) is color
     grid = oblique_grid(size=(6, 5, 4))
     volume = nodes.add_volume_from_array(scene, np.zeros(grid.shape_zyx, np.float32), grid, "img")
-    res = create_result_nodes(scene, volume, _output(grid, np.zeros(grid.shape_zyx, np.uint8),
-                                                     np.zeros(grid.shape_zyx, np.uint8)))
+    res = create_result_nodes(
+        scene, volume, _output(grid, np.zeros(grid.shape_zyx, np.uint8), np.zeros(grid.shape_zyx, np.uint8))
+    )
     assert res.confidence_node.GetDisplayNode().GetColorNodeID() == display.SLICER_VIRIDIS_ID
     assert scene.GetFirstNodeByName(display.CONFIDENCE_COLOR_NODE_NAME) is None  # no hand-built table next to it
 
@@ -279,8 +284,10 @@ def test_segment_statistics(result):
 
 def test_a_new_run_refills_the_previous_nodes_unless_asked(result):
     scene, volume, grid, label, flags, centre_lps, res = result
-    before = {c: scene.GetNumberOfNodesByClass(c) for c in ("vtkMRMLSegmentationNode", "vtkMRMLScalarVolumeNode",
-                                                            "vtkMRMLTableNode")}
+    before = {
+        c: scene.GetNumberOfNodesByClass(c)
+        for c in ("vtkMRMLSegmentationNode", "vtkMRMLScalarVolumeNode", "vtkMRMLTableNode")
+    }
     regions.set_review_state(res.regions_table_node, 0, regions.ACCEPTED)
     smaller = np.where(label == 1, 1, 0).astype(np.uint8)
     again = create_result_nodes(scene, volume, _output(grid, smaller, flags, model_id="m2"))
@@ -375,9 +382,11 @@ def test_terminology_of_parts_and_palette():
     assert hippocampus.context == terminology.DICOM_MASTER
     assert terminology.terminology_for("Liver") == terminology.STRUCTURES["liver"]
     assert terminology.terminology_for("Anterior", "a knee model") == terminology.DEFAULT
-    assert terminology.DEFAULT.serialized() == ("Segmentation category and type - 3D Slicer General Anatomy list~"
-                                                "SCT^85756007^Tissue~SCT^85756007^Tissue~^^~Anatomic codes - DICOM "
-                                                "master list~^^~^^")  # vtkSegment's own default, verbatim
+    assert terminology.DEFAULT.serialized() == (
+        "Segmentation category and type - 3D Slicer General Anatomy list~"
+        "SCT^85756007^Tissue~SCT^85756007^Tissue~^^~Anatomic codes - DICOM "
+        "master list~^^~^^"
+    )  # vtkSegment's own default, verbatim
     assert display.segment_color(1, "Liver") == pytest.approx(tuple(np.array((221, 130, 101)) / 255))
     assert display.segment_color(3, "whatever") == pytest.approx(tuple(np.array(display.LABEL_PALETTE[2]) / 255))
     assert display.segment_color(17, "x") == display.segment_color(1, "x")  # cycles after 16

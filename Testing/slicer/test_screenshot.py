@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     sys.path[:0] = [sys.argv[1] + "/docs", sys.argv[1] + "/Testing", sys.argv[1] + "/Testing/slicer"]
@@ -45,13 +45,14 @@ SCRIPT = textwrap.dedent('''
     tinted = int((np.abs(px - low_conf).sum(axis=1) < 120).sum())
     grey = int(((np.abs(px[:, 0] - px[:, 1]) < 4) & (np.abs(px[:, 1] - px[:, 2]) < 4) & (px[:, 0] > 30)).sum())
     print(json.dumps({"magenta": magenta, "tinted": tinted, "grey": grey, "shape": list(rgb.shape)}))
-''')
+""")
 
 
 def test_offscreen_slice_view_shows_image_overlay_and_uncertain_outline(tmp_path):
     png = tmp_path / "view.png"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT), str(png)], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(ROOT), str(png)], capture_output=True, text=True, timeout=120
+    )
     if proc.returncode != 0:
         err = proc.stderr[-2000:]
         if proc.returncode < 0 or "OpenGL" in err or "EGL" in err or "display" in err.lower():

@@ -30,8 +30,17 @@ PRAGMA user_version=1;
 
 
 def _job(**kw) -> JobRow:
-    return JobRow(**{"id": new_id("job"), "status": JOB_QUEUED, "request": {"loss": "x"}, "config": {"epochs": 2},
-                     "epochs": 2, "created": now_iso(), **kw})
+    return JobRow(
+        **{
+            "id": new_id("job"),
+            "status": JOB_QUEUED,
+            "request": {"loss": "x"},
+            "config": {"epochs": 2},
+            "epochs": 2,
+            "created": now_iso(),
+            **kw,
+        }
+    )
 
 
 def test_a_new_database_has_every_migration(tmp_path):
@@ -71,11 +80,24 @@ def test_a_database_of_a_newer_server_is_refused(tmp_path):
 def test_rows_are_typed_and_round_trip(tmp_path):
     db = Database(tmp_path)
     ds = db.add_dataset("ds_a", "spheres", "tiny-sphere")
-    assert db.get_dataset("ds_a") == ds and ds.to_json() == {"id": "ds_a", "name": "spheres", "model": "tiny-sphere",
-                                                             "created": ds.created}
+    assert db.get_dataset("ds_a") == ds and ds.to_json() == {
+        "id": "ds_a",
+        "name": "spheres",
+        "model": "tiny-sphere",
+        "created": ds.created,
+    }
     info = {"size": [4, 4, 4], "spacing": [1.0, 1.0, float("nan")]}
-    case = db.add_case(CaseRow("c_1", "ds_a", "case 1", "datasets/ds_a/images/c_1.nii.gz",
-                               "datasets/ds_a/labels/c_1.nii.gz", info, now_iso()))
+    case = db.add_case(
+        CaseRow(
+            "c_1",
+            "ds_a",
+            "case 1",
+            "datasets/ds_a/images/c_1.nii.gz",
+            "datasets/ds_a/labels/c_1.nii.gz",
+            info,
+            now_iso(),
+        )
+    )
     stored = db.get_case("ds_a", "c_1")
     assert stored.info == {"size": [4, 4, 4], "spacing": [1.0, 1.0, None]}  # NaN is never stored
     assert stored.image == case.image and db.all_case_files() == {case.image, case.label}
@@ -91,8 +113,13 @@ def test_rows_are_typed_and_round_trip(tmp_path):
     assert [j.id for j in db.list_jobs()] == [second.id, job.id]  # newest first
     # a state change only from the given states
     assert not db.update_job(job.id, only_if_status=(JOB_RUNNING,), status=JOB_CANCELLED)
-    assert db.update_job(job.id, only_if_status=(JOB_QUEUED,), status=JOB_RUNNING, cancel_requested=True,
-                         metrics=[{"epoch": 1, "ace": float("inf")}])
+    assert db.update_job(
+        job.id,
+        only_if_status=(JOB_QUEUED,),
+        status=JOB_RUNNING,
+        cancel_requested=True,
+        metrics=[{"epoch": 1, "ace": float("inf")}],
+    )
     job = db.get_job(job.id)
     assert job.status == JOB_RUNNING and job.cancel_requested is True and job.metrics == [{"epoch": 1, "ace": None}]
     assert db.count_jobs(JOB_QUEUED) == 1 and db.count_jobs(JOB_QUEUED, JOB_RUNNING) == 2

@@ -54,11 +54,18 @@ def test_durable_move(tmp_path):
     assert not src.exists() and (tmp_path / "d" / "b").read_text() == "x"
 
 
-@pytest.mark.parametrize("e, disk", [
-    (OSError(errno.ENOSPC, "full"), True), (OSError(errno.EROFS, "ro"), True), (OSError(errno.EACCES, "perm"), True),
-    (OSError(errno.ENOENT, "missing"), False), (ValueError("x"), False),
-    (sqlite3.OperationalError("database or disk is full"), True), (sqlite3.OperationalError("no such table"), False),
-])
+@pytest.mark.parametrize(
+    "e, disk",
+    [
+        (OSError(errno.ENOSPC, "full"), True),
+        (OSError(errno.EROFS, "ro"), True),
+        (OSError(errno.EACCES, "perm"), True),
+        (OSError(errno.ENOENT, "missing"), False),
+        (ValueError("x"), False),
+        (sqlite3.OperationalError("database or disk is full"), True),
+        (sqlite3.OperationalError("no such table"), False),
+    ],
+)
 def test_is_disk_error(e, disk):
     assert is_disk_error(e) is disk
 

@@ -36,8 +36,20 @@ def test_cli_module_imports_without_torch():
 
 def test_evaluate_report(tmp_path, tiny_bundle, eval_data):
     out = tmp_path / "report"
-    r = runner.invoke(app, ["evaluate", "--model", str(tiny_bundle), "--images", str(eval_data / "images"),
-                            "--labels", str(eval_data / "labels"), "--out", str(out)])
+    r = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            str(tiny_bundle),
+            "--images",
+            str(eval_data / "images"),
+            "--labels",
+            str(eval_data / "labels"),
+            "--out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "floor" in r.stdout and "auroc" in r.stdout
     rep = json.loads((out / "report.json").read_text())
@@ -47,23 +59,41 @@ def test_evaluate_report(tmp_path, tiny_bundle, eval_data):
     assert set(rep["per_class"]) == {"sphere"}
     assert {"dice", "ace", "ece", "mce", "floor_ace", "removable_ace", "micro_ace"} <= set(rep["per_class"]["sphere"])
     assert [c["case"] for c in rep["cases"]] == ["case_000", "case_001", "case_002"]
-    assert all(set(c) == {"case", "dice", "ace", "ece", "mce", "floor_ace", "auroc", "recall", "flagged_over_wrong"}
-               for c in rep["cases"])
+    assert all(
+        set(c) == {"case", "dice", "ace", "ece", "mce", "floor_ace", "auroc", "recall", "flagged_over_wrong"}
+        for c in rep["cases"]
+    )
     assert "per case over the foreground classes present" in rep["note"].replace("for each case, the mean", "per case")
     # macro = mean over cases of the per-case values
     assert rep["aggregate"]["ace"] == pytest.approx(sum(c["ace"] for c in rep["cases"]) / 3)
     fl = rep["floor"]
     assert 0 < fl["ace"] and fl["removable_ace"] == pytest.approx(rep["aggregate"]["ace"] - fl["ace"])
     assert fl["ace"] == pytest.approx(sum(c["floor_ace"] for c in rep["cases"]) / 3)
-    assert 0 < fl["micro"]["ace"] and fl["micro"]["removable_ace"] == pytest.approx(rep["micro"]["ace"] - fl["micro"]["ace"])
+    assert 0 < fl["micro"]["ace"] and fl["micro"]["removable_ace"] == pytest.approx(
+        rep["micro"]["ace"] - fl["micro"]["ace"]
+    )
     ed = rep["error_detection"]
-    assert {"auroc", "auroc_max_error", "recall", "flagged_over_wrong", "precision", "wrong_ml", "flagged_ml",
-            "per_class", "roi_radius_voxels", "flags"} <= set(ed)
+    assert {
+        "auroc",
+        "auroc_max_error",
+        "recall",
+        "flagged_over_wrong",
+        "precision",
+        "wrong_ml",
+        "flagged_ml",
+        "per_class",
+        "roi_radius_voxels",
+        "flags",
+    } <= set(ed)
     assert ed["wrong_voxels"] > 0 and 0 <= ed["recall"] <= 1 and 0.5 < ed["auroc"] <= 1
     assert ed["flags"]["uncertainty_threshold"] == Bundle.load(tiny_bundle).config.uncertainty_threshold
     pngs = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
-    assert pngs == ["dataset_reliability_histogram.png", "figures/reliability_case_000.png",
-                    "figures/reliability_case_001.png", "figures/reliability_case_002.png"]
+    assert pngs == [
+        "dataset_reliability_histogram.png",
+        "figures/reliability_case_000.png",
+        "figures/reliability_case_001.png",
+        "figures/reliability_case_002.png",
+    ]
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     md = (out / "report.md").read_text()
     assert all(f"]({p})" in md for p in pngs) and "macro" in md
@@ -73,8 +103,9 @@ def test_evaluate_report(tmp_path, tiny_bundle, eval_data):
 def test_evaluate_judges_exactly_what_inference_serves(tmp_path, tiny_bundle, eval_data):
     """Per case, the report's numbers are those of the served volumes: ACE of the probabilities the predictor
     returns on the input grid, recall and flagged volume of the flags `acecal infer` writes."""
-    rep = evaluate(str(tiny_bundle), eval_data / "images", eval_data / "labels", tmp_path / "r", plots=False,
-                   device="cpu")
+    rep = evaluate(
+        str(tiny_bundle), eval_data / "images", eval_data / "labels", tmp_path / "r", plots=False, device="cpu"
+    )
     predictor = Predictor(Bundle.load(tiny_bundle), "cpu")
     for case in ("case_000", "case_002"):
         image = eval_data / "images" / f"{case}.nii.gz"
@@ -84,8 +115,9 @@ def test_evaluate_judges_exactly_what_inference_serves(tmp_path, tiny_bundle, ev
         flagged = served.flags != 0
         row = next(c for c in rep["cases"] if c["case"] == case)
         probs = predictor.predict(image).probs
-        ace = calibration_errors(torch.from_numpy(probs)[None], torch.from_numpy(truth)[None, None],
-                                 include_background=False)["ace"][0, 0]
+        ace = calibration_errors(
+            torch.from_numpy(probs)[None], torch.from_numpy(truth)[None, None], include_background=False
+        )["ace"][0, 0]
         assert row["ace"] == pytest.approx(float(ace), rel=1e-6)
         if wrong.any():
             assert row["recall"] == pytest.approx((wrong & flagged).sum() / wrong.sum())
@@ -115,8 +147,9 @@ def test_evaluate_raw_switches_the_post_hoc_step_off(tmp_path, tiny_bundle, eval
     assert served["aggregate"]["ace"] != pytest.approx(raw["aggregate"]["ace"], rel=1e-3)
     assert served["floor"]["ace"] != pytest.approx(raw["floor"]["ace"], rel=1e-3)
     assert reps["temperature"]["aggregate"] == served["aggregate"]
-    r = runner.invoke(app, ["evaluate", "--model", str(bundle), "--out", str(tmp_path / "x"), *args, "--raw",
-                            "--temperature"])
+    r = runner.invoke(
+        app, ["evaluate", "--model", str(bundle), "--out", str(tmp_path / "x"), *args, "--raw", "--temperature"]
+    )
     assert r.exit_code == 2 and "contradict" in r.output
 
 
@@ -126,8 +159,20 @@ def test_evaluate_bad_input_is_a_clear_error(tmp_path, tiny_bundle, eval_data):
     assert r.exit_code == 2 and "has no fitted temperature" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["evaluate", "--model", "no-such-model", *args])
     assert r.exit_code == 2 and "unknown model 'no-such-model'" in r.output
-    r = runner.invoke(app, ["evaluate", "--model", str(tiny_bundle), "--images", str(tmp_path / "none"),
-                            "--labels", str(tmp_path), "--out", str(tmp_path / "o")])
+    r = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--model",
+            str(tiny_bundle),
+            "--images",
+            str(tmp_path / "none"),
+            "--labels",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
     assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["evaluate", "--model", str(tiny_bundle), "--roi-radius", "-1", *args])
     assert r.exit_code == 2
@@ -144,8 +189,23 @@ batch_size: 1
 num_samples: 1
 val_fraction: 0.34
 """)
-    r = runner.invoke(app, ["train", "--config", str(cfg), "--id", "cli-model", "--out", str(tmp_path / "models"),
-                            "--work-dir", str(tmp_path / "work"), "--lr", "0.005", "--quiet"])
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            "--config",
+            str(cfg),
+            "--id",
+            "cli-model",
+            "--out",
+            str(tmp_path / "models"),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "--lr",
+            "0.005",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "cli-model" in r.stdout.split()
     b = Bundle.load(tmp_path / "models" / "cli-model")
@@ -153,8 +213,20 @@ val_fraction: 0.34
     assert b.config.training["command"].startswith("acecal ")
 
     # --no-publish keeps the checkpoints only; a later --resume with more --epochs extends the run and publishes
-    common = ["--config", str(cfg), "--id", "cli-two", "--out", str(tmp_path / "models"), "--work-dir",
-              str(tmp_path / "work2"), "--lr", "0.005", "--quiet", "--resume"]
+    common = [
+        "--config",
+        str(cfg),
+        "--id",
+        "cli-two",
+        "--out",
+        str(tmp_path / "models"),
+        "--work-dir",
+        str(tmp_path / "work2"),
+        "--lr",
+        "0.005",
+        "--quiet",
+        "--resume",
+    ]
     r = runner.invoke(app, ["train", *common, "--no-publish"])
     assert r.exit_code == 0 and "not published" in r.output and not (tmp_path / "models" / "cli-two").exists()
     r = runner.invoke(app, ["train", *common, "--epochs", "2"])
@@ -188,11 +260,19 @@ def test_evaluate_two_head_bundle_scores_the_segmentation_head_labels(tmp_path_f
     """Two heads with the calibration loss kept off the trunk: the segmentation is the one-head baseline's, so Dice
     and the wrong voxels equal the baseline's while the probabilities (ACE, floor) are the calibration head's."""
     root = tmp_path_factory.mktemp("twohead_eval")
-    two = train_tiny_bundle(root, model_id="tiny-twohead-eval", loss="twohead_dice_ce_softace",
-                            network=NetworkConfig(name="SegResNetTwoHead", args={
-                                "init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1], "trunk_grad": 0.0}))
-    reps = [evaluate(str(b), eval_data / "images", eval_data / "labels", root / f"r{i}", plots=False, device="cpu")
-            for i, b in enumerate((tiny_bundle, two))]
+    two = train_tiny_bundle(
+        root,
+        model_id="tiny-twohead-eval",
+        loss="twohead_dice_ce_softace",
+        network=NetworkConfig(
+            name="SegResNetTwoHead",
+            args={"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1], "trunk_grad": 0.0},
+        ),
+    )
+    reps = [
+        evaluate(str(b), eval_data / "images", eval_data / "labels", root / f"r{i}", plots=False, device="cpu")
+        for i, b in enumerate((tiny_bundle, two))
+    ]
     one, both = reps
     assert both["aggregate"]["dice"] == pytest.approx(one["aggregate"]["dice"], abs=1e-12)
     assert both["error_detection"]["wrong_voxels"] == one["error_detection"]["wrong_voxels"]

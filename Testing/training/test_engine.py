@@ -24,9 +24,23 @@ def small_data(tmp_path_factory):
 
 
 def cfg(tmp_path, data, **kw):
-    base = dict(data=str(data), network=TINY_NET, roi_size=(16, 16, 16), epochs=2, batch_size=2, num_samples=1,
-                lr=1e-2, warmup_epochs=1, val_fraction=0.34, val_every=1, out_dir=str(tmp_path / "models"),
-                work_dir=str(tmp_path / "work"), model_id="m1", sw_batch_size=1, augment=True)
+    base = dict(
+        data=str(data),
+        network=TINY_NET,
+        roi_size=(16, 16, 16),
+        epochs=2,
+        batch_size=2,
+        num_samples=1,
+        lr=1e-2,
+        warmup_epochs=1,
+        val_fraction=0.34,
+        val_every=1,
+        out_dir=str(tmp_path / "models"),
+        work_dir=str(tmp_path / "work"),
+        model_id="m1",
+        sw_batch_size=1,
+        augment=True,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -119,9 +133,20 @@ def test_finetune_with_frozen_encoder(tmp_path, tiny_bundle):
     data = make_dataset(tmp_path / "ft", 4, shape_zyx=(24, 24, 24), seed=11)
     base = Bundle.load(tiny_bundle)
     reg = ModelRegistry([tiny_bundle.parent])
-    res = finetune("tiny-sphere", registry=reg, freeze_encoder=True, data=str(data), epochs=2, lr=1e-3,
-                   val_fraction=0.25, out_dir=str(tmp_path / "models"), work_dir=str(tmp_path / "work"),
-                   model_id="tiny-ft", batch_size=2, num_samples=1)
+    res = finetune(
+        "tiny-sphere",
+        registry=reg,
+        freeze_encoder=True,
+        data=str(data),
+        epochs=2,
+        lr=1e-3,
+        val_fraction=0.25,
+        out_dir=str(tmp_path / "models"),
+        work_dir=str(tmp_path / "work"),
+        model_id="tiny-ft",
+        batch_size=2,
+        num_samples=1,
+    )
     assert res.status == "published"
     new = Bundle.load(res.bundle_path)
     assert new.id == "tiny-ft" and new.config.parent == "tiny-sphere"
@@ -149,8 +174,18 @@ def test_every_registry_loss_trains(tmp_path, small_data, loss):
 
 
 def test_fit_temperature_and_loss_params(tmp_path, small_data):
-    res = Engine(cfg(tmp_path, small_data, loss="hardl1ace_dice_ce", loss_params={"ace_weight": 0.5}, epochs=2,
-                     fit_temperature=True, half_precision=True), show_progress=False).run()
+    res = Engine(
+        cfg(
+            tmp_path,
+            small_data,
+            loss="hardl1ace_dice_ce",
+            loss_params={"ace_weight": 0.5},
+            epochs=2,
+            fit_temperature=True,
+            half_precision=True,
+        ),
+        show_progress=False,
+    ).run()
     b = Bundle.load(res.bundle_path)
     wt = b.config.metrics["with_temperature"]
     assert 0.05 <= wt["temperature"] <= 20 and wt["dice"] == pytest.approx(b.config.metrics["dice"])
@@ -171,8 +206,10 @@ def test_sizes_must_fit_the_network(tmp_path, small_data):
 
 
 def test_patch_smaller_than_roi(tmp_path, small_data):
-    res = Engine(cfg(tmp_path, small_data, epochs=1, patch_size=(8, 8, 8), roi_size=(16, 16, 16), val_every=1),
-                 show_progress=True).run()  # the tqdm bar path too
+    res = Engine(
+        cfg(tmp_path, small_data, epochs=1, patch_size=(8, 8, 8), roi_size=(16, 16, 16), val_every=1),
+        show_progress=True,
+    ).run()  # the tqdm bar path too
     b = Bundle.load(res.bundle_path)
     assert b.config.roi_size == (16, 16, 16) and b.config.training["patch_size"] == [8, 8, 8]
 
@@ -180,8 +217,9 @@ def test_patch_smaller_than_roi(tmp_path, small_data):
 def test_loss_warmup_trains_the_baseline_first(tmp_path, small_data):
     """ACE after a Dice+CE warm-up: epoch 1 is the baseline's epoch 1 exactly, epoch 2 uses the ACE loss."""
     base = Engine(cfg(tmp_path / "a", small_data, publish=False, loss="baseline_dice_ce"), show_progress=False).run()
-    warm = Engine(cfg(tmp_path / "b", small_data, loss="softl1ace_dice_ce", loss_warmup_epochs=1),
-                  show_progress=False).run()
+    warm = Engine(
+        cfg(tmp_path / "b", small_data, loss="softl1ace_dice_ce", loss_warmup_epochs=1), show_progress=False
+    ).run()
     assert warm.history[0]["train_loss"] == base.history[0]["train_loss"]
     assert warm.history[1]["train_loss"] != base.history[1]["train_loss"]
     b = Bundle.load(warm.bundle_path)

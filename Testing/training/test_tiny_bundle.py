@@ -34,7 +34,8 @@ def test_tiny_bundle_segments_a_fresh_case(tiny_bundle):
     for seed in (4242, 4243):
         case = make_case((24, 24, 24), seed=seed)
         d = model_space_transforms(b.config, load=False)(
-            {"image": to_metatensor(to_sitk(case.image, case)), "label": to_metatensor(to_sitk(case.label, case))})
+            {"image": to_metatensor(to_sitk(case.image, case)), "label": to_metatensor(to_sitk(case.label, case))}
+        )
         logits = sliding_window_logits(net, d["image"][None], b.config)
         pred = logits.argmax(1)[0].numpy()
         assert dice(pred, np.asarray(d["label"][0]), 1) > 0.9

@@ -35,8 +35,12 @@ TINY = {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]}
 def twohead(tmp_path_factory):
     """The tiny bundle's recipe (Testing/conftest.py) with two heads and the calibration loss kept off the trunk."""
     root = tmp_path_factory.mktemp("twohead")
-    path = train_tiny_bundle(root, model_id="tiny-twohead", loss="twohead_dice_ce_softace",
-                             network=NetworkConfig(name="SegResNetTwoHead", args={**TINY, "trunk_grad": 0.0}))
+    path = train_tiny_bundle(
+        root,
+        model_id="tiny-twohead",
+        loss="twohead_dice_ce_softace",
+        network=NetworkConfig(name="SegResNetTwoHead", args={**TINY, "trunk_grad": 0.0}),
+    )
     return root, Bundle.load(path)
 
 
@@ -103,14 +107,24 @@ def test_served_labels_from_segmentation_head_probabilities_from_calibration_hea
     assert "segmentation head" in card and "calibration head" in card
 
 
-@pytest.mark.parametrize("network,loss,match", [
-    ("SegResNet", "twohead_dice_ce_softace", "SegResNetTwoHead"),
-    ("SegResNetTwoHead", "baseline_dice_ce", "two-head loss"),
-])
+@pytest.mark.parametrize(
+    "network,loss,match",
+    [
+        ("SegResNet", "twohead_dice_ce_softace", "SegResNetTwoHead"),
+        ("SegResNetTwoHead", "baseline_dice_ce", "two-head loss"),
+    ],
+)
 def test_network_and_loss_must_agree_on_heads(twohead, tmp_path, network, loss, match):
     root, _ = twohead
-    cfg = TrainConfig(data=str(root / "data"), network=NetworkConfig(name=network, args=TINY), loss=loss,
-                      roi_size=(24, 24, 24), epochs=1, out_dir=str(tmp_path / "m"), work_dir=str(tmp_path / "w"))
+    cfg = TrainConfig(
+        data=str(root / "data"),
+        network=NetworkConfig(name=network, args=TINY),
+        loss=loss,
+        roi_size=(24, 24, 24),
+        epochs=1,
+        out_dir=str(tmp_path / "m"),
+        work_dir=str(tmp_path / "w"),
+    )
     with pytest.raises(InvalidInputError, match=match):
         Engine(cfg, show_progress=False).run()
     assert not (tmp_path / "w").exists()
@@ -118,9 +132,15 @@ def test_network_and_loss_must_agree_on_heads(twohead, tmp_path, network, loss, 
 
 def test_bad_network_argument_is_bad_input(twohead, tmp_path):
     root, _ = twohead
-    cfg = TrainConfig(data=str(root / "data"), loss="twohead_dice_ce_softace", roi_size=(24, 24, 24), epochs=1,
-                      network=NetworkConfig(name="SegResNetTwoHead", args={**TINY, "trunk_grad": 3}),
-                      out_dir=str(tmp_path / "m"), work_dir=str(tmp_path / "w"))
+    cfg = TrainConfig(
+        data=str(root / "data"),
+        loss="twohead_dice_ce_softace",
+        roi_size=(24, 24, 24),
+        epochs=1,
+        network=NetworkConfig(name="SegResNetTwoHead", args={**TINY, "trunk_grad": 3}),
+        out_dir=str(tmp_path / "m"),
+        work_dir=str(tmp_path / "w"),
+    )
     with pytest.raises(InvalidInputError, match="trunk_grad"):
         Engine(cfg, show_progress=False).run()
 
@@ -128,12 +148,44 @@ def test_bad_network_argument_is_bad_input(twohead, tmp_path):
 def test_train_cli_network_arguments_loss_parameters_and_tta(twohead, tmp_path):
     _register()  # the commands are registered lazily (the CLI starts without torch)
     root, _ = twohead
-    r = CliRunner().invoke(app, [
-        "train", str(root / "data"), "--loss", "twohead_dice_ce_hardace", "--network", "SegResNetTwoHead",
-        "--network-arg", "trunk_grad=0.5", "--network-arg", "calibration_sees_segmentation=true",
-        "--init-filters", "8", "--blocks-down", "1,1", "--blocks-up", "1", "--roi", "24,24,24", "--epochs", "1",
-        "--loss-param", "ace_weight=3", "--loss-param", "num_bins=10", "--tta", "axis_flips", "--id", "cli-twohead",
-        "--out", str(tmp_path / "models"), "--work-dir", str(tmp_path / "work"), "-q"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "train",
+            str(root / "data"),
+            "--loss",
+            "twohead_dice_ce_hardace",
+            "--network",
+            "SegResNetTwoHead",
+            "--network-arg",
+            "trunk_grad=0.5",
+            "--network-arg",
+            "calibration_sees_segmentation=true",
+            "--init-filters",
+            "8",
+            "--blocks-down",
+            "1,1",
+            "--blocks-up",
+            "1",
+            "--roi",
+            "24,24,24",
+            "--epochs",
+            "1",
+            "--loss-param",
+            "ace_weight=3",
+            "--loss-param",
+            "num_bins=10",
+            "--tta",
+            "axis_flips",
+            "--id",
+            "cli-twohead",
+            "--out",
+            str(tmp_path / "models"),
+            "--work-dir",
+            str(tmp_path / "work"),
+            "-q",
+        ],
+    )
     assert r.exit_code == 0, r.output
     cfg = Bundle.load(tmp_path / "models" / "cli-twohead").config
     assert cfg.network.name == "SegResNetTwoHead" and cfg.tta == "axis_flips"

@@ -110,7 +110,16 @@ class ProtocolError(ACECalError):
 ERRORS_BY_CODE: dict[str, type[ACECalError]] = {
     cls.code: cls
     for cls in (
-        ACECalError, InvalidInputError, NotFoundError, ModelNotFoundError, ResultNotFoundError, UnauthorizedError,
-        PayloadTooLargeError, ConflictError, ServerBusyError, StorageError, BundleError,
+        ACECalError,
+        InvalidInputError,
+        NotFoundError,
+        ModelNotFoundError,
+        ResultNotFoundError,
+        UnauthorizedError,
+        PayloadTooLargeError,
+        ConflictError,
+        ServerBusyError,
+        StorageError,
+        BundleError,
     )
 }

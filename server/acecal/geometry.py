@@ -145,8 +145,12 @@ class Grid:
         return lps_to_ras(self.index_to_lps(ijk))
 
     def to_dict(self) -> dict:
-        return {"size": list(self.size), "spacing": list(self.spacing), "origin": list(self.origin),
-                "direction": list(self.direction)}
+        return {
+            "size": list(self.size),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+        }
 
     def same_as(self, other: "Grid", atol: float = 1e-4) -> bool:
         """True when both grids have the same size and, within ``atol`` (mm / cosines), the same geometry."""

@@ -44,9 +44,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: What :func:`raise_if_bad` advises a loss's caller (a metric's caller gets the defaults).
 LOSS_ADVICE: Mapping[str, str] = {
     "nan": "Check the network output for divergence (lower the learning rate, use gradient clipping, or check AMP "
-           "loss scaling).",
+    "loss scaling).",
     "probs_range": "Pass probabilities, or pass logits with softmax=True (or sigmoid=True) so the loss applies the "
-                   "activation itself.",
+    "activation itself.",
     "target_range": "For a label map of shape (B, 1, spatial...) set to_onehot_y=True.",
 }
 _DEFAULT_ADVICE: Mapping[str, str] = {
@@ -74,7 +74,8 @@ def check_num_bins(num_bins: Any, who: str | None = None, *, max_bins: int | Non
         raise InvalidInputError(f"{_prefix(who)}num_bins must be an integer >= 1, got {num_bins!r}.")
     if max_bins is not None and num_bins > max_bins:
         raise InvalidInputError(
-            f"{_prefix(who)}num_bins must be <= {max_bins}, got {num_bins}; 20 is the usual choice.")
+            f"{_prefix(who)}num_bins must be <= {max_bins}, got {num_bins}; 20 is the usual choice."
+        )
     return num_bins
 
 
@@ -98,10 +99,12 @@ def check_empty_weight(empty_weight: Any, who: str | None = None) -> float:
         value = float(empty_weight)
     except (TypeError, ValueError):
         raise InvalidInputError(
-            f"{_prefix(who)}empty_weight must be a non-negative number, got {empty_weight!r}.") from None
+            f"{_prefix(who)}empty_weight must be a non-negative number, got {empty_weight!r}."
+        ) from None
     if not (math.isfinite(value) and value >= 0.0):
         raise InvalidInputError(
-            f"{_prefix(who)}empty_weight must be a finite number >= 0, got {empty_weight!r} (default 0.01).")
+            f"{_prefix(who)}empty_weight must be a finite number >= 0, got {empty_weight!r} (default 0.01)."
+        )
     return value
 
 
@@ -113,7 +116,8 @@ def check_batched(x: Any, who: str | None = None, name: str = "input", shape: st
     if x.ndim < 3:
         raise InvalidInputError(
             f"{p}{name} must have shape {shape}: at least 3 dimensions, one of them spatial, "
-            f"got shape {tuple(x.shape)}.")
+            f"got shape {tuple(x.shape)}."
+        )
 
 
 def check_prediction(x: Any, who: str | None = None, name: str = "input", *, allow_empty: bool = False) -> None:
@@ -138,7 +142,8 @@ def target_kind(probs: torch.Tensor, target: Any, name: str = "target") -> Liter
         return "labels"
     raise InvalidInputError(
         f"{name} shape {tuple(target.shape)} does not fit probabilities of shape {tuple(probs.shape)}: expected a "
-        f"one-hot {tuple(probs.shape)} or a label map {(b, 1, *spatial)}")
+        f"one-hot {tuple(probs.shape)} or a label map {(b, 1, *spatial)}"
+    )
 
 
 def range_checks(prefix: str, x: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
@@ -195,14 +200,16 @@ def raise_if_bad(
         lo, hi = values["input_min"], values["input_max"]
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise InvalidInputError(
-                f"{p}{input_name} contains NaN or infinite values (min={lo}, max={hi}).{hint('nan')}")
+                f"{p}{input_name} contains NaN or infinite values (min={lo}, max={hi}).{hint('nan')}"
+            )
     if "probs_min" in values:
         lo, hi = values["probs_min"], values["probs_max"]
         if math.isnan(lo) or math.isnan(hi):
             raise InvalidInputError(f"{p}{probs_name} contain NaN values.{hint('nan')}")
         if not (lo >= -tolerance and hi <= 1.0 + tolerance):
             raise InvalidInputError(
-                f"{p}{probs_name} must lie in [0, 1], got values in [{lo:.6g}, {hi:.6g}].{hint('probs_range')}")
+                f"{p}{probs_name} must lie in [0, 1], got values in [{lo:.6g}, {hi:.6g}].{hint('probs_range')}"
+            )
     if "target_min" in values:
         lo, hi = values["target_min"], values["target_max"]
         if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -210,7 +217,8 @@ def raise_if_bad(
         if not (lo >= 0.0 and hi <= 1.0):
             raise InvalidInputError(
                 f"{p}a one-hot / probability target must lie in [0, 1], got values in [{lo:.6g}, {hi:.6g}]."
-                f"{hint('target_range')}")
+                f"{hint('target_range')}"
+            )
     if "label_min" in values:
         lo, hi = values["label_min"], values["label_max"]
         if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -218,9 +226,11 @@ def raise_if_bad(
         if values.get("label_nonint", 0.0) != 0.0:
             raise InvalidInputError(
                 f"{p}{label_name} contains non-integer values (range [{lo}, {hi}]). Resample label maps with "
-                "nearest-neighbour interpolation, or round them.")
+                "nearest-neighbour interpolation, or round them."
+            )
         if num_classes is not None and not (lo >= 0 and hi <= num_classes - 1):
             raise InvalidInputError(
                 f"{p}{label_name} values must be class indices in [0, {num_classes - 1}] for {num_classes} classes, "
                 f"got labels in [{int(lo)}, {int(hi)}]. Check the number of output channels of the network against "
-                "the labels.")
+                "the labels."
+            )

@@ -60,12 +60,28 @@ for _names, _np in (
 #: NRRD type name -> numpy type code (``"i2"``...), shared with the server's header check
 NRRD_TYPES = _TYPES
 
-_WRITE_TYPES = {"i1": "int8", "u1": "uint8", "i2": "short", "u2": "ushort", "i4": "int", "u4": "uint",
-                "i8": "longlong", "u8": "ulonglong", "f4": "float", "f8": "double"}
+_WRITE_TYPES = {
+    "i1": "int8",
+    "u1": "uint8",
+    "i2": "short",
+    "u2": "ushort",
+    "i4": "int",
+    "u4": "uint",
+    "i8": "longlong",
+    "u8": "ulonglong",
+    "f4": "float",
+    "f8": "double",
+}
 
 # sign of each physical axis of a named space relative to LPS
-_SPACE_WORDS = {"left": (0, 1.0), "right": (0, -1.0), "posterior": (1, 1.0), "anterior": (1, -1.0),
-                "superior": (2, 1.0), "inferior": (2, -1.0)}
+_SPACE_WORDS = {
+    "left": (0, 1.0),
+    "right": (0, -1.0),
+    "posterior": (1, 1.0),
+    "anterior": (1, -1.0),
+    "superior": (2, 1.0),
+    "inferior": (2, -1.0),
+}
 _SPACE_ABBREV = {"l": "left", "r": "right", "p": "posterior", "a": "anterior", "s": "superior", "i": "inferior"}
 
 
@@ -105,8 +121,9 @@ def _space_signs(space: str) -> np.ndarray:
     # the triple must name the axes in x, y, z order (left/right first...), as every real file does
     order = [_SPACE_WORDS[w][0] for w in words]
     if order != [0, 1, 2]:
-        raise NrrdError(f"unsupported NRRD space {space!r}: axes are not in left-right, posterior-anterior, "
-                        "inferior-superior order")
+        raise NrrdError(
+            f"unsupported NRRD space {space!r}: axes are not in left-right, posterior-anterior, inferior-superior order"
+        )
     return signs
 
 
@@ -229,9 +246,29 @@ def _volume_from_fields(fields: dict[str, str], payload: bytes) -> NrrdVolume:
     else:
         dirs = None
         kinds = fields.get("kinds", "").split()
-        nonspatial = {"vector", "covariant-vector", "normal", "list", "point", "2-vector", "3-vector", "4-vector",
-                      "3-color", "rgb-color", "hsv-color", "xyz-color", "4-color", "rgba-color", "2d-symmetric-matrix",
-                      "3d-symmetric-matrix", "2d-matrix", "3d-matrix", "complex", "quaternion", "scalar"}
+        nonspatial = {
+            "vector",
+            "covariant-vector",
+            "normal",
+            "list",
+            "point",
+            "2-vector",
+            "3-vector",
+            "4-vector",
+            "3-color",
+            "rgb-color",
+            "hsv-color",
+            "xyz-color",
+            "4-color",
+            "rgba-color",
+            "2d-symmetric-matrix",
+            "3d-symmetric-matrix",
+            "2d-matrix",
+            "3d-matrix",
+            "complex",
+            "quaternion",
+            "scalar",
+        }
         spatial = [i for i in range(dim) if not (i < len(kinds) and kinds[i].lower() in nonspatial)]
     if len(spatial) != 3:
         raise NrrdError(f"the NRRD has {len(spatial)} spatial axes; a 3-D volume is needed")
@@ -258,7 +295,9 @@ def _volume_from_fields(fields: dict[str, str], payload: bytes) -> NrrdVolume:
         origin = np.zeros(3)
     spatial_sizes = [sizes[i] for i in spatial]
     try:
-        grid = Grid.from_ijk_to_lps(spatial_sizes, np.block([[axes, origin[:, None]], [np.zeros((1, 3)), np.ones((1, 1))]]))
+        grid = Grid.from_ijk_to_lps(
+            spatial_sizes, np.block([[axes, origin[:, None]], [np.zeros((1, 3)), np.ones((1, 1))]])
+        )
     except ValueError as e:
         raise NrrdError(f"the NRRD geometry is unusable: {e}") from None
 
@@ -280,8 +319,10 @@ def decode_nrrd(data: Union[bytes, bytearray, memoryview]) -> NrrdVolume:
     lines, start = _split_header(bytes(mv[: 1 << 20]))
     fields = _parse_header(lines)
     if "data file" in fields or "datafile" in fields:
-        raise NrrdError("a detached NRRD header (its 'data file' field names another file) is refused; only NRRD files "
-                        "with attached data are read")
+        raise NrrdError(
+            "a detached NRRD header (its 'data file' field names another file) is refused; only NRRD files "
+            "with attached data are read"
+        )
     return _volume_from_fields(fields, _skip(mv[start:], fields))
 
 
@@ -300,13 +341,13 @@ def _skip(payload, fields: dict[str, str]):
         if nl < 0:  # no more lines: the data are truncated (found out when decoding)
             payload = b""
             break
-        payload = payload[nl + 1:]
+        payload = payload[nl + 1 :]
     if byte_skip == -1:  # data sit at the end of the file (raw only)
         if fields.get("encoding", "raw").lower() != "raw":
             raise NrrdError("byte skip -1 is only valid with raw encoding")
         sizes = [int(s) for s in fields["sizes"].split()]
         need = int(np.prod(sizes)) * np.dtype(_TYPES.get(fields["type"].lower(), "u1")).itemsize
-        return payload[len(payload) - need:] if len(payload) >= need else payload
+        return payload[len(payload) - need :] if len(payload) >= need else payload
     return payload[byte_skip:]
 
 
@@ -343,8 +384,10 @@ def read_nrrd(source: PathOrBytes) -> NrrdVolume:
     lines, start = _split_header(bytes(data[: 1 << 20]))
     fields = _parse_header(lines)
     if "data file" in fields or "datafile" in fields:
-        raise NrrdError(f"{path.name!r} is a detached NRRD header (its 'data file' field names another file); only "
-                        "NRRD files with attached data are read")
+        raise NrrdError(
+            f"{path.name!r} is a detached NRRD header (its 'data file' field names another file); only "
+            "NRRD files with attached data are read"
+        )
     return _volume_from_fields(fields, _skip(memoryview(data)[start:], fields))
 
 
@@ -353,7 +396,9 @@ def _fmt(v: float) -> str:
     return repr(float(v)) if np.isfinite(v) else "nan"
 
 
-def nrrd_header(array: np.ndarray, grid: Grid, *, encoding: str = "raw", extra: Optional[dict[str, str]] = None) -> bytes:
+def nrrd_header(
+    array: np.ndarray, grid: Grid, *, encoding: str = "raw", extra: Optional[dict[str, str]] = None
+) -> bytes:
     """The NRRD header (ending with the blank line) for ``array`` ((z, y, x) or (z, y, x, c)) on ``grid``."""
     arr = np.asarray(array)
     if arr.ndim not in (3, 4):
@@ -398,11 +443,12 @@ def nrrd_header(array: np.ndarray, grid: Grid, *, encoding: str = "raw", extra: 
 def _payload_chunks(arr: np.ndarray, chunk: int = 1 << 24):
     flat = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False)).reshape(-1).view(np.uint8)
     for i in range(0, flat.size, chunk):
-        yield flat[i:i + chunk]
+        yield flat[i : i + chunk]
 
 
-def _write_to(fh: BinaryIO, array: np.ndarray, grid: Grid, encoding: str, level: int,
-              extra: Optional[dict[str, str]]) -> None:
+def _write_to(
+    fh: BinaryIO, array: np.ndarray, grid: Grid, encoding: str, level: int, extra: Optional[dict[str, str]]
+) -> None:
     arr = np.asarray(array)
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
@@ -417,16 +463,24 @@ def _write_to(fh: BinaryIO, array: np.ndarray, grid: Grid, encoding: str, level:
         fh.write(comp.flush())
 
 
-def encode_nrrd(array: np.ndarray, grid: Grid, *, encoding: str = "raw", level: int = 1,
-                extra: Optional[dict[str, str]] = None) -> bytes:
+def encode_nrrd(
+    array: np.ndarray, grid: Grid, *, encoding: str = "raw", level: int = 1, extra: Optional[dict[str, str]] = None
+) -> bytes:
     """The bytes of an NRRD file holding ``array`` ((z, y, x) or (z, y, x, c)) on ``grid``."""
     buf = io.BytesIO()
     _write_to(buf, array, grid, encoding, level, extra)
     return buf.getvalue()
 
 
-def write_nrrd(path: Union[str, os.PathLike], array: np.ndarray, grid: Grid, *, encoding: str = "raw",
-               level: int = 1, extra: Optional[dict[str, str]] = None) -> Path:
+def write_nrrd(
+    path: Union[str, os.PathLike],
+    array: np.ndarray,
+    grid: Grid,
+    *,
+    encoding: str = "raw",
+    level: int = 1,
+    extra: Optional[dict[str, str]] = None,
+) -> Path:
     """Write ``array`` ((z, y, x) or (z, y, x, c)) on ``grid`` to ``path`` as an NRRD with attached data.
 
     Args:

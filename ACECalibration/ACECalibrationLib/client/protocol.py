@@ -161,8 +161,9 @@ def _grid(v: Any) -> Grid:
         raise _fail(f"expected a grid {{size, spacing, origin, direction}} ({e})", v) from None
 
 
-def _wire(parse: Callable[[Any], Any], *, key: Optional[str] = None, default: Any = MISSING,
-          default_factory: Any = MISSING) -> Any:
+def _wire(
+    parse: Callable[[Any], Any], *, key: Optional[str] = None, default: Any = MISSING, default_factory: Any = MISSING
+) -> Any:
     """A record field: ``parse`` checks and converts the JSON value; ``key`` is the JSON key when it is not the
     field's name. Without a default the key is required."""
     return field(default=default, default_factory=default_factory, metadata={"parse": parse, "key": key})
@@ -179,8 +180,7 @@ class Record:
     @classmethod
     def json_keys(cls) -> Tuple[str, ...]:
         """The record's JSON keys, in field order."""
-        return tuple(f.metadata.get("key") or f.name
-                     for f in fields(cls) if f.name != "extra")  # type: ignore[arg-type]
+        return tuple(f.metadata.get("key") or f.name for f in fields(cls) if f.name != "extra")  # type: ignore[arg-type]
 
     @classmethod
     def from_json(cls: Type[R], data: Any) -> R:
@@ -206,8 +206,9 @@ class Record:
 
     def to_json(self) -> Dict[str, Any]:
         """The JSON object (plain dicts, lists, numbers and strings), unknown keys of the source included."""
-        out = {f.metadata.get("key") or f.name: _plain(getattr(self, f.name))
-               for f in fields(self) if f.name != "extra"}  # type: ignore[arg-type]
+        out = {
+            f.metadata.get("key") or f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "extra"
+        }  # type: ignore[arg-type]
         out.update(self.extra)
         return out
 
@@ -438,11 +439,18 @@ class JobEvent(Record):
     """
 
     FIELDS: ClassVar[Dict[str, Tuple[str, ...]]] = {
-        EVENT_START: ("model_id", "epochs", "start_epoch", "train_cases", "val_cases", "world_size", "resumed",
-                      "work_dir"),
+        EVENT_START: (
+            "model_id",
+            "epochs",
+            "start_epoch",
+            "train_cases",
+            "val_cases",
+            "world_size",
+            "resumed",
+            "work_dir",
+        ),
         EVENT_STEP: ("epoch", "step", "steps", "loss"),
-        EVENT_EPOCH: ("epoch", "epochs", "train_loss", "lr", "seconds", "val", "val_cases", "best_dice",
-                      "best_epoch"),
+        EVENT_EPOCH: ("epoch", "epochs", "train_loss", "lr", "seconds", "val", "val_cases", "best_dice", "best_epoch"),
         EVENT_STOPPED: ("reason", "epoch"),
         EVENT_PUBLISHED: ("model_id", "path", "metrics"),
     }
@@ -500,5 +508,10 @@ class JobEvent(Record):
         if self.event != EVENT_EPOCH or self.epoch is None:
             raise ValueError(f"a {self.event!r} event has no epoch metrics")
         val = self.val or {}
-        return EpochMetrics(epoch=self.epoch, train_loss=self.train_loss, lr=self.lr, seconds=self.seconds,
-                            **{name: _optional(_float)(val.get(name)) for name in METRIC_NAMES})
+        return EpochMetrics(
+            epoch=self.epoch,
+            train_loss=self.train_loss,
+            lr=self.lr,
+            seconds=self.seconds,
+            **{name: _optional(_float)(val.get(name)) for name in METRIC_NAMES},
+        )

@@ -84,11 +84,21 @@ class ModelResources(Transport):
         """``GET /models/{id}``; ``ModelNotFoundError`` if unknown."""
         return ModelInfo.from_json(self.get_json(f"/models/{url_segment(model_id)}"))
 
-    def infer(self, image: ImageInput, model_id: str, *, params: Optional[dict] = None,
-              out_dir: Optional[PathLike] = None, load_arrays: Optional[bool] = None,
-              volumes: Sequence[str] = VOLUMES, keep_on_server: bool = False,
-              progress: Optional[ProgressCallback] = None, filename: Optional[str] = None,
-              compress_upload: bool = False, **param_kwargs: Any) -> InferenceResult:
+    def infer(
+        self,
+        image: ImageInput,
+        model_id: str,
+        *,
+        params: Optional[dict] = None,
+        out_dir: Optional[PathLike] = None,
+        load_arrays: Optional[bool] = None,
+        volumes: Sequence[str] = VOLUMES,
+        keep_on_server: bool = False,
+        progress: Optional[ProgressCallback] = None,
+        filename: Optional[str] = None,
+        compress_upload: bool = False,
+        **param_kwargs: Any,
+    ) -> InferenceResult:
         """Segment one volume; returns the reply with the volumes on the input's exact grid.
 
         Args:
@@ -112,9 +122,12 @@ class ModelResources(Transport):
         if unknown:
             raise ValueError(f"unknown volume(s) {unknown}; choose from {VOLUMES}")
         fields = {"params": json.dumps(p)} if p else {}
-        resp = self.post_multipart(f"/infer/{url_segment(model_id)}", fields,
-                                   {"image": file_part(image, filename, compress=compress_upload)},
-                                   progress=progress)
+        resp = self.post_multipart(
+            f"/infer/{url_segment(model_id)}",
+            fields,
+            {"image": file_part(image, filename, compress=compress_upload)},
+            progress=progress,
+        )
         result = InferenceResult.from_reply(self._json(resp))
         try:
             self.fetch_volumes(result, out_dir=out_dir, load_arrays=load_arrays, volumes=volumes, progress=progress)
@@ -126,9 +139,15 @@ class ModelResources(Transport):
                     pass  # it expires anyway
         return result
 
-    def fetch_volumes(self, result: InferenceResult, *, out_dir: Optional[PathLike] = None,
-                      load_arrays: Optional[bool] = None, volumes: Sequence[str] = VOLUMES,
-                      progress: Optional[ProgressCallback] = None) -> InferenceResult:
+    def fetch_volumes(
+        self,
+        result: InferenceResult,
+        *,
+        out_dir: Optional[PathLike] = None,
+        load_arrays: Optional[bool] = None,
+        volumes: Sequence[str] = VOLUMES,
+        progress: Optional[ProgressCallback] = None,
+    ) -> InferenceResult:
         """Download a result's volumes into ``result.arrays`` and/or ``out_dir`` (with ``summary.json``)."""
         load = (out_dir is None) if load_arrays is None else load_arrays
         out = Path(out_dir) if out_dir is not None else None
@@ -148,11 +167,13 @@ class ModelResources(Transport):
             else:
                 result.arrays[name] = read_nrrd(self.download_bytes(url, progress=progress, stage=stage)).array
             if name in result.arrays and result.arrays[name].shape != result.grid.shape_zyx:
-                raise ProtocolError(f"the {name} volume has shape {result.arrays[name].shape}, not the input's "
-                                    f"{result.grid.shape_zyx}")
+                raise ProtocolError(
+                    f"the {name} volume has shape {result.arrays[name].shape}, not the input's {result.grid.shape_zyx}"
+                )
         if out is not None:
-            summary = dict(result.raw, files={n: p.name for n, p in result.paths.items()},
-                           source={"server": self.base_url})
+            summary = dict(
+                result.raw, files={n: p.name for n, p in result.paths.items()}, source={"server": self.base_url}
+            )
             (out / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
             result.paths["summary"] = out / SUMMARY_NAME
         return result
@@ -191,29 +212,45 @@ class DatasetResources(Transport):
         """``DELETE /datasets/{id}`` (``ConflictError`` while a queued or running job uses it)."""
         self.delete(f"/datasets/{url_segment(dataset_id)}")
 
-    def add_case(self, dataset_id: str, image: ImageInput, label: ImageInput, *, name: Optional[str] = None,
-                 model: Optional[str] = None, progress: Optional[ProgressCallback] = None,
-                 compress_upload: bool = True) -> dict:
+    def add_case(
+        self,
+        dataset_id: str,
+        image: ImageInput,
+        label: ImageInput,
+        *,
+        name: Optional[str] = None,
+        model: Optional[str] = None,
+        progress: Optional[ProgressCallback] = None,
+        compress_upload: bool = True,
+    ) -> dict:
         """``POST /datasets/{id}/cases``: upload one labelled case; returns ``{"case_id", "name", ...}``.
 
         ``image`` and ``label``: file paths or ``(array_zyx, Grid)`` (sent as NRRD, gzip-compressed by default).
         The server checks the pair on arrival; a bad one raises ``InvalidInputError`` naming the problem.
         """
-        files = {"image": file_part(image, "image.nrrd" if isinstance(image, tuple) else None,
-                                    compress=compress_upload),
-                 "label": file_part(label, "label.nrrd" if isinstance(label, tuple) else None,
-                                    compress=compress_upload)}
+        files = {
+            "image": file_part(image, "image.nrrd" if isinstance(image, tuple) else None, compress=compress_upload),
+            "label": file_part(label, "label.nrrd" if isinstance(label, tuple) else None, compress=compress_upload),
+        }
         fields = {k: v for k, v in (("name", name), ("model", model)) if v}
-        return self._json(self.post_multipart(f"/datasets/{url_segment(dataset_id)}/cases", fields, files,
-                                              progress=progress))
+        return self._json(
+            self.post_multipart(f"/datasets/{url_segment(dataset_id)}/cases", fields, files, progress=progress)
+        )
 
     def delete_case(self, dataset_id: str, case_id: str) -> None:
         """``DELETE /datasets/{id}/cases/{case_id}``."""
         self.delete(f"/datasets/{url_segment(dataset_id)}/cases/{url_segment(case_id)}")
 
-    def upload_dataset(self, images_dir: PathLike, labels_dir: PathLike, *, name: Optional[str] = None,
-                       model: Optional[str] = None, dataset_id: Optional[str] = None,
-                       on_case: Optional[Callable[[int, int, str], None]] = None) -> dict:
+    def upload_dataset(
+        self,
+        images_dir: PathLike,
+        labels_dir: PathLike,
+        *,
+        name: Optional[str] = None,
+        model: Optional[str] = None,
+        dataset_id: Optional[str] = None,
+        on_case: Optional[Callable[[int, int, str], None]] = None,
+    ) -> dict:
         """Upload every (image, label) pair of two folders (same file names; the type may differ) as one dataset.
 
         Pairs are checked locally first (a missing label or a label without an image is reported before anything
@@ -269,16 +306,22 @@ def pair_folders(images_dir: PathLike, labels_dir: PathLike) -> List[Tuple[Path,
 class JobResources(Transport):
     """``/finetune`` and ``/jobs``: fine-tuning jobs (job views: :class:`acecal.protocol.JobInfo`)."""
 
-    def finetune(self, base_model: str, dataset: str, *, loss: str = "hardl1ace_dice_ce", epochs: int = 20,
-                 **options: Any) -> dict:
+    def finetune(
+        self, base_model: str, dataset: str, *, loss: str = "hardl1ace_dice_ce", epochs: int = 20, **options: Any
+    ) -> dict:
         """``POST /finetune``: queue a fine-tuning job; returns ``{"job_id", "status", "model_id", "url"}``.
 
         ``options``: ``lr``, ``freeze_encoder``, ``val_fraction``, ``val_cases``, ``val_every``, ``batch_size``,
         ``num_samples``, ``patch_size``, ``loss_params``, ``fit_temperature``, ``seed``, ``model_id``,
         ``description`` (see the server's ``/docs``). ``model_id`` is the id the new model gets on success.
         """
-        payload = {"base_model": base_model, "dataset": dataset, "loss": loss, "epochs": int(epochs),
-                   **{k: v for k, v in options.items() if v is not None}}
+        payload = {
+            "base_model": base_model,
+            "dataset": dataset,
+            "loss": loss,
+            "epochs": int(epochs),
+            **{k: v for k, v in options.items() if v is not None},
+        }
         return self.post_json("/finetune", payload)
 
     def jobs(self, status: Optional[str] = None, limit: int = 100) -> List[dict]:
@@ -307,8 +350,14 @@ class JobResources(Transport):
         """``DELETE /jobs/{id}``: cancel (a running job stops within seconds and publishes nothing)."""
         return self.delete(f"/jobs/{url_segment(job_id)}")
 
-    def wait_job(self, job_id: str, *, timeout: Optional[float] = None, poll_s: float = 15.0,
-                 on_update: Optional[Callable[[dict], None]] = None) -> dict:
+    def wait_job(
+        self,
+        job_id: str,
+        *,
+        timeout: Optional[float] = None,
+        poll_s: float = 15.0,
+        on_update: Optional[Callable[[dict], None]] = None,
+    ) -> dict:
         """Follow a job (long-polling) until it succeeds, fails or is cancelled; returns the final job.
 
         ``on_update(job)`` is called with every new state. ``ServerTimeoutError`` if ``timeout`` seconds pass first
@@ -338,9 +387,16 @@ class JobResources(Transport):
 class EvaluationResources(Transport):
     """``/evaluate``: calibration and overlap metrics of a model on a stored dataset."""
 
-    def evaluate(self, model_id: str, dataset: str, *, temperature: bool = False,
-                 cases: Optional[Sequence[str]] = None, out_dir: Optional[PathLike] = None,
-                 raw: bool = False) -> dict:
+    def evaluate(
+        self,
+        model_id: str,
+        dataset: str,
+        *,
+        temperature: bool = False,
+        cases: Optional[Sequence[str]] = None,
+        out_dir: Optional[PathLike] = None,
+        raw: bool = False,
+    ) -> dict:
         """``POST /evaluate/{model_id}`` on a stored dataset: Dice/ACE/ECE/MCE (macro, micro, per class, per case),
         the ACE floor, the flags' error detection and the figures' URL paths; ``raw``: the network's own softmax
         instead of the served probabilities. With ``out_dir`` the reply (``evaluation.json``) and every reliability

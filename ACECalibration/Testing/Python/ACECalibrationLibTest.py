@@ -47,11 +47,14 @@ class ACECalibrationLibTest(unittest.TestCase):
         flags = np.zeros_like(label)
         flags[2, 2, 3] = 1
         seg, ids = segmentation.create_segmentation_node(
-            slicer.mrmlScene, volume, label, {"0": "background", "1": "liver"})
+            slicer.mrmlScene, volume, label, {"0": "background", "1": "liver"}
+        )
         uncertain = segmentation.create_uncertain_segmentation(slicer.mrmlScene, volume, flags)
         self.assertEqual(seg.GetSegmentation().GetSegment(ids[1]).GetName(), "liver")
         self.assertEqual(seg.GetSegmentation().GetNumberOfSegments(), 1)  # Uncertain is not a class
-        self.assertEqual(uncertain.GetSegmentation().GetSegment(segmentation.UNCERTAIN_SEGMENT_ID).GetName(),
-                         display.UNCERTAIN_SEGMENT_NAME)
+        self.assertEqual(
+            uncertain.GetSegmentation().GetSegment(segmentation.UNCERTAIN_SEGMENT_ID).GetName(),
+            display.UNCERTAIN_SEGMENT_NAME,
+        )
         self.assertTrue(np.array_equal(segmentation.segment_mask(seg, ids[1], volume), label))
         self.assertFalse(uncertain.GetDisplayNode().GetVisibility2DFill())

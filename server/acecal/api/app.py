@@ -61,13 +61,21 @@ def create_app(settings: Optional[Settings] = None, *, extra_routers: Iterable[A
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await services.start()
         models = await asyncio.to_thread(registry.list)
-        log.info("acecal %s serving %d model(s) on %s from %s; data in %s", __version__, len(models), services.device,
-                 ", ".join(str(d) for d in registry.search_dirs), settings.data_dir)
+        log.info(
+            "acecal %s serving %d model(s) on %s from %s; data in %s",
+            __version__,
+            len(models),
+            services.device,
+            ", ".join(str(d) for d in registry.search_dirs),
+            settings.data_dir,
+        )
         for problem in registry.problems():
             log.warning("model bundle problem: %s", problem)
         if not models:
-            log.warning("no model bundles found in %s: /models is empty until one is published there",
-                        ", ".join(str(d) for d in registry.search_dirs))
+            log.warning(
+                "no model bundles found in %s: /models is empty until one is published there",
+                ", ".join(str(d) for d in registry.search_dirs),
+            )
 
         async def sweeper():
             while True:
@@ -95,8 +103,9 @@ def create_app(settings: Optional[Settings] = None, *, extra_routers: Iterable[A
     app.add_middleware(UploadLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(APIKeyMiddleware, key=settings.api_key)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
 
     app.include_router(health.router, responses=COMMON_RESPONSES)
     # the key dependency (and the OpenAPI security scheme) only when a key is set, so the schema tells the truth

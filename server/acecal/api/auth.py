@@ -27,8 +27,7 @@ bearer = HTTPBearer(auto_error=False, description="the server's API key (acecal 
 #: paths that never need the key: liveness and the API's own description
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 
-MISSING_KEY = ("this server needs an API key: send 'Authorization: Bearer <key>' (acecal --api-key or "
-               "ACECAL_API_KEY)")
+MISSING_KEY = "this server needs an API key: send 'Authorization: Bearer <key>' (acecal --api-key or ACECAL_API_KEY)"
 WRONG_KEY = "the API key was refused; check the key the server was started with"
 
 
@@ -61,15 +60,19 @@ class APIKeyMiddleware:
             check_authorization(Headers(scope=scope).get("authorization"), self.key)
         except UnauthorizedError as e:
             # the body, if any, is never read: close the connection rather than drain it
-            response = JSONResponse(error_body(e.code, e.detail), status_code=401,
-                                    headers={"WWW-Authenticate": "Bearer", "Connection": "close"})
+            response = JSONResponse(
+                error_body(e.code, e.detail),
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer", "Connection": "close"},
+            )
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
 
-async def require_api_key(request: Request,
-                          credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:
+async def require_api_key(
+    request: Request, credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)
+) -> None:
     """The route-level check (the middleware already made it); declares the bearer scheme in the OpenAPI schema."""
     key = request.app.state.acecal.settings.api_key
     if key is None:

@@ -20,8 +20,18 @@ from acecal.jobs.service import JobService
 from acecal.storage.datasets import DatasetStore
 from acecal.storage.results import ResultStore
 
-__all__ = ["DatasetsDep", "EvaluationsDep", "JobsDep", "PredictorsDep", "QueueDep", "RegistryDep", "ResultsDep",
-           "ServicesDep", "SettingsDep", "get_services"]
+__all__ = [
+    "DatasetsDep",
+    "EvaluationsDep",
+    "JobsDep",
+    "PredictorsDep",
+    "QueueDep",
+    "RegistryDep",
+    "ResultsDep",
+    "ServicesDep",
+    "SettingsDep",
+    "get_services",
+]
 
 
 def get_services(request: Request) -> AppServices:

@@ -29,9 +29,19 @@ log = logging.getLogger("acecal.api")
 
 #: HTTP status -> error code for errors raised by the framework rather than by our code
 STATUS_CODES = {
-    400: "invalid_input", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    406: "not_acceptable", 409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
-    422: "invalid_input", 429: "busy", 503: "busy", 507: "storage_error",
+    400: "invalid_input",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_input",
+    429: "busy",
+    503: "busy",
+    507: "storage_error",
 }
 
 
@@ -111,5 +121,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception):
         ref = uuid.uuid4().hex[:8]
         log.exception("unexpected error %s in %s %s", ref, request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", f"unexpected server error (reference {ref}); "
-                                                         "the server log has the details"), status_code=500)
+        return JSONResponse(
+            error_body("internal_error", f"unexpected server error (reference {ref}); the server log has the details"),
+            status_code=500,
+        )

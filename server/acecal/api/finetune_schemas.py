@@ -31,12 +31,17 @@ class DatasetCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200, description="a name for people; need not be unique (control and "
-                                                                "bidi characters become '?')")
+    name: str = Field(
+        min_length=1,
+        max_length=200,
+        description="a name for people; need not be unique (control and bidi characters become '?')",
+    )
     model: Optional[str] = Field(
-        None, max_length=200,
+        None,
+        max_length=200,
         description="a model id whose labels every case must use: uploads with other label values are refused at "
-                    "once. Without it label values are checked when a fine-tuning job is submitted.")
+        "once. Without it label values are checked when a fine-tuning job is submitted.",
+    )
 
     @field_validator("name")
     @classmethod
@@ -95,31 +100,46 @@ class FinetuneRequest(BaseModel):
     base_model: str = Field(min_length=1, max_length=200, description="id of the model to start from (GET /models)")
     dataset: str = Field(min_length=1, max_length=200, description="id of a stored dataset (POST /datasets)")
     loss: LossName = Field("hardl1ace_dice_ce", description="training loss by registry name")
-    epochs: int = Field(20, ge=1, le=EPOCHS_LIMIT, description="training epochs (the server may cap this: "
-                                                                 "ACECAL_JOB_MAX_EPOCHS)")
+    epochs: int = Field(
+        20, ge=1, le=EPOCHS_LIMIT, description="training epochs (the server may cap this: ACECAL_JOB_MAX_EPOCHS)"
+    )
     lr: Optional[float] = Field(None, gt=0.0, le=1.0, description="learning rate (default 5e-5)")
     freeze_encoder: bool = Field(False, description="train the decoder only")
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share of the cases held out for validation "
-                                                                  "(at least one case; at least one left to train on)")
-    val_cases: Optional[list[str]] = Field(None, max_length=10000,
-                                           description="case ids to hold out for validation (instead of val_fraction)")
-    val_every: Optional[int] = Field(None, ge=1, le=EPOCHS_LIMIT,
-                                     description="validate every N epochs (default: about 20 validations per job, and "
-                                                 "always after the last epoch)")
+    val_fraction: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="share of the cases held out for validation (at least one case; at least one left to train on)",
+    )
+    val_cases: Optional[list[str]] = Field(
+        None, max_length=10000, description="case ids to hold out for validation (instead of val_fraction)"
+    )
+    val_every: Optional[int] = Field(
+        None,
+        ge=1,
+        le=EPOCHS_LIMIT,
+        description="validate every N epochs (default: about 20 validations per job, and always after the last epoch)",
+    )
     batch_size: Optional[int] = Field(None, ge=1, le=64, description="volumes per step (default 2)")
     num_samples: Optional[int] = Field(None, ge=1, le=32, description="patches per volume per step (default 2)")
     patch_size: Optional[list[Annotated[int, Field(ge=1, le=PATCH_SIDE_LIMIT)]]] = Field(
-        None, min_length=3, max_length=3,
+        None,
+        min_length=3,
+        max_length=3,
         description=f"training patch (x, y, z) in voxels, each 1..{PATCH_SIDE_LIMIT} and divisible as the base "
-                    "model's network needs (default: the base model's ROI)")
-    loss_params: dict[str, Union[float, int, bool, str]] = Field(default_factory=dict,
-                                                               description="extra loss parameters, e.g. ace_weight")
+        "model's network needs (default: the base model's ROI)",
+    )
+    loss_params: dict[str, Union[float, int, bool, str]] = Field(
+        default_factory=dict, description="extra loss parameters, e.g. ace_weight"
+    )
     fit_temperature: bool = Field(False, description="fit a temperature on the validation cases")
     seed: Optional[int] = Field(None, ge=0, le=2**31 - 1, description="random seed (split, sampling)")
-    model_id: Optional[str] = Field(None, pattern=ID_PATTERN,
-                                    description="id of the new model (default: <base>-ft-<job>)")
-    description: Optional[str] = Field(None, max_length=500, description="description for the model card "
-                                                                          "(control and bidi characters become '?')")
+    model_id: Optional[str] = Field(
+        None, pattern=ID_PATTERN, description="id of the new model (default: <base>-ft-<job>)"
+    )
+    description: Optional[str] = Field(
+        None, max_length=500, description="description for the model card (control and bidi characters become '?')"
+    )
 
     @field_validator("description")
     @classmethod
@@ -168,7 +188,8 @@ class JobInfo(BaseModel):
     progress: JobProgress
     metrics: list[EpochMetrics] = Field(description="per finished epoch, in order")
     final_metrics: Optional[dict[str, Any]] = Field(
-        None, description="validation metrics of the published weights (when succeeded)")
+        None, description="validation metrics of the published weights (when succeeded)"
+    )
     model_id: Optional[str] = Field(None, description="the new model's id (only when succeeded)")
     target_model_id: Optional[str] = Field(None, description="the id the new model gets when the job succeeds")
     error: Optional[str] = Field(None, description="why the job failed (or was cancelled)")
@@ -199,12 +220,19 @@ class EvaluateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(min_length=1, max_length=200, description="id of a stored dataset")
-    temperature: bool = Field(False, description="insist on the model's post-hoc calibrator, e.g. a fitted "
-                                                 "temperature (an error if it has none; applied by default anyway)")
-    raw: bool = Field(False, description="evaluate the network's own softmax (no post-hoc calibrator); default: the "
-                                         "probabilities the server serves")
-    cases: Optional[list[str]] = Field(None, min_length=1, max_length=10000,
-                                       description="evaluate only these case ids (default: all)")
+    temperature: bool = Field(
+        False,
+        description="insist on the model's post-hoc calibrator, e.g. a fitted "
+        "temperature (an error if it has none; applied by default anyway)",
+    )
+    raw: bool = Field(
+        False,
+        description="evaluate the network's own softmax (no post-hoc calibrator); default: the "
+        "probabilities the server serves",
+    )
+    cases: Optional[list[str]] = Field(
+        None, min_length=1, max_length=10000, description="evaluate only these case ids (default: all)"
+    )
 
 
 class Metrics4(BaseModel):

@@ -47,18 +47,21 @@ def json_depth(data: bytes | str) -> int:
 
 
 def too_deep_message(depth: int, what: str = "the JSON body") -> str:
-    return (f"{what} nests arrays/objects {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted "
-            "(no request of this API needs more than a few)")
+    return (
+        f"{what} nests arrays/objects {depth} levels deep; at most {MAX_JSON_DEPTH} are accepted "
+        "(no request of this API needs more than a few)"
+    )
 
 
 def _too_large_message(limit: int, size: int | None = None, *, json_body: bool = False) -> str:
     mb = limit / (1024 * 1024)
     got = f"{size / (1024 * 1024):.1f} MB" if size is not None else "larger than the limit"
     if json_body:
-        return (f"the request body is {got}; JSON requests may be at most {mb:.4g} MB (files go in multipart "
-                "uploads)")
-    return (f"the upload is {got}; this server accepts at most {mb:.4g} MB per request "
-            "(raise it with --max-upload-mb or ACECAL_MAX_UPLOAD_MB)")
+        return f"the request body is {got}; JSON requests may be at most {mb:.4g} MB (files go in multipart uploads)"
+    return (
+        f"the upload is {got}; this server accepts at most {mb:.4g} MB per request "
+        "(raise it with --max-upload-mb or ACECAL_MAX_UPLOAD_MB)"
+    )
 
 
 class UploadLimitMiddleware:
@@ -72,8 +75,9 @@ class UploadLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        multipart = headers.get("content-type", "").lower().lstrip().startswith("multipart/") and \
-            any(r.match(scope.get("path", "")) for r in UPLOAD_ROUTES)
+        multipart = headers.get("content-type", "").lower().lstrip().startswith("multipart/") and any(
+            r.match(scope.get("path", "")) for r in UPLOAD_ROUTES
+        )
         limit = self.max_bytes if multipart else min(self.max_bytes, MAX_JSON_BYTES)
         length = headers.get("content-length")
         try:
@@ -81,8 +85,14 @@ class UploadLimitMiddleware:
         except ValueError:
             declared = None
         if declared is not None and declared > limit:
-            await self._refuse(scope, receive, send, 413, "payload_too_large",
-                               _too_large_message(limit, declared, json_body=not multipart))
+            await self._refuse(
+                scope,
+                receive,
+                send,
+                413,
+                "payload_too_large",
+                _too_large_message(limit, declared, json_body=not multipart),
+            )
             return
         if not multipart:
             await self._json(scope, receive, send, limit)
@@ -111,8 +121,9 @@ class UploadLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                await self._refuse(scope, receive, send, 413, "payload_too_large",
-                                   _too_large_message(limit, json_body=True))
+                await self._refuse(
+                    scope, receive, send, 413, "payload_too_large", _too_large_message(limit, json_body=True)
+                )
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)

@@ -88,9 +88,15 @@ class InferenceQueue:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"in_flight": self._in_flight, "running": self._running, "capacity": self.capacity,
-                    "workers": self.workers, "queue_size": self.queue_size, "completed": self.completed,
-                    "rejected": self.rejected}
+            return {
+                "in_flight": self._in_flight,
+                "running": self._running,
+                "capacity": self.capacity,
+                "workers": self.workers,
+                "queue_size": self.queue_size,
+                "completed": self.completed,
+                "rejected": self.rejected,
+            }
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -22,8 +22,13 @@ class ErrorResponse(BaseModel):
 
 def busy_response(queue: str) -> dict:
     """OpenAPI entry for the 503 a full ``queue`` answers, with its Retry-After header."""
-    return {503: {"model": ErrorResponse, "description": f"the {queue} is full; retry after Retry-After seconds",
-                  "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}}}
+    return {
+        503: {
+            "model": ErrorResponse,
+            "description": f"the {queue} is full; retry after Retry-After seconds",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
+        }
+    }
 
 
 #: OpenAPI entry for the 507 every writing endpoint answers when the data directory's disk is full
@@ -48,8 +53,9 @@ class HealthResponse(BaseModel):
     auth_required: bool = Field(description="whether endpoints other than /health need 'Authorization: Bearer <key>'")
     max_upload_mb: float
     max_voxels: int = Field(description="voxel values an image may have (checked from its header); more -> 413")
-    max_model_voxels: int = Field(description="voxels an image may have once resampled to a model's spacing; "
-                                              "more -> 413")
+    max_model_voxels: int = Field(
+        description="voxels an image may have once resampled to a model's spacing; more -> 413"
+    )
     result_ttl_s: float = Field(description="results are deleted this many seconds after they were made")
     queue: QueueStats
 
@@ -85,21 +91,34 @@ class InferParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     uncertainty_threshold: Optional[float] = Field(
-        None, gt=0.0, le=1.0,
-        description="confidence below which boundary voxels are flagged; default: the model's own threshold")
+        None,
+        gt=0.0,
+        le=1.0,
+        description="confidence below which boundary voxels are flagged; default: the model's own threshold",
+    )
     overlap: Optional[float] = Field(None, ge=0.0, lt=1.0, description="sliding-window overlap; default: the model's")
     use_temperature: bool = Field(True, description="apply the model's fitted temperature (if it has one)")
     band_mm: Optional[float] = Field(
-        None, ge=0.0, le=1000.0,
-        description="half-width of the band around predicted boundaries, in mm; overrides band_voxels")
-    band_voxels: float = Field(DEFAULT_BAND_VOXELS, ge=0.0, le=1000.0,
-                               description="half-width of the boundary band in voxel steps (when band_mm is unset)")
-    min_region_voxels: int = Field(DEFAULT_MIN_REGION_VOXELS, ge=1, le=10**9,
-                                   description="uncertain regions smaller than this are dropped")
+        None,
+        ge=0.0,
+        le=1000.0,
+        description="half-width of the band around predicted boundaries, in mm; overrides band_voxels",
+    )
+    band_voxels: float = Field(
+        DEFAULT_BAND_VOXELS,
+        ge=0.0,
+        le=1000.0,
+        description="half-width of the boundary band in voxel steps (when band_mm is unset)",
+    )
+    min_region_voxels: int = Field(
+        DEFAULT_MIN_REGION_VOXELS, ge=1, le=10**9, description="uncertain regions smaller than this are dropped"
+    )
     connectivity: Literal[6, 18, 26] = Field(DEFAULT_CONNECTIVITY, description="voxel connectivity of regions")
     tta: Optional[Literal["none", "axis_flips", "all_flips"]] = Field(
-        None, description="flip test-time augmentation (softmax averaged over flips; changes the label map); "
-                          "default: the model's own setting")
+        None,
+        description="flip test-time augmentation (softmax averaged over flips; changes the label map); "
+        "default: the model's own setting",
+    )
     compress: bool = Field(False, description="gzip the float volumes too (the masks always are)")
 
     @classmethod
@@ -115,10 +134,12 @@ class InferParams(BaseModel):
         except RecursionError:  # nesting the depth count above missed (it cannot, but never a 500)
             raise InvalidInputError(too_deep_message(depth, "params")) from None
         except ValueError as e:
-            raise InvalidInputError(f"params is not valid JSON ({str(e)[:200]}); send a JSON object such as "
-                                    '{"uncertainty_threshold": 0.7}') from None
+            raise InvalidInputError(
+                f"params is not valid JSON ({str(e)[:200]}); send a JSON object such as "
+                '{"uncertainty_threshold": 0.7}'
+            ) from None
         if not isinstance(data, dict):
-            raise InvalidInputError("params must be a JSON object such as {\"uncertainty_threshold\": 0.7}")
+            raise InvalidInputError('params must be a JSON object such as {"uncertainty_threshold": 0.7}')
         try:
             return cls.model_validate(data)
         except ValidationError as e:
@@ -132,8 +153,9 @@ class EffectiveParams(BaseModel):
     uncertainty_threshold: float
     overlap: float
     use_temperature: bool
-    use_calibrator: bool = Field(description="whether the model's post-hoc calibrator was applied "
-                                             "(use_temperature is its older name)")
+    use_calibrator: bool = Field(
+        description="whether the model's post-hoc calibrator was applied (use_temperature is its older name)"
+    )
     band_mm: Optional[float]
     band_voxels: float
     min_region_voxels: int
@@ -228,4 +250,3 @@ class InferResponse(BaseModel):
 class DeleteResponse(BaseModel):
     result_id: str
     deleted: bool = True
-

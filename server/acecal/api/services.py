@@ -85,6 +85,7 @@ def build_services(settings: Settings) -> AppServices:
         datasets=datasets,
         jobs=JobService(settings, registry, db, datasets, scheduler),
         scheduler=scheduler,
-        evaluations=EvaluationService(registry, datasets, EvaluationStore(settings.data_dir),
-                                      device=str(predictors.device)),
+        evaluations=EvaluationService(
+            registry, datasets, EvaluationStore(settings.data_dir), device=str(predictors.device)
+        ),
     )

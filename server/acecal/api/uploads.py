@@ -60,8 +60,9 @@ class ReceivedForm:
 
     def file(self, name: str) -> ReceivedFile:
         if name not in self.files:
-            raise InvalidInputError(f"invalid request: {name}: Field required (send the {name} file as a multipart "
-                                    "file part)")
+            raise InvalidInputError(
+                f"invalid request: {name}: Field required (send the {name} file as a multipart file part)"
+            )
         return self.files[name]
 
     def discard(self) -> None:
@@ -85,8 +86,14 @@ def _decode(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
 
 
-async def receive_form(request: Request, tmp_dir: Path, *, files: Sequence[str], fields: Sequence[str] = (),
-                       max_field_bytes: int = MAX_FIELD_BYTES) -> ReceivedForm:
+async def receive_form(
+    request: Request,
+    tmp_dir: Path,
+    *,
+    files: Sequence[str],
+    fields: Sequence[str] = (),
+    max_field_bytes: int = MAX_FIELD_BYTES,
+) -> ReceivedForm:
     """Read the request's multipart body: ``files`` parts to disk under ``tmp_dir``, ``fields`` as text.
 
     Raises:
@@ -95,8 +102,10 @@ async def receive_form(request: Request, tmp_dir: Path, *, files: Sequence[str],
     """
     ctype, options = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or not options.get(b"boundary"):
-        raise InvalidInputError(f"send the upload as multipart/form-data (file parts {', '.join(files)}), not "
-                                f"{_decode(ctype) or 'an untyped body'}")
+        raise InvalidInputError(
+            f"send the upload as multipart/form-data (file parts {', '.join(files)}), not "
+            f"{_decode(ctype) or 'an untyped body'}"
+        )
     form = ReceivedForm()
     wanted_files, wanted_fields = set(files), set(fields)
     parts: list[_Part] = []
@@ -106,8 +115,9 @@ async def receive_form(request: Request, tmp_dir: Path, *, files: Sequence[str],
 
     def on_part_begin() -> None:
         if len(parts) >= MAX_PARTS:
-            raise InvalidInputError(f"the upload has more than {MAX_PARTS} parts; send only "
-                                    f"{', '.join([*files, *fields])}")
+            raise InvalidInputError(
+                f"the upload has more than {MAX_PARTS} parts; send only {', '.join([*files, *fields])}"
+            )
         parts.append(_Part())
 
     def on_header_field(data: bytes, start: int, end: int) -> None:
@@ -125,7 +135,7 @@ async def receive_form(request: Request, tmp_dir: Path, *, files: Sequence[str],
         part = parts[-1]
         _, opts = parse_options_header(part.headers.get(b"content-disposition", b""))
         if b"name" not in opts:
-            raise HTTPException(400, 'a multipart part has no Content-Disposition name')
+            raise HTTPException(400, "a multipart part has no Content-Disposition name")
         part.name = _decode(opts[b"name"])
         if b"filename" in opts:
             part.filename = _decode(opts[b"filename"])
@@ -176,11 +186,18 @@ async def receive_form(request: Request, tmp_dir: Path, *, files: Sequence[str],
                         part.handle.close()
                         part.handle = None
 
-    parser = MultipartParser(options[b"boundary"], {
-        "on_part_begin": on_part_begin, "on_part_data": on_part_data, "on_part_end": on_part_end,
-        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished,
-    })
+    parser = MultipartParser(
+        options[b"boundary"],
+        {
+            "on_part_begin": on_part_begin,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+        },
+    )
     tmp_dir.mkdir(parents=True, exist_ok=True)
     try:
         async for chunk in request.stream():
@@ -254,14 +271,18 @@ def upload_suffix(filename: Optional[str], head: bytes, what: str = "image") -> 
     """A safe suffix for the temporary copy, from the bytes' format; a detached header's name is refused."""
     name = display_name(filename)
     if name.lower().endswith(DETACHED_HEADER_SUFFIXES):
-        raise InvalidInputError(f"{name!r} is a detached header whose voxel data live in another file; send a "
-                                "single-file volume (.nrrd, .nii, .nii.gz or .mha)")
+        raise InvalidInputError(
+            f"{name!r} is a detached header whose voxel data live in another file; send a "
+            "single-file volume (.nrrd, .nii, .nii.gz or .mha)"
+        )
     sniffed = sniff_suffix(head)
     if sniffed is None:
         if not head:
             raise InvalidInputError(f"the {what} file {name!r} is empty; send a NIfTI, NRRD or MHA volume")
-        raise InvalidInputError(f"{name!r} is not a recognised image type; send a NIfTI (.nii, .nii.gz), NRRD (.nrrd) "
-                                "or MetaImage (.mha) volume")
+        raise InvalidInputError(
+            f"{name!r} is not a recognised image type; send a NIfTI (.nii, .nii.gz), NRRD (.nrrd) "
+            "or MetaImage (.mha) volume"
+        )
     return sniffed
 
 
@@ -274,5 +295,11 @@ def multipart_body(files: dict[str, str], fields: dict[str, str], required: Sequ
     """OpenAPI ``requestBody`` of a multipart route (its parameters are read by :func:`receive_form`)."""
     props: dict[str, dict] = {n: {"type": "string", "format": "binary", "description": d} for n, d in files.items()}
     props.update({n: {"type": "string", "description": d} for n, d in fields.items()})
-    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "properties": props, "required": list(required)}}}}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": {"type": "object", "properties": props, "required": list(required)}}
+            },
+        }
+    }

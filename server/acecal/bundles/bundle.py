@@ -89,8 +89,11 @@ class CalibratorConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["temperature", "local_temperature"]
     params: dict[str, Any] = Field(default_factory=dict)
-    weights: Optional[str] = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
-                                   description="file in the bundle folder holding the calibrator's weights")
+    weights: Optional[str] = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="file in the bundle folder holding the calibrator's weights",
+    )
     fitted_on: dict[str, Any] = Field(default_factory=dict)
     metrics: dict[str, Any] = Field(default_factory=dict)
 
@@ -125,12 +128,15 @@ class BundleConfig(BaseModel):
     sw_mode: Literal["gaussian", "constant"] = "gaussian"
     sw_batch_size: int = Field(4, ge=1)
     tta: Literal["none", "axis_flips", "all_flips"] = Field(
-        "none", description="flip test-time augmentation, softmax averaged over: the identity and the 3 single-axis "
-                            "flips (axis_flips, 4 passes) or all 8 flip combinations (all_flips); none = one pass")
+        "none",
+        description="flip test-time augmentation, softmax averaged over: the identity and the 3 single-axis "
+        "flips (axis_flips, 4 passes) or all 8 flip combinations (all_flips); none = one pass",
+    )
     loss: LossRecord = Field(default_factory=lambda: LossRecord(name="baseline_dice_ce"))
     temperature: Optional[float] = Field(None, gt=0.0, description="fitted post-hoc temperature; None = not fitted")
     calibrator: Optional[CalibratorConfig] = Field(
-        None, description="post-hoc calibrator applied at inference; takes precedence over `temperature`")
+        None, description="post-hoc calibrator applied at inference; takes precedence over `temperature`"
+    )
     uncertainty_threshold: float = Field(
         0.8, gt=0.0, le=1.0, description="default confidence below which boundary voxels are flagged as uncertain"
     )
@@ -183,9 +189,14 @@ class Bundle:
             raise BundleError(f"{cfg_file} is not a valid bundle config: {e}") from e
         if not (path / config.weights).is_file():
             raise BundleError(f"bundle {config.id} at {path} has no weights file {config.weights}")
-        if config.calibrator is not None and config.calibrator.weights and \
-                not (path / config.calibrator.weights).is_file():
-            raise BundleError(f"bundle {config.id} at {path} has no calibrator weights file {config.calibrator.weights}")
+        if (
+            config.calibrator is not None
+            and config.calibrator.weights
+            and not (path / config.calibrator.weights).is_file()
+        ):
+            raise BundleError(
+                f"bundle {config.id} at {path} has no calibrator weights file {config.calibrator.weights}"
+            )
         return cls(path, config)
 
     @property
@@ -205,11 +216,23 @@ class Bundle:
     def describe(self) -> dict[str, Any]:
         """The model as ``GET /models`` and ``acecal models`` describe it (JSON-able)."""
         c = self.config
-        return {"id": c.id, "description": c.description, "labels": dict(c.labels), "loss": c.loss.name,
-                "loss_params": dict(c.loss.params), "metrics": dict(c.metrics), "temperature": c.temperature,
-                "uncertainty_threshold": c.uncertainty_threshold, "modality": c.modality,
-                "in_channels": c.in_channels, "spacing": list(c.spacing), "orientation": c.orientation,
-                "roi_size": list(c.roi_size), "parent": c.parent, "created": c.created}
+        return {
+            "id": c.id,
+            "description": c.description,
+            "labels": dict(c.labels),
+            "loss": c.loss.name,
+            "loss_params": dict(c.loss.params),
+            "metrics": dict(c.metrics),
+            "temperature": c.temperature,
+            "uncertainty_threshold": c.uncertainty_threshold,
+            "modality": c.modality,
+            "in_channels": c.in_channels,
+            "spacing": list(c.spacing),
+            "orientation": c.orientation,
+            "roi_size": list(c.roi_size),
+            "parent": c.parent,
+            "created": c.created,
+        }
 
     def build_network(self):
         """The untrained MONAI network described by the config (torch is imported here, not at module import)."""

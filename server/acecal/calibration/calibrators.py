@@ -74,8 +74,9 @@ class Calibrator(nn.Module):
         raise NotImplementedError
 
     @torch.no_grad()
-    def calibrate(self, logits: torch.Tensor, image: Optional[torch.Tensor] = None, *,
-                  tile: int = DEFAULT_TILE) -> torch.Tensor:
+    def calibrate(
+        self, logits: torch.Tensor, image: Optional[torch.Tensor] = None, *, tile: int = DEFAULT_TILE
+    ) -> torch.Tensor:
         """Inference-time :meth:`forward` (no gradient, eval mode) with bounded memory on large volumes.
 
         A calibrator with spatial context runs over tiles of at most ``tile`` voxels per side, each read with a halo
@@ -110,10 +111,13 @@ class Calibrator(nn.Module):
                     hi = [min(s, a + core + r) for a, s in zip((x0, y0, z0), spatial, strict=True)]
                     win = (slice(None), slice(None)) + tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
                     t = self.temperature(logits[win], None if image is None else image[win])
-                    inner = tuple(slice(a - low, min(a + core, s) - low)
-                                  for a, low, s in zip((x0, y0, z0), lo, spatial, strict=True))
-                    dst = (slice(None), slice(None)) + tuple(slice(a, min(a + core, s))
-                                                             for a, s in zip((x0, y0, z0), spatial, strict=True))
+                    inner = tuple(
+                        slice(a - low, min(a + core, s) - low)
+                        for a, low, s in zip((x0, y0, z0), lo, spatial, strict=True)
+                    )
+                    dst = (slice(None), slice(None)) + tuple(
+                        slice(a, min(a + core, s)) for a, s in zip((x0, y0, z0), spatial, strict=True)
+                    )
                     out[dst] = logits[dst] / t[(slice(None), slice(None)) + inner].to(logits.dtype)
         return out
 
@@ -167,14 +171,30 @@ class LocalTemperatureCalibrator(Calibrator):
     kind: ClassVar[str] = "local_temperature"
     has_weights: ClassVar[bool] = True
 
-    def __init__(self, num_classes: int, in_channels: int = 1, *, hidden: int = 8, layers: int = 2,
-                 kernel_size: int = 3, dilation: int = 1, use_image: bool = True, logit_scale: float = 0.1,
-                 init_temperature: float = 1.0, t_min: float = T_MIN):
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int = 1,
+        *,
+        hidden: int = 8,
+        layers: int = 2,
+        kernel_size: int = 3,
+        dilation: int = 1,
+        use_image: bool = True,
+        logit_scale: float = 0.1,
+        init_temperature: float = 1.0,
+        t_min: float = T_MIN,
+    ):
         super().__init__()
         # bundle.json may come from anyone: bound the architecture so a config cannot ask for a huge network
-        checks = {"num_classes": (num_classes, 2, 1024), "in_channels": (in_channels, 1, 64),
-                  "hidden": (hidden, 1, 128), "layers": (layers, 1, 8), "kernel_size": (kernel_size, 1, 7),
-                  "dilation": (dilation, 1, 8)}
+        checks = {
+            "num_classes": (num_classes, 2, 1024),
+            "in_channels": (in_channels, 1, 64),
+            "hidden": (hidden, 1, 128),
+            "layers": (layers, 1, 8),
+            "kernel_size": (kernel_size, 1, 7),
+            "dilation": (dilation, 1, 8),
+        }
         for name, (v, lo, hi) in checks.items():
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise InvalidInputError(f"local temperature: {name} must be an integer in [{lo}, {hi}], got {v!r}")
@@ -184,8 +204,9 @@ class LocalTemperatureCalibrator(Calibrator):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
                 raise InvalidInputError(f"local temperature: {name} must be a finite number > 0, got {v!r}")
         if not t_min < init_temperature <= T_MAX:
-            raise InvalidInputError(f"local temperature: init_temperature must lie in ({t_min}, {T_MAX}], "
-                                    f"got {init_temperature}")
+            raise InvalidInputError(
+                f"local temperature: init_temperature must lie in ({t_min}, {T_MAX}], got {init_temperature}"
+            )
         self.num_classes, self.in_channels = num_classes, in_channels
         self.hidden, self.layers, self.kernel_size, self.dilation = hidden, layers, kernel_size, dilation
         self.use_image, self.logit_scale = bool(use_image), float(logit_scale)
@@ -197,8 +218,10 @@ class LocalTemperatureCalibrator(Calibrator):
             d = 1 if i == 0 else dilation
             pad = (kernel_size // 2) * d
             radius += pad
-            mods += [nn.Conv3d(ch, hidden, kernel_size, padding=pad, dilation=d, padding_mode="replicate"),
-                     nn.LeakyReLU(0.1)]
+            mods += [
+                nn.Conv3d(ch, hidden, kernel_size, padding=pad, dilation=d, padding_mode="replicate"),
+                nn.LeakyReLU(0.1),
+            ]
             ch = hidden
         self.body = nn.Sequential(*mods)
         self.head = nn.Conv3d(ch, 1, 1)
@@ -215,26 +238,41 @@ class LocalTemperatureCalibrator(Calibrator):
 
     def features(self, logits: torch.Tensor, image: Optional[torch.Tensor]) -> torch.Tensor:
         if logits.ndim != 5 or logits.shape[1] != self.num_classes:
-            raise InvalidInputError(f"local temperature: logits must be (B, {self.num_classes}, x, y, z), "
-                                    f"got {tuple(logits.shape)}")
+            raise InvalidInputError(
+                f"local temperature: logits must be (B, {self.num_classes}, x, y, z), got {tuple(logits.shape)}"
+            )
         z = logits.float()
         z = (z - z.mean(dim=1, keepdim=True)) * self.logit_scale
         if not self.use_image:
             return z
-        if image is None or image.ndim != 5 or image.shape[1] != self.in_channels or image.shape[2:] != logits.shape[2:]:
+        if (
+            image is None
+            or image.ndim != 5
+            or image.shape[1] != self.in_channels
+            or image.shape[2:] != logits.shape[2:]
+        ):
             raise InvalidInputError(
                 f"local temperature: needs the image (B, {self.in_channels}, x, y, z) on the logits' grid "
-                f"{tuple(logits.shape[2:])}, got {None if image is None else tuple(image.shape)}")
+                f"{tuple(logits.shape[2:])}, got {None if image is None else tuple(image.shape)}"
+            )
         return torch.cat([z, image.to(z.device, z.dtype)], dim=1)
 
     def temperature(self, logits: torch.Tensor, image: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.t_min + nn.functional.softplus(self.head(self.body(self.features(logits, image))))
 
     def spec(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "in_channels": self.in_channels, "hidden": self.hidden,
-                "layers": self.layers, "kernel_size": self.kernel_size, "dilation": self.dilation,
-                "use_image": self.use_image, "logit_scale": self.logit_scale,
-                "init_temperature": self.init_temperature, "t_min": self.t_min}
+        return {
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "hidden": self.hidden,
+            "layers": self.layers,
+            "kernel_size": self.kernel_size,
+            "dilation": self.dilation,
+            "use_image": self.use_image,
+            "logit_scale": self.logit_scale,
+            "init_temperature": self.init_temperature,
+            "t_min": self.t_min,
+        }
 
 
 CALIBRATOR_KINDS: dict[str, type[Calibrator]] = {
@@ -254,4 +292,3 @@ def build_calibrator(kind: str, params: dict[str, Any]) -> Calibrator:
         return cls(**params)
     except TypeError as e:
         raise InvalidInputError(f"bad parameters for calibrator {kind!r}: {e}") from None
-

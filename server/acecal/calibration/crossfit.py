@@ -43,12 +43,20 @@ def change_pct(raw: Optional[float], new: Optional[float]) -> Optional[float]:
 
 def summarise_cases(rows: dict[str, dict]) -> dict[str, Optional[float]]:
     """Macro figures (mean over cases) of per-case ``{"ace", "dice"}`` rows."""
-    return {"ace": _mean(r["ace"] for r in rows.values()), "dice": _mean(r["dice"] for r in rows.values()),
-            "num_cases": len(rows)}
+    return {
+        "ace": _mean(r["ace"] for r in rows.values()),
+        "dice": _mean(r["dice"] for r in rows.values()),
+        "num_cases": len(rows),
+    }
 
 
-def cross_fit(cases: Sequence[CalibrationCase], fit: FitMethod, *, seed: int = 0,
-              progress: Optional[Callable[[dict], None]] = None) -> dict:
+def cross_fit(
+    cases: Sequence[CalibrationCase],
+    fit: FitMethod,
+    *,
+    seed: int = 0,
+    progress: Optional[Callable[[dict], None]] = None,
+) -> dict:
     """Two-fold cross-fitted figures of the calibration method ``fit`` on ``cases``.
 
     Args:
@@ -80,11 +88,29 @@ def cross_fit(cases: Sequence[CalibrationCase], fit: FitMethod, *, seed: int = 0
         calibrators.append(calibrator)
         measured = case_metrics([by_name[n] for n in measure_names], calibrator)
         for n, m in measured.items():
-            per_case[n] = {"raw_ace": raw[n]["ace"], "ace": m["ace"], "dice": m["dice"], "raw_dice": raw[n]["dice"],
-                           "fold": k}
-        folds.append({"fitted_on": list(fit_names), "measured_on": list(measure_names), "info": info,
-                      "calibrator": {"kind": calibrator.kind, "params": calibrator.spec()}})
+            per_case[n] = {
+                "raw_ace": raw[n]["ace"],
+                "ace": m["ace"],
+                "dice": m["dice"],
+                "raw_dice": raw[n]["dice"],
+                "fold": k,
+            }
+        folds.append(
+            {
+                "fitted_on": list(fit_names),
+                "measured_on": list(measure_names),
+                "info": info,
+                "calibrator": {"kind": calibrator.kind, "params": calibrator.spec()},
+            }
+        )
     raw_sum = summarise_cases(raw)
     cal_sum = summarise_cases(per_case)
-    return {"raw": raw_sum, "calibrated": cal_sum, "change_pct": change_pct(raw_sum["ace"], cal_sum["ace"]), "per_case": per_case, "folds": folds,
-            "seed": seed, "calibrators": calibrators}
+    return {
+        "raw": raw_sum,
+        "calibrated": cal_sum,
+        "change_pct": change_pct(raw_sum["ace"], cal_sum["ace"]),
+        "per_case": per_case,
+        "folds": folds,
+        "seed": seed,
+        "calibrators": calibrators,
+    }

@@ -40,9 +40,14 @@ def weights_digest(bundle: Bundle) -> str:
     return h.hexdigest()[:16]
 
 
-def model_space_cases(bundle: Bundle, cases: Sequence[Case], *, cache_dir: Optional[Path] = None,
-                      device: str = "cpu", progress: Optional[Callable[[str, bool], None]] = None
-                      ) -> list[CalibrationCase]:
+def model_space_cases(
+    bundle: Bundle,
+    cases: Sequence[Case],
+    *,
+    cache_dir: Optional[Path] = None,
+    device: str = "cpu",
+    progress: Optional[Callable[[str, bool], None]] = None,
+) -> list[CalibrationCase]:
     """Raw model-space logits, labels and images of labelled ``cases`` for ``bundle`` (cached when ``cache_dir``).
 
     Args:
@@ -78,8 +83,11 @@ def model_space_cases(bundle: Bundle, cases: Sequence[Case], *, cache_dir: Optio
             d = chain(case.as_dict())
             image = plain_tensor(d["image"]).float()
             logits = sliding_window_logits(net, image[None], bundle.config)[0].cpu()
-            rec = {"name": case.name, "image": image.contiguous(),
-                   "label": plain_tensor(d["label"])[0].to(torch.uint8).contiguous()}
+            rec = {
+                "name": case.name,
+                "image": image.contiguous(),
+                "label": plain_tensor(d["label"])[0].to(torch.uint8).contiguous(),
+            }
             if two_head:
                 seg, logits = split_heads(logits, bundle.config.num_classes, dim=0)
                 rec["prediction"] = seg.argmax(0).to(torch.uint8).contiguous()
@@ -87,8 +95,15 @@ def model_space_cases(bundle: Bundle, cases: Sequence[Case], *, cache_dir: Optio
             if path is not None:  # a cache: a crash may lose it, never tear it
                 atomic_write(path, lambda fh, rec=rec: torch.save(rec, fh), durable=False)
         pred = rec.get("prediction")
-        out.append(CalibrationCase(case.name, rec["logits"].float(), rec["label"].long(), rec["image"].float(),
-                                   None if pred is None else pred.long()))
+        out.append(
+            CalibrationCase(
+                case.name,
+                rec["logits"].float(),
+                rec["label"].long(),
+                rec["image"].float(),
+                None if pred is None else pred.long(),
+            )
+        )
         if progress is not None:
             progress(case.name, cached)
     return out

@@ -33,9 +33,17 @@ from acecal.losses import SoftL1ACELoss
 from acecal.metrics import binning_sums, dice_counts, dice_from_counts, errors_from_sums
 from acecal.metrics.error_detection import NUM_HIST_BINS, auroc_from_histograms, confidence_bins, roi_mask
 
-__all__ = ["CalibrationCase", "macro_ace", "case_metrics", "fit_ace_temperature", "fit_local_temperature",
-           "served_threshold", "error_auroc",
-           "LTS_DEFAULTS", "ACE_T_BOUNDS"]
+__all__ = [
+    "CalibrationCase",
+    "macro_ace",
+    "case_metrics",
+    "fit_ace_temperature",
+    "fit_local_temperature",
+    "served_threshold",
+    "error_auroc",
+    "LTS_DEFAULTS",
+    "ACE_T_BOUNDS",
+]
 
 NUM_BINS = 20
 #: Search range of the ACE-fitted global temperature.
@@ -45,9 +53,21 @@ ACE_T_BOUNDS = (0.25, 4.0)
 #: one 3x3x3 layer of 4 channels on the logits alone beat larger nets, dilated ones, per-voxel (1x1x1) ones and ones
 #: that also see the image, which overfit and lost error-detection AUROC; 0.1 x NLL keeps training stable.
 LTS_DEFAULTS: dict[str, Any] = {
-    "hidden": 4, "layers": 1, "kernel_size": 3, "dilation": 1, "use_image": False, "logit_scale": 0.1,
-    "epochs": 20, "lr": 1e-2, "weight_decay": 0.0, "loss_bins": 20, "nll_weight": 0.1, "seed": 0,
-    "keep_best": True, "clip_grad": 1.0, "ranking_tolerance": 0.005,
+    "hidden": 4,
+    "layers": 1,
+    "kernel_size": 3,
+    "dilation": 1,
+    "use_image": False,
+    "logit_scale": 0.1,
+    "epochs": 20,
+    "lr": 1e-2,
+    "weight_decay": 0.0,
+    "loss_bins": 20,
+    "nll_weight": 0.1,
+    "seed": 0,
+    "keep_best": True,
+    "clip_grad": 1.0,
+    "ranking_tolerance": 0.005,
 }
 
 
@@ -57,7 +77,7 @@ class CalibrationCase:
 
     name: str
     logits: torch.Tensor  # (C, x, y, z) float32, raw (uncalibrated) network logits
-    label: torch.Tensor   # (x, y, z) integer label map
+    label: torch.Tensor  # (x, y, z) integer label map
     image: Optional[torch.Tensor] = None  # (Cin, x, y, z) the normalised image the logits came from
     # (x, y, z) the served label map when it is not argmax(logits): a two-head network's segmentation head
     prediction: Optional[torch.Tensor] = None
@@ -66,14 +86,18 @@ class CalibrationCase:
         if self.logits.ndim != 4:
             raise InvalidInputError(f"case {self.name}: logits must be (C, x, y, z), got {tuple(self.logits.shape)}")
         if tuple(self.label.shape) != tuple(self.logits.shape[1:]):
-            raise InvalidInputError(f"case {self.name}: label {tuple(self.label.shape)} does not fit logits "
-                                    f"{tuple(self.logits.shape)}")
+            raise InvalidInputError(
+                f"case {self.name}: label {tuple(self.label.shape)} does not fit logits {tuple(self.logits.shape)}"
+            )
         if self.image is not None and tuple(self.image.shape[1:]) != tuple(self.logits.shape[1:]):
-            raise InvalidInputError(f"case {self.name}: image {tuple(self.image.shape)} does not fit logits "
-                                    f"{tuple(self.logits.shape)}")
+            raise InvalidInputError(
+                f"case {self.name}: image {tuple(self.image.shape)} does not fit logits {tuple(self.logits.shape)}"
+            )
         if self.prediction is not None and tuple(self.prediction.shape) != tuple(self.logits.shape[1:]):
-            raise InvalidInputError(f"case {self.name}: prediction {tuple(self.prediction.shape)} does not fit "
-                                    f"logits {tuple(self.logits.shape)}")
+            raise InvalidInputError(
+                f"case {self.name}: prediction {tuple(self.prediction.shape)} does not fit "
+                f"logits {tuple(self.logits.shape)}"
+            )
 
     def batch(self, device: Any = "cpu") -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
         """(logits (1, C, ...), image (1, Cin, ...) or None, label (1, 1, ...) int64) on ``device``."""
@@ -103,8 +127,9 @@ def _case_ace(probs: torch.Tensor, label: torch.Tensor, num_bins: int) -> Option
 
 
 @torch.no_grad()
-def case_metrics(cases: Sequence[CalibrationCase], calibrator: Optional[Calibrator] = None, *,
-                 num_bins: int = NUM_BINS) -> dict[str, dict[str, Optional[float]]]:
+def case_metrics(
+    cases: Sequence[CalibrationCase], calibrator: Optional[Calibrator] = None, *, num_bins: int = NUM_BINS
+) -> dict[str, dict[str, Optional[float]]]:
     """Per case: ``{"ace": macro hard ACE, "dice": macro Dice}`` of ``softmax(calibrator(logits))`` (raw if None).
 
     Dice is the served segmentation's (``case.prediction``, else the argmax), over the foreground classes present in
@@ -120,22 +145,30 @@ def case_metrics(cases: Sequence[CalibrationCase], calibrator: Optional[Calibrat
         tp, n_pred, n_target = dice_counts(seg, y, p.shape[1])
         dice = dice_from_counts(tp, n_pred, n_target)[0, 1:]
         present = n_target[0, 1:] > 0
-        out[case.name] = {"ace": _case_ace(p, y, num_bins),
-                          "dice": float(dice[present].mean()) if bool(present.any()) else None}
+        out[case.name] = {
+            "ace": _case_ace(p, y, num_bins),
+            "dice": float(dice[present].mean()) if bool(present.any()) else None,
+        }
     return out
 
 
-def macro_ace(cases: Sequence[CalibrationCase], calibrator: Optional[Calibrator] = None, *,
-              num_bins: int = NUM_BINS) -> float:
+def macro_ace(
+    cases: Sequence[CalibrationCase], calibrator: Optional[Calibrator] = None, *, num_bins: int = NUM_BINS
+) -> float:
     """Mean over cases of the per-case macro hard ACE (cases without a present foreground class left out)."""
     vals = [m["ace"] for m in case_metrics(cases, calibrator, num_bins=num_bins).values() if m["ace"] is not None]
     return float(sum(vals) / len(vals)) if vals else float("nan")
 
 
 @torch.no_grad()
-def fit_ace_temperature(cases: Sequence[CalibrationCase], *, bounds: tuple[float, float] = ACE_T_BOUNDS,
-                        coarse_points: int = 49, fine_points: int = 41,
-                        num_bins: int = NUM_BINS) -> tuple[TemperatureCalibrator, dict]:
+def fit_ace_temperature(
+    cases: Sequence[CalibrationCase],
+    *,
+    bounds: tuple[float, float] = ACE_T_BOUNDS,
+    coarse_points: int = 49,
+    fine_points: int = 41,
+    num_bins: int = NUM_BINS,
+) -> tuple[TemperatureCalibrator, dict]:
     """The global temperature minimising the macro hard ACE of ``softmax(logits / T)`` over ``cases``.
 
     Returns:
@@ -171,8 +204,14 @@ def fit_ace_temperature(cases: Sequence[CalibrationCase], *, bounds: tuple[float
     fine = [min(max(u0 - step + 2 * step * i / (fine_points - 1), a), b) for i in range(fine_points)]
     u = best_of(fine + [u0])
     t = math.exp(u)
-    info = {"temperature": t, "ace": objective(u), "raw_ace": objective(0.0), "bounds": [lo, hi],
-            "evaluations": len(memo), "objective": f"macro hard ACE, {num_bins} bins, foreground classes"}
+    info = {
+        "temperature": t,
+        "ace": objective(u),
+        "raw_ace": objective(0.0),
+        "bounds": [lo, hi],
+        "evaluations": len(memo),
+        "objective": f"macro hard ACE, {num_bins} bins, foreground classes",
+    }
     return TemperatureCalibrator(t), info
 
 
@@ -214,8 +253,9 @@ def error_auroc(cases: Sequence[CalibrationCase], calibrator: Optional[Calibrato
 
 
 @torch.no_grad()
-def served_threshold(cases: Sequence[CalibrationCase], calibrator: Optional[Calibrator] = None, *,
-                     target: float = 0.9) -> float:
+def served_threshold(
+    cases: Sequence[CalibrationCase], calibrator: Optional[Calibrator] = None, *, target: float = 0.9
+) -> float:
     """The bundle's default uncertainty threshold for the calibrated confidence, by the rule training uses
     (:func:`acecal.calibration.threshold.uncertainty_threshold`: the lowest top-label confidence bin edge from which
     every populated bin of ``cases`` was right at least ``target`` of the time)."""
@@ -293,9 +333,16 @@ def fit_local_temperature(
     torch.manual_seed(seed)
     c0 = cases[0]
     cal = LocalTemperatureCalibrator(
-        c0.logits.shape[0], 1 if c0.image is None else c0.image.shape[0], hidden=hidden, layers=layers,
-        kernel_size=kernel_size, dilation=dilation, use_image=use_image, logit_scale=logit_scale,
-        init_temperature=float(init_temperature)).to(device)
+        c0.logits.shape[0],
+        1 if c0.image is None else c0.image.shape[0],
+        hidden=hidden,
+        layers=layers,
+        kernel_size=kernel_size,
+        dilation=dilation,
+        use_image=use_image,
+        logit_scale=logit_scale,
+        init_temperature=float(init_temperature),
+    ).to(device)
     ace_loss = SoftL1ACELoss(num_bins=loss_bins, include_background=False, to_onehot_y=True, softmax=True)
     opt = torch.optim.AdamW(cal.parameters(), lr=lr, weight_decay=weight_decay)
     rng = random.Random(seed)
@@ -344,11 +391,24 @@ def fit_local_temperature(
     info = {
         "init_temperature": float(init_temperature),
         "init_fit": start_info,
-        "settings": {"hidden": hidden, "layers": layers, "kernel_size": kernel_size, "dilation": dilation,
-                     "use_image": use_image, "logit_scale": logit_scale, "epochs": epochs, "lr": lr,
-                     "weight_decay": weight_decay, "loss_bins": loss_bins, "nll_weight": nll_weight, "seed": seed,
-                     "keep_best": keep_best, "clip_grad": clip_grad, "ranking_tolerance": ranking_tolerance,
-                     "loss": "SoftL1ACELoss (foreground classes)" + (f" + {nll_weight} x NLL" if nll_weight else "")},
+        "settings": {
+            "hidden": hidden,
+            "layers": layers,
+            "kernel_size": kernel_size,
+            "dilation": dilation,
+            "use_image": use_image,
+            "logit_scale": logit_scale,
+            "epochs": epochs,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "loss_bins": loss_bins,
+            "nll_weight": nll_weight,
+            "seed": seed,
+            "keep_best": keep_best,
+            "clip_grad": clip_grad,
+            "ranking_tolerance": ranking_tolerance,
+            "loss": "SoftL1ACELoss (foreground classes)" + (f" + {nll_weight} x NLL" if nll_weight else ""),
+        },
         "history": history,
         "best_epoch": best_epoch,
         "fit_ace": best_ace,

@@ -57,9 +57,13 @@ def load_calibrator(bundle: Bundle, device: Any = "cpu") -> Optional[Calibrator]
 
 def calibrator_config(calibrator: Calibrator, *, fitted_on: dict, metrics: dict) -> CalibratorConfig:
     """The ``bundle.json`` record of a fitted calibrator."""
-    return CalibratorConfig(kind=calibrator.kind, params=calibrator.spec(),
-                            weights=CALIBRATOR_WEIGHTS_NAME if calibrator.has_weights else None,
-                            fitted_on=fitted_on, metrics=metrics)
+    return CalibratorConfig(
+        kind=calibrator.kind,
+        params=calibrator.spec(),
+        weights=CALIBRATOR_WEIGHTS_NAME if calibrator.has_weights else None,
+        fitted_on=fitted_on,
+        metrics=metrics,
+    )
 
 
 def _half_precision(bundle: Bundle) -> bool:
@@ -67,17 +71,32 @@ def _half_precision(bundle: Bundle) -> bool:
         return any(f.get_slice(k).get_dtype() in ("F16", "BF16") for k in f.keys())
 
 
-def publish_calibrated(base: Bundle, calibrator: Calibrator, record: CalibratorConfig, out_dir: Path, *,
-                       model_id: str, card: str, description: Optional[str] = None,
-                       updates: Optional[dict[str, Any]] = None, overwrite: bool = False) -> Bundle:
+def publish_calibrated(
+    base: Bundle,
+    calibrator: Calibrator,
+    record: CalibratorConfig,
+    out_dir: Path,
+    *,
+    model_id: str,
+    card: str,
+    description: Optional[str] = None,
+    updates: Optional[dict[str, Any]] = None,
+    overwrite: bool = False,
+) -> Bundle:
     """Publish a new bundle ``out_dir/model_id``: ``base``'s network (weights copied unchanged, same precision) with
     ``calibrator``. The record's ``temperature`` field is set for a global temperature (older readers apply it the
     same way) and cleared otherwise. ``updates``: further ``BundleConfig`` fields to set (e.g. the threshold)."""
     t = calibrator.value if isinstance(calibrator, TemperatureCalibrator) else None
     if t is not None and not math.isfinite(t):  # pragma: no cover - the calibrator refuses such values
         raise BundleError("non-finite temperature")
-    update = {"id": model_id, "calibrator": record, "temperature": t, "parent": base.id,
-              "description": description if description is not None else base.config.description, **(updates or {})}
+    update = {
+        "id": model_id,
+        "calibrator": record,
+        "temperature": t,
+        "parent": base.id,
+        "description": description if description is not None else base.config.description,
+        **(updates or {}),
+    }
     config = BundleConfig.model_validate(base.config.model_copy(update=update).model_dump())
     state = base.state_dict()
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,5 +105,6 @@ def publish_calibrated(base: Bundle, calibrator: Calibrator, record: CalibratorC
             p = Path(tmp) / CALIBRATOR_WEIGHTS_NAME
             save_file({k: v.detach().cpu().float().contiguous() for k, v in calibrator.state_dict().items()}, str(p))
             extra[CALIBRATOR_WEIGHTS_NAME] = p
-        return write_bundle(out_dir, config, state, card, half_precision=_half_precision(base), overwrite=overwrite,
-                            extra_files=extra)
+        return write_bundle(
+            out_dir, config, state, card, half_precision=_half_precision(base), overwrite=overwrite, extra_files=extra
+        )

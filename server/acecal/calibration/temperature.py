@@ -44,14 +44,16 @@ def _pieces_from_tensor(logits: torch.Tensor, labels: torch.Tensor) -> List[Pair
         if tuple(labels.shape) not in ((logits.shape[0],), (logits.shape[0], 1)):
             raise InvalidInputError(
                 f"labels of shape {tuple(labels.shape)} do not fit logits (N, C) = {tuple(logits.shape)}; "
-                f"expected ({logits.shape[0]},)")
+                f"expected ({logits.shape[0]},)"
+            )
         return [(logits.t(), labels.reshape(-1))]
     if logits.ndim >= 3:
         b, c, *spatial = logits.shape
         if tuple(labels.shape) not in ((b, *spatial), (b, 1, *spatial)):
             raise InvalidInputError(
                 f"labels of shape {tuple(labels.shape)} do not fit logits (B, C, spatial...) = {tuple(logits.shape)}; "
-                f"expected {(b, *spatial)} or {(b, 1, *spatial)}")
+                f"expected {(b, *spatial)} or {(b, 1, *spatial)}"
+            )
         lab = labels.reshape(b, -1)
         z = logits.reshape(b, c, -1)
         return [(z[i], lab[i]) for i in range(b)]
@@ -71,12 +73,14 @@ def _piece_from_case(item: object, index: int) -> Pair:
     if tuple(y.shape) not in (spatial, (1, *spatial)):
         raise InvalidInputError(
             f"case {index}: labels of shape {tuple(y.shape)} do not fit logits (C, spatial...) = {tuple(z.shape)}; "
-            f"expected {spatial} or {(1, *spatial)}")
+            f"expected {spatial} or {(1, *spatial)}"
+        )
     return z.reshape(z.shape[0], -1), y.reshape(-1)
 
 
-def _prepare(pieces: Iterable[Pair], ignore_index: Optional[int], max_voxels: Optional[int],
-             generator: torch.Generator) -> Tuple[List[Pair], int, int]:
+def _prepare(
+    pieces: Iterable[Pair], ignore_index: Optional[int], max_voxels: Optional[int], generator: torch.Generator
+) -> Tuple[List[Pair], int, int]:
     """Validate every piece; drop ignored voxels; subsample. Returns [(z (C, n) float, y (n,) int64)], N, C."""
     out: List[Pair] = []
     total = 0
@@ -125,8 +129,8 @@ def _nll_and_grad(pieces: List[Pair], beta: float, total: int) -> Tuple[float, f
         c, n = z.shape
         step = max(1, _CHUNK // c)
         for s in range(0, n, step):
-            zc = z[:, s:s + step].to(torch.float64)
-            zy = zc.gather(0, y[s:s + step].view(1, -1)).squeeze(0)
+            zc = z[:, s : s + step].to(torch.float64)
+            zy = zc.gather(0, y[s : s + step].view(1, -1)).squeeze(0)
             sc = zc * beta
             lse = torch.logsumexp(sc, 0)
             prob = torch.exp(sc - lse)
@@ -136,8 +140,13 @@ def _nll_and_grad(pieces: List[Pair], beta: float, total: int) -> Tuple[float, f
     return loss / total, dbeta / total
 
 
-def temperature_nll(logits: Union[torch.Tensor, Iterable[Pair]], labels: Optional[torch.Tensor] = None,
-                    temperature: float = 1.0, *, ignore_index: Optional[int] = None) -> float:
+def temperature_nll(
+    logits: Union[torch.Tensor, Iterable[Pair]],
+    labels: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    *,
+    ignore_index: Optional[int] = None,
+) -> float:
     """Mean NLL of ``softmax(logits / temperature)`` (same inputs as :func:`fit_temperature`)."""
     t = _check_temperature(temperature)
     pieces, total, _ = _prepare(_iter_pieces(logits, labels), ignore_index, None, torch.Generator().manual_seed(0))
@@ -153,7 +162,8 @@ def _iter_pieces(logits: Union[torch.Tensor, Iterable[Pair]], labels: Optional[t
         raise InvalidInputError("pass labels inside the (logits, labels) pairs when logits is an iterable of cases")
     if isinstance(logits, (str, bytes)) or not hasattr(logits, "__iter__"):
         raise InvalidInputError(
-            f"logits must be a tensor or an iterable of (logits, labels) pairs, got {type(logits).__name__}")
+            f"logits must be a tensor or an iterable of (logits, labels) pairs, got {type(logits).__name__}"
+        )
     return (_piece_from_case(item, i) for i, item in enumerate(logits))
 
 
@@ -205,8 +215,16 @@ def fit_temperature(
     # separable data (optimum T -> 0) cannot drive exp(-u) to overflow; the result is clipped to bounds anyway.
     u_lo, u_hi = math.log(lo) - 1.0, math.log(hi) + 1.0
     u = torch.tensor([min(max(math.log(t0), u_lo), u_hi)], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([u], lr=1.0, max_iter=max_iter, max_eval=max_iter * 5, tolerance_grad=1e-10,
-                            tolerance_change=1e-12, history_size=10, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [u],
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=max_iter * 5,
+        tolerance_grad=1e-10,
+        tolerance_change=1e-12,
+        history_size=10,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -225,7 +243,10 @@ def fit_temperature(
     if t < lo or t > hi:
         warnings.warn(
             f"the NLL-optimal temperature ({t:.4g}) lies outside the bounds {bounds}; clipping. "
-            "Perfectly separated validation logits push T towards 0.", RuntimeWarning, stacklevel=2)
+            "Perfectly separated validation logits push T towards 0.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         t = min(max(t, lo), hi)
     return t
 

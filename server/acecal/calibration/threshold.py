@@ -19,8 +19,9 @@ __all__ = ["NUM_BINS", "top_label_bins", "uncertainty_threshold"]
 NUM_BINS = 20
 
 
-def top_label_bins(probs: torch.Tensor, label: torch.Tensor, num_bins: int = NUM_BINS,
-                   predicted: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def top_label_bins(
+    probs: torch.Tensor, label: torch.Tensor, num_bins: int = NUM_BINS, predicted: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts and correct counts per top-label confidence bin, bins (k/M, (k+1)/M] as the calibration metrics use.
 
     Args:
@@ -44,8 +45,9 @@ def top_label_bins(probs: torch.Tensor, label: torch.Tensor, num_bins: int = NUM
     return counts.cpu(), right.cpu()
 
 
-def uncertainty_threshold(counts: torch.Tensor, correct: torch.Tensor, *, target: float = 0.9,
-                          min_count: int = 100, num_classes: int = 2) -> float:
+def uncertainty_threshold(
+    counts: torch.Tensor, correct: torch.Tensor, *, target: float = 0.9, min_count: int = 100, num_classes: int = 2
+) -> float:
     """The bundle's default confidence threshold, from the top-label reliability.
 
     Rule: scan the confidence bins from the most confident down; the threshold is the lower edge of the lowest bin

@@ -38,9 +38,23 @@ __all__ = ["METHODS", "calibrate_bundle", "fit_method"]
 
 #: CLI method name -> calibrator kind
 METHODS = {"ace-temperature": "temperature", "local-temperature": "local_temperature"}
-LTS_SETTINGS = ("hidden", "layers", "kernel_size", "dilation", "use_image", "logit_scale", "epochs", "lr",
-                "weight_decay", "loss_bins", "nll_weight", "seed", "keep_best", "clip_grad",
-                "ranking_tolerance")
+LTS_SETTINGS = (
+    "hidden",
+    "layers",
+    "kernel_size",
+    "dilation",
+    "use_image",
+    "logit_scale",
+    "epochs",
+    "lr",
+    "weight_decay",
+    "loss_bins",
+    "nll_weight",
+    "seed",
+    "keep_best",
+    "clip_grad",
+    "ranking_tolerance",
+)
 
 
 def fit_method(method: str, settings: Optional[dict[str, Any]] = None) -> Callable:
@@ -63,8 +77,10 @@ def _select_cases(bundle: Bundle, info: DatasetInfo, names: Optional[Sequence[st
     if names is None:
         names = split.get("val") or []
         if not names:
-            raise InvalidInputError(f"model {bundle.id!r} records no validation split (training.split.val); "
-                                    "name the cases to fit on with --cases")
+            raise InvalidInputError(
+                f"model {bundle.id!r} records no validation split (training.split.val); "
+                "name the cases to fit on with --cases"
+            )
         source = "the network's validation split (training.split.val)"
     else:
         source = "cases named by the caller"
@@ -72,8 +88,10 @@ def _select_cases(bundle: Bundle, info: DatasetInfo, names: Optional[Sequence[st
     trained = set(split.get("train") or [])
     seen = sorted(set(names) & trained)
     if seen:
-        raise InvalidInputError(f"the network of {bundle.id!r} trained on {len(seen)} of these cases (e.g. "
-                                f"{seen[0]!r}); a calibrator must be fitted on cases it never saw")
+        raise InvalidInputError(
+            f"the network of {bundle.id!r} trained on {len(seen)} of these cases (e.g. "
+            f"{seen[0]!r}); a calibrator must be fitted on cases it never saw"
+        )
     by_name = {c.name: c for c in info.cases}
     missing = [n for n in names if n not in by_name]
     if missing:
@@ -124,8 +142,10 @@ def calibrate_bundle(
     if not valid_id(model_id):
         raise InvalidInputError(f"invalid model id {model_id!r}: lower-case letters, digits, '.', '_', '-'")
     if base.config.calibrator is not None:
-        raise InvalidInputError(f"model {base.id!r} already has a calibrator; calibrate the network it was made from "
-                                f"({base.config.parent or 'its parent'})")
+        raise InvalidInputError(
+            f"model {base.id!r} already has a calibrator; calibrate the network it was made from "
+            f"({base.config.parent or 'its parent'})"
+        )
     info = discover_dataset(data, images=images, labels=labels)
     chosen, source = _select_cases(base, info, cases)
     validate_cases(chosen, base.config.num_classes, in_channels=base.config.in_channels)
@@ -133,15 +153,18 @@ def calibrate_bundle(
     items = model_space_cases(base, chosen, cache_dir=cache_dir, device=device)
 
     say("cross-fitting (fit on one half, measure on the other, and vice versa)")
-    crossed = cross_fit(items, fit, seed=seed,
-                        progress=lambda f: say(f"fold {f['fold'] + 1}/2: fitting on {len(f['fitted_on'])} cases"))
+    crossed = cross_fit(
+        items, fit, seed=seed, progress=lambda f: say(f"fold {f['fold'] + 1}/2: fitting on {len(f['fitted_on'])} cases")
+    )
     say(f"fitting the calibrator to ship on all {len(items)} cases")
     calibrator, fit_info = fit(items)
     in_sample = summarise_cases(case_metrics(items, calibrator))
     threshold = round(float(served_threshold(items, calibrator, target=uncertainty_accuracy)), 4)
-    rule = (f"recomputed for the calibrated confidence on the calibrator's {len(items)} fitting cases: the lowest "
-            f"top-label confidence bin edge from which every populated bin (>= 100 voxels) was right >= "
-            f"{uncertainty_accuracy:.0%} of the time (the network's own: {base.config.uncertainty_threshold:g})")
+    rule = (
+        f"recomputed for the calibrated confidence on the calibrator's {len(items)} fitting cases: the lowest "
+        f"top-label confidence bin edge from which every populated bin (>= 100 voxels) was right >= "
+        f"{uncertainty_accuracy:.0%} of the time (the network's own: {base.config.uncertainty_threshold:g})"
+    )
     raw = crossed["raw"]
     folds = []
     for f in crossed["folds"]:
@@ -154,41 +177,73 @@ def calibrate_bundle(
     metrics = {
         "num_bins": 20,
         "note": "macro over cases of the per-case mean over the foreground classes present; hard binning, 20 bins; "
-                "model space. Dice is the network's (a calibrator never changes the label map).",
+        "model space. Dice is the network's (a calibrator never changes the label map).",
         "raw": {"ace": raw["ace"], "dice": raw["dice"]},
-        "cross_fitted": {**{k: crossed["calibrated"][k] for k in ("ace", "dice")}, "change_pct": crossed["change_pct"],
-                         "seed": seed, "folds": folds,
-                         "per_case": {n: {"raw_ace": r["raw_ace"], "ace": r["ace"]}
-                                      for n, r in crossed["per_case"].items()}},
-        "in_sample": {"ace": in_sample["ace"], "dice": in_sample["dice"],
-                      "change_pct": change_pct(raw["ace"], in_sample["ace"])},
+        "cross_fitted": {
+            **{k: crossed["calibrated"][k] for k in ("ace", "dice")},
+            "change_pct": crossed["change_pct"],
+            "seed": seed,
+            "folds": folds,
+            "per_case": {n: {"raw_ace": r["raw_ace"], "ace": r["ace"]} for n, r in crossed["per_case"].items()},
+        },
+        "in_sample": {
+            "ace": in_sample["ace"],
+            "dice": in_sample["dice"],
+            "change_pct": change_pct(raw["ace"], in_sample["ace"]),
+        },
     }
     fitted_on = {
-        "source": source, "dataset": str(data) if data is not None else f"{images} + {labels}",
-        "num_cases": len(items), "cases": [c.name for c in items], "cross_fitted": False,
-        "method": method, "objective": ("macro hard ACE (20 bins), bounded 1-D search" if method == "ace-temperature"
-                                        else "soft-binned L1-ACE loss (SoftL1ACELoss) on softmax(logits / T(x))"),
+        "source": source,
+        "dataset": str(data) if data is not None else f"{images} + {labels}",
+        "num_cases": len(items),
+        "cases": [c.name for c in items],
+        "cross_fitted": False,
+        "method": method,
+        "objective": (
+            "macro hard ACE (20 bins), bounded 1-D search"
+            if method == "ace-temperature"
+            else "soft-binned L1-ACE loss (SoftL1ACELoss) on softmax(logits / T(x))"
+        ),
         "settings": fit_info.get("settings"),
-        "uncertainty_threshold": {"value": threshold, "base_value": base.config.uncertainty_threshold,
-                                  "target_accuracy": uncertainty_accuracy},
+        "uncertainty_threshold": {
+            "value": threshold,
+            "base_value": base.config.uncertainty_threshold,
+            "target_accuracy": uncertainty_accuracy,
+        },
         "note": "the shipped calibrator is fitted on all these cases (its in-sample figures are optimistic); the "
-                "cross-fitted figures come from calibrators fitted on one half and measured on the other",
+        "cross-fitted figures come from calibrators fitted on one half and measured on the other",
     }
     record = calibrator_config(calibrator, fitted_on=fitted_on, metrics=metrics)
-    description = (f"{base.config.description} + {record.kind.replace('_', ' ')} calibrator"
-                   if base.config.description else f"{base.id} + {record.kind.replace('_', ' ')} calibrator")
-    updates = {"uncertainty_threshold": threshold,
-               "training": {**(base.config.training or {}), "uncertainty_threshold_rule": rule}}
-    draft = base.config.model_copy(update={"id": model_id, "calibrator": record, "parent": base.id,
-                                           "description": description, **updates})
+    description = (
+        f"{base.config.description} + {record.kind.replace('_', ' ')} calibrator"
+        if base.config.description
+        else f"{base.id} + {record.kind.replace('_', ' ')} calibrator"
+    )
+    updates = {
+        "uncertainty_threshold": threshold,
+        "training": {**(base.config.training or {}), "uncertainty_threshold_rule": rule},
+    }
+    draft = base.config.model_copy(
+        update={"id": model_id, "calibrator": record, "parent": base.id, "description": description, **updates}
+    )
     card = model_card(draft)
-    bundle = publish_calibrated(base, calibrator, record, Path(out_dir), model_id=model_id, card=card,
-                                description=description, updates=updates, overwrite=overwrite)
+    bundle = publish_calibrated(
+        base,
+        calibrator,
+        record,
+        Path(out_dir),
+        model_id=model_id,
+        card=card,
+        description=description,
+        updates=updates,
+        overwrite=overwrite,
+    )
     return bundle, metrics
 
 
-def refit_ace_temperature(cases: Sequence[CalibrationCase], *, source: str, uncertainty_accuracy: float = 0.9,
-                          seed: int = 0) -> tuple[CalibratorConfig, float, float]:
+def refit_ace_temperature(
+    cases: Sequence[CalibrationCase], *, source: str, uncertainty_accuracy: float = 0.9, seed: int = 0
+) -> tuple[CalibratorConfig, float, float]:
     """An ACE temperature calibrator for a new network (a fine-tuned model whose base carried a calibrator: the base's
     calibrator was fitted to other logits), fitted on that network's validation ``cases``.
 
@@ -198,15 +253,27 @@ def refit_ace_temperature(cases: Sequence[CalibrationCase], *, source: str, unce
     calibrator, _ = fit_ace_temperature(cases)
     raw = summarise_cases(case_metrics(cases))
     ins = summarise_cases(case_metrics(cases, calibrator))
-    metrics: dict[str, Any] = {"num_bins": 20, "raw": {"ace": raw["ace"], "dice": raw["dice"]},
-                               "in_sample": {"ace": ins["ace"], "dice": ins["dice"],
-                                             "change_pct": change_pct(raw["ace"], ins["ace"])}}
+    metrics: dict[str, Any] = {
+        "num_bins": 20,
+        "raw": {"ace": raw["ace"], "dice": raw["dice"]},
+        "in_sample": {"ace": ins["ace"], "dice": ins["dice"], "change_pct": change_pct(raw["ace"], ins["ace"])},
+    }
     if len(cases) >= 4:
         crossed = cross_fit(cases, fit_ace_temperature, seed=seed)
-        metrics["cross_fitted"] = {"ace": crossed["calibrated"]["ace"], "dice": crossed["calibrated"]["dice"],
-                                   "change_pct": crossed["change_pct"], "seed": seed}
+        metrics["cross_fitted"] = {
+            "ace": crossed["calibrated"]["ace"],
+            "dice": crossed["calibrated"]["dice"],
+            "change_pct": crossed["change_pct"],
+            "seed": seed,
+        }
     threshold = round(float(served_threshold(cases, calibrator, target=uncertainty_accuracy)), 4)
-    fitted_on = {"source": source, "num_cases": len(cases), "cases": [c.name for c in cases], "cross_fitted": False,
-                 "method": "ace-temperature", "objective": "macro hard ACE (20 bins), bounded 1-D search",
-                 "uncertainty_threshold": {"value": threshold, "target_accuracy": uncertainty_accuracy}}
+    fitted_on = {
+        "source": source,
+        "num_cases": len(cases),
+        "cases": [c.name for c in cases],
+        "cross_fitted": False,
+        "method": "ace-temperature",
+        "objective": "macro hard ACE (20 bins), bounded 1-D search",
+        "uncertainty_threshold": {"value": threshold, "target_accuracy": uncertainty_accuracy},
+    }
     return calibrator_config(calibrator, fitted_on=fitted_on, metrics=metrics), calibrator.value, threshold

@@ -30,22 +30,30 @@ def _settings(items: Optional[list[str]]) -> dict[str, Any]:
 @app.command(no_args_is_help=True)
 def calibrate(
     model: str = typer.Argument(..., help="bundle id or folder (its network is left unchanged)"),
-    method: str = typer.Option("ace-temperature", "--method",
-                               help="ace-temperature (one T minimising ACE) | local-temperature (LTS trained with "
-                                    "the soft-binned ACE loss)"),
+    method: str = typer.Option(
+        "ace-temperature",
+        "--method",
+        help="ace-temperature (one T minimising ACE) | local-temperature (LTS trained with the soft-binned ACE loss)",
+    ),
     data: Optional[Path] = typer.Option(None, "--data", help="dataset.json (or a folder with images/ + labels/)"),
     images: Optional[Path] = typer.Option(None, "--images", help="images folder (instead of --data)"),
     labels: Optional[Path] = typer.Option(None, "--labels", help="labels folder (with --images)"),
-    cases: Optional[str] = typer.Option(None, "--cases",
-                                        help="comma-separated case names to fit on; default: the bundle's own "
-                                             "validation split (training.split.val)"),
+    cases: Optional[str] = typer.Option(
+        None,
+        "--cases",
+        help="comma-separated case names to fit on; default: the bundle's own validation split (training.split.val)",
+    ),
     model_id: Optional[str] = typer.Option(None, "--id", help="id of the new bundle (default MODEL-METHOD)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="folder for the new bundle (default: the data "
-                                                            "directory's models/)"),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="folder for the new bundle (default: the data directory's models/)"
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a bundle with the same id"),
-    lts_param: Optional[list[str]] = typer.Option(None, "--lts-param",
-                                                  help="local-temperature setting NAME=VALUE (repeatable): hidden, "
-                                                       "layers, dilation, use_image, epochs, lr, nll_weight, ..."),
+    lts_param: Optional[list[str]] = typer.Option(
+        None,
+        "--lts-param",
+        help="local-temperature setting NAME=VALUE (repeatable): hidden, "
+        "layers, dilation, use_image, epochs, lr, nll_weight, ...",
+    ),
     seed: int = typer.Option(0, "--seed", help="seed of the cross-fitting split into halves"),
     no_cache: bool = typer.Option(False, "--no-cache", help="do not cache the model-space logits"),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="also look up ids in this models folder"),
@@ -57,6 +65,7 @@ def calibrate(
     The label map never changes (the calibrator divides the logits by a positive temperature per voxel). Prints the
     new bundle's id on stdout; the raw, cross-fitted and in-sample macro ACE go to stderr and into the card.
     """
+
     def say(msg: str) -> None:
         if not quiet:
             typer.echo(msg, err=True)
@@ -74,11 +83,21 @@ def calibrate(
             torch.set_num_threads(threads)
         dirs = ([models_dir] if models_dir else []) + [default_models_dir(), default_data_dir() / "models"]
         bundle, m = calibrate_bundle(
-            model, method=method, data=data, images=images, labels=labels,
+            model,
+            method=method,
+            data=data,
+            images=images,
+            labels=labels,
             cases=[c.strip() for c in cases.split(",") if c.strip()] if cases else None,
-            out_dir=out or default_data_dir() / "models", model_id=model_id, overwrite=overwrite,
-            settings=_settings(lts_param), seed=seed, cache_dir=None if no_cache else default_cache_dir(),
-            registry=ModelRegistry(dirs), progress=say)
+            out_dir=out or default_data_dir() / "models",
+            model_id=model_id,
+            overwrite=overwrite,
+            settings=_settings(lts_param),
+            seed=seed,
+            cache_dir=None if no_cache else default_cache_dir(),
+            registry=ModelRegistry(dirs),
+            progress=say,
+        )
     except ACECalError as e:
         fail(e.detail)
     except KeyboardInterrupt:
@@ -86,9 +105,13 @@ def calibrate(
 
     raw, cf, ins = m["raw"], m["cross_fitted"], m["in_sample"]
     say(f"raw:                    dice {number(raw['dice'])}  macro ACE {number(raw['ace'])}")
-    say(f"calibrated, cross-fitted: dice {number(cf['dice'])}  macro ACE {number(cf['ace'])}  "
-        f"({signed_percent(cf['change_pct'])})")
-    say(f"calibrated, in-sample:    dice {number(ins['dice'])}  macro ACE {number(ins['ace'])}  "
-        f"({signed_percent(ins['change_pct'])})")
+    say(
+        f"calibrated, cross-fitted: dice {number(cf['dice'])}  macro ACE {number(cf['ace'])}  "
+        f"({signed_percent(cf['change_pct'])})"
+    )
+    say(
+        f"calibrated, in-sample:    dice {number(ins['dice'])}  macro ACE {number(ins['ace'])}  "
+        f"({signed_percent(ins['change_pct'])})"
+    )
     say(f"published model {bundle.id} at {bundle.path}")
     typer.echo(bundle.id)

@@ -33,8 +33,9 @@ from acecal.protocol import (
 
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
-_server_opt = typer.Option(DEFAULT_SERVER, "--server", "-s", envvar="ACECAL_SERVER", show_envvar=True,
-                           help="Server URL.")
+_server_opt = typer.Option(
+    DEFAULT_SERVER, "--server", "-s", envvar="ACECAL_SERVER", show_envvar=True, help="Server URL."
+)
 _key_opt = typer.Option(None, "--api-key", envvar="ACECAL_API_KEY", show_envvar=True, help="The server's API key.")
 _timeout_opt = typer.Option(60.0, "--timeout", help="Read timeout in seconds for each server reply.")
 
@@ -79,8 +80,16 @@ def follow_job(client, job_id: str, *, quiet: bool = False, timeout: Optional[fl
 
     console = Console(stderr=True)
     seen_epochs: set[int] = set()
-    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.fields[metrics]}"), console=console, disable=quiet, transient=False) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[metrics]}"),
+        console=console,
+        disable=quiet,
+        transient=False,
+    ) as bar:
         task = bar.add_task(job_id, total=1.0, metrics="")
 
         def update(reply: dict) -> None:
@@ -90,11 +99,17 @@ def follow_job(client, job_id: str, *, quiet: bool = False, timeout: Optional[fl
                 if m.epoch not in seen_epochs:
                     seen_epochs.add(m.epoch)
                     if m.validated and not quiet:
-                        bar.console.print(f"epoch {m.epoch}/{p.epochs}: loss {_n(m.train_loss)}  val dice "
-                                          f"{_n(m.dice)} ace {_n(m.ace)} ece {_n(m.ece)} mce {_n(m.mce)}",
-                                          highlight=False)
-            bar.update(task, completed=p.fraction, description=f"{_status_text(job)}: epoch {p.epoch}/{p.epochs}",
-                       metrics=_metrics_text(job))
+                        bar.console.print(
+                            f"epoch {m.epoch}/{p.epochs}: loss {_n(m.train_loss)}  val dice "
+                            f"{_n(m.dice)} ace {_n(m.ace)} ece {_n(m.ece)} mce {_n(m.mce)}",
+                            highlight=False,
+                        )
+            bar.update(
+                task,
+                completed=p.fraction,
+                description=f"{_status_text(job)}: epoch {p.epoch}/{p.epochs}",
+                metrics=_metrics_text(job),
+            )
 
         return client.wait_job(job_id, timeout=timeout, on_update=update)
 
@@ -102,8 +117,11 @@ def follow_job(client, job_id: str, *, quiet: bool = False, timeout: Optional[fl
 def _report_end(job: JobInfo) -> None:
     if job.status == JOB_SUCCEEDED:
         fm = job.final_metrics or {}
-        typer.echo(f"job {job.id} succeeded: new model {job.model_id} (validation dice {_n(fm.get('dice'))}, "
-                   f"ace {_n(fm.get('ace'))}, ece {_n(fm.get('ece'))}, mce {_n(fm.get('mce'))})", err=True)
+        typer.echo(
+            f"job {job.id} succeeded: new model {job.model_id} (validation dice {_n(fm.get('dice'))}, "
+            f"ace {_n(fm.get('ace'))}, ece {_n(fm.get('ece'))}, mce {_n(fm.get('mce'))})",
+            err=True,
+        )
         typer.echo(job.model_id or "")
         return
     typer.echo(f"job {job.id} {job.status}: {job.error or ''}", err=True)
@@ -117,22 +135,30 @@ def finetune(
     base: str = typer.Option(..., "--base", "-b", help="Id of the model to fine-tune (see `acecal models`)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Folder of images to upload."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Folder of label maps, same file names."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Use a dataset already on the server "
-                                                                        "instead of uploading (see `acecal datasets`)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Name of the uploaded dataset (default: the images "
-                                                            "folder's name)."),
+    dataset: Optional[str] = typer.Option(
+        None,
+        "--dataset",
+        "-d",
+        help="Use a dataset already on the server instead of uploading (see `acecal datasets`).",
+    ),
+    name: Optional[str] = typer.Option(
+        None, "--name", help="Name of the uploaded dataset (default: the images folder's name)."
+    ),
     loss: str = typer.Option("hardl1ace_dice_ce", "--loss", help=f"Training loss: {', '.join(FINETUNE_LOSSES)}."),
     epochs: int = typer.Option(20, "--epochs", min=1, help="Training epochs."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default 5e-5)."),
     freeze_encoder: bool = typer.Option(False, "--freeze-encoder", help="Train the decoder only."),
-    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of cases held out for "
-                                                                              "validation (default 0.2, >= 1 case)."),
+    val_fraction: Optional[float] = typer.Option(
+        None, "--val-fraction", help="Share of cases held out for validation (default 0.2, >= 1 case)."
+    ),
     val_every: Optional[int] = typer.Option(None, "--val-every", help="Validate every N epochs."),
-    fit_temperature: bool = typer.Option(False, "--fit-temperature", help="Fit a temperature on the validation "
-                                                                          "cases."),
+    fit_temperature: bool = typer.Option(False, "--fit-temperature", help="Fit a temperature on the validation cases."),
     model_id: Optional[str] = typer.Option(None, "--model-id", "--id", help="Id of the new model."),
-    wait: bool = typer.Option(False, "--wait/--no-wait", help="Follow the job until it ends and print the new "
-                                                              "model id (else print the job id and return)."),
+    wait: bool = typer.Option(
+        False,
+        "--wait/--no-wait",
+        help="Follow the job until it ends and print the new model id (else print the job id and return).",
+    ),
     server: str = _server_opt,
     api_key: Optional[str] = _key_opt,
     timeout: float = _timeout_opt,
@@ -144,8 +170,9 @@ def finetune(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     if loss not in FINETUNE_LOSSES:
-        raise typer.BadParameter(f"unknown loss {loss!r}; choose one of {', '.join(FINETUNE_LOSSES)}",
-                                 param_hint="--loss")
+        raise typer.BadParameter(
+            f"unknown loss {loss!r}; choose one of {', '.join(FINETUNE_LOSSES)}", param_hint="--loss"
+        )
     if dataset is None and (images is None or labels is None):
         raise typer.BadParameter("give --images and --labels (folders to upload) or --dataset (an uploaded one)")
     console = Console(stderr=True)
@@ -153,8 +180,9 @@ def finetune(
     try:
         client.model(base)  # an unknown base fails before anything is uploaded
         if dataset is None:
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console,
-                          disable=quiet) as bar:
+            with Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console, disable=quiet
+            ) as bar:
                 task = bar.add_task("uploading", total=None)
 
                 def on_case(i: int, n: int, fname: str) -> None:
@@ -164,20 +192,28 @@ def finetune(
                 bar.update(task, completed=ds[DATASET_NUM_CASES], description="uploaded")
             dataset = ds[DATASET_ID]
             console.print(f"dataset {dataset}: {ds[DATASET_NUM_CASES]} case(s) uploaded and checked", highlight=False)
-        options = {"lr": lr, "freeze_encoder": freeze_encoder or None, "val_fraction": val_fraction,
-                   "val_every": val_every, "fit_temperature": fit_temperature or None, "model_id": model_id}
+        options = {
+            "lr": lr,
+            "freeze_encoder": freeze_encoder or None,
+            "val_fraction": val_fraction,
+            "val_every": val_every,
+            "fit_temperature": fit_temperature or None,
+            "model_id": model_id,
+        }
         acc = client.finetune(base, dataset, loss=loss, epochs=epochs, **options)
         job_id = acc[JOB_ACCEPTED_ID]
-        console.print(f"job {job_id} queued: {base} -> {acc['model_id']} ({loss}, {epochs} epoch(s))",
-                      highlight=False)
+        console.print(f"job {job_id} queued: {base} -> {acc['model_id']} ({loss}, {epochs} epoch(s))", highlight=False)
         if not wait:
             typer.echo(job_id)
             return
         try:
             job = JobInfo.from_json(follow_job(client, job_id, quiet=quiet))
         except KeyboardInterrupt:
-            console.print(f"stopped following; the job goes on. Follow it with `acecal jobs {job_id} --follow`"
-                          f" or cancel it with `acecal cancel {job_id}`", highlight=False)
+            console.print(
+                f"stopped following; the job goes on. Follow it with `acecal jobs {job_id} --follow`"
+                f" or cancel it with `acecal cancel {job_id}`",
+                highlight=False,
+            )
             raise typer.Exit(130)
     except ACECalError as e:
         _fail(e)
@@ -187,8 +223,9 @@ def finetune(
 @app.command("jobs")
 def jobs(
     job_id: Optional[str] = typer.Argument(None, help="Show this job in detail (default: list all jobs)."),
-    status: Optional[str] = typer.Option(None, "--status",
-                                         help=f"Only jobs in this state ({', '.join(JOB_STATUSES)})."),
+    status: Optional[str] = typer.Option(
+        None, "--status", help=f"Only jobs in this state ({', '.join(JOB_STATUSES)})."
+    ),
     follow: bool = typer.Option(False, "--follow", "-f", help="With JOB_ID: follow it until it ends."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     server: str = _server_opt,
@@ -210,15 +247,18 @@ def jobs(
                 return
             job = JobInfo.from_json(reply)
             p = job.progress
-            console.print(f"[bold]{job.id}[/bold]  {_status_text(job)}  epoch {p.epoch}/{p.epochs}  "
-                          f"{job.base_model} -> {job.target_model_id}  dataset {job.dataset}  loss {job.loss}",
-                          highlight=False)
+            console.print(
+                f"[bold]{job.id}[/bold]  {_status_text(job)}  epoch {p.epoch}/{p.epochs}  "
+                f"{job.base_model} -> {job.target_model_id}  dataset {job.dataset}  loss {job.loss}",
+                highlight=False,
+            )
             if job.error:
                 console.print(f"error: {job.error}", highlight=False)
             t = Table("epoch", "train loss", "dice", "ace", "ece", "mce", "s")
             for m in job.metrics:
-                t.add_row(str(m.epoch), _n(m.train_loss), _n(m.dice), _n(m.ace), _n(m.ece), _n(m.mce),
-                          f"{m.seconds or 0:.1f}")
+                t.add_row(
+                    str(m.epoch), _n(m.train_loss), _n(m.dice), _n(m.ace), _n(m.ece), _n(m.mce), f"{m.seconds or 0:.1f}"
+                )
             if job.metrics:
                 console.print(t)
             for line in job.log_tail:
@@ -237,9 +277,16 @@ def jobs(
         table.add_column(col, no_wrap=col in ("job", "status"))
     for j in map(JobInfo.from_json, rows):
         val = j.last_validation()
-        table.add_row(j.id, _status_text(j), f"{j.progress.epoch}/{j.epochs}", f"{j.base_model} -> {j.target_model_id}",
-                      str(j.dataset), str(j.loss), f"dice {_n(val.dice)} ace {_n(val.ace)}" if val else "-",
-                      str(j.created))
+        table.add_row(
+            j.id,
+            _status_text(j),
+            f"{j.progress.epoch}/{j.epochs}",
+            f"{j.base_model} -> {j.target_model_id}",
+            str(j.dataset),
+            str(j.loss),
+            f"dice {_n(val.dice)} ace {_n(val.ace)}" if val else "-",
+            str(j.created),
+        )
     console.print(table)
     if not rows:
         typer.echo("no jobs", err=True)
@@ -298,12 +345,22 @@ def datasets(
             if as_json:
                 typer.echo(json.dumps(ds, indent=2))
                 return
-            t = Table("case", "name", "size", "spacing", "labels", title=f"{ds['id']}: {ds['name']}"
-                      + (f" (labels of {ds['model']})" if ds.get("model") else ""))
+            t = Table(
+                "case",
+                "name",
+                "size",
+                "spacing",
+                "labels",
+                title=f"{ds['id']}: {ds['name']}" + (f" (labels of {ds['model']})" if ds.get("model") else ""),
+            )
             for c in ds["cases"]:
-                t.add_row(c["case_id"], c["name"], "x".join(map(str, c.get("size") or [])),
-                          "x".join(f"{s:g}" for s in c.get("spacing") or []),
-                          ", ".join(map(str, c.get("label_values") or [])))
+                t.add_row(
+                    c["case_id"],
+                    c["name"],
+                    "x".join(map(str, c.get("size") or [])),
+                    "x".join(f"{s:g}" for s in c.get("spacing") or []),
+                    ", ".join(map(str, c.get("label_values") or [])),
+                )
             console.print(t)
             return
         rows = client.datasets()

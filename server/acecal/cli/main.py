@@ -32,9 +32,15 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
 
+
 # Modules that add commands to `app` when imported. Missing modules are skipped so a partial install still runs.
-COMMAND_MODULES = ("acecal.cli.train", "acecal.cli.serve", "acecal.cli.remote", "acecal.cli.finetune",
-                   "acecal.cli.calibrate")
+COMMAND_MODULES = (
+    "acecal.cli.train",
+    "acecal.cli.serve",
+    "acecal.cli.remote",
+    "acecal.cli.finetune",
+    "acecal.cli.calibrate",
+)
 
 
 @app.callback()

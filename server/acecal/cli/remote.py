@@ -48,8 +48,14 @@ def _unique_dirs(images: List[Path], out: Path) -> list[Path]:
 
 
 def _params(threshold, overlap, no_temperature, band_mm, band_voxels, min_region_voxels, connectivity) -> dict:
-    p = {"uncertainty_threshold": threshold, "overlap": overlap, "band_mm": band_mm, "band_voxels": band_voxels,
-         "min_region_voxels": min_region_voxels, "connectivity": connectivity}
+    p = {
+        "uncertainty_threshold": threshold,
+        "overlap": overlap,
+        "band_mm": band_mm,
+        "band_voxels": band_voxels,
+        "min_region_voxels": min_region_voxels,
+        "connectivity": connectivity,
+    }
     p = {k: v for k, v in p.items() if v is not None}
     if no_temperature:
         p["use_temperature"] = False
@@ -61,11 +67,13 @@ def infer(
     images: List[Path] = typer.Argument(..., help="Image files (.nii, .nii.gz, .nrrd, .mha)."),
     model: str = typer.Option(..., "--model", "-m", help="Model id (or, without --server, a bundle folder)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one sub-folder per image."),
-    server: Optional[str] = typer.Option(None, "--server", "-s", envvar="ACECAL_SERVER",
-                                         help="Server URL; without it inference runs in this process."),
+    server: Optional[str] = typer.Option(
+        None, "--server", "-s", envvar="ACECAL_SERVER", help="Server URL; without it inference runs in this process."
+    ),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="ACECAL_API_KEY", show_envvar=True),
-    threshold: Optional[float] = typer.Option(None, "--threshold", help="Uncertainty threshold (default: "
-                                                                        "the model's)."),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", help="Uncertainty threshold (default: the model's)."
+    ),
     overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap (default: the model's)."),
     no_temperature: bool = typer.Option(False, "--no-temperature", help="Do not apply the model's temperature."),
     band_mm: Optional[float] = typer.Option(None, "--band-mm", help="Boundary band half-width in mm."),
@@ -74,9 +82,11 @@ def infer(
     connectivity: Optional[int] = typer.Option(None, help="Region connectivity: 6, 18 or 26."),
     timeout: float = typer.Option(600.0, help="Read timeout in seconds for each server reply."),
     device: str = typer.Option("auto", help="In-process only: auto, cpu, cuda, cuda:N."),
-    models_dir: Optional[List[Path]] = typer.Option(None, "--models", help="In-process only: bundle folders to "
-                                                                           "search (default: shipped models/ and "
-                                                                           "~/.acecal/models)."),
+    models_dir: Optional[List[Path]] = typer.Option(
+        None,
+        "--models",
+        help="In-process only: bundle folders to search (default: shipped models/ and ~/.acecal/models).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Segment images: four volumes (labels, confidence, uncertainty, flags) and summary.json per image."""
@@ -97,14 +107,24 @@ def infer(
     out.mkdir(parents=True, exist_ok=True)
     dirs = _unique_dirs(images, out)
     try:
-        run_one = _remote_runner(server, api_key, model, params, timeout) if server else \
-            _local_runner(model, params, device, models_dir)
+        run_one = (
+            _remote_runner(server, api_key, model, params, timeout)
+            if server
+            else _local_runner(model, params, device, models_dir)
+        )
     except ACECalError as e:  # unknown model, broken bundle
         console.print(f"[red]{e.detail}", highlight=False)
         raise typer.Exit(1)
     failures: list[tuple[Path, str]] = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=quiet, transient=False) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=quiet,
+        transient=False,
+    ) as bar:
         task = bar.add_task("images", total=len(images))
         for img, d in zip(images, dirs):
             bar.update(task, description=f"{img.name}")
@@ -114,8 +134,11 @@ def infer(
 
             try:
                 summary = run_one(img, d, stage).summary
-                bar.console.print(f"{img.name} -> {d}  ({summary.region_count} uncertain region(s), "
-                                  f"{summary.uncertain_volume_ml:.2f} ml)", highlight=False)
+                bar.console.print(
+                    f"{img.name} -> {d}  ({summary.region_count} uncertain region(s), "
+                    f"{summary.uncertain_volume_ml:.2f} ml)",
+                    highlight=False,
+                )
             except ACECalError as e:
                 failures.append((img, e.detail))
                 bar.console.print(f"[red]{img.name}: {e.detail}", highlight=False)
@@ -172,9 +195,13 @@ def _local_runner(model, params, device, models_dirs):
         output = run_inference(predictor, img, options)
         stage("writing")
         write_volumes(out_dir, output)
-        summary = {"result_id": None, **output.report, "files": dict(VOLUME_FILE_NAMES),
-                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                   "source": {"bundle": str(bundle.path), "device": str(dev), "image": str(img)}}
+        summary = {
+            "result_id": None,
+            **output.report,
+            "files": dict(VOLUME_FILE_NAMES),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"bundle": str(bundle.path), "device": str(dev), "image": str(img)},
+        }
         reply = InferenceReply.from_json(summary)  # the same wire format as the server's reply
         (out_dir / SUMMARY_NAME).write_text(json.dumps(summary, indent=2))
         return reply
@@ -184,8 +211,13 @@ def _local_runner(model, params, device, models_dirs):
 
 @app.command("models")
 def models(
-    server: Optional[str] = typer.Option(None, "--server", "-s", envvar="ACECAL_SERVER",
-                                         help="Server URL; without it, the local model folders are listed."),
+    server: Optional[str] = typer.Option(
+        None,
+        "--server",
+        "-s",
+        envvar="ACECAL_SERVER",
+        help="Server URL; without it, the local model folders are listed.",
+    ),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="ACECAL_API_KEY", show_envvar=True),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     timeout: float = typer.Option(30.0, help="Read timeout in seconds."),
@@ -219,12 +251,18 @@ def models(
     for col in ("classes", "loss", "T", "threshold", "validation"):
         table.add_column(col)
     for m in rows:
-        shown = ", ".join(f"{k} {m.metrics[k]:.3f}" for k in ("dice", "ece", "ace")
-                          if isinstance(m.metrics.get(k), (int, float)))
+        shown = ", ".join(
+            f"{k} {m.metrics[k]:.3f}" for k in ("dice", "ece", "ace") if isinstance(m.metrics.get(k), (int, float))
+        )
         classes = ", ".join(m.labels[k] for k in sorted(m.labels, key=int) if k != BACKGROUND_LABEL)
-        table.add_row(m.id, classes, m.loss,
-                      "-" if m.temperature is None else f"{m.temperature:.3g}",
-                      "" if m.uncertainty_threshold is None else str(m.uncertainty_threshold), shown)
+        table.add_row(
+            m.id,
+            classes,
+            m.loss,
+            "-" if m.temperature is None else f"{m.temperature:.3g}",
+            "" if m.uncertainty_threshold is None else str(m.uncertainty_threshold),
+            shown,
+        )
     Console().print(table)
     if not rows:
         typer.echo("no models found", err=True)

@@ -64,15 +64,22 @@ def train(
     data: Optional[str] = typer.Argument(None, help="dataset.json, or a folder with dataset.json or images/ + labels/"),
     images: Optional[Path] = typer.Option(None, "--images", help="images folder (with --labels)"),
     labels: Optional[Path] = typer.Option(None, "--labels", help="labels folder, same file names as the images"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="settings file (JSON or YAML); flags override it"),
-    loss: Optional[str] = typer.Option(None, help="baseline_dice_ce | hardl1ace_dice_ce | softl1ace_dice_ce | "
-                                                   "labelsmooth_dice_ce | nacl_dice | dicepp_ce | "
-                                                   "twohead_dice_ce_softace | twohead_dice_ce_hardace (the last two "
-                                                   "with --network SegResNetTwoHead)"),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="settings file (JSON or YAML); flags override it"
+    ),
+    loss: Optional[str] = typer.Option(
+        None,
+        help="baseline_dice_ce | hardl1ace_dice_ce | softl1ace_dice_ce | "
+        "labelsmooth_dice_ce | nacl_dice | dicepp_ce | "
+        "twohead_dice_ce_softace | twohead_dice_ce_hardace (the last two "
+        "with --network SegResNetTwoHead)",
+    ),
     loss_param: Optional[list[str]] = typer.Option(None, "--loss-param", help="loss parameter NAME=VALUE (repeat)"),
-    loss_warmup_epochs: Optional[int] = typer.Option(None, "--loss-warmup-epochs",
-                                                     help="train the first N epochs with baseline_dice_ce, then "
-                                                          "--loss (ACE after a Dice+CE warm-up) [0]"),
+    loss_warmup_epochs: Optional[int] = typer.Option(
+        None,
+        "--loss-warmup-epochs",
+        help="train the first N epochs with baseline_dice_ce, then --loss (ACE after a Dice+CE warm-up) [0]",
+    ),
     epochs: Optional[int] = typer.Option(None, help="total epochs [100]"),
     val_every: Optional[int] = typer.Option(None, help="validate every N epochs [10]"),
     val_fraction: Optional[float] = typer.Option(None, help="share of cases held out for validation [0.2]"),
@@ -84,17 +91,25 @@ def train(
     weight_decay: Optional[float] = typer.Option(None),
     warmup_epochs: Optional[int] = typer.Option(None, help="warm-up epochs of the cosine schedule [2]"),
     roi: Optional[str] = typer.Option(None, help="sliding-window ROI (validation, inference), e.g. 64,64,64"),
-    patch: Optional[str] = typer.Option(None, help="training patch size [the ROI]; keep it equal to the ROI with "
-                                                    "GroupNorm networks (see docs/training.md)"),
+    patch: Optional[str] = typer.Option(
+        None,
+        help="training patch size [the ROI]; keep it equal to the ROI with GroupNorm networks (see docs/training.md)",
+    ),
     spacing: Optional[str] = typer.Option(None, help="model voxel spacing in mm, e.g. 1,1,1"),
     intensity: Optional[str] = typer.Option(None, help="zscore_nonzero | zscore | clip_scale"),
-    network: Optional[str] = typer.Option(None, help="SegResNet | SegResNetDS | SegResNetTwoHead (segmentation + "
-                                                      "calibration head; train with a twohead_* loss)"),
-    network_arg: Optional[list[str]] = typer.Option(None, "--network-arg",
-                                                    help="network argument NAME=VALUE (repeat), e.g. trunk_grad=0 or "
-                                                         "calibration_blocks=2 for SegResNetTwoHead"),
-    tta: Optional[str] = typer.Option(None, "--tta", help="flip test-time augmentation stored in the bundle: none | "
-                                                          "axis_flips | all_flips [none]"),
+    network: Optional[str] = typer.Option(
+        None,
+        help="SegResNet | SegResNetDS | SegResNetTwoHead (segmentation + "
+        "calibration head; train with a twohead_* loss)",
+    ),
+    network_arg: Optional[list[str]] = typer.Option(
+        None,
+        "--network-arg",
+        help="network argument NAME=VALUE (repeat), e.g. trunk_grad=0 or calibration_blocks=2 for SegResNetTwoHead",
+    ),
+    tta: Optional[str] = typer.Option(
+        None, "--tta", help="flip test-time augmentation stored in the bundle: none | axis_flips | all_flips [none]"
+    ),
     init_filters: Optional[int] = typer.Option(None, help="network width [16]"),
     blocks_down: Optional[str] = typer.Option(None, help="encoder blocks per level, e.g. 1,2,2,4"),
     blocks_up: Optional[str] = typer.Option(None, help="decoder blocks per level (SegResNet), e.g. 1,1,1"),
@@ -105,16 +120,23 @@ def train(
     out: Optional[Path] = typer.Option(None, "--out", help="models folder to publish into [<data dir>/models]"),
     model_id: Optional[str] = typer.Option(None, "--id", help="new model id [generated]"),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="checkpoints and log [<data dir>/runs/<id>]"),
-    log_file: Optional[Path] = typer.Option(None, "--log-file", help="JSON-lines progress log [<work dir>/train.jsonl]"),
+    log_file: Optional[Path] = typer.Option(
+        None, "--log-file", help="JSON-lines progress log [<work dir>/train.jsonl]"
+    ),
     resume: bool = typer.Option(False, "--resume", help="continue the run in the work dir (starts fresh if none)"),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", help="stop (resumable) after N epochs this sitting"),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="stop (resumable) after ~this many minutes"),
     fit_temperature: bool = typer.Option(False, "--fit-temperature", help="fit a temperature on the validation set"),
     half: bool = typer.Option(False, "--half", help="store float16 weights"),
-    cpu_bf16: bool = typer.Option(False, "--cpu-bf16", help="bfloat16 autocast on CPUs with native bf16 (~2.5x faster)"),
+    cpu_bf16: bool = typer.Option(
+        False, "--cpu-bf16", help="bfloat16 autocast on CPUs with native bf16 (~2.5x faster)"
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing bundle with the same id"),
-    no_publish: bool = typer.Option(False, "--no-publish", help="train (or extend) and keep the checkpoints only; "
-                                    "a later --resume with more --epochs publishes"),
+    no_publish: bool = typer.Option(
+        False,
+        "--no-publish",
+        help="train (or extend) and keep the checkpoints only; a later --resume with more --epochs publishes",
+    ),
     description: Optional[str] = typer.Option(None, help="one-line description for the card"),
     data_source: Optional[str] = typer.Option(None, help="data source text for the card"),
     data_licence: Optional[str] = typer.Option(None, help="data licence for the card"),
@@ -143,21 +165,51 @@ def train(
     if blocks_up is not None:
         net_args["blocks_up"] = _ints(blocks_up, what="--blocks-up")
     settings: dict[str, Any] = {
-        "data": data, "images": str(images) if images else None, "labels_dir": str(labels) if labels else None,
-        "loss": loss, "loss_params": params or None, "loss_warmup_epochs": loss_warmup_epochs, "epochs": epochs, "val_every": val_every,
-        "val_fraction": val_fraction, "val_cases": [v.strip() for v in val_cases.split(",")] if val_cases else None,
-        "seed": seed, "batch_size": batch_size, "num_samples": num_samples, "lr": lr, "weight_decay": weight_decay,
-        "warmup_epochs": warmup_epochs, "roi_size": _ints(roi, 3, "--roi"), "patch_size": _ints(patch, 3, "--patch"),
+        "data": data,
+        "images": str(images) if images else None,
+        "labels_dir": str(labels) if labels else None,
+        "loss": loss,
+        "loss_params": params or None,
+        "loss_warmup_epochs": loss_warmup_epochs,
+        "epochs": epochs,
+        "val_every": val_every,
+        "val_fraction": val_fraction,
+        "val_cases": [v.strip() for v in val_cases.split(",")] if val_cases else None,
+        "seed": seed,
+        "batch_size": batch_size,
+        "num_samples": num_samples,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "warmup_epochs": warmup_epochs,
+        "roi_size": _ints(roi, 3, "--roi"),
+        "patch_size": _ints(patch, 3, "--patch"),
         "spacing": _floats(spacing, 3, "--spacing"),
-        "modality": modality, "base": base, "out_dir": str(out) if out else None, "model_id": model_id,
-        "work_dir": str(work_dir) if work_dir else None, "log_file": str(log_file) if log_file else None,
-        "stop_after_epochs": stop_after, "time_limit_minutes": time_limit, "description": description,
-        "data_source": data_source, "data_licence": data_licence, "device": device, "num_workers": num_workers,
-        "num_threads": threads, "tta": tta,
+        "modality": modality,
+        "base": base,
+        "out_dir": str(out) if out else None,
+        "model_id": model_id,
+        "work_dir": str(work_dir) if work_dir else None,
+        "log_file": str(log_file) if log_file else None,
+        "stop_after_epochs": stop_after,
+        "time_limit_minutes": time_limit,
+        "description": description,
+        "data_source": data_source,
+        "data_licence": data_licence,
+        "device": device,
+        "num_workers": num_workers,
+        "num_threads": threads,
+        "tta": tta,
     }
-    for flag, key in ((no_augment, "augment"), (freeze_encoder, "freeze_encoder"), (resume, "resume"),
-                      (fit_temperature, "fit_temperature"), (half, "half_precision"), (overwrite, "overwrite"),
-                      (cpu_bf16, "cpu_bf16"), (no_publish, "publish")):
+    for flag, key in (
+        (no_augment, "augment"),
+        (freeze_encoder, "freeze_encoder"),
+        (resume, "resume"),
+        (fit_temperature, "fit_temperature"),
+        (half, "half_precision"),
+        (overwrite, "overwrite"),
+        (cpu_bf16, "cpu_bf16"),
+        (no_publish, "publish"),
+    ):
         if flag:
             settings[key] = False if key in ("augment", "publish") else True
     settings = {k: v for k, v in settings.items() if v is not None}
@@ -174,12 +226,15 @@ def train(
             if intensity is not None:
                 upd["intensity"] = cfg.intensity.model_copy(update={"mode": intensity})
             if network is not None or net_args:
-                upd["network"] = cfg.network.model_copy(update={
-                    "name": network or cfg.network.name, "args": {**cfg.network.args, **net_args}})
+                upd["network"] = cfg.network.model_copy(
+                    update={"name": network or cfg.network.name, "args": {**cfg.network.args, **net_args}}
+                )
             cfg = TrainConfig.model_validate({**cfg.model_dump(), **{k: v.model_dump() for k, v in upd.items()}})
     except ValidationError as e:
-        fail("bad training settings:\n  " + "\n  ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in e.errors()))
+        fail(
+            "bad training settings:\n  "
+            + "\n  ".join(f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in e.errors())
+        )
     except (ValueError, OSError) as e:
         fail(str(e))
 
@@ -197,13 +252,18 @@ def train(
     if result.status == "published":
         m = result.metrics
         if m.get("dice") is not None:
-            typer.echo(f"validation: dice {m['dice']:.4f}  ace {m['ace']:.4f}  ece {m['ece']:.4f}  mce {m['mce']:.4f}",
-                       err=True)
+            typer.echo(
+                f"validation: dice {m['dice']:.4f}  ace {m['ace']:.4f}  ece {m['ece']:.4f}  mce {m['mce']:.4f}",
+                err=True,
+            )
         typer.echo(f"published model {result.model_id} at {result.bundle_path}", err=True)
         typer.echo(result.model_id)
     elif result.status == "stopped":
-        typer.echo(f"stopped after epoch {result.epochs_done}/{result.epochs}; continue with: "
-                   f"acecal train ... --id {result.model_id} --resume (work dir {result.work_dir})", err=True)
+        typer.echo(
+            f"stopped after epoch {result.epochs_done}/{result.epochs}; continue with: "
+            f"acecal train ... --id {result.model_id} --resume (work dir {result.work_dir})",
+            err=True,
+        )
     elif result.status == "cancelled":
         typer.echo(f"cancelled at epoch {result.epochs_done}/{result.epochs}", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -217,12 +277,17 @@ def evaluate(
     images: Path = typer.Option(..., "--images", help="images folder"),
     labels: Path = typer.Option(..., "--labels", help="labels folder (same file names)"),
     out: Path = typer.Option(..., "--out", help="report folder (report.json, report.md, PNGs)"),
-    raw: bool = typer.Option(False, "--raw", help="evaluate the network's own softmax (no post-hoc calibrator); "
-                                                  "default: the served probabilities"),
-    temperature: bool = typer.Option(False, "--temperature",
-                                     help="insist on the bundle's post-hoc calibrator (an error if it has none)"),
-    roi_radius: float = typer.Option(3.0, "--roi-radius", min=0, max=50,
-                                     help="error detection: foreground margin in voxel steps"),
+    raw: bool = typer.Option(
+        False,
+        "--raw",
+        help="evaluate the network's own softmax (no post-hoc calibrator); default: the served probabilities",
+    ),
+    temperature: bool = typer.Option(
+        False, "--temperature", help="insist on the bundle's post-hoc calibrator (an error if it has none)"
+    ),
+    roi_radius: float = typer.Option(
+        3.0, "--roi-radius", min=0, max=50, help="error detection: foreground margin in voxel steps"
+    ),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="also look up ids in this models folder"),
     device: Optional[str] = typer.Option(None, help="cpu | cuda"),
     no_plots: bool = typer.Option(False, "--no-plots", help="skip the PNG figures"),
@@ -242,17 +307,32 @@ def evaluate(
             if not quiet:
                 typer.echo(f"[{e['index']}/{e['total']}] {e['case']}", err=True)
 
-        report = run_evaluate(model, images, labels, out, raw=raw, temperature=temperature, roi_radius=roi_radius,
-                              registry=ModelRegistry(dirs), device=device, plots=not no_plots, progress=show)
+        report = run_evaluate(
+            model,
+            images,
+            labels,
+            out,
+            raw=raw,
+            temperature=temperature,
+            roi_radius=roi_radius,
+            registry=ModelRegistry(dirs),
+            device=device,
+            plots=not no_plots,
+            progress=show,
+        )
     except ACECalError as e:
         fail(e.detail)
     except KeyboardInterrupt:
         raise typer.Exit(EXIT_INTERRUPTED) from None
     a, mi, fl, ed = report["aggregate"], report["micro"], report["floor"], report["error_detection"]
-    typer.echo(f"{report['model']}{' (raw)' if report['raw'] else ''}: {report['num_cases']} cases  "
-               f"dice {number(a['dice'])}  ace {number(a['ace'])} (floor {number(fl['ace'])}, "
-               f"removable {number(fl['removable_ace'])})  ece {number(a['ece'])}  mce {number(a['mce'])}  "
-               f"micro ace {number(mi['ace'])}")
-    typer.echo(f"flags: auroc {number(ed['auroc'], 3)}  recall {number(ed['recall'], 3)}  "
-               f"flagged/wrong {number(ed['flagged_over_wrong'], 2)}")
+    typer.echo(
+        f"{report['model']}{' (raw)' if report['raw'] else ''}: {report['num_cases']} cases  "
+        f"dice {number(a['dice'])}  ace {number(a['ace'])} (floor {number(fl['ace'])}, "
+        f"removable {number(fl['removable_ace'])})  ece {number(a['ece'])}  mce {number(a['mce'])}  "
+        f"micro ace {number(mi['ace'])}"
+    )
+    typer.echo(
+        f"flags: auroc {number(ed['auroc'], 3)}  recall {number(ed['recall'], 3)}  "
+        f"flagged/wrong {number(ed['flagged_over_wrong'], 2)}"
+    )
     typer.echo(f"report: {Path(out) / 'report.json'}")

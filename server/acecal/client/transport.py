@@ -52,8 +52,16 @@ FilePart = Tuple[str, Union[bytes, Path]]
 DEFAULT_URL = "http://127.0.0.1:8000"
 _CHUNK = 1 << 20
 #: the error class of a status whose reply names no known code (a proxy's page, a bare 503)
-_BY_STATUS = {400: InvalidInputError, 401: UnauthorizedError, 404: NotFoundError, 409: ConflictError,
-              413: PayloadTooLargeError, 422: InvalidInputError, 503: ServerBusyError, 507: StorageError}
+_BY_STATUS = {
+    400: InvalidInputError,
+    401: UnauthorizedError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    422: InvalidInputError,
+    503: ServerBusyError,
+    507: StorageError,
+}
 
 
 def error_from_response(resp: requests.Response) -> ACECalError:
@@ -105,18 +113,32 @@ class MultipartBody:
     object with ``read`` and ``__len__`` as a stream with a ``Content-Length``, so large files are never loaded.
     """
 
-    def __init__(self, fields: Dict[str, str], files: Dict[str, FilePart],
-                 progress: Optional[ProgressCallback] = None, boundary: Optional[str] = None):
+    def __init__(
+        self,
+        fields: Dict[str, str],
+        files: Dict[str, FilePart],
+        progress: Optional[ProgressCallback] = None,
+        boundary: Optional[str] = None,
+    ):
         self.boundary = boundary or uuid.uuid4().hex
         self.content_type = f"multipart/form-data; boundary={self.boundary}"
         self._parts: list[Union[bytes, Path]] = []
         for name, value in fields.items():
-            self._parts.append((f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n"
-                                f"Content-Type: application/json\r\n\r\n").encode() + value.encode("utf-8") + b"\r\n")
+            self._parts.append(
+                (
+                    f'--{self.boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n'
+                    f"Content-Type: application/json\r\n\r\n"
+                ).encode()
+                + value.encode("utf-8")
+                + b"\r\n"
+            )
         for name, (filename, content) in files.items():
-            self._parts.append((f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; "
-                                f"filename=\"{_quote(filename)}\"\r\nContent-Type: application/octet-stream\r\n\r\n"
-                                ).encode())
+            self._parts.append(
+                (
+                    f'--{self.boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+                    f'filename="{_quote(filename)}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+                ).encode()
+            )
             self._parts.append(content if isinstance(content, Path) else bytes(content))
             self._parts.append(b"\r\n")
         self._parts.append(f"--{self.boundary}--\r\n".encode())
@@ -147,7 +169,7 @@ class MultipartBody:
                     continue
                 out += b
             else:
-                b = part[self._offset:self._offset + size - len(out)]
+                b = part[self._offset : self._offset + size - len(out)]
                 out += b
                 self._offset += len(b)
                 if self._offset >= len(part):
@@ -181,10 +203,19 @@ class Transport:
         session: a ``requests.Session`` to use (a new one by default).
     """
 
-    def __init__(self, server_url: str = DEFAULT_URL, api_key: Optional[str] = None, *,
-                 timeout: Timeout = (5.0, 600.0), retries: int = 2, backoff_s: float = 0.5, busy_retries: int = 0,
-                 max_retry_wait_s: float = 60.0, verify: Union[bool, str] = True,
-                 session: Optional[requests.Session] = None):
+    def __init__(
+        self,
+        server_url: str = DEFAULT_URL,
+        api_key: Optional[str] = None,
+        *,
+        timeout: Timeout = (5.0, 600.0),
+        retries: int = 2,
+        backoff_s: float = 0.5,
+        busy_retries: int = 0,
+        max_retry_wait_s: float = 60.0,
+        verify: Union[bool, str] = True,
+        session: Optional[requests.Session] = None,
+    ):
         url = server_url.strip()
         if "://" not in url:
             url = "http://" + url
@@ -231,9 +262,18 @@ class Transport:
             return "NewConnectionError" in text or "Connection refused" in text or "NameResolutionError" in text
         return False
 
-    def request(self, method: str, path: str, *, body_factory: Optional[Callable[[], Any]] = None,
-                headers: Optional[dict] = None, stream: bool = False, timeout: Optional[Timeout] = None,
-                busy_retries: Optional[int] = None, **kwargs: Any) -> requests.Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body_factory: Optional[Callable[[], Any]] = None,
+        headers: Optional[dict] = None,
+        stream: bool = False,
+        timeout: Optional[Timeout] = None,
+        busy_retries: Optional[int] = None,
+        **kwargs: Any,
+    ) -> requests.Response:
         """Send a request with auth, timeouts, safe retries and typed errors; returns a 2xx response.
 
         ``body_factory`` makes a fresh body per attempt (a streamed body can be sent once only).
@@ -252,9 +292,16 @@ class Transport:
         while True:
             data = body_factory() if body_factory is not None else None
             try:
-                resp = self.session.request(method, url, headers=self._headers(headers), data=data,
-                                            timeout=timeout or self.timeout, stream=stream, verify=self.verify,
-                                            **kwargs)
+                resp = self.session.request(
+                    method,
+                    url,
+                    headers=self._headers(headers),
+                    data=data,
+                    timeout=timeout or self.timeout,
+                    stream=stream,
+                    verify=self.verify,
+                    **kwargs,
+                )
             except requests.RequestException as e:
                 can_retry = attempt < self.retries and (idempotent or self._nothing_sent(e))
                 if can_retry:
@@ -269,14 +316,18 @@ class Transport:
                 return resp
             err = error_from_response(resp)
             resp.close()
-            wait = err.retry_after if isinstance(err, ServerBusyError) else self.backoff_s * (2 ** attempt)
+            wait = err.retry_after if isinstance(err, ServerBusyError) else self.backoff_s * (2**attempt)
             if resp.status_code in (502, 503, 504) and idempotent and attempt < self.retries:
                 attempt += 1
                 if time.monotonic() + wait <= deadline:
                     time.sleep(wait)
                     continue
-            if isinstance(err, ServerBusyError) and not idempotent and busy_left > 0 \
-                    and time.monotonic() + wait <= deadline:
+            if (
+                isinstance(err, ServerBusyError)
+                and not idempotent
+                and busy_left > 0
+                and time.monotonic() + wait <= deadline
+            ):
                 busy_left -= 1
                 time.sleep(wait)
                 continue
@@ -284,14 +335,20 @@ class Transport:
 
     def _transport_error(self, e: requests.RequestException) -> ACECalError:
         if isinstance(e, requests.ConnectTimeout):
-            return ServerTimeoutError(f"could not connect to {self.base_url} within {self.timeout[0]:g} s; "
-                                      "is the server running and the address right?")
+            return ServerTimeoutError(
+                f"could not connect to {self.base_url} within {self.timeout[0]:g} s; "
+                "is the server running and the address right?"
+            )
         if isinstance(e, requests.Timeout):
-            return ServerTimeoutError(f"{self.base_url} did not answer within {self.timeout[1]:g} s; the server may "
-                                      "be overloaded or the volume very large (raise the read timeout)")
+            return ServerTimeoutError(
+                f"{self.base_url} did not answer within {self.timeout[1]:g} s; the server may "
+                "be overloaded or the volume very large (raise the read timeout)"
+            )
         if isinstance(e, requests.ConnectionError):
-            return ServerUnreachableError(f"cannot reach the ACECal server at {self.base_url} ({_short(e)}); start it "
-                                          "with `acecal serve` or check the URL and port")
+            return ServerUnreachableError(
+                f"cannot reach the ACECal server at {self.base_url} ({_short(e)}); start it "
+                "with `acecal serve` or check the URL and port"
+            )
         return ServerUnreachableError(f"request to {self.base_url} failed: {_short(e)}")
 
     # --- JSON ---------------------------------------------------------------------------------------------------
@@ -300,8 +357,11 @@ class Transport:
 
     def post_json(self, path: str, payload: Any = None, **kwargs: Any) -> Any:
         body = json.dumps(payload if payload is not None else {}).encode()
-        return self._json(self.request("POST", path, body_factory=lambda: body,
-                                       headers={"Content-Type": "application/json"}, **kwargs))
+        return self._json(
+            self.request(
+                "POST", path, body_factory=lambda: body, headers={"Content-Type": "application/json"}, **kwargs
+            )
+        )
 
     def delete(self, path: str, **kwargs: Any) -> Any:
         return self._json(self.request("DELETE", path, **kwargs))
@@ -311,13 +371,21 @@ class Transport:
         try:
             return json.loads(resp.content)  # UTF-8 JSON; no charset guessing over large replies
         except ValueError:
-            raise ProtocolError(f"expected JSON from {resp.url}, got {resp.headers.get('Content-Type', 'nothing')}; "
-                                "is this the address of an ACECal server?") from None
+            raise ProtocolError(
+                f"expected JSON from {resp.url}, got {resp.headers.get('Content-Type', 'nothing')}; "
+                "is this the address of an ACECal server?"
+            ) from None
 
     # --- uploads and downloads ----------------------------------------------------------------------------------
-    def post_multipart(self, path: str, fields: Optional[Dict[str, str]] = None,
-                       files: Optional[Dict[str, FilePart]] = None, *,
-                       progress: Optional[ProgressCallback] = None, **kwargs: Any) -> requests.Response:
+    def post_multipart(
+        self,
+        path: str,
+        fields: Optional[Dict[str, str]] = None,
+        files: Optional[Dict[str, FilePart]] = None,
+        *,
+        progress: Optional[ProgressCallback] = None,
+        **kwargs: Any,
+    ) -> requests.Response:
         """POST a streamed ``multipart/form-data`` body (text ``fields``; ``files``: name -> (filename, bytes|path)).
 
         Upload progress is reported as stage ``"upload"``. Repeated only when the connection could not be opened
@@ -329,11 +397,22 @@ class Transport:
         def body() -> MultipartBody:  # a fresh stream per attempt, same boundary as the Content-Type header
             return MultipartBody(fields, files, progress, boundary=boundary)
 
-        return self.request("POST", path, body_factory=body,
-                            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"}, **kwargs)
+        return self.request(
+            "POST",
+            path,
+            body_factory=body,
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            **kwargs,
+        )
 
-    def download(self, path: str, dest: Union[str, os.PathLike, BinaryIO], *,
-                 progress: Optional[ProgressCallback] = None, stage: str = "download") -> int:
+    def download(
+        self,
+        path: str,
+        dest: Union[str, os.PathLike, BinaryIO],
+        *,
+        progress: Optional[ProgressCallback] = None,
+        stage: str = "download",
+    ) -> int:
         """Stream ``GET path`` into a file path or a binary file object; returns the byte count.
 
         Retried (from the start) on transport failures, like any GET.
@@ -371,8 +450,9 @@ class Transport:
                 if isinstance(dest, (str, os.PathLike)):
                     Path(str(dest) + ".part").unlink(missing_ok=True)
 
-    def download_bytes(self, path: str, *, progress: Optional[ProgressCallback] = None,
-                       stage: str = "download") -> memoryview:
+    def download_bytes(
+        self, path: str, *, progress: Optional[ProgressCallback] = None, stage: str = "download"
+    ) -> memoryview:
         """``GET path`` into memory: one buffer sized from ``Content-Length`` (no regrowth copies), returned as a
         writable memoryview (``read_nrrd`` decodes raw volumes from it without copying)."""
         sink = _Sink()
@@ -380,8 +460,9 @@ class Transport:
         return sink.view()
 
     @staticmethod
-    def _copy(resp: requests.Response, fh: BinaryIO, progress: Optional[ProgressCallback], stage: str,
-              total: Optional[int]) -> int:
+    def _copy(
+        resp: requests.Response, fh: BinaryIO, progress: Optional[ProgressCallback], stage: str, total: Optional[int]
+    ) -> int:
         if isinstance(fh, _Sink) and total:
             fh.reserve(total)
         done = 0
@@ -430,7 +511,7 @@ class _Sink(io.RawIOBase):
         end = self._pos + n
         if end > len(self._buf):
             self._buf.extend(bytes(end - len(self._buf)))
-        self._buf[self._pos:end] = b
+        self._buf[self._pos : end] = b
         self._pos = end
         return n
 
@@ -440,8 +521,14 @@ class _Sink(io.RawIOBase):
 
 def _short(e: Exception) -> str:
     text = str(e)
-    for marker in ("Connection refused", "Name or service not known", "timed out", "Connection reset",
-                   "Remote end closed connection", "Connection aborted"):
+    for marker in (
+        "Connection refused",
+        "Name or service not known",
+        "timed out",
+        "Connection reset",
+        "Remote end closed connection",
+        "Connection aborted",
+    ):
         if marker in text:
             return marker.lower()
     return text[:200]

@@ -61,8 +61,13 @@ class DatasetInfo:
     description: str = ""
 
     def record(self) -> dict:
-        return {"source": self.source, "kind": self.kind, "name": self.name, "licence": self.licence,
-                "num_cases": len(self.cases)}
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "name": self.name,
+            "licence": self.licence,
+            "num_cases": len(self.cases),
+        }
 
 
 def case_name(path: str | Path) -> str:
@@ -72,10 +77,14 @@ def case_name(path: str | Path) -> str:
 
 
 def _files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and has_supported_suffix(p.name))
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and has_supported_suffix(p.name)
+    )
 
 
-def discover_folders(images: str | Path, labels: Optional[str | Path] = None, *, require_labels: bool = True) -> DatasetInfo:
+def discover_folders(
+    images: str | Path, labels: Optional[str | Path] = None, *, require_labels: bool = True
+) -> DatasetInfo:
     """Cases from an images folder and a labels folder holding the same file names.
 
     A label may also differ only in its file type (``a.nii.gz`` ↔ ``a.nrrd``). An image without a label is kept with
@@ -144,9 +153,13 @@ def discover_msd(dataset_json: str | Path, *, section: str = "training") -> Data
         raise DatasetError(f"{path.name} has problems:\n  " + "\n  ".join(problems), problems)
     labels = meta.get("labels") if isinstance(meta.get("labels"), dict) else {}
     return DatasetInfo(
-        cases, str(path), "msd", name=str(meta.get("name", "")),
+        cases,
+        str(path),
+        "msd",
+        name=str(meta.get("name", "")),
         licence=str(meta.get("licence", meta.get("license", ""))),
-        labels={str(k): str(v) for k, v in labels.items()}, description=str(meta.get("description", "")),
+        labels={str(k): str(v) for k, v in labels.items()},
+        description=str(meta.get("description", "")),
     )
 
 
@@ -236,26 +249,40 @@ def validate_cases(
             continue
         gi, gl = grid_of(img), grid_of(lab)
         if gi.size != gl.size:
-            problems.append(f"{c.name}: image and label grids differ: image size {'x'.join(map(str, gi.size))}, "
-                            f"label size {'x'.join(map(str, gl.size))}")
+            problems.append(
+                f"{c.name}: image and label grids differ: image size {'x'.join(map(str, gi.size))}, "
+                f"label size {'x'.join(map(str, gl.size))}"
+            )
             continue
         if not gi.same_as(gl, atol=1e-3):
-            diffs = [k for k, a, b in (("spacing", gi.spacing, gl.spacing), ("origin", gi.origin, gl.origin),
-                                       ("direction", gi.direction, gl.direction)) if not np.allclose(a, b, atol=1e-3)]
-            problems.append(f"{c.name}: image and label grids differ in {', '.join(diffs)} "
-                            f"(image {_fmt(gi, diffs)}; label {_fmt(gl, diffs)})")
+            diffs = [
+                k
+                for k, a, b in (
+                    ("spacing", gi.spacing, gl.spacing),
+                    ("origin", gi.origin, gl.origin),
+                    ("direction", gi.direction, gl.direction),
+                )
+                if not np.allclose(a, b, atol=1e-3)
+            ]
+            problems.append(
+                f"{c.name}: image and label grids differ in {', '.join(diffs)} "
+                f"(image {_fmt(gi, diffs)}; label {_fmt(gl, diffs)})"
+            )
             continue
         arr = sitk.GetArrayViewFromImage(lab)
         if np.issubdtype(arr.dtype, np.floating) and not np.all(np.equal(np.mod(arr, 1), 0)):
-            problems.append(f"{c.name}: the label map has non-integer values; it must hold class numbers 0..{num_classes - 1}")
+            problems.append(
+                f"{c.name}: the label map has non-integer values; it must hold class numbers 0..{num_classes - 1}"
+            )
             continue
         values = np.unique(np.asarray(arr)).astype(np.int64)
         unknown = [int(v) for v in values if v < 0 or v >= num_classes]
         if unknown:  # a few examples and the count: a hostile label map must not list its whole content back
             shown = ", ".join(map(str, unknown[:5])) + (", ..." if len(unknown) > 5 else "")
             count = f" ({len(unknown)} values)" if len(unknown) > 5 else ""
-            problems.append(f"{c.name}: label values [{shown}]{count} are unknown to the model (it knows "
-                            f"0..{num_classes - 1})")
+            problems.append(
+                f"{c.name}: label values [{shown}]{count} are unknown to the model (it knows 0..{num_classes - 1})"
+            )
             continue
         summaries.append(CaseSummary(c.name, gi.size, gi.spacing, [int(v) for v in values]))
     if problems:
@@ -309,5 +336,16 @@ def cases_to_dicts(cases: Iterable[Case]) -> list[dict]:
     return [c.as_dict() for c in cases]
 
 
-__all__ = ["Case", "CaseSummary", "DatasetError", "DatasetInfo", "discover_dataset", "discover_folders",
-           "discover_msd", "validate_cases", "split_cases", "cases_to_dicts", "case_name"]
+__all__ = [
+    "Case",
+    "CaseSummary",
+    "DatasetError",
+    "DatasetInfo",
+    "discover_dataset",
+    "discover_folders",
+    "discover_msd",
+    "validate_cases",
+    "split_cases",
+    "cases_to_dicts",
+    "case_name",
+]

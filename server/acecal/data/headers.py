@@ -169,8 +169,9 @@ class ImageHeader:
     @property
     def itk_io(self) -> str:
         """The SimpleITK ImageIO that reads this format (forced, so ITK reads the file the way it was checked)."""
-        return {"nifti1": "NiftiImageIO", "nifti2": "NiftiImageIO", "nrrd": "NrrdImageIO",
-                "metaimage": "MetaImageIO"}[self.format]
+        return {"nifti1": "NiftiImageIO", "nifti2": "NiftiImageIO", "nrrd": "NrrdImageIO", "metaimage": "MetaImageIO"}[
+            self.format
+        ]
 
 
 def _dims(size: Sequence[int]) -> str:
@@ -181,8 +182,9 @@ def _refuse(what: str, name: str, problem: str) -> InvalidInputError:
     return InvalidInputError(f"the {what} file {name!r} {problem}")
 
 
-def open_regular(path: Union[str, os.PathLike], *, name: Optional[str] = None, what: str = "image",
-                 follow_symlinks: bool = True) -> BinaryIO:
+def open_regular(
+    path: Union[str, os.PathLike], *, name: Optional[str] = None, what: str = "image", follow_symlinks: bool = True
+) -> BinaryIO:
     """Open ``path`` for reading if it is a regular file; never blocks (``O_NONBLOCK``), checks ``fstat`` first.
 
     Raises:
@@ -199,14 +201,23 @@ def open_regular(path: Union[str, os.PathLike], *, name: Optional[str] = None, w
     except OSError as e:
         if e.errno == getattr(__import__("errno"), "ELOOP", -1):
             raise _refuse(what, name, "is a symbolic link; send the file itself") from None
-        raise _refuse(what, name, f"cannot be opened ({os.strerror(e.errno) if e.errno else type(e).__name__})") \
-            from None
+        raise _refuse(
+            what, name, f"cannot be opened ({os.strerror(e.errno) if e.errno else type(e).__name__})"
+        ) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode)
-                    else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-                    else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+            kind = (
+                "a folder"
+                if stat.S_ISDIR(st.st_mode)
+                else "a FIFO (named pipe)"
+                if stat.S_ISFIFO(st.st_mode)
+                else "a device"
+                if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "a socket"
+                if stat.S_ISSOCK(st.st_mode)
+                else "not a regular file"
+            )
             raise _refuse(what, name, f"is {kind}, not a regular file; only image files are read")
         return os.fdopen(fd, "rb")
     except BaseException:
@@ -225,10 +236,22 @@ def _suffix(name: str) -> str:
 # --- NIfTI ------------------------------------------------------------------------------------------------------------
 #: NIfTI datatype code -> (name, bytes per value, values per voxel)
 _NIFTI_TYPES = {
-    2: ("uint8", 1, 1), 4: ("int16", 2, 1), 8: ("int32", 4, 1), 16: ("float32", 4, 1), 32: ("complex64", 8, 1),
-    64: ("float64", 8, 1), 128: ("rgb24", 1, 3), 256: ("int8", 1, 1), 512: ("uint16", 2, 1), 768: ("uint32", 4, 1),
-    1024: ("int64", 8, 1), 1280: ("uint64", 8, 1), 1536: ("float128", 16, 1), 1792: ("complex128", 16, 1),
-    2048: ("complex256", 32, 1), 2304: ("rgba32", 1, 4),
+    2: ("uint8", 1, 1),
+    4: ("int16", 2, 1),
+    8: ("int32", 4, 1),
+    16: ("float32", 4, 1),
+    32: ("complex64", 8, 1),
+    64: ("float64", 8, 1),
+    128: ("rgb24", 1, 3),
+    256: ("int8", 1, 1),
+    512: ("uint16", 2, 1),
+    768: ("uint32", 4, 1),
+    1024: ("int64", 8, 1),
+    1280: ("uint64", 8, 1),
+    1536: ("float128", 16, 1),
+    1792: ("complex128", 16, 1),
+    2048: ("complex256", 32, 1),
+    2304: ("rgba32", 1, 4),
 }
 
 
@@ -248,11 +271,21 @@ def _nifti(hdr: bytes, what: str, name: str, compressed: bool) -> ImageHeader:
         pixdim = struct.unpack(e + "8f", hdr[76:108])
         offset = struct.unpack(e + "f", hdr[108:112])[0]
         if magic == b"ni1\x00":
-            return ImageHeader(fmt, (), 1, "", 1, (), False, compressed, "it is a NIfTI .hdr whose voxels are in a "
-                                                                        "separate .img file")
+            return ImageHeader(
+                fmt, (), 1, "", 1, (), False, compressed, "it is a NIfTI .hdr whose voxels are in a separate .img file"
+            )
         if magic != b"n+1\x00":
-            return ImageHeader(fmt, (), 1, "", 1, (), False, compressed, "it is an Analyze/NIfTI header without the "
-                                                                        "'n+1' magic (voxels in a separate .img)")
+            return ImageHeader(
+                fmt,
+                (),
+                1,
+                "",
+                1,
+                (),
+                False,
+                compressed,
+                "it is an Analyze/NIfTI header without the 'n+1' magic (voxels in a separate .img)",
+            )
     else:
         if len(hdr) < 540:
             raise _refuse(what, name, "is too short to hold a NIfTI-2 header (is it truncated?)")
@@ -262,14 +295,23 @@ def _nifti(hdr: bytes, what: str, name: str, compressed: bool) -> ImageHeader:
         pixdim = struct.unpack(e + "8d", hdr[104:168])
         offset = struct.unpack(e + "q", hdr[168:176])[0]
         if magic == b"ni2\x00":
-            return ImageHeader(fmt, (), 1, "", 1, (), False, compressed, "it is a NIfTI-2 .hdr whose voxels are in "
-                                                                        "a separate .img file")
+            return ImageHeader(
+                fmt,
+                (),
+                1,
+                "",
+                1,
+                (),
+                False,
+                compressed,
+                "it is a NIfTI-2 .hdr whose voxels are in a separate .img file",
+            )
         if magic != b"n+2\x00":
             raise _refuse(what, name, "is not a NIfTI-2 file (no 'n+2' magic)")
     ndim = int(dims[0])
     if not 1 <= ndim <= 7:
         raise _refuse(what, name, f"has a NIfTI header with {ndim} dimensions (1 to 7 are valid); is it corrupt?")
-    shape = [int(d) for d in dims[1:1 + ndim]]
+    shape = [int(d) for d in dims[1 : 1 + ndim]]
     if any(d < 1 for d in shape):
         raise _refuse(what, name, f"has a NIfTI header announcing size {_dims(shape)}; every size must be at least 1")
     if datatype not in _NIFTI_TYPES:
@@ -277,12 +319,25 @@ def _nifti(hdr: bytes, what: str, name: str, compressed: bool) -> ImageHeader:
     tname, itemsize, per_voxel = _NIFTI_TYPES[datatype]
     spatial = tuple(shape[:3])
     extra = math.prod(shape[3:]) if ndim > 3 else 1
-    spacing = tuple(abs(float(p)) for p in pixdim[1:1 + len(spatial)])
+    spacing = tuple(abs(float(p)) for p in pixdim[1 : 1 + len(spatial)])
     if not (math.isfinite(offset) and 0 <= offset <= MAX_NIFTI_OFFSET):
-        raise _refuse(what, name, f"has a NIfTI vox_offset of {offset:.6g} bytes; header extensions of at most "
-                                  f"{MAX_NIFTI_OFFSET >> 20} MB are read")
-    return ImageHeader(fmt, spatial, per_voxel * extra, tname, itemsize, spacing, True, compressed,
-                       data_offset=max(int(offset), 352 if fmt == "nifti1" else 544))
+        raise _refuse(
+            what,
+            name,
+            f"has a NIfTI vox_offset of {offset:.6g} bytes; header extensions of at most "
+            f"{MAX_NIFTI_OFFSET >> 20} MB are read",
+        )
+    return ImageHeader(
+        fmt,
+        spatial,
+        per_voxel * extra,
+        tname,
+        itemsize,
+        spacing,
+        True,
+        compressed,
+        data_offset=max(int(offset), 352 if fmt == "nifti1" else 544),
+    )
 
 
 def _inflate_head(fh: BinaryIO, first: bytes, n: int) -> bytes:
@@ -302,16 +357,40 @@ def _inflate_head(fh: BinaryIO, first: bytes, n: int) -> bytes:
 
 
 def _is_nifti(head: bytes) -> bool:
-    return len(head) >= 4 and (struct.unpack("<i", head[:4])[0] in (348, 540)
-                               or struct.unpack(">i", head[:4])[0] in (348, 540))
+    return len(head) >= 4 and (
+        struct.unpack("<i", head[:4])[0] in (348, 540) or struct.unpack(">i", head[:4])[0] in (348, 540)
+    )
 
 
 # --- NRRD -------------------------------------------------------------------------------------------------------------
-_NONSPATIAL_KINDS = {"vector", "covariant-vector", "normal", "list", "point", "2-vector", "3-vector", "4-vector",
-                     "3-color", "rgb-color", "hsv-color", "xyz-color", "4-color", "rgba-color", "2d-symmetric-matrix",
-                     "3d-symmetric-matrix", "2d-matrix", "3d-matrix", "complex", "quaternion", "scalar",
-                     "2d-masked-symmetric-matrix", "3d-masked-symmetric-matrix", "2d-masked-matrix",
-                     "3d-masked-matrix", "time"}
+_NONSPATIAL_KINDS = {
+    "vector",
+    "covariant-vector",
+    "normal",
+    "list",
+    "point",
+    "2-vector",
+    "3-vector",
+    "4-vector",
+    "3-color",
+    "rgb-color",
+    "hsv-color",
+    "xyz-color",
+    "4-color",
+    "rgba-color",
+    "2d-symmetric-matrix",
+    "3d-symmetric-matrix",
+    "2d-matrix",
+    "3d-matrix",
+    "complex",
+    "quaternion",
+    "scalar",
+    "2d-masked-symmetric-matrix",
+    "3d-masked-symmetric-matrix",
+    "2d-masked-matrix",
+    "3d-masked-matrix",
+    "time",
+}
 
 
 def _text_header_end(head: bytes) -> Optional[int]:
@@ -322,8 +401,12 @@ def _text_header_end(head: bytes) -> Optional[int]:
 def _nrrd(head: bytes, what: str, name: str) -> ImageHeader:
     end = _text_header_end(head)
     if end is None:
-        raise _refuse(what, name, f"has no end to its NRRD header within {HEADER_LIMIT // 1024} KB (a blank line must "
-                                  "separate it from attached data; a detached header is refused)")
+        raise _refuse(
+            what,
+            name,
+            f"has no end to its NRRD header within {HEADER_LIMIT // 1024} KB (a blank line must "
+            "separate it from attached data; a detached header is refused)",
+        )
     fields: dict[str, str] = {}
     for line in head[:end].decode("latin-1").splitlines()[1:]:
         if not line.strip() or line.startswith("#") or ":=" in line:
@@ -371,17 +454,44 @@ def _nrrd(head: bytes, what: str, name: str) -> ImageHeader:
     size = tuple(sizes[i] for i in spatial)
     components = math.prod(s for i, s in enumerate(sizes) if i not in spatial)
     encoding = fields.get("encoding", "raw").lower()
-    return ImageHeader("nrrd", size, components, {"i1": "int8", "u1": "uint8", "i2": "int16", "u2": "uint16",
-                                                   "i4": "int32", "u4": "uint32", "i8": "int64", "u8": "uint64",
-                                                   "f4": "float32", "f8": "float64"}.get(types[ntype], ntype),
-                       itemsize, tuple(spacing[:len(size)]), True, encoding not in ("raw",))
+    return ImageHeader(
+        "nrrd",
+        size,
+        components,
+        {
+            "i1": "int8",
+            "u1": "uint8",
+            "i2": "int16",
+            "u2": "uint16",
+            "i4": "int32",
+            "u4": "uint32",
+            "i8": "int64",
+            "u8": "uint64",
+            "f4": "float32",
+            "f8": "float64",
+        }.get(types[ntype], ntype),
+        itemsize,
+        tuple(spacing[: len(size)]),
+        True,
+        encoding not in ("raw",),
+    )
 
 
 # --- MetaImage --------------------------------------------------------------------------------------------------------
-_MET_TYPES = {"met_char": ("int8", 1), "met_uchar": ("uint8", 1), "met_short": ("int16", 2),
-              "met_ushort": ("uint16", 2), "met_int": ("int32", 4), "met_uint": ("uint32", 4),
-              "met_long": ("int32", 4), "met_ulong": ("uint32", 4), "met_long_long": ("int64", 8),
-              "met_ulong_long": ("uint64", 8), "met_float": ("float32", 4), "met_double": ("float64", 8)}
+_MET_TYPES = {
+    "met_char": ("int8", 1),
+    "met_uchar": ("uint8", 1),
+    "met_short": ("int16", 2),
+    "met_ushort": ("uint16", 2),
+    "met_int": ("int32", 4),
+    "met_uint": ("uint32", 4),
+    "met_long": ("int32", 4),
+    "met_ulong": ("uint32", 4),
+    "met_long_long": ("int64", 8),
+    "met_ulong_long": ("uint64", 8),
+    "met_float": ("float32", 4),
+    "met_double": ("float64", 8),
+}
 _META_LINE = re.compile(rb"^\s*[A-Za-z][A-Za-z0-9_]*\s*=")
 
 
@@ -406,11 +516,23 @@ def _metaimage(head: bytes, what: str, name: str, file_size: int) -> ImageHeader
             data_file = value.strip()
             break
     if data_file is None:
-        raise _refuse(what, name, f"has no ElementDataFile line within the first {HEADER_LIMIT // 1024} KB of its "
-                                  "MetaImage header")
+        raise _refuse(
+            what,
+            name,
+            f"has no ElementDataFile line within the first {HEADER_LIMIT // 1024} KB of its MetaImage header",
+        )
     if data_file.lower() != "local":
-        return ImageHeader("metaimage", (), 1, "", 1, (), False, False,
-                           "its MetaImage header points to a separate data file (ElementDataFile is not LOCAL)")
+        return ImageHeader(
+            "metaimage",
+            (),
+            1,
+            "",
+            1,
+            (),
+            False,
+            False,
+            "its MetaImage header points to a separate data file (ElementDataFile is not LOCAL)",
+        )
     try:
         ndims = int(fields.get("ndims", "0"))
         size = tuple(int(s) for s in fields["dimsize"].split())
@@ -421,7 +543,7 @@ def _metaimage(head: bytes, what: str, name: str, file_size: int) -> ImageHeader
     if (ndims and len(size) != ndims) or not size or any(s < 1 for s in size):
         raise _refuse(what, name, f"has a MetaImage DimSize {_dims(size[:8])} that does not match NDims {ndims}")
     etype = fields.get("elementtype", "").lower()
-    base = etype[:-len("_array")] if etype.endswith("_array") else etype
+    base = etype[: -len("_array")] if etype.endswith("_array") else etype
     if base not in _MET_TYPES:
         raise _refuse(what, name, f"has an unsupported MetaImage ElementType {fields.get('elementtype', '')[:40]!r}")
     tname, itemsize = _MET_TYPES[base]
@@ -443,12 +565,17 @@ def _metaimage(head: bytes, what: str, name: str, file_size: int) -> ImageHeader
         raise _refuse(what, name, "has a malformed MetaImage CompressedDataSize") from None
     if compressed_size > file_size:
         raise _refuse(what, name, f"announces {compressed_size:,} bytes of compressed data but holds {file_size:,}")
-    return ImageHeader("metaimage", size, components, tname, itemsize, spacing[:len(size)], True, compressed)
+    return ImageHeader("metaimage", size, components, tname, itemsize, spacing[: len(size)], True, compressed)
 
 
 # --- entry points -----------------------------------------------------------------------------------------------------
-def read_header(path: Union[str, os.PathLike], *, name: Optional[str] = None, what: str = "image",
-                follow_symlinks: Optional[bool] = None) -> ImageHeader:
+def read_header(
+    path: Union[str, os.PathLike],
+    *,
+    name: Optional[str] = None,
+    what: str = "image",
+    follow_symlinks: Optional[bool] = None,
+) -> ImageHeader:
     """Parse the header of the image file at ``path`` (at most :data:`HEADER_LIMIT` bytes are read).
 
     The format is recognised from the content and must agree with the file's ending (``.nii.gz`` gzip-compressed
@@ -466,13 +593,26 @@ def read_header(path: Union[str, os.PathLike], *, name: Optional[str] = None, wh
         if not head:
             raise _refuse(what, name, "is empty or missing; send a NIfTI, NRRD or MHA volume")
         if suffix in DETACHED_SUFFIXES:
-            return ImageHeader({".nhdr": "nrrd", ".mhd": "metaimage"}.get(suffix, "nifti1"), (), 1, "", 1, (), False,
-                               False, f"it is a detached header ({suffix}) whose voxel data live in another file")
+            return ImageHeader(
+                {".nhdr": "nrrd", ".mhd": "metaimage"}.get(suffix, "nifti1"),
+                (),
+                1,
+                "",
+                1,
+                (),
+                False,
+                False,
+                f"it is a detached header ({suffix}) whose voxel data live in another file",
+            )
         if head[:2] == b"\x1f\x8b":
             inflated = _inflate_head(fh, head, 540)
             if len(inflated) < 348:
-                raise _refuse(what, name, "could not be read as an image: its gzip data are corrupt or end before "
-                                          "a NIfTI header; is it a complete .nii.gz file?")
+                raise _refuse(
+                    what,
+                    name,
+                    "could not be read as an image: its gzip data are corrupt or end before "
+                    "a NIfTI header; is it a complete .nii.gz file?",
+                )
             header, found = _nifti(inflated, what, name, compressed=True), "nifti-gz"
         elif head.startswith(b"NRRD000"):
             header, found = _nrrd(head, what, name), "nrrd"
@@ -481,20 +621,33 @@ def read_header(path: Union[str, os.PathLike], *, name: Optional[str] = None, wh
         elif _looks_like_metaimage(head):
             header, found = _metaimage(head, what, name, os.fstat(fh.fileno()).st_size), "metaimage"
         else:
-            raise _refuse(what, name, "is not a recognised image type; send a NIfTI (.nii, .nii.gz), NRRD (.nrrd) or "
-                                      "MetaImage (.mha) volume")
+            raise _refuse(
+                what,
+                name,
+                "is not a recognised image type; send a NIfTI (.nii, .nii.gz), NRRD (.nrrd) or MetaImage (.mha) volume",
+            )
     expected = SUFFIX_FORMATS.get(suffix)
     if expected is not None and expected != found and header.attached:
-        described = {"nifti-gz": "gzip-compressed NIfTI", "nifti": "uncompressed NIfTI", "nrrd": "NRRD",
-                     "metaimage": "MetaImage"}
+        described = {
+            "nifti-gz": "gzip-compressed NIfTI",
+            "nifti": "uncompressed NIfTI",
+            "nrrd": "NRRD",
+            "metaimage": "MetaImage",
+        }
         ending = {v: k for k, v in SUFFIX_FORMATS.items()}[found]
-        raise _refuse(what, name, f"holds {described[found]} data but its name ends with {suffix}; rename it to "
-                                  f"{ending}")
+        raise _refuse(
+            what, name, f"holds {described[found]} data but its name ends with {suffix}; rename it to {ending}"
+        )
     return header
 
 
-def inspect_image(path: Union[str, os.PathLike], *, name: Optional[str] = None, what: str = "image",
-                  limits: Optional[ImageLimits] = None) -> ImageHeader:
+def inspect_image(
+    path: Union[str, os.PathLike],
+    *,
+    name: Optional[str] = None,
+    what: str = "image",
+    limits: Optional[ImageLimits] = None,
+) -> ImageHeader:
     """:func:`read_header`, then refuse detached data (422) and images over the voxel budget (413).
 
     Call it before any reader opens ``path``; it never opens any other file.
@@ -505,22 +658,25 @@ def inspect_image(path: Union[str, os.PathLike], *, name: Optional[str] = None, 
     if not header.attached:
         raise InvalidInputError(
             f"the {what} file {name!r} does not hold its voxel data: {header.why_detached}. Only data attached to "
-            "the file itself are read; save the volume as a single file (.nii.gz, .nrrd or .mha)")
+            "the file itself are read; save the volume as a single file (.nii.gz, .nrrd or .mha)"
+        )
     if any(not math.isfinite(s) for s in header.spacing):
         raise _refuse(what, name, "has a voxel spacing that is not a finite number")
     check_voxel_budget(header, name=name, what=what, limits=limits)
     return header
 
 
-def check_voxel_budget(header: ImageHeader, *, name: str, what: str = "image",
-                       limits: Optional[ImageLimits] = None) -> None:
+def check_voxel_budget(
+    header: ImageHeader, *, name: str, what: str = "image", limits: Optional[ImageLimits] = None
+) -> None:
     limits = limits or current_limits()
     if header.values > limits.max_voxels:
         comp = f" x {header.components} components" if header.components > 1 else ""
         raise PayloadTooLargeError(
             f"the {what} {name!r} has {header.values:,} voxel values ({_dims(header.size)}{comp}); this server reads "
             f"at most {limits.max_voxels:,} per image ({limits.how_to_raise('max_voxels')})",
-            code="image_too_large")
+            code="image_too_large",
+        )
 
 
 def model_space_voxels(size: Sequence[int], spacing: Sequence[float], model_spacing: Sequence[float]) -> int:
@@ -535,13 +691,20 @@ def model_space_voxels(size: Sequence[int], spacing: Sequence[float], model_spac
         return math.prod(int(n) for n in size)
     physical = math.prod(extent)
     voxel = math.prod(ms)
-    if not math.isfinite(physical) or physical / voxel > 2 ** 62:
-        return 2 ** 62
+    if not math.isfinite(physical) or physical / voxel > 2**62:
+        return 2**62
     return int(math.ceil(physical / voxel))
 
 
-def check_model_space_budget(size: Sequence[int], spacing: Sequence[float], model_spacing: Sequence[float], *,
-                             name: str, model_id: str = "the model", limits: Optional[ImageLimits] = None) -> int:
+def check_model_space_budget(
+    size: Sequence[int],
+    spacing: Sequence[float],
+    model_spacing: Sequence[float],
+    *,
+    name: str,
+    model_id: str = "the model",
+    limits: Optional[ImageLimits] = None,
+) -> int:
     """Refuse (413) an image whose model-space resampling would exceed ``max_model_voxels``; returns the count."""
     limits = limits or current_limits()
     n = model_space_voxels(size, spacing, model_spacing)
@@ -552,10 +715,23 @@ def check_model_space_budget(size: Sequence[int], spacing: Sequence[float], mode
             f"{extent} mm) becomes about {n:,} voxels at {model_id}'s spacing "
             f"{' x '.join(f'{float(s):g}' for s in model_spacing)} mm; this server resamples at most "
             f"{limits.max_model_voxels:,} ({limits.how_to_raise('max_model_voxels')}). Check the image's spacing",
-            code="image_too_large")
+            code="image_too_large",
+        )
     return n
 
 
-__all__ = ["ImageHeader", "ImageLimits", "read_header", "inspect_image", "open_regular", "check_voxel_budget",
-           "model_space_voxels", "check_model_space_budget", "image_limits", "current_limits", "default_limits",
-           "memory_voxel_budget", "HEADER_LIMIT"]
+__all__ = [
+    "ImageHeader",
+    "ImageLimits",
+    "read_header",
+    "inspect_image",
+    "open_regular",
+    "check_voxel_budget",
+    "model_space_voxels",
+    "check_model_space_budget",
+    "image_limits",
+    "current_limits",
+    "default_limits",
+    "memory_voxel_budget",
+    "HEADER_LIMIT",
+]

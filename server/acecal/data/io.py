@@ -45,8 +45,9 @@ def suffix_of(name: str | os.PathLike) -> str:
     return ""
 
 
-def read_volume(path: str | os.PathLike, *, what: str = "image", allow_vector: bool = False,
-                name: Optional[str] = None) -> sitk.Image:
+def read_volume(
+    path: str | os.PathLike, *, what: str = "image", allow_vector: bool = False, name: Optional[str] = None
+) -> sitk.Image:
     """Read a 3-D volume and check it is usable.
 
     The header is checked first (:func:`acecal.data.headers.inspect_image`: a regular file, voxel data attached, within
@@ -183,8 +184,16 @@ def to_metatensor(img: sitk.Image, dtype: Any = None) -> MetaTensor:
     arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
     t = torch.as_tensor(np.ascontiguousarray(arr)[None], dtype=dtype or torch.float32)
     affine = torch.as_tensor(ras_affine(img), dtype=torch.float64)
-    return MetaTensor(t, affine=affine, meta={"original_affine": affine.clone(), "spatial_shape": np.array(arr.shape),
-                                              "space": "RAS", "original_channel_dim": 0})
+    return MetaTensor(
+        t,
+        affine=affine,
+        meta={
+            "original_affine": affine.clone(),
+            "spatial_shape": np.array(arr.shape),
+            "space": "RAS",
+            "original_channel_dim": 0,
+        },
+    )
 
 
 class SimpleITKReader(ImageReader):

@@ -60,6 +60,7 @@ def model_space_transforms(
         intensity_transform(config, IMAGE),
     ]
     if label_key:
-        chain.append(mt.EnsureTyped(keys=label_key, dtype="uint8" if config.num_classes < 256 else "int64",
-                                    track_meta=True))
+        chain.append(
+            mt.EnsureTyped(keys=label_key, dtype="uint8" if config.num_classes < 256 else "int64", track_meta=True)
+        )
     return mt.Compose(chain)

@@ -44,5 +44,7 @@ def memory_bounded(call: Callable[[], T], subject: str, where: str = HOST_MEMORY
             raise
     # outside the except clause: the 413 carries no context, so nothing keeps the failed attempt's frames alive
     gc.collect()
-    raise PayloadTooLargeError(f"{subject} is too large for {where}; send a smaller volume (or crop it) or use a "
-                               "server with more memory", code="image_too_large")
+    raise PayloadTooLargeError(
+        f"{subject} is too large for {where}; send a smaller volume (or crop it) or use a server with more memory",
+        code="image_too_large",
+    )

@@ -57,13 +57,15 @@ class InferenceOptions:
     def calibrate(self) -> bool:
         """Whether the bundle's post-hoc calibrator is applied."""
         return bool(self.use_temperature if self.use_calibrator is None else self.use_calibrator)
+
     tta: Optional[str] = None  # flip test-time augmentation: none | axis_flips | all_flips; None = the bundle's
 
     def effective(self, config: BundleConfig) -> dict:
         """The options with the bundle's defaults filled in, as reported back."""
         return {
-            "uncertainty_threshold": float(self.uncertainty_threshold if self.uncertainty_threshold is not None
-                                           else config.uncertainty_threshold),
+            "uncertainty_threshold": float(
+                self.uncertainty_threshold if self.uncertainty_threshold is not None else config.uncertainty_threshold
+            ),
             "overlap": float(self.overlap if self.overlap is not None else config.sw_overlap),
             "use_temperature": self.calibrate(),
             "use_calibrator": self.calibrate(),
@@ -97,9 +99,17 @@ def split_served(probs: np.ndarray, config: BundleConfig) -> tuple[np.ndarray, n
     return np.argmax(seg, axis=0).astype(label_dtype(config.num_classes), copy=False), cal
 
 
-def analyse(probs: np.ndarray, grid: Grid, config: BundleConfig, options: InferenceOptions, *,
-            temperature: Optional[float] = None, model_id: Optional[str] = None,
-            timings: Optional[dict] = None, labels: Optional[np.ndarray] = None) -> InferenceOutput:
+def analyse(
+    probs: np.ndarray,
+    grid: Grid,
+    config: BundleConfig,
+    options: InferenceOptions,
+    *,
+    temperature: Optional[float] = None,
+    model_id: Optional[str] = None,
+    timings: Optional[dict] = None,
+    labels: Optional[np.ndarray] = None,
+) -> InferenceOutput:
     """Labels, confidence, uncertainty, flags, per-class summary and regions from probabilities (C, z, y, x).
 
     ``labels`` (z, y, x): the served label map when it is not ``argmax(probs)``; the confidence is then the probability
@@ -120,8 +130,13 @@ def analyse(probs: np.ndarray, grid: Grid, config: BundleConfig, options: Infere
         confidence = np.take_along_axis(probs, labels[None].astype(np.intp), axis=0)[0].astype(np.float32)
     spacing_zyx = grid.spacing[::-1]
     flags, regions, n = uncertain_boundary_flags(
-        labels, confidence, eff["uncertainty_threshold"], spacing_zyx, band_mm=eff["band_mm"],
-        band_voxels=eff["band_voxels"], min_region_voxels=eff["min_region_voxels"],
+        labels,
+        confidence,
+        eff["uncertainty_threshold"],
+        spacing_zyx,
+        band_mm=eff["band_mm"],
+        band_voxels=eff["band_voxels"],
+        min_region_voxels=eff["min_region_voxels"],
         connectivity=eff["connectivity"],
     )
     region_list = describe_regions(regions, n, probs, confidence, grid, names)
@@ -150,8 +165,14 @@ def _calibrator_kind(config: BundleConfig) -> Optional[str]:
     return "temperature" if config.temperature not in (None, 1.0) else None
 
 
-def run_inference(predictor: Predictor, image: Union[str, os.PathLike], options: Optional[InferenceOptions] = None,
-                  *, name: Optional[str] = None, run_on_device: Optional[DeviceRunner] = None) -> InferenceOutput:
+def run_inference(
+    predictor: Predictor,
+    image: Union[str, os.PathLike],
+    options: Optional[InferenceOptions] = None,
+    *,
+    name: Optional[str] = None,
+    run_on_device: Optional[DeviceRunner] = None,
+) -> InferenceOutput:
     """Inference of one image file, as ``acecal infer`` and ``POST /infer`` both run it: read, model space, the
     device stage (through ``run_on_device`` when given: the server's device queue), back to the input grid, analysis.
 
@@ -173,18 +194,39 @@ def run_inference(predictor: Predictor, image: Union[str, os.PathLike], options:
         return memory_bounded(lambda: run(stage), shown, device_memory)
 
     t0 = time.perf_counter()
-    pred = memory_bounded(lambda: predictor.predict(image, overlap=options.overlap, use_calibrator=options.calibrate(),
-                                                    tta=options.tta, name=name, run_on_device=on_device), shown)
+    pred = memory_bounded(
+        lambda: predictor.predict(
+            image,
+            overlap=options.overlap,
+            use_calibrator=options.calibrate(),
+            tta=options.tta,
+            name=name,
+            run_on_device=on_device,
+        ),
+        shown,
+    )
     if run_on_device is None:  # no queue, no wait (on_device only bounds the memory)
         pred.timings.pop("queue_wait_s", None)
-    out = memory_bounded(lambda: analyse(pred.probs, pred.grid, predictor.config, options,
-                                         temperature=pred.temperature, model_id=predictor.bundle.id,
-                                         timings=pred.timings, labels=pred.labels), shown)
+    out = memory_bounded(
+        lambda: analyse(
+            pred.probs,
+            pred.grid,
+            predictor.config,
+            options,
+            temperature=pred.temperature,
+            model_id=predictor.bundle.id,
+            timings=pred.timings,
+            labels=pred.labels,
+        ),
+        shown,
+    )
     out.report["timings"]["total_s"] = round(time.perf_counter() - t0, 4)
     return out
 
 
-def write_volumes(out_dir: Union[str, os.PathLike], output: InferenceOutput, *, compress: bool = False) -> dict[str, Path]:
+def write_volumes(
+    out_dir: Union[str, os.PathLike], output: InferenceOutput, *, compress: bool = False
+) -> dict[str, Path]:
     """Write the four volumes as NRRD into ``out_dir`` (``labels.nrrd``, ...); returns name -> path.
 
     Masks (labels, flags) are always gzip-compressed (level 1: fast, and they shrink a lot); the float maps are raw

@@ -120,8 +120,9 @@ class Predictor:
         on = use_calibrator if use_calibrator is not None else use_temperature
         return self.use_calibrator if on is None else bool(on)
 
-    def calibrated_logits(self, logits: torch.Tensor, image: Optional[torch.Tensor], *,
-                          use_calibrator: bool = True) -> torch.Tensor:
+    def calibrated_logits(
+        self, logits: torch.Tensor, image: Optional[torch.Tensor], *, use_calibrator: bool = True
+    ) -> torch.Tensor:
         """(B, C, x, y, z) model-space logits after the bundle's calibrator (unchanged without one or when off).
 
         ``image`` (B, Cin, x, y, z): the normalised model-space image the logits came from.
@@ -135,8 +136,7 @@ class Predictor:
 
         ``name`` is the name to use in messages (the user's file name rather than a server temp name).
         """
-        img = read_volume(path, what="image", allow_vector=True) if name is None else \
-            _read_named(path, name)
+        img = read_volume(path, what="image", allow_vector=True) if name is None else _read_named(path, name)
         self.check_channels(img, name or Path(path).name)
         return img
 
@@ -156,20 +156,24 @@ class Predictor:
                 (:func:`acecal.data.headers.current_limits`), checked before resampling.
             InvalidInputError: values that the intensity normalisation turns into NaN or infinity (e.g. +-3e38).
         """
-        check_model_space_budget(img.GetSize(), img.GetSpacing(), self.config.spacing, name=name,
-                                 model_id=f"model {self.bundle.id!r}")
+        check_model_space_budget(
+            img.GetSize(), img.GetSpacing(), self.config.spacing, name=name, model_id=f"model {self.bundle.id!r}"
+        )
         if img.GetNumberOfComponentsPerPixel() == 1:
             mt = to_metatensor(img)
         else:  # multi-channel: one MetaTensor per component, stacked on the channel axis
-            parts = [to_metatensor(sitk.VectorIndexSelectionCast(img, c, sitk.sitkFloat32))
-                     for c in range(img.GetNumberOfComponentsPerPixel())]
+            parts = [
+                to_metatensor(sitk.VectorIndexSelectionCast(img, c, sitk.sitkFloat32))
+                for c in range(img.GetNumberOfComponentsPerPixel())
+            ]
             mt = torch.cat(parts, dim=0)
         data = self.transforms({IMAGE: mt})
         if not bool(torch.isfinite(data[IMAGE]).all()):
             peak = float(np.abs(sitk.GetArrayViewFromImage(img)).max())
             raise InvalidInputError(
                 f"the image {name!r} has values up to {peak:.3g} in magnitude that the model's intensity "
-                f"normalisation ({self.config.intensity.mode}) turns into NaN or infinity; rescale its intensities")
+                f"normalisation ({self.config.intensity.mode}) turns into NaN or infinity; rescale its intensities"
+            )
         return data
 
     # --- stage 2: device ---------------------------------------------------------------------------------------
@@ -190,8 +194,15 @@ class Predictor:
     def two_head(self) -> bool:
         return is_two_head(self.config)
 
-    def forward(self, data: dict, *, overlap: Optional[float] = None, use_temperature: Optional[bool] = None,
-                tta: Optional[str] = None, use_calibrator: Optional[bool] = None) -> torch.Tensor:
+    def forward(
+        self,
+        data: dict,
+        *,
+        overlap: Optional[float] = None,
+        use_temperature: Optional[bool] = None,
+        tta: Optional[str] = None,
+        use_calibrator: Optional[bool] = None,
+    ) -> torch.Tensor:
         """Class probabilities in model space, (C, x, y, z) float32 on the CPU; (2C, x, y, z) for a two-head bundle
         (segmentation softmax, then calibration softmax). ``tta``: flip test-time augmentation, None = the bundle's."""
         x = data[IMAGE]
@@ -228,10 +239,17 @@ class Predictor:
         return p
 
     # --- all three -----------------------------------------------------------------------------------------------
-    def predict(self, image: Union[str, os.PathLike, sitk.Image], *, overlap: Optional[float] = None,
-                use_temperature: Optional[bool] = None, tta: Optional[str] = None,
-                use_calibrator: Optional[bool] = None, name: Optional[str] = None,
-                run_on_device: Optional[DeviceRunner] = None) -> Prediction:
+    def predict(
+        self,
+        image: Union[str, os.PathLike, sitk.Image],
+        *,
+        overlap: Optional[float] = None,
+        use_temperature: Optional[bool] = None,
+        tta: Optional[str] = None,
+        use_calibrator: Optional[bool] = None,
+        name: Optional[str] = None,
+        run_on_device: Optional[DeviceRunner] = None,
+    ) -> Prediction:
         """Probabilities on the input's exact grid for a file path or a SimpleITK image (two heads: the calibration
         head's probabilities and the segmentation head's label map).
 
@@ -266,8 +284,9 @@ class Predictor:
 
         probs_model = device_stage() if run_on_device is None else run_on_device(device_stage)
         if not bool(torch.isfinite(probs_model).all()):
-            raise InvalidInputError(f"model {self.bundle.id!r} gave non-finite probabilities for the image {shown!r}; "
-                                    "check its intensities")
+            raise InvalidInputError(
+                f"model {self.bundle.id!r} gave non-finite probabilities for the image {shown!r}; check its intensities"
+            )
         t3 = time.perf_counter()
         probs = self.postprocess(data, probs_model)
         t4 = time.perf_counter()
@@ -278,8 +297,9 @@ class Predictor:
         if run_on_device is not None:
             timings["queue_wait_s"] = max(0.0, t3 - t2 - forward_s[0])
         timings["invert_s"] = t4 - t3
-        return Prediction(probs, grid_of(img), self.temperature(on), timings, labels=labels,
-                          calibrator=self.calibrator_kind(on))
+        return Prediction(
+            probs, grid_of(img), self.temperature(on), timings, labels=labels, calibrator=self.calibrator_kind(on)
+        )
 
     def _preprocess_or_refuse(self, img: sitk.Image, name: str) -> dict:
         """:meth:`preprocess`; a valid file MONAI cannot bring into model space is still bad input (422), except when
@@ -292,9 +312,11 @@ class Predictor:
             if out_of_memory(e):
                 raise
             log.warning("image %r could not be brought into the model's space: %r", name, e, exc_info=True)
-            raise InvalidInputError(f"the image {name!r} could not be brought into the model's space "
-                                    f"({type(e).__name__}: {str(e)[:200]}); check that it is a valid 3-D scalar "
-                                    "volume") from None
+            raise InvalidInputError(
+                f"the image {name!r} could not be brought into the model's space "
+                f"({type(e).__name__}: {str(e)[:200]}); check that it is a valid 3-D scalar "
+                "volume"
+            ) from None
 
 
 def _read_named(path: Union[str, os.PathLike], name: str) -> sitk.Image:

@@ -84,7 +84,7 @@ def _ball(sampling: np.ndarray, radius: float) -> np.ndarray:
     """Offsets (z, y, x) whose physical length (``sampling`` per axis) is at most ``radius``."""
     half = np.floor(radius / sampling + 1e-9).astype(int)
     grids = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, sampling, strict=True)], indexing="ij")
-    return sum(g ** 2 for g in grids) <= radius ** 2 + 1e-6
+    return sum(g**2 for g in grids) <= radius**2 + 1e-6
 
 
 def _margin_voxels(spacing_zyx: Sequence[float], band_mm: Optional[float], band_voxels: float) -> np.ndarray:
@@ -219,8 +219,9 @@ def describe_regions(
     flat = regions.ravel()
     counts = np.bincount(flat, minlength=n + 1)
     conf_sum = np.bincount(flat, weights=confidence.ravel(), minlength=n + 1)
-    fg = np.stack([np.bincount(flat, weights=probs[c].ravel(), minlength=n + 1)
-                   for c in range(1, probs.shape[0])])  # (C-1, n+1) summed probability per region
+    fg = np.stack(
+        [np.bincount(flat, weights=probs[c].ravel(), minlength=n + 1) for c in range(1, probs.shape[0])]
+    )  # (C-1, n+1) summed probability per region
     slices = ndimage.find_objects(regions, max_label=n)
     for rid, sl in enumerate(slices, start=1):
         if sl is None:  # pragma: no cover - every kept id has voxels
@@ -228,33 +229,39 @@ def describe_regions(
         m = regions[sl] == rid
         count = int(counts[rid])
         # centroid from the mask's marginal sums: no per-voxel coordinate arrays
-        kji = [float(np.dot(m.sum(axis=tuple(a for a in range(3) if a != ax)), np.arange(m.shape[ax]))) / count
-               + sl[ax].start for ax in range(3)]
+        kji = [
+            float(np.dot(m.sum(axis=tuple(a for a in range(3) if a != ax)), np.arange(m.shape[ax]))) / count
+            + sl[ax].start
+            for ax in range(3)
+        ]
         centroid_ijk = np.array(kji[::-1])
         lo = np.array([s.start for s in sl][::-1], float)  # find_objects gives the tight box
         hi = np.array([s.stop - 1 for s in sl][::-1], float)
         cls = int(np.argmax(fg[:, rid])) + 1
         centroid_lps = grid.index_to_lps(centroid_ijk)
-        out.append({
-            "id": rid,
-            "class": cls,
-            "class_name": class_names[cls],
-            "voxels": count,
-            "volume_ml": _r(count * voxel_ml, 7),
-            "mean_confidence": _r(conf_sum[rid] / count, 6),
-            "min_confidence": _r(confidence[sl][m].min(), 6),
-            "centroid_ijk": [_r(v, 4) for v in centroid_ijk],
-            "centroid_lps": [_r(v, 4) for v in centroid_lps],
-            "centroid_ras": [_r(v, 4) for v in lps_to_ras(centroid_lps)],
-            "bbox_ijk": {"min": [int(v) for v in lo], "max": [int(v) for v in hi]},
-            "bbox_lps": _box(grid, lo, hi, to_ras=False),
-            "bbox_ras": _box(grid, lo, hi, to_ras=True),
-        })
+        out.append(
+            {
+                "id": rid,
+                "class": cls,
+                "class_name": class_names[cls],
+                "voxels": count,
+                "volume_ml": _r(count * voxel_ml, 7),
+                "mean_confidence": _r(conf_sum[rid] / count, 6),
+                "min_confidence": _r(confidence[sl][m].min(), 6),
+                "centroid_ijk": [_r(v, 4) for v in centroid_ijk],
+                "centroid_lps": [_r(v, 4) for v in centroid_lps],
+                "centroid_ras": [_r(v, 4) for v in lps_to_ras(centroid_lps)],
+                "bbox_ijk": {"min": [int(v) for v in lo], "max": [int(v) for v in hi]},
+                "bbox_lps": _box(grid, lo, hi, to_ras=False),
+                "bbox_ras": _box(grid, lo, hi, to_ras=True),
+            }
+        )
     return out
 
 
-def summarize(labels: np.ndarray, confidence: np.ndarray, flags: np.ndarray, grid: Grid,
-              class_names: Sequence[str]) -> dict:
+def summarize(
+    labels: np.ndarray, confidence: np.ndarray, flags: np.ndarray, grid: Grid, class_names: Sequence[str]
+) -> dict:
     """Per class: voxels, volume (ml), mean confidence and uncertain volume; overall uncertain volume."""
     nc = len(class_names)
     lab = labels.ravel().astype(np.int64)
@@ -264,15 +271,17 @@ def summarize(labels: np.ndarray, confidence: np.ndarray, flags: np.ndarray, gri
     voxel_ml = grid.voxel_volume_ml
     classes = []
     for c in range(nc):
-        classes.append({
-            "value": c,
-            "name": class_names[c],
-            "voxels": int(counts[c]),
-            "volume_ml": float(counts[c] * voxel_ml),
-            "mean_confidence": float(conf_sum[c] / counts[c]) if counts[c] else None,
-            "uncertain_voxels": int(unc[c]),
-            "uncertain_volume_ml": float(unc[c] * voxel_ml),
-        })
+        classes.append(
+            {
+                "value": c,
+                "name": class_names[c],
+                "voxels": int(counts[c]),
+                "volume_ml": float(counts[c] * voxel_ml),
+                "mean_confidence": float(conf_sum[c] / counts[c]) if counts[c] else None,
+                "uncertain_voxels": int(unc[c]),
+                "uncertain_volume_ml": float(unc[c] * voxel_ml),
+            }
+        )
     n_unc = int(flags.sum())
     return {
         "classes": classes,

@@ -33,8 +33,13 @@ TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
 }
 
 
-def make_inferer(config: BundleConfig, *, overlap: Optional[float] = None, sw_batch_size: Optional[int] = None,
-                 progress: bool = False) -> SlidingWindowInferer:
+def make_inferer(
+    config: BundleConfig,
+    *,
+    overlap: Optional[float] = None,
+    sw_batch_size: Optional[int] = None,
+    progress: bool = False,
+) -> SlidingWindowInferer:
     """MONAI's sliding-window inferer with the bundle's ROI, overlap and blending mode."""
     return SlidingWindowInferer(
         roi_size=tuple(config.roi_size),

@@ -52,8 +52,9 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def check_stored_cases(bundle: Bundle, files: list[tuple[str, Path, Path]], cases: dict[str, CaseRow],
-                       limits: ImageLimits) -> None:
+def check_stored_cases(
+    bundle: Bundle, files: list[tuple[str, Path, Path]], cases: dict[str, CaseRow], limits: ImageLimits
+) -> None:
     """Check each stored case's files from their headers and its model-space size, before any reader opens them."""
     for cid, img, lab in files:
         case = cases.get(cid)
@@ -63,8 +64,14 @@ def check_stored_cases(bundle: Bundle, files: list[tuple[str, Path, Path]], case
                 inspect_image(path, name=path.name, what=what, limits=limits)
             info = case.info if case else {}
             if info.get("size") and info.get("spacing"):
-                check_model_space_budget(info["size"], info["spacing"], bundle.config.spacing, name=shown,
-                                         model_id=f"model {bundle.id!r}", limits=limits)
+                check_model_space_budget(
+                    info["size"],
+                    info["spacing"],
+                    bundle.config.spacing,
+                    name=shown,
+                    model_id=f"model {bundle.id!r}",
+                    limits=limits,
+                )
         except ACECalError as e:
             e.detail = f"case {shown} cannot be evaluated: {e.detail}"
             raise
@@ -77,8 +84,16 @@ class EvaluationService:
         self.store = store
         self.device = device
 
-    def prepare(self, model_id: str, dataset_id: str, *, cases: Optional[list[str]], temperature: bool, raw: bool,
-                limits: ImageLimits) -> EvaluationPlan:
+    def prepare(
+        self,
+        model_id: str,
+        dataset_id: str,
+        *,
+        cases: Optional[list[str]],
+        temperature: bool,
+        raw: bool,
+        limits: ImageLimits,
+    ) -> EvaluationPlan:
         """Check an evaluation request (404 unknown model or dataset, 422 unusable cases, 413 over budget)."""
         bundle = self.registry.get(model_id)
         ds = self.datasets.get(dataset_id)
@@ -111,24 +126,48 @@ class EvaluationService:
                 _link(img, view / "images" / img.name)
                 _link(lab, view / "labels" / lab.name)
             with image_limits(plan.limits):  # the server's budgets; no symlink is followed
-                rep = evaluate(str(plan.bundle.path), view / "images", view / "labels", folder,
-                               temperature=plan.temperature, raw=plan.raw, registry=self.registry, device=self.device)
+                rep = evaluate(
+                    str(plan.bundle.path),
+                    view / "images",
+                    view / "labels",
+                    folder,
+                    temperature=plan.temperature,
+                    raw=plan.raw,
+                    registry=self.registry,
+                    device=self.device,
+                )
             shutil.rmtree(view, ignore_errors=True)
             base = f"/evaluations/{ev_id}/figures/"
             case_figs = {cid: base + Path(p).name for cid, p in (rep.get("figures", {}).get("cases") or {}).items()}
             hist = rep.get("figures", {}).get("dataset_histogram")
             names = plan.names
             return {
-                "evaluation_id": ev_id, "model_id": plan.bundle.id, "dataset": plan.dataset.id,
-                "temperature": rep.get("temperature"), "num_cases": rep["num_cases"], "aggregate": rep["aggregate"],
-                "aggregate_std": rep["aggregate_std"], "raw": rep["raw"], "calibrator": rep["calibrator"],
-                "micro": rep["micro"], "floor": rep["floor"], "error_detection": rep["error_detection"],
+                "evaluation_id": ev_id,
+                "model_id": plan.bundle.id,
+                "dataset": plan.dataset.id,
+                "temperature": rep.get("temperature"),
+                "num_cases": rep["num_cases"],
+                "aggregate": rep["aggregate"],
+                "aggregate_std": rep["aggregate_std"],
+                "raw": rep["raw"],
+                "calibrator": rep["calibrator"],
+                "micro": rep["micro"],
+                "floor": rep["floor"],
+                "error_detection": rep["error_detection"],
                 "per_class": rep["per_class"],
-                "cases": [{**{k: v for k, v in c.items() if k != "case"}, "case_id": c["case"],
-                           "name": names.get(c["case"], c["case"]), "figure": case_figs.get(c["case"])}
-                          for c in rep["cases"]],
+                "cases": [
+                    {
+                        **{k: v for k, v in c.items() if k != "case"},
+                        "case_id": c["case"],
+                        "name": names.get(c["case"], c["case"]),
+                        "figure": case_figs.get(c["case"]),
+                    }
+                    for c in rep["cases"]
+                ],
                 "figures": {"dataset_histogram": base + Path(hist).name if hist else None, "cases": case_figs},
-                "note": rep["note"], "seconds": rep["seconds"], "created": now_iso(),
+                "note": rep["note"],
+                "seconds": rep["seconds"],
+                "created": now_iso(),
             }
 
         return self.store.create(build)

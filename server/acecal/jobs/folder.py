@@ -26,8 +26,18 @@ from typing import Any, Optional
 from acecal.errors import ProtocolError
 from acecal.protocol import EVENT_EPOCH, EVENT_START, JobEvent
 
-__all__ = ["EXIT_CANCELLED", "EXIT_DISK_FULL", "EXIT_ERROR", "EXIT_FAILED", "EXIT_PUBLISHED", "JOBS_DIR", "JobFolder",
-           "TrainProgress", "history_metrics", "tail_lines"]
+__all__ = [
+    "EXIT_CANCELLED",
+    "EXIT_DISK_FULL",
+    "EXIT_ERROR",
+    "EXIT_FAILED",
+    "EXIT_PUBLISHED",
+    "JOBS_DIR",
+    "JobFolder",
+    "TrainProgress",
+    "history_metrics",
+    "tail_lines",
+]
 
 JOBS_DIR = "jobs"
 #: exit statuses of a job process: published, unexpected error, refused/failed (reason in result.json), cancelled,
@@ -149,8 +159,11 @@ class TrainProgress:
                 try:
                     entry = ev.epoch_metrics().to_json()
                 except ProtocolError:  # validation metrics that are not numbers: the epoch without them
-                    entry = JobEvent(EVENT_EPOCH, epoch=ev.epoch, train_loss=ev.train_loss, lr=ev.lr,
-                                     seconds=ev.seconds).epoch_metrics().to_json()
+                    entry = (
+                        JobEvent(EVENT_EPOCH, epoch=ev.epoch, train_loss=ev.train_loss, lr=ev.lr, seconds=ev.seconds)
+                        .epoch_metrics()
+                        .to_json()
+                    )
                 self.metrics = [m for m in self.metrics if m["epoch"] < ev.epoch] + [entry]
                 self.epoch = ev.epoch
                 self.step = 0

@@ -28,13 +28,27 @@ import psutil
 from acecal.jobs import worker
 from acecal.jobs.folder import JobFolder
 
-__all__ = ["FORKSERVER_PRELOAD", "JobProcess", "available_method", "kill_process_group", "process_started",
-           "signal_group", "start_job_process"]
+__all__ = [
+    "FORKSERVER_PRELOAD",
+    "JobProcess",
+    "available_method",
+    "kill_process_group",
+    "process_started",
+    "signal_group",
+    "start_job_process",
+]
 
 #: imported once by the fork server, so that every job process starts with them loaded
-FORKSERVER_PRELOAD = ["acecal.jobs.worker", "acecal.training.engine", "acecal.training.validation",
-                      "acecal.training.publish", "acecal.losses.registry", "monai.data", "monai.transforms",
-                      "safetensors.torch"]
+FORKSERVER_PRELOAD = [
+    "acecal.jobs.worker",
+    "acecal.training.engine",
+    "acecal.training.validation",
+    "acecal.training.publish",
+    "acecal.losses.registry",
+    "monai.data",
+    "monai.transforms",
+    "safetensors.torch",
+]
 _preload_lock = threading.Lock()
 _preload_set = False
 
@@ -100,21 +114,33 @@ def _start_forked(folder: JobFolder) -> _ForkedProcess:
         if not _preload_set:  # only has an effect before the fork server starts (the first job)
             ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
             _preload_set = True
-    p = ctx.Process(target=worker.child_main, args=(str(folder.spec), str(folder.log)),
-                    name=f"acecal-{folder.job_id}")
+    p = ctx.Process(target=worker.child_main, args=(str(folder.spec), str(folder.log)), name=f"acecal-{folder.job_id}")
     p.start()
     return _ForkedProcess(p)
 
 
 def _start_subprocess(folder: JobFolder, *, threads: int, data_dir: Path) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               ACECAL_DATA_DIR=str(data_dir), PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        ACECAL_DATA_DIR=str(data_dir),
+        PYTHONUNBUFFERED="1",
+        MPLBACKEND="Agg",
+    )
     pkg_root = str(Path(__file__).resolve().parents[2])  # the folder holding the acecal package
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, os.environ.get("PYTHONPATH")) if p)
     with open(folder.log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "acecal.jobs.worker", str(folder.spec)], cwd=str(folder.path),
-                                env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, close_fds=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "acecal.jobs.worker", str(folder.spec)],
+            cwd=str(folder.path),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
 
 
 def start_job_process(method: str, folder: JobFolder, *, threads: int, data_dir: Path) -> JobProcess:

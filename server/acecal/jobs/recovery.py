@@ -74,8 +74,9 @@ def post_mortem(rc: Optional[int], folder: JobFolder, models_dir: Path, *, have_
     if rc == EXIT_DISK_FULL or (not have_result and nearly_full(folder.path, models_dir)):
         err = "the disk is full: free space in the server's data directory and submit the job again"
     elif rc is not None and rc < 0:
-        err = f"the job process was killed by {_signal_name(-rc)}" + (" (out of memory?)" if -rc == signal.SIGKILL
-                                                                      else "")
+        err = f"the job process was killed by {_signal_name(-rc)}" + (
+            " (out of memory?)" if -rc == signal.SIGKILL else ""
+        )
     else:
         err = f"the job process ended unexpectedly (exit status {rc})"
     tail = folder.tail(3)
@@ -107,8 +108,9 @@ class JobSettler:
     def follow(self, job_id: str, progress: TrainProgress) -> None:
         """Read what the job's process wrote since the last call into ``progress`` and the job's row."""
         if progress.read(self.folder(job_id)):
-            self.db.update_job(job_id, epoch=progress.epoch, metrics=progress.metrics, step=progress.step,
-                               steps=progress.steps)
+            self.db.update_job(
+                job_id, epoch=progress.epoch, metrics=progress.metrics, step=progress.step, steps=progress.steps
+            )
 
     def finish(self, job_id: str, status: str, *, error: Optional[str] = None, **fields: Any) -> None:
         """Record a final ``status`` (with its reason) in the job's row and log."""
@@ -131,8 +133,12 @@ class JobSettler:
         if bundle is not None:
             self._succeeded(job, bundle, progress)
         elif job.cancel_requested:
-            self.finish(job.id, JOB_CANCELLED, error=f"cancelled on request after epoch {progress.epoch} of "
-                                                     f"{job.epochs}; nothing was published", step=None)
+            self.finish(
+                job.id,
+                JOB_CANCELLED,
+                error=f"cancelled on request after epoch {progress.epoch} of {job.epochs}; nothing was published",
+                step=None,
+            )
         elif interrupted or status == "cancelled" or (res is None and rc is None):
             self._requeue_or_fail(job, progress, SERVER_STOPPED)
         elif status == "error":
@@ -145,12 +151,27 @@ class JobSettler:
         metrics = history_metrics(history) or progress.metrics
         final = dict(bundle.config.metrics or {})
         final.pop("top_label_bins", None)
-        self.db.update_job(job.id, status=JOB_SUCCEEDED, published=True, finished=now_iso(), pid=None,
-                           epoch=max(len(history), progress.epoch), metrics=metrics, error=None, step=None,
-                           steps=None, final_metrics=final)
+        self.db.update_job(
+            job.id,
+            status=JOB_SUCCEEDED,
+            published=True,
+            finished=now_iso(),
+            pid=None,
+            epoch=max(len(history), progress.epoch),
+            metrics=metrics,
+            error=None,
+            step=None,
+            steps=None,
+            final_metrics=final,
+        )
         try:
-            self.db.add_model(str(job.model_id), str(bundle.path.relative_to(self.data_dir)), job_id=job.id,
-                              parent=job.base_model, dataset_id=job.dataset_id)
+            self.db.add_model(
+                str(job.model_id),
+                str(bundle.path.relative_to(self.data_dir)),
+                job_id=job.id,
+                parent=job.base_model,
+                dataset_id=job.dataset_id,
+            )
         except Exception:  # pragma: no cover - the index is a convenience; the folder is the registry
             log.exception("could not index model %s", job.model_id)
         self.folder(job.id).note(f"job succeeded: published model {job.model_id}")
@@ -159,15 +180,26 @@ class JobSettler:
     def _requeue_or_fail(self, job: JobRow, progress: TrainProgress, reason: str) -> None:
         epoch = max(progress.epoch, job.epoch)
         if self.resume and job.attempts < MAX_ATTEMPTS:
-            self.db.update_job(job.id, status=JOB_QUEUED, pid=None, step=None, steps=None, epoch=epoch,
-                               metrics=progress.metrics or job.metrics)
-            self.folder(job.id).note(f"{reason} (after epoch {epoch}); queued again: it resumes from its last "
-                                     "checkpoint")
+            self.db.update_job(
+                job.id,
+                status=JOB_QUEUED,
+                pid=None,
+                step=None,
+                steps=None,
+                epoch=epoch,
+                metrics=progress.metrics or job.metrics,
+            )
+            self.folder(job.id).note(
+                f"{reason} (after epoch {epoch}); queued again: it resumes from its last checkpoint"
+            )
             log.info("job %s re-queued to resume after epoch %d", job.id, epoch)
         else:
             why = "job_resume is off" if not self.resume else f"it was already started {job.attempts} times"
-            self.finish(job.id, JOB_FAILED, error=f"{reason} (after epoch {epoch} of {job.epochs}); not resumed: "
-                                                  f"{why}. Submit it again.")
+            self.finish(
+                job.id,
+                JOB_FAILED,
+                error=f"{reason} (after epoch {epoch} of {job.epochs}); not resumed: {why}. Submit it again.",
+            )
 
 
 def recover(db: Database, settler: JobSettler) -> None:

@@ -114,8 +114,11 @@ class JobScheduler:
         if self._acquire():
             self._become_owner()
         else:
-            log.warning("another ACECal server owns the jobs of %s: this one queues jobs but does not run them "
-                        "(it takes over when that server stops)", self.data_dir)
+            log.warning(
+                "another ACECal server owns the jobs of %s: this one queues jobs but does not run them "
+                "(it takes over when that server stops)",
+                self.data_dir,
+            )
         self._thread = threading.Thread(target=self._loop, name="acecal-jobs", daemon=True)
         self._thread.start()
 
@@ -187,10 +190,13 @@ class JobScheduler:
         req = job.request
         files = self.datasets.case_files(str(job.dataset_id), req.get("cases"))
         ds = self.db.get_dataset(str(job.dataset_id))
-        doc = {"name": f"{ds.name if ds else job.dataset_id} ({job.dataset_id})",
-               "description": "cases uploaded to the ACECal server", "licence": "local data",
-               "labels": req.get("labels") or {},
-               "training": [{"image": str(img), "label": str(lab)} for _, img, lab in files]}
+        doc = {
+            "name": f"{ds.name if ds else job.dataset_id} ({job.dataset_id})",
+            "description": "cases uploaded to the ACECal server",
+            "licence": "local data",
+            "labels": req.get("labels") or {},
+            "training": [{"image": str(img), "label": str(lab)} for _, img, lab in files],
+        }
         atomic_write_json(folder.dataset_json, doc, indent=1)
 
     def _launch(self, job_id: str) -> None:
@@ -202,24 +208,39 @@ class JobScheduler:
             folder.path.mkdir(parents=True, exist_ok=True)
             free_mb = shutil.disk_usage(self.data_dir).free / 2**20
             if free_mb < self.min_free_mb:
-                raise _Refused(f"not enough free disk space to start: {free_mb:.0f} MB free in the data directory, a "
-                               f"job needs at least {self.min_free_mb:g} MB (ACECAL_JOB_MIN_FREE_MB); free space and "
-                               "submit the job again")
+                raise _Refused(
+                    f"not enough free disk space to start: {free_mb:.0f} MB free in the data directory, a "
+                    f"job needs at least {self.min_free_mb:g} MB (ACECAL_JOB_MIN_FREE_MB); free space and "
+                    "submit the job again"
+                )
             folder.clear_outcome()
             self._write_dataset_json(job, folder)
-            spec = {"job_id": job_id, "config": job.config, "threads": self.threads, "nice": 10,
-                    "server_pid": os.getpid(), "server_started": process_started(os.getpid()),
-                    "cancel_grace_s": max(1.0, self.cancel_grace_s - 2.0),
-                    "gpu_memory_fraction": self.gpu_memory_fraction}
+            spec = {
+                "job_id": job_id,
+                "config": job.config,
+                "threads": self.threads,
+                "nice": 10,
+                "server_pid": os.getpid(),
+                "server_started": process_started(os.getpid()),
+                "cancel_grace_s": max(1.0, self.cancel_grace_s - 2.0),
+                "gpu_memory_fraction": self.gpu_memory_fraction,
+            }
             atomic_write_json(folder.spec, spec, indent=2)
             attempt = job.attempts + 1
             # running from now on (the first fork-server start takes a while: torch is being imported)
-            fields: dict[str, Any] = {"status": JOB_RUNNING, "pid": None, "attempts": attempt, "step": None,
-                                      "steps": None, **({} if job.started else {"started": now_iso()})}
+            fields: dict[str, Any] = {
+                "status": JOB_RUNNING,
+                "pid": None,
+                "attempts": attempt,
+                "step": None,
+                "steps": None,
+                **({} if job.started else {"started": now_iso()}),
+            }
             if not self.db.update_job(job_id, only_if_status=(JOB_QUEUED,), **fields):
                 return  # cancelled meanwhile
-            folder.note(f"starting the job process (attempt {attempt}, {self.threads} CPU thread(s), "
-                        f"{self.start_method})")
+            folder.note(
+                f"starting the job process (attempt {attempt}, {self.threads} CPU thread(s), {self.start_method})"
+            )
             proc = start_job_process(self.start_method, folder, threads=self.threads, data_dir=self.data_dir)
         except _Refused as e:
             self.settler.finish(job_id, JOB_FAILED, error=str(e))
@@ -228,8 +249,11 @@ class JobScheduler:
             self.settler.finish(job_id, JOB_FAILED, error=f"could not start: {e.detail}")
             return
         except Exception as e:  # noqa: BLE001 - e.g. disk full writing the spec: the job fails, not the server
-            msg = (f"the disk is full: {e}; free space in the data directory and submit the job again"
-                   if is_disk_error(e) else f"could not start the job process: {type(e).__name__}: {e}")
+            msg = (
+                f"the disk is full: {e}; free space in the data directory and submit the job again"
+                if is_disk_error(e)
+                else f"could not start the job process: {type(e).__name__}: {e}"
+            )
             log.warning("job %s: %s", job_id, msg)
             self.settler.finish(job_id, JOB_FAILED, error=msg)
             return

@@ -38,8 +38,9 @@ def job_not_found(job_id: str) -> NotFoundError:
 class JobService:
     """The job operations of the API, over the database, the dataset store and the scheduler."""
 
-    def __init__(self, settings: Any, registry: ModelRegistry, db: Database, datasets: DatasetStore,
-                 scheduler: JobScheduler):
+    def __init__(
+        self, settings: Any, registry: ModelRegistry, db: Database, datasets: DatasetStore, scheduler: JobScheduler
+    ):
         self.settings = settings
         self.registry = registry
         self.db = db
@@ -62,8 +63,14 @@ class JobService:
             check_patch_sizes(base.config, tuple(req.patch_size))
         for c in cases:
             if c.info.get("size") and c.info.get("spacing"):
-                check_model_space_budget(c.info["size"], c.info["spacing"], base.config.spacing, name=c.name,
-                                         model_id=f"model {base.id!r}", limits=limits)
+                check_model_space_budget(
+                    c.info["size"],
+                    c.info["spacing"],
+                    base.config.spacing,
+                    name=c.name,
+                    model_id=f"model {base.id!r}",
+                    limits=limits,
+                )
 
     def submit(self, req: Any, limits: ImageLimits) -> JobRow:
         """Validate a :class:`~acecal.api.finetune_schemas.FinetuneRequest` and queue the job; returns its row."""
@@ -82,13 +89,16 @@ class JobService:
             raise InvalidInputError(
                 f"dataset {ds.id!r} has {len(cases)} case(s); fine-tuning needs at least {MIN_CASES}: one to train "
                 "on and one held out for validation. Upload more cases (POST /datasets/{id}/cases)",
-                code="dataset_too_small")
+                code="dataset_too_small",
+            )
         bad_labels = unknown_labels(cases, base)
         if bad_labels is not None:
             raise bad_labels
         if bc.in_channels != 1 and ds.model is None:
-            raise InvalidInputError(f"model {bc.id!r} takes {bc.in_channels} channels: create the dataset with "
-                                    f"\"model\": \"{bc.id}\" so its cases are checked for that on upload")
+            raise InvalidInputError(
+                f"model {bc.id!r} takes {bc.in_channels} channels: create the dataset with "
+                f'"model": "{bc.id}" so its cases are checked for that on upload'
+            )
         ids = [c.id for c in cases]
         if req.val_cases is not None:
             unknown = [v for v in req.val_cases if v not in ids]
@@ -100,24 +110,44 @@ class JobService:
             training_loss(req.loss, bc.num_classes, dict(req.loss_params))  # InvalidInputError (422) when bad
         job_id = new_id("job")
         model_id = req.model_id or f"{bc.id[:40].rstrip('-._')}-ft-{job_id[4:12]}"
-        if model_id in self.registry.ids() or (self.models_dir / model_id).exists() \
-                or self.db.model_id_reserved(model_id):
-            raise ConflictError(f"a model with id {model_id!r} exists or is being trained; choose another model_id",
-                                code="model_exists")
+        if (
+            model_id in self.registry.ids()
+            or (self.models_dir / model_id).exists()
+            or self.db.model_id_reserved(model_id)
+        ):
+            raise ConflictError(
+                f"a model with id {model_id!r} exists or is being trained; choose another model_id", code="model_exists"
+            )
         queued = self.db.count_jobs(JOB_QUEUED)
         if queued >= self.queue_size:
-            raise ServerBusyError(f"the fine-tuning queue is full ({queued} job(s) waiting, at most "
-                                  f"{self.queue_size}); retry later or cancel a job", retry_after=60.0)
+            raise ServerBusyError(
+                f"the fine-tuning queue is full ({queued} job(s) waiting, at most "
+                f"{self.queue_size}); retry later or cancel a job",
+                retry_after=60.0,
+            )
         folder = self.scheduler.folder(job_id)
         threads = self.scheduler.threads
         settings: dict[str, Any] = {
-            "data": str(folder.dataset_json), "loss": req.loss, "loss_params": dict(req.loss_params),
-            "epochs": req.epochs, "lr": req.lr, "val_fraction": req.val_fraction, "val_cases": req.val_cases,
-            "val_every": req.val_every or max(1, round(req.epochs / 20)), "batch_size": req.batch_size,
-            "num_samples": req.num_samples, "patch_size": tuple(req.patch_size) if req.patch_size else None,
-            "fit_temperature": req.fit_temperature, "seed": req.seed, "model_id": model_id,
-            "out_dir": str(self.models_dir), "work_dir": str(folder.work), "log_file": str(folder.train_log),
-            "resume": True, "num_threads": threads, "num_workers": 0,
+            "data": str(folder.dataset_json),
+            "loss": req.loss,
+            "loss_params": dict(req.loss_params),
+            "epochs": req.epochs,
+            "lr": req.lr,
+            "val_fraction": req.val_fraction,
+            "val_cases": req.val_cases,
+            "val_every": req.val_every or max(1, round(req.epochs / 20)),
+            "batch_size": req.batch_size,
+            "num_samples": req.num_samples,
+            "patch_size": tuple(req.patch_size) if req.patch_size else None,
+            "fit_temperature": req.fit_temperature,
+            "seed": req.seed,
+            "model_id": model_id,
+            "out_dir": str(self.models_dir),
+            "work_dir": str(folder.work),
+            "log_file": str(folder.train_log),
+            "resume": True,
+            "num_threads": threads,
+            "num_workers": 0,
             "device": None if self.settings.device in ("auto", "", None) else self.settings.device,
             "data_source": f"dataset '{ds.name}' ({ds.id}) uploaded to an ACECal server",
             "data_licence": "local data (not redistributed)",
@@ -128,16 +158,36 @@ class JobService:
             cfg = finetune_config(str(base.path), freeze_encoder=req.freeze_encoder, **settings)
         except ValueError as e:  # pydantic: a setting the engine refuses
             raise InvalidInputError(f"invalid fine-tuning settings: {e}") from None
-        request = {**req.model_dump(mode="json"), "lr": cfg.lr, "val_every": cfg.val_every,
-                   "batch_size": cfg.batch_size, "num_samples": cfg.num_samples, "seed": cfg.seed,
-                   "model_id": model_id, "cases": ids, "labels": dict(bc.labels)}
+        request = {
+            **req.model_dump(mode="json"),
+            "lr": cfg.lr,
+            "val_every": cfg.val_every,
+            "batch_size": cfg.batch_size,
+            "num_samples": cfg.num_samples,
+            "seed": cfg.seed,
+            "model_id": model_id,
+            "cases": ids,
+            "labels": dict(bc.labels),
+        }
         with storage_guard("the job folder"):
             folder.path.mkdir(parents=True, exist_ok=True)
-        job = self.db.add_job(JobRow(id=job_id, status=JOB_QUEUED, request=request,
-                                     config=cfg.model_dump(mode="json"), epochs=req.epochs, created=now_iso(),
-                                     base_model=bc.id, dataset_id=ds.id, model_id=model_id))
-        folder.note(f"queued: fine-tune {bc.id} on dataset {ds.id} ({len(ids)} cases), loss {req.loss}, "
-                    f"{req.epochs} epoch(s) -> model {model_id}")
+        job = self.db.add_job(
+            JobRow(
+                id=job_id,
+                status=JOB_QUEUED,
+                request=request,
+                config=cfg.model_dump(mode="json"),
+                epochs=req.epochs,
+                created=now_iso(),
+                base_model=bc.id,
+                dataset_id=ds.id,
+                model_id=model_id,
+            )
+        )
+        folder.note(
+            f"queued: fine-tune {bc.id} on dataset {ds.id} ({len(ids)} cases), loss {req.loss}, "
+            f"{req.epochs} epoch(s) -> model {model_id}"
+        )
         self.scheduler.wake()
         return job
 
@@ -161,8 +211,13 @@ class JobService:
         """Cancel a job: a queued one at once, a running one is stopped (within seconds); a finished one is left."""
         job = self.get(job_id)
         if job.status == JOB_QUEUED and self.db.update_job(
-                job_id, only_if_status=(JOB_QUEUED,), status=JOB_CANCELLED, cancel_requested=True,
-                finished=now_iso(), error="cancelled before it started"):
+            job_id,
+            only_if_status=(JOB_QUEUED,),
+            status=JOB_CANCELLED,
+            cancel_requested=True,
+            finished=now_iso(),
+            error="cancelled before it started",
+        ):
             JobFolder(self.scheduler.jobs_dir, job_id).note("cancelled before it started")
             return self.get(job_id)
         if job.status in ACTIVE_JOB_STATUSES:
@@ -183,21 +238,35 @@ class JobService:
         public_req = {k: v for k, v in req.items() if k not in ("labels", "cases")}
         public_req["num_cases"] = len(req.get("cases") or [])
         return {
-            "id": job.id, "kind": job.kind or "finetune", "status": job.status, "base_model": job.base_model,
-            "dataset": job.dataset_id, "loss": req.get("loss"), "epochs": epochs,
+            "id": job.id,
+            "kind": job.kind or "finetune",
+            "status": job.status,
+            "base_model": job.base_model,
+            "dataset": job.dataset_id,
+            "loss": req.get("loss"),
+            "epochs": epochs,
             "progress": {"epoch": epoch, "epochs": epochs, "step": step, "steps": steps, "fraction": round(frac, 4)},
             "metrics": job.metrics or [],
             "final_metrics": job.final_metrics if succeeded else None,
             "model_id": job.model_id if succeeded else None,
-            "target_model_id": job.model_id, "error": job.error,
+            "target_model_id": job.model_id,
+            "error": job.error,
             "log_tail": self.scheduler.folder(job.id).tail(),
             "queue_position": (positions or {}).get(job.id) if job.status == JOB_QUEUED else None,
-            "attempts": int(job.attempts or 0), "cancel_requested": bool(job.cancel_requested),
+            "attempts": int(job.attempts or 0),
+            "cancel_requested": bool(job.cancel_requested),
             "pid": job.pid if job.status == JOB_RUNNING else None,
-            "created": job.created, "started": job.started, "finished": job.finished,
-            "rev": int(job.rev or 0), "request": public_req,
+            "created": job.created,
+            "started": job.started,
+            "finished": job.finished,
+            "rev": int(job.rev or 0),
+            "request": public_req,
         }
 
     def stats(self) -> dict[str, int]:
-        return {"running": self.db.count_jobs(JOB_RUNNING), "queued": self.db.count_jobs(JOB_QUEUED),
-                "slots": self.scheduler.slots, "queue_size": self.queue_size}
+        return {
+            "running": self.db.count_jobs(JOB_RUNNING),
+            "queued": self.db.count_jobs(JOB_QUEUED),
+            "slots": self.scheduler.slots,
+            "queue_size": self.queue_size,
+        }

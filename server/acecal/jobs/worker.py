@@ -97,8 +97,11 @@ class _Progress:
             self.state.update(epoch=ev.epoch, step=0)
             self._flush(force=True)
             v = ev.val or {}
-            val = (f"  val dice {_n(v.get('dice'))} ace {_n(v.get('ace'))} ece {_n(v.get('ece'))} "
-                   f"mce {_n(v.get('mce'))}") if v else ""
+            val = (
+                (f"  val dice {_n(v.get('dice'))} ace {_n(v.get('ace'))} ece {_n(v.get('ece'))} mce {_n(v.get('mce'))}")
+                if v
+                else ""
+            )
             _say(f"epoch {ev.epoch}/{ev.epochs}  loss {_n(ev.train_loss)}{val}  ({ev.seconds or 0:.1f} s)")
         elif ev.event == EVENT_PUBLISHED:
             m = ev.metrics or {}
@@ -138,14 +141,20 @@ def _watchdog(cancel: threading.Event, server_pid: int, server_started: Optional
 def _failure(e: BaseException, folder: JobFolder, out_dir: Path) -> tuple[dict[str, Any], int]:
     """The result.json and exit status of a run that raised ``e``."""
     if disk_full(e, folder.path, out_dir):
-        return {"status": "error", "code": "storage_error",
-                "error": f"the disk is full (writing checkpoints, logs or the model failed: {str(e)[:200]}); "
-                         "free space in the server's data directory and submit the job again"}, EXIT_DISK_FULL
+        return {
+            "status": "error",
+            "code": "storage_error",
+            "error": f"the disk is full (writing checkpoints, logs or the model failed: {str(e)[:200]}); "
+            "free space in the server's data directory and submit the job again",
+        }, EXIT_DISK_FULL
     if isinstance(e, ACECalError):
         return {"status": "error", "code": e.code, "error": e.detail}, EXIT_FAILED
     if isinstance(e, MemoryError) or "out of memory" in str(e).lower():
-        return {"status": "error", "code": "out_of_memory",
-                "error": "out of memory: use a smaller batch_size, num_samples or patch_size"}, EXIT_FAILED
+        return {
+            "status": "error",
+            "code": "out_of_memory",
+            "error": "out of memory: use a smaller batch_size, num_samples or patch_size",
+        }, EXIT_FAILED
     traceback.print_exc()
     return {"status": "error", "code": "internal_error", "error": f"{type(e).__name__}: {str(e)[:500]}"}, EXIT_ERROR
 
@@ -163,9 +172,17 @@ def run(spec_path: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    threading.Thread(target=_watchdog, args=(cancel, int(spec.get("server_pid") or 0), spec.get("server_started"),
-                                             float(spec.get("cancel_grace_s", 10.0))),
-                     name="acecal-job-watchdog", daemon=True).start()
+    threading.Thread(
+        target=_watchdog,
+        args=(
+            cancel,
+            int(spec.get("server_pid") or 0),
+            spec.get("server_started"),
+            float(spec.get("cancel_grace_s", 10.0)),
+        ),
+        name="acecal-job-watchdog",
+        daemon=True,
+    ).start()
     if spec.get("nice"):
         try:
             os.nice(int(spec["nice"]))
@@ -190,11 +207,21 @@ def run(spec_path: Path) -> int:
             dev = torch.device(cfg.device or "cuda")
             torch.cuda.set_per_process_memory_fraction(float(frac), dev.index or 0)
         res = Engine(cfg, progress=_Progress(folder, cfg.epochs), cancel=cancel, show_progress=False).run()
-        result = {"status": res.status, "model_id": res.model_id, "epochs_done": res.epochs_done,
-                  "bundle_path": str(res.bundle_path) if res.bundle_path else None, "metrics": res.metrics,
-                  "seconds": round(res.seconds, 2)}
-        code = EXIT_PUBLISHED if res.status == "published" else EXIT_CANCELLED if res.status == "cancelled" \
+        result = {
+            "status": res.status,
+            "model_id": res.model_id,
+            "epochs_done": res.epochs_done,
+            "bundle_path": str(res.bundle_path) if res.bundle_path else None,
+            "metrics": res.metrics,
+            "seconds": round(res.seconds, 2),
+        }
+        code = (
+            EXIT_PUBLISHED
+            if res.status == "published"
+            else EXIT_CANCELLED
+            if res.status == "cancelled"
             else EXIT_FAILED
+        )
         if res.status not in ("published", "cancelled"):
             result["error"] = f"training ended without publishing ({res.status})"
     except BaseException as e:  # noqa: BLE001 - every failure becomes a result the server can show

@@ -206,7 +206,8 @@ class L1ACELoss(_Loss):
             )
         if target.device != input.device:
             raise InvalidInputError(
-                f"{who}: input is on {input.device} but target on {target.device}; move them together.")
+                f"{who}: input is on {input.device} but target on {target.device}; move them together."
+            )
         return use_labels
 
     def _activate(self, input: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -379,8 +380,17 @@ class HardL1ACELoss(L1ACELoss):
         ignore_empty_classes: bool = True,
         right: bool = False,
     ) -> None:
-        super().__init__(num_bins, include_background, to_onehot_y, sigmoid, softmax, other_act, reduction, weight,
-                         ignore_empty_classes)
+        super().__init__(
+            num_bins,
+            include_background,
+            to_onehot_y,
+            sigmoid,
+            softmax,
+            other_act,
+            reduction,
+            weight,
+            ignore_empty_classes,
+        )
         self.right = bool(right)
 
     def _ace(self, probs: torch.Tensor, target: torch.Tensor, label_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,8 +449,17 @@ class SoftL1ACELoss(L1ACELoss):
         ignore_empty_classes: bool = True,
         empty_weight: float = 0.01,
     ) -> None:
-        super().__init__(num_bins, include_background, to_onehot_y, sigmoid, softmax, other_act, reduction, weight,
-                         ignore_empty_classes)
+        super().__init__(
+            num_bins,
+            include_background,
+            to_onehot_y,
+            sigmoid,
+            softmax,
+            other_act,
+            reduction,
+            weight,
+            ignore_empty_classes,
+        )
         self.empty_weight = check_empty_weight(empty_weight, type(self).__name__)
 
     def _ace(self, probs: torch.Tensor, target: torch.Tensor, label_offset: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,8 +69,9 @@ class _HardBinningFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, probs, target, num_bins, right, label_offset):  # type: ignore[override]
         compact = torch.empty(probs.shape, dtype=index_dtype(num_bins), device=probs.device)
-        sum_p, counts, sum_y = hard_bin_sums(probs, target, num_bins, right=right, label_offset=label_offset,
-                                             index_out=compact)
+        sum_p, counts, sum_y = hard_bin_sums(
+            probs, target, num_bins, right=right, label_offset=label_offset, index_out=compact
+        )
         y_total = sum_y.sum(-1)
         ctx.save_for_backward(compact)
         ctx.in_dtype = probs.dtype

@@ -116,7 +116,8 @@ class L1ACEandDiceCELoss(_Loss):
         for name, params in (("ace_params", ace_params), ("dice_params", dice_params), ("ce_params", ce_params)):
             if params is not None and not isinstance(params, dict):
                 raise InvalidInputError(
-                    f"{who}: {name} must be a dict of keyword arguments or None, got {type(params)}.")
+                    f"{who}: {name} must be a dict of keyword arguments or None, got {type(params)}."
+                )
             bad = [k for k in _RESERVED if k in (params or {})] if name != "ce_params" else []
             if bad:
                 raise InvalidInputError(
@@ -180,19 +181,49 @@ class L1ACEandDiceCELoss(_Loss):
 class _L1ACEandDiceLoss(L1ACEandDiceCELoss):
     """The ACE + Dice signature: ``0.5 * ACE + 0.5 * Dice``, no CE term."""
 
-    def __init__(self, *, ace_weight: float = 0.5, dice_weight: float = 0.5, to_onehot_y: bool = False,
-                 softmax: bool = False, ace_params: Params = None, dice_params: Params = None) -> None:
-        super().__init__(ace_weight=ace_weight, dice_weight=dice_weight, ce_weight=None, to_onehot_y=to_onehot_y,
-                         softmax=softmax, ace_params=ace_params, dice_params=dice_params)
+    def __init__(
+        self,
+        *,
+        ace_weight: float = 0.5,
+        dice_weight: float = 0.5,
+        to_onehot_y: bool = False,
+        softmax: bool = False,
+        ace_params: Params = None,
+        dice_params: Params = None,
+    ) -> None:
+        super().__init__(
+            ace_weight=ace_weight,
+            dice_weight=dice_weight,
+            ce_weight=None,
+            to_onehot_y=to_onehot_y,
+            softmax=softmax,
+            ace_params=ace_params,
+            dice_params=dice_params,
+        )
 
 
 class _L1ACEandCELoss(L1ACEandDiceCELoss):
     """The ACE + CE signature: ``0.5 * ACE + 0.5 * CE``, no Dice term."""
 
-    def __init__(self, *, ace_weight: float = 0.5, ce_weight: float = 0.5, to_onehot_y: bool = False,
-                 softmax: bool = False, ace_params: Params = None, ce_params: Params = None) -> None:
-        super().__init__(ace_weight=ace_weight, dice_weight=None, ce_weight=ce_weight, to_onehot_y=to_onehot_y,
-                         softmax=softmax, ace_params=ace_params, ce_params=ce_params)
+    def __init__(
+        self,
+        *,
+        ace_weight: float = 0.5,
+        ce_weight: float = 0.5,
+        to_onehot_y: bool = False,
+        softmax: bool = False,
+        ace_params: Params = None,
+        ce_params: Params = None,
+    ) -> None:
+        super().__init__(
+            ace_weight=ace_weight,
+            dice_weight=None,
+            ce_weight=ce_weight,
+            to_onehot_y=to_onehot_y,
+            softmax=softmax,
+            ace_params=ace_params,
+            ce_params=ce_params,
+        )
 
 
 class HardL1ACEandDiceCELoss(L1ACEandDiceCELoss):

@@ -47,8 +47,15 @@ class DicePlusPlusLoss(_Loss):
         ``(B, C, spatial...)``; output ``()``.
     """
 
-    def __init__(self, gamma: float = 2.0, include_background: bool = True, to_onehot_y: bool = False,
-                 softmax: bool = False, smooth: float = 1e-5, batch: bool = False) -> None:
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        include_background: bool = True,
+        to_onehot_y: bool = False,
+        softmax: bool = False,
+        smooth: float = 1e-5,
+        batch: bool = False,
+    ) -> None:
         super().__init__()
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma) or gamma < 1:
             raise InvalidInputError(f"DicePlusPlusLoss: gamma must be a finite number >= 1, got {gamma!r}.")
@@ -71,8 +78,9 @@ class DicePlusPlusLoss(_Loss):
         else:
             target = target.to(probs.dtype)
         if target.shape != probs.shape:
-            raise InvalidInputError(f"DicePlusPlusLoss: target shape {tuple(target.shape)} does not match the "
-                                    f"input {tuple(probs.shape)}.")
+            raise InvalidInputError(
+                f"DicePlusPlusLoss: target shape {tuple(target.shape)} does not match the input {tuple(probs.shape)}."
+            )
         if not self.include_background and n_classes > 1:
             probs, target = probs[:, 1:], target[:, 1:]
         dims = tuple(range(2, probs.ndim))
@@ -100,13 +108,21 @@ class DicePlusPlusCELoss(_Loss):
         ``logits`` ``(B, C, spatial...)``; ``label_map`` ``(B, 1, spatial...)``; output ``()``.
     """
 
-    def __init__(self, gamma: float = 2.0, include_background: bool = True, smooth: float = 1e-5,
-                 dice_weight: float = 1.0, ce_weight: float = 1.0, ce_params: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        gamma: float = 2.0,
+        include_background: bool = True,
+        smooth: float = 1e-5,
+        dice_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        ce_params: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.dice_weight = check_term_weight(dice_weight, "dice_weight", "DicePlusPlusCELoss")
         self.ce_weight = check_term_weight(ce_weight, "ce_weight", "DicePlusPlusCELoss")
-        self.dice = DicePlusPlusLoss(gamma=gamma, include_background=include_background, to_onehot_y=True,
-                                     softmax=True, smooth=smooth)
+        self.dice = DicePlusPlusLoss(
+            gamma=gamma, include_background=include_background, to_onehot_y=True, softmax=True, smooth=smooth
+        )
         self.cross_entropy = torch.nn.CrossEntropyLoss(**(ce_params or {}))
 
     def forward(self, logits: torch.Tensor, label_map: torch.Tensor) -> torch.Tensor:

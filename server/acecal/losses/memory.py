@@ -7,8 +7,9 @@ from typing import Callable
 import torch
 
 
-def saved_bytes_per_element(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor,
-                            target: torch.Tensor) -> float:
+def saved_bytes_per_element(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor, target: torch.Tensor
+) -> float:
     """Unique storages (keyed by data pointer) that autograd saves for backward, in bytes per (voxel x class).
 
     Runs ``loss_fn(logits, target)`` once on a fresh leaf copy of ``logits`` (B, C, spatial...); a softmax inside the

@@ -114,8 +114,9 @@ class _RegistryLoss(_Loss):
     classes with clear messages, then calls ``self.loss``. Label values are checked by the ACE losses (one fused
     check); for the other losses here, with the same kind of fused check."""
 
-    def __init__(self, name: str, num_classes: int, loss: torch.nn.Module, check_labels: bool,
-                 channels: int | None = None) -> None:
+    def __init__(
+        self, name: str, num_classes: int, loss: torch.nn.Module, check_labels: bool, channels: int | None = None
+    ) -> None:
         super().__init__()
         self.name = name
         self.num_classes = num_classes
@@ -128,8 +129,9 @@ class _RegistryLoss(_Loss):
         if not isinstance(logits, torch.Tensor) or not isinstance(label_map, torch.Tensor):
             raise InvalidInputError(f"{who}: logits and label_map must be torch.Tensor.")
         if logits.ndim < 3 or logits.shape[1] != self.channels:
-            two = (" (a two-head loss: segmentation then calibration logits)"
-                   if self.channels != self.num_classes else "")
+            two = (
+                " (a two-head loss: segmentation then calibration logits)" if self.channels != self.num_classes else ""
+            )
             raise InvalidInputError(
                 f"{who}: logits must have shape (B, {self.channels}, spatial...){two}, got {tuple(logits.shape)}."
             )
@@ -138,8 +140,7 @@ class _RegistryLoss(_Loss):
             hint = ""
             if label_map.ndim == logits.ndim - 1:
                 hint = " Add the channel dimension with label_map.unsqueeze(1)."
-            raise InvalidInputError(
-                f"{who}: label_map must have shape {expected}, got {tuple(label_map.shape)}.{hint}")
+            raise InvalidInputError(f"{who}: label_map must have shape {expected}, got {tuple(label_map.shape)}.{hint}")
         if self.check_labels:
             values = fused_values(range_checks("input", logits) + label_checks(label_map))
             raise_if_bad(who, values, input_name="logits", label_name="label_map", num_classes=self.num_classes)
@@ -188,5 +189,6 @@ def build_loss(name: str, num_classes: int, **overrides: Any) -> torch.nn.Module
     except TypeError as err:  # unexpected keyword argument
         raise InvalidInputError(f"loss {name!r}: bad override: {err}") from None
     channels = 2 * num_classes if name in TWO_HEAD_LOSSES else num_classes
-    return _RegistryLoss(name, num_classes, loss, check_labels=name not in ("hardl1ace_dice_ce", "softl1ace_dice_ce"),
-                         channels=channels)
+    return _RegistryLoss(
+        name, num_classes, loss, check_labels=name not in ("hardl1ace_dice_ce", "softl1ace_dice_ce"), channels=channels
+    )

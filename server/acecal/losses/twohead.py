@@ -43,9 +43,18 @@ class TwoHeadLoss(_Loss):
         ``logits`` ``(B, 2C, spatial...)``; ``label_map`` ``(B, 1, spatial...)``; output ``()``.
     """
 
-    def __init__(self, segmentation_loss: torch.nn.Module, num_classes: int, *, binning: str = "soft",
-                 ace_weight: float = 2.0, ce_weight: float = 1.0, calibration_weight: float = 1.0,
-                 num_bins: int = 20, ace_params: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        segmentation_loss: torch.nn.Module,
+        num_classes: int,
+        *,
+        binning: str = "soft",
+        ace_weight: float = 2.0,
+        ce_weight: float = 1.0,
+        calibration_weight: float = 1.0,
+        num_bins: int = 20,
+        ace_params: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         if binning not in ("soft", "hard"):
             raise InvalidInputError(f"TwoHeadLoss: binning must be 'soft' or 'hard', got {binning!r}.")
@@ -54,8 +63,13 @@ class TwoHeadLoss(_Loss):
         self.binning = binning
         self.calibration_weight = check_term_weight(calibration_weight, "calibration_weight", "TwoHeadLoss")
         self.segmentation = segmentation_loss
-        self.calibration = cls(ace_weight=ace_weight, ce_weight=ce_weight, to_onehot_y=True, softmax=True,
-                               ace_params={"num_bins": num_bins, **(ace_params or {})})
+        self.calibration = cls(
+            ace_weight=ace_weight,
+            ce_weight=ce_weight,
+            to_onehot_y=True,
+            softmax=True,
+            ace_params={"num_bins": num_bins, **(ace_params or {})},
+        )
 
     def forward(self, logits: torch.Tensor, label_map: torch.Tensor) -> torch.Tensor:
         seg, cal = split_heads(logits, self.num_classes)

@@ -59,18 +59,30 @@ __all__ = ["CalibrationAccumulator", "CalibrationReport", "METRICS", "evaluated_
 METRICS: Tuple[str, ...] = ("ece", "ace", "mce", "dice")
 
 _SUMMARY_KEYS = (
-    "num_cases", "micro_count", "micro_sum_p", "micro_sum_y", "micro_tp", "micro_n_pred", "micro_n_target",
-    "class_sum", "class_sumsq", "class_n", "image_sum", "image_sumsq", "image_n", "histogram",
+    "num_cases",
+    "micro_count",
+    "micro_sum_p",
+    "micro_sum_y",
+    "micro_tp",
+    "micro_n_pred",
+    "micro_n_target",
+    "class_sum",
+    "class_sumsq",
+    "class_n",
+    "image_sum",
+    "image_sumsq",
+    "image_n",
+    "histogram",
 )
 
 
 @dataclass
 class _Case:
-    count: torch.Tensor     # (C, M) int64
-    sum_p: torch.Tensor     # (C, M) float64
-    sum_y: torch.Tensor     # (C, M) float64
-    tp: torch.Tensor        # (C,) int64
-    n_pred: torch.Tensor    # (C,) int64
+    count: torch.Tensor  # (C, M) int64
+    sum_p: torch.Tensor  # (C, M) float64
+    sum_y: torch.Tensor  # (C, M) float64
+    tp: torch.Tensor  # (C,) int64
+    n_pred: torch.Tensor  # (C,) int64
     n_target: torch.Tensor  # (C,) int64
     has_dice: bool
 
@@ -133,8 +145,9 @@ def _nan() -> float:
     return float("nan")
 
 
-def evaluated_class_names(num_classes: int, num_bins: int, include_background: bool,
-                          class_names: Optional[Sequence[str]]) -> List[str]:
+def evaluated_class_names(
+    num_classes: int, num_bins: int, include_background: bool, class_names: Optional[Sequence[str]]
+) -> List[str]:
     """Check an accumulator's arguments; the names of the evaluated classes (channel 0 left out unless
     ``include_background``). ``class_names`` names all ``num_classes`` channels or the evaluated ones only; default
     ``"class_<channel>"``."""
@@ -151,7 +164,8 @@ def evaluated_class_names(num_classes: int, num_bins: int, include_background: b
     if len(names) != num_classes - first:
         raise InvalidInputError(
             f"class_names has {len(names)} names; expected {num_classes} (all channels) or {num_classes - first} "
-            "(evaluated channels)")
+            "(evaluated channels)"
+        )
     return names
 
 
@@ -176,8 +190,13 @@ class CalibrationAccumulator:
         report.macro["ace"], report.micro["ace"], report.histogram
     """
 
-    def __init__(self, num_classes: int, num_bins: int = DEFAULT_NUM_BINS, include_background: bool = False,
-                 class_names: Optional[Sequence[str]] = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        num_bins: int = DEFAULT_NUM_BINS,
+        include_background: bool = False,
+        class_names: Optional[Sequence[str]] = None,
+    ) -> None:
         names = evaluated_class_names(num_classes, num_bins, include_background, class_names)
         self.num_classes = num_classes
         self.num_bins = num_bins
@@ -224,9 +243,14 @@ class CalibrationAccumulator:
             raise InvalidInputError(f"duplicate case ids within one batch: {ids}")
         return ids
 
-    def update(self, probs: torch.Tensor, labels: torch.Tensor,
-               case_id: Union[None, str, Sequence[str]] = None, *,
-               predicted: Optional[torch.Tensor] = None) -> List[str]:
+    def update(
+        self,
+        probs: torch.Tensor,
+        labels: torch.Tensor,
+        case_id: Union[None, str, Sequence[str]] = None,
+        *,
+        predicted: Optional[torch.Tensor] = None,
+    ) -> List[str]:
         """Add a batch of images (or tiles/chunks of images).
 
         Args:
@@ -247,10 +271,12 @@ class CalibrationAccumulator:
         """
         if not isinstance(probs, torch.Tensor) or probs.ndim < 3:
             raise InvalidInputError(
-                f"probs must be a tensor (B, C, spatial...), got {getattr(probs, 'shape', type(probs).__name__)}")
+                f"probs must be a tensor (B, C, spatial...), got {getattr(probs, 'shape', type(probs).__name__)}"
+            )
         if probs.shape[1] != self.num_classes:
             raise InvalidInputError(
-                f"probs has {probs.shape[1]} channels but the accumulator was built for {self.num_classes} classes")
+                f"probs has {probs.shape[1]} channels but the accumulator was built for {self.num_classes} classes"
+            )
         count, sum_p, sum_y = binning_sums(probs, labels, self.num_bins, include_background=self.include_background)
         if target_kind(probs, labels, "labels") == "onehot":
             target = labels.detach()
@@ -260,13 +286,28 @@ class CalibrationAccumulator:
         f = self.first_channel
         ids = self._ids(case_id, probs.shape[0])
         for i, cid in enumerate(ids):
-            self._add(cid, count[i].cpu(), sum_p[i].cpu(), sum_y[i].cpu(),
-                      tp[i, f:].cpu(), n_pred[i, f:].cpu(), n_target[i, f:].cpu())
+            self._add(
+                cid,
+                count[i].cpu(),
+                sum_p[i].cpu(),
+                sum_y[i].cpu(),
+                tp[i, f:].cpu(),
+                n_pred[i, f:].cpu(),
+                n_target[i, f:].cpu(),
+            )
         return ids
 
-    def update_sums(self, count: torch.Tensor, sum_p: torch.Tensor, sum_y: torch.Tensor, *,
-                    tp: Optional[torch.Tensor] = None, n_pred: Optional[torch.Tensor] = None,
-                    n_target: Optional[torch.Tensor] = None, case_id: Optional[str] = None) -> str:
+    def update_sums(
+        self,
+        count: torch.Tensor,
+        sum_p: torch.Tensor,
+        sum_y: torch.Tensor,
+        *,
+        tp: Optional[torch.Tensor] = None,
+        n_pred: Optional[torch.Tensor] = None,
+        n_target: Optional[torch.Tensor] = None,
+        case_id: Optional[str] = None,
+    ) -> str:
         """Add precomputed sums of one image or one disjoint piece of it.
 
         Args:
@@ -291,9 +332,10 @@ class CalibrationAccumulator:
             if x.ndim != ndim or x.shape[0] not in c_expect or (ndim == 2 and x.shape[1] != self.num_bins):
                 want = f"(C, {self.num_bins})" if ndim == 2 else "(C,)"
                 raise InvalidInputError(
-                    f"{name} must have shape {want} with C in {sorted(set(c_expect))}, got {tuple(x.shape)}")
+                    f"{name} must have shape {want} with C in {sorted(set(c_expect))}, got {tuple(x.shape)}"
+                )
             if x.shape[0] != self.num_eval:
-                x = x[self.first_channel:]
+                x = x[self.first_channel :]
             if x.numel() and not bool(torch.isfinite(x.to(torch.float64)).all()):
                 raise InvalidInputError(f"{name} contains NaN or infinite values")
             if x.numel() and float(x.min()) < 0:
@@ -316,20 +358,32 @@ class CalibrationAccumulator:
         elif tp is None or n_pred is None or n_target is None:
             raise InvalidInputError("pass all three Dice counts (tp, n_pred, n_target) or none")
         else:
-            dtp, dnp, dnt = (prep(d, n, 1).round().to(torch.int64)
-                             for d, n in ((tp, "tp"), (n_pred, "n_pred"), (n_target, "n_target")))
+            dtp, dnp, dnt = (
+                prep(d, n, 1).round().to(torch.int64)
+                for d, n in ((tp, "tp"), (n_pred, "n_pred"), (n_target, "n_target"))
+            )
             has = True
         cid = self._ids(case_id, 1)[0]
         self._add(cid, count, sum_p, sum_y, dtp, dnp, dnt, has_dice=has)
         return cid
 
-    def _add(self, cid: str, count: torch.Tensor, sum_p: torch.Tensor, sum_y: torch.Tensor, tp: torch.Tensor,
-             n_pred: torch.Tensor, n_target: torch.Tensor, has_dice: bool = True) -> None:
+    def _add(
+        self,
+        cid: str,
+        count: torch.Tensor,
+        sum_p: torch.Tensor,
+        sum_y: torch.Tensor,
+        tp: torch.Tensor,
+        n_pred: torch.Tensor,
+        n_target: torch.Tensor,
+        has_dice: bool = True,
+    ) -> None:
         self._reduced = None
         rec = self._cases.get(cid)
         if rec is None:
-            self._cases[cid] = _Case(count.clone(), sum_p.clone(), sum_y.clone(), tp.clone(), n_pred.clone(),
-                                     n_target.clone(), has_dice)
+            self._cases[cid] = _Case(
+                count.clone(), sum_p.clone(), sum_y.clone(), tp.clone(), n_pred.clone(), n_target.clone(), has_dice
+            )
             return
         rec.count += count
         rec.sum_p += sum_p
@@ -373,8 +427,12 @@ class CalibrationAccumulator:
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> "CalibrationAccumulator":
         """A new accumulator holding the cases of ``state``."""
-        acc = cls(int(state["num_classes"]), int(state["num_bins"]), bool(state["include_background"]),
-                  class_names=state.get("class_names"))
+        acc = cls(
+            int(state["num_classes"]),
+            int(state["num_bins"]),
+            bool(state["include_background"]),
+            class_names=state.get("class_names"),
+        )
         acc.merge(state)
         return acc
 
@@ -394,20 +452,28 @@ class CalibrationAccumulator:
         if cfg != (self.num_classes, self.num_bins, self.include_background):
             raise InvalidInputError(
                 f"cannot merge an accumulator with (num_classes, num_bins, include_background) = {cfg} into one with "
-                f"{(self.num_classes, self.num_bins, self.include_background)}")
+                f"{(self.num_classes, self.num_bins, self.include_background)}"
+            )
         ids = list(state["case_ids"])
         dups = [i for i in ids if i in self._cases]
         if dups and on_duplicate == "error":
             raise InvalidInputError(
                 f"{len(dups)} case id(s) present on both sides (e.g. {dups[:3]}); use on_duplicate='skip' for the "
-                "duplicates a DistributedSampler pads with, or 'add' for pieces of one image")
+                "duplicates a DistributedSampler pads with, or 'add' for pieces of one image"
+            )
         for i, cid in enumerate(ids):
             if cid in self._cases and on_duplicate == "skip":
                 continue
-            self._add(cid, state["count"][i].to(torch.int64), state["sum_p"][i].to(torch.float64),
-                      state["sum_y"][i].to(torch.float64), state["tp"][i].to(torch.int64),
-                      state["n_pred"][i].to(torch.int64), state["n_target"][i].to(torch.int64),
-                      has_dice=bool(state["has_dice"][i]))
+            self._add(
+                cid,
+                state["count"][i].to(torch.int64),
+                state["sum_p"][i].to(torch.float64),
+                state["sum_y"][i].to(torch.float64),
+                state["tp"][i].to(torch.int64),
+                state["n_pred"][i].to(torch.int64),
+                state["n_target"][i].to(torch.int64),
+                has_dice=bool(state["has_dice"][i]),
+            )
 
     def case_bins(self, case_id: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(mean_p, mean_y, count)`` (C, M) of one case: the data of its reliability diagram."""
@@ -447,8 +513,9 @@ class CalibrationAccumulator:
         valid = present.unsqueeze(0) & ~torch.isnan(values)
         v0 = torch.where(valid, values, torch.zeros_like(values))
         n_cls = valid.sum(-1)  # (4, N)
-        img = torch.where(n_cls > 0, v0.sum(-1) / n_cls.clamp(min=1), torch.full(n_cls.shape, float("nan"),
-                                                                                   dtype=torch.float64))
+        img = torch.where(
+            n_cls > 0, v0.sum(-1) / n_cls.clamp(min=1), torch.full(n_cls.shape, float("nan"), dtype=torch.float64)
+        )
         img_ok = ~torch.isnan(img)
         img0 = torch.where(img_ok, img, torch.zeros_like(img))
         # Dataset reliability histogram: per class c, confidence bin m, the frequency bin k of each case's mean_y.
@@ -476,8 +543,9 @@ class CalibrationAccumulator:
             "histogram": hist,
         }
 
-    def reduce(self, all_reduce_fn: Callable[[torch.Tensor], Any],
-               device: Union[str, torch.device, None] = None) -> None:
+    def reduce(
+        self, all_reduce_fn: Callable[[torch.Tensor], Any], device: Union[str, torch.device, None] = None
+    ) -> None:
         """Sum the :meth:`summary` tensors across processes; :meth:`aggregate` then reports all of them.
 
         Args:
@@ -535,8 +603,11 @@ class CalibrationAccumulator:
             micro[name] = float(v.mean()) if v.numel() else _nan()
         per_class = []
         for c, cname in enumerate(names):
-            row: Dict[str, Any] = {"class": cname, "index": c + self.first_channel,
-                                   "cases_present": int(s["class_n"][1, c])}
+            row: Dict[str, Any] = {
+                "class": cname,
+                "index": c + self.first_channel,
+                "cases_present": int(s["class_n"][1, c]),
+            }
             for i, name in enumerate(METRICS):
                 row[f"macro_{name}"] = float(cls_mean[i, c])
                 row[f"macro_{name}_std"] = float(cls_std[i, c])
@@ -545,10 +616,19 @@ class CalibrationAccumulator:
         per_case = self._per_case_rows()
         mean_p, mean_y = bin_means(s["micro_count"], s["micro_sum_p"], s["micro_sum_y"])
         return CalibrationReport(
-            class_names=list(names), num_bins=self.num_bins, num_cases=int(s["num_cases"][0]), macro=macro,
-            micro=micro, per_class=per_class, per_case=per_case, histogram=s["histogram"].clone(),
-            micro_count=s["micro_count"].clone(), micro_mean_p=mean_p, micro_mean_y=mean_y,
-            reduced=self._reduced is not None)
+            class_names=list(names),
+            num_bins=self.num_bins,
+            num_cases=int(s["num_cases"][0]),
+            macro=macro,
+            micro=micro,
+            per_class=per_class,
+            per_case=per_case,
+            histogram=s["histogram"].clone(),
+            micro_count=s["micro_count"].clone(),
+            micro_mean_p=mean_p,
+            micro_mean_y=mean_y,
+            reduced=self._reduced is not None,
+        )
 
     def _per_case_rows(self) -> List[Dict[str, Any]]:
         if not self._cases:
@@ -561,8 +641,10 @@ class CalibrationAccumulator:
                 v = values[i, n][present[n] & ~torch.isnan(values[i, n])]
                 row[name] = float(v.mean()) if v.numel() else _nan()
             row["classes"] = {
-                cname: {"present": bool(present[n, c]),
-                        **{name: float(values[i, n, c]) for i, name in enumerate(METRICS)}}
+                cname: {
+                    "present": bool(present[n, c]),
+                    **{name: float(values[i, n, c]) for i, name in enumerate(METRICS)},
+                }
                 for c, cname in enumerate(self.class_names)
             }
             rows.append(row)

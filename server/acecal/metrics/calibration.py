@@ -114,8 +114,9 @@ def binning_sums(
     checks = range_checks("probs", probs) if probs.numel() else []
     if target.numel():
         checks += range_checks("target", target) if kind == "onehot" else label_checks(target)
-    raise_if_bad(None, fused_values(checks), probs_name="probs", label_name="target", num_classes=c_all,
-                 tolerance=PROB_TOLERANCE)
+    raise_if_bad(
+        None, fused_values(checks), probs_name="probs", label_name="target", num_classes=c_all, tolerance=PROB_TOLERANCE
+    )
     p = probs.detach().reshape(b, c_all, -1)[:, first:]
     if kind == "onehot":
         y, label_offset = target.detach().reshape(b, c_all, -1)[:, first:], -1
@@ -138,7 +139,8 @@ def errors_from_sums(count: torch.Tensor, sum_p: torch.Tensor, sum_y: torch.Tens
     if not (count.shape == sum_p.shape == sum_y.shape):
         raise InvalidInputError(
             f"count, sum_p and sum_y must have the same shape, got {tuple(count.shape)}, {tuple(sum_p.shape)}, "
-            f"{tuple(sum_y.shape)}")
+            f"{tuple(sum_y.shape)}"
+        )
     mean_p, mean_y = bin_means(count, sum_p, sum_y)
     gap = (mean_p - mean_y).abs()  # NaN in empty bins
     occupied = count > 0

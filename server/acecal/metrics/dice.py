@@ -38,15 +38,17 @@ def _as_labels(x: torch.Tensor, num_classes: int, name: str) -> torch.Tensor:
         return x[:, 0].to(torch.int64)
     if x.shape[1] != num_classes:
         raise InvalidInputError(
-            f"{name} has {x.shape[1]} channels; expected 1 (label map) or {num_classes} (one per class)")
+            f"{name} has {x.shape[1]} channels; expected 1 (label map) or {num_classes} (one per class)"
+        )
     if x.is_floating_point() and x.numel():
         raise_if_bad(None, fused_values(range_checks("input", x)), input_name=name)
     return x.argmax(1)
 
 
 @torch.no_grad()
-def dice_counts(pred: torch.Tensor, target: torch.Tensor,
-                num_classes: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def dice_counts(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """True positives, predicted and target voxel counts per (image, class).
 
     Args:
@@ -66,7 +68,8 @@ def dice_counts(pred: torch.Tensor, target: torch.Tensor,
     t = _as_labels(target, num_classes, "target")
     if p.shape != t.shape:
         raise InvalidInputError(
-            f"prediction and target label maps differ in shape: {tuple(p.shape)} vs {tuple(t.shape)}")
+            f"prediction and target label maps differ in shape: {tuple(p.shape)} vs {tuple(t.shape)}"
+        )
     b = p.shape[0]
     p = p.reshape(b, -1)
     t = t.reshape(b, -1)
@@ -87,8 +90,9 @@ def dice_from_counts(tp: torch.Tensor, n_pred: torch.Tensor, n_target: torch.Ten
     return torch.where(denom > 0, 2.0 * tp.to(torch.float64) / denom.clamp(min=1), nan)
 
 
-def dice_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
-                include_background: bool = False) -> torch.Tensor:
+def dice_scores(
+    pred: torch.Tensor, target: torch.Tensor, num_classes: int, include_background: bool = False
+) -> torch.Tensor:
     """Dice per (image, class), (B, C) or (B, C - 1) without background; see the module docstring for empty classes."""
     tp, n_pred, n_target = dice_counts(pred, target, num_classes)
     d = dice_from_counts(tp, n_pred, n_target)

@@ -88,8 +88,8 @@ def auroc_from_histograms(wrong: np.ndarray, right: np.ndarray) -> tuple[float, 
 
 def _ball(radius: float) -> np.ndarray:
     h = int(math.floor(radius + 1e-9))
-    g = np.mgrid[-h:h + 1, -h:h + 1, -h:h + 1]
-    return (g ** 2).sum(0) <= radius ** 2 + 1e-9
+    g = np.mgrid[-h : h + 1, -h : h + 1, -h : h + 1]
+    return (g**2).sum(0) <= radius**2 + 1e-9
 
 
 def roi_mask(mask: np.ndarray, radius: float = DEFAULT_ROI_RADIUS) -> np.ndarray:
@@ -165,8 +165,15 @@ class ErrorDetectionAccumulator:
     def __len__(self) -> int:
         return len(self._cases)
 
-    def update(self, predicted: np.ndarray, confidence: np.ndarray, flags: np.ndarray, truth: np.ndarray,
-               case_id: str, voxel_ml: float = 1.0) -> Dict[str, Any]:
+    def update(
+        self,
+        predicted: np.ndarray,
+        confidence: np.ndarray,
+        flags: np.ndarray,
+        truth: np.ndarray,
+        case_id: str,
+        voxel_ml: float = 1.0,
+    ) -> Dict[str, Any]:
         """Add one case; returns its row (the same fields as :meth:`aggregate`, without the per-class part).
 
         Args:
@@ -183,7 +190,8 @@ class ErrorDetectionAccumulator:
         if not (pred.shape == true.shape == conf.shape == flag.shape) or pred.ndim != 3:
             raise InvalidInputError(
                 f"predicted, confidence, flags and truth must be 3-D and of one shape, got {pred.shape}, {conf.shape}, "
-                f"{flag.shape}, {true.shape}")
+                f"{flag.shape}, {true.shape}"
+            )
         if not (isinstance(voxel_ml, (int, float)) and voxel_ml > 0 and math.isfinite(voxel_ml)):
             raise InvalidInputError(f"voxel_ml must be a positive number, got {voxel_ml!r}")
         case_id = str(case_id)
@@ -207,10 +215,15 @@ class ErrorDetectionAccumulator:
             self._vol[name] += counts[:3] * float(voxel_ml)
             if name == "all":
                 auroc, bound = auroc_from_histograms(s["hist_wrong"], s["hist_right"])
-                row = {"auroc": _nan_none(auroc), "auroc_max_error": _nan_none(bound),
-                       **_ratios(*(counts[:3] * float(voxel_ml))),
-                       "wrong_voxels": int(counts[0]), "flagged_voxels": int(counts[1]),
-                       "flagged_wrong_voxels": int(counts[2]), "roi_voxels": int(counts[3])}
+                row = {
+                    "auroc": _nan_none(auroc),
+                    "auroc_max_error": _nan_none(bound),
+                    **_ratios(*(counts[:3] * float(voxel_ml))),
+                    "wrong_voxels": int(counts[0]),
+                    "flagged_voxels": int(counts[1]),
+                    "flagged_wrong_voxels": int(counts[2]),
+                    "roi_voxels": int(counts[3]),
+                }
         self._cases[case_id] = row
         return row
 
@@ -218,18 +231,29 @@ class ErrorDetectionAccumulator:
         hw, hr = self._hist[name]
         auroc, bound = auroc_from_histograms(hw, hr)
         vol, vox = self._vol[name], self._vox[name]
-        return {"auroc": _nan_none(auroc), "auroc_max_error": _nan_none(bound), **_ratios(*vol),
-                "wrong_ml": float(vol[0]), "flagged_ml": float(vol[1]), "flagged_wrong_ml": float(vol[2]),
-                "wrong_voxels": int(vox[0]), "flagged_voxels": int(vox[1]), "flagged_wrong_voxels": int(vox[2]),
-                "roi_voxels": int(vox[3])}
+        return {
+            "auroc": _nan_none(auroc),
+            "auroc_max_error": _nan_none(bound),
+            **_ratios(*vol),
+            "wrong_ml": float(vol[0]),
+            "flagged_ml": float(vol[1]),
+            "flagged_wrong_ml": float(vol[2]),
+            "wrong_voxels": int(vox[0]),
+            "flagged_voxels": int(vox[1]),
+            "flagged_wrong_voxels": int(vox[2]),
+            "roi_voxels": int(vox[3]),
+        }
 
     def aggregate(self) -> Dict[str, Any]:
         """Pooled over the cases: the overall view's fields, ``per_class`` {name: fields}, ``per_case`` {id: row},
         ``roi_radius`` and ``num_cases``. Ratios are None where undefined (no wrong or no flagged voxel)."""
-        return {**self._view("all"),
-                "per_class": {n: self._view(n) for n in self.class_names[1:]},
-                "per_case": {k: dict(v) for k, v in self._cases.items()},
-                "roi_radius": self.roi_radius, "num_cases": len(self._cases)}
+        return {
+            **self._view("all"),
+            "per_class": {n: self._view(n) for n in self.class_names[1:]},
+            "per_case": {k: dict(v) for k, v in self._cases.items()},
+            "roi_radius": self.roi_radius,
+            "num_cases": len(self._cases),
+        }
 
     @property
     def case_ids(self) -> List[str]:

@@ -102,7 +102,7 @@ def _convolve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
             a, b, la, lb = b, a, lb, la
         res = np.zeros(a.shape[:-1] + (out_len,))
         for j in range(lb):
-            res[..., j:j + la] += b[..., j:j + 1] * a
+            res[..., j : j + la] += b[..., j : j + 1] * a
         return res
     nfft = 1 << (out_len - 1).bit_length()
     return np.fft.irfft(np.fft.rfft(a, nfft) * np.fft.rfft(b, nfft), nfft)[..., :out_len]
@@ -161,7 +161,7 @@ def positives_law(p: Union[np.ndarray, Sequence[float]], *, exact_max_voxels: in
     if mean <= n / 2:
         pmf = _poly_product(p, hi)[lo:]
     else:  # S = n - S' with S' the count of 1 - p: the product is then cut at a low degree too
-        pmf = _poly_product(1.0 - p, n - lo)[n - hi:][::-1]
+        pmf = _poly_product(1.0 - p, n - lo)[n - hi :][::-1]
     pmf = np.clip(pmf, 0.0, None)
     return PositivesLaw(n, mean, var, np.arange(lo, hi + 1, dtype=np.float64), pmf / pmf.sum(), exact=True)
 
@@ -174,10 +174,9 @@ def _add_laws(a: PositivesLaw, b: PositivesLaw) -> PositivesLaw:
         return _normal_law(n, mean, var)
     pmf = np.clip(_convolve(a.pmf[None], b.pmf[None])[0], 0.0, None)
     start = int(a.values[0] + b.values[0])
-    pmf = pmf[max(lo - start, 0): hi - start + 1]
+    pmf = pmf[max(lo - start, 0) : hi - start + 1]
     first = max(lo, start)
-    return PositivesLaw(n, mean, var, np.arange(first, first + pmf.size, dtype=np.float64), pmf / pmf.sum(),
-                        exact=True)
+    return PositivesLaw(n, mean, var, np.arange(first, first + pmf.size, dtype=np.float64), pmf / pmf.sum(), exact=True)
 
 
 def expected_max(atom_sets: Sequence[Tuple[np.ndarray, np.ndarray]]) -> float:
@@ -207,8 +206,11 @@ def expected_max(atom_sets: Sequence[Tuple[np.ndarray, np.ndarray]]) -> float:
     first[by_var[starts]] = True
     # log F_new - log F_old, stable when F_old is close to F_new
     with np.errstate(divide="ignore"):
-        step = np.where(first, np.log(np.maximum(f_new, 1e-320)),
-                        -np.log1p(-np.minimum(mass / np.maximum(f_new, 1e-320), 1.0 - 1e-16)))
+        step = np.where(
+            first,
+            np.log(np.maximum(f_new, 1e-320)),
+            -np.log1p(-np.minimum(mass / np.maximum(f_new, 1e-320), 1.0 - 1e-16)),
+        )
     zeros_left = len(sets) - np.cumsum(first)
     prob = np.where(zeros_left == 0, np.exp(np.minimum(np.cumsum(step), 0.0)), 0.0)
     return float(np.sum(vals * np.diff(np.concatenate([[0.0], prob]))))
@@ -221,8 +223,11 @@ def expected_errors(laws: Sequence[PositivesLaw]) -> Dict[str, float]:
         return {"ece": float("nan"), "ace": float("nan"), "mce": float("nan")}
     gaps = np.array([law.expected_gap() for law in laws])
     counts = np.array([law.n for law in laws], dtype=np.float64)
-    return {"ece": float((gaps * counts).sum() / counts.sum()), "ace": float(gaps.mean()),
-            "mce": expected_max([law.gap_atoms() for law in laws])}
+    return {
+        "ece": float((gaps * counts).sum() / counts.sum()),
+        "ace": float(gaps.mean()),
+        "mce": expected_max([law.gap_atoms() for law in laws]),
+    }
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -251,12 +256,13 @@ def _class_laws(p: np.ndarray, num_bins: int) -> List[Optional[PositivesLaw]]:
         sel_p, sel_idx = sel_p[order], sel_idx[order]
         bounds = np.searchsorted(sel_idx, np.arange(num_bins + 1))
         for m in np.flatnonzero(small):
-            laws[m] = positives_law(sel_p[bounds[m]:bounds[m + 1]])
+            laws[m] = positives_law(sel_p[bounds[m] : bounds[m + 1]])
     return laws
 
 
-def floor_errors(probs: Union[np.ndarray, torch.Tensor], num_bins: int = DEFAULT_NUM_BINS,
-                 include_background: bool = False) -> Dict[str, np.ndarray]:
+def floor_errors(
+    probs: Union[np.ndarray, torch.Tensor], num_bins: int = DEFAULT_NUM_BINS, include_background: bool = False
+) -> Dict[str, np.ndarray]:
     """The expected ECE / ACE / MCE of one image under labels drawn from ``probs``, per class.
 
     Args:
@@ -287,8 +293,13 @@ class FloorAccumulator:
         floor.aggregate()["macro"]["ace"]
     """
 
-    def __init__(self, num_classes: int, num_bins: int = DEFAULT_NUM_BINS, include_background: bool = False,
-                 class_names: Optional[Sequence[str]] = None) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        num_bins: int = DEFAULT_NUM_BINS,
+        include_background: bool = False,
+        class_names: Optional[Sequence[str]] = None,
+    ) -> None:
         names = evaluated_class_names(num_classes, num_bins, include_background, class_names)
         self.num_classes, self.num_bins = num_classes, num_bins
         self.first_channel = 0 if include_background else 1
@@ -313,8 +324,9 @@ class FloorAccumulator:
             laws.append(class_laws)
         return errors, laws
 
-    def update(self, probs: Union[np.ndarray, torch.Tensor], labels: Union[np.ndarray, torch.Tensor],
-               case_id: str) -> None:
+    def update(
+        self, probs: Union[np.ndarray, torch.Tensor], labels: Union[np.ndarray, torch.Tensor], case_id: str
+    ) -> None:
         """Add one image.
 
         Args:
@@ -330,7 +342,7 @@ class FloorAccumulator:
             raise InvalidInputError("labels must have the spatial shape of probs")
         present_all = np.bincount(lab.astype(np.int64).clip(0, self.num_classes - 1), minlength=self.num_classes) > 0
         errors, laws = self._image(probs)
-        self._cases[case_id] = (errors, present_all[self.first_channel:])
+        self._cases[case_id] = (errors, present_all[self.first_channel :])
         for c, class_laws in enumerate(laws):
             for m, law in enumerate(class_laws):
                 if law is not None:
@@ -355,8 +367,10 @@ class FloorAccumulator:
                 for c in range(self.num_eval):
                     if present[c] and math.isfinite(errors[c][k]):
                         class_vals[k][c].append(errors[c][k])
-            row["classes"] = {n: {"present": bool(present[c]), **{k: errors[c][k] for k in keys}}
-                              for c, n in enumerate(self.class_names)}
+            row["classes"] = {
+                n: {"present": bool(present[c]), **{k: errors[c][k] for k in keys}}
+                for c, n in enumerate(self.class_names)
+            }
             case_rows[cid] = row
         macro = {}
         for k in keys:
@@ -365,17 +379,25 @@ class FloorAccumulator:
         seen = np.zeros(self.num_eval, bool)
         for _, present in self._cases.values():
             seen |= present
-        micro_class = [expected_errors([law for law in self._pooled[c] if law is not None])
-                       for c in range(self.num_eval)]
+        micro_class = [
+            expected_errors([law for law in self._pooled[c] if law is not None]) for c in range(self.num_eval)
+        ]
         micro = {}
         for k in keys:
             vals = [micro_class[c][k] for c in range(self.num_eval) if seen[c] and math.isfinite(micro_class[c][k])]
             micro[k] = float(np.mean(vals)) if vals else nan
         per_class = {}
         for c, name in enumerate(self.class_names):
-            per_class[name] = {"cases_present": len(class_vals["ace"][c]),
-                               **{f"macro_{k}": float(np.mean(class_vals[k][c])) if class_vals[k][c] else nan
-                                  for k in keys},
-                               **{f"micro_{k}": micro_class[c][k] for k in keys}}
-        return {"macro": macro, "micro": micro, "per_class": per_class, "per_case": case_rows,
-                "num_cases": len(self._cases), "num_bins": self.num_bins}
+            per_class[name] = {
+                "cases_present": len(class_vals["ace"][c]),
+                **{f"macro_{k}": float(np.mean(class_vals[k][c])) if class_vals[k][c] else nan for k in keys},
+                **{f"micro_{k}": micro_class[c][k] for k in keys},
+            }
+        return {
+            "macro": macro,
+            "micro": micro,
+            "per_class": per_class,
+            "per_case": case_rows,
+            "num_cases": len(self._cases),
+            "num_bins": self.num_bins,
+        }

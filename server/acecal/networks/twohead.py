@@ -57,8 +57,10 @@ def split_heads(output: Any, num_classes: int, *, two_head: bool = True, dim: in
         return output, output
     n = output.shape[dim]
     if n != 2 * num_classes:
-        raise ValueError(f"a two-head output has 2 x {num_classes} = {2 * num_classes} channels along dim {dim}, got "
-                         f"{n} (shape {tuple(output.shape)})")
+        raise ValueError(
+            f"a two-head output has 2 x {num_classes} = {2 * num_classes} channels along dim {dim}, got "
+            f"{n} (shape {tuple(output.shape)})"
+        )
     index_seg = [slice(None)] * output.ndim
     index_cal = [slice(None)] * output.ndim
     index_seg[dim] = slice(0, num_classes)
@@ -118,14 +120,26 @@ class SegResNetTwoHead(SegResNet):
         calibration_sees_segmentation: bool = False,
     ) -> None:
         super().__init__(
-            spatial_dims=spatial_dims, init_filters=init_filters, in_channels=in_channels, out_channels=out_channels,
-            dropout_prob=dropout_prob, act=act, norm=norm, use_conv_final=True, blocks_down=blocks_down,
-            blocks_up=blocks_up, upsample_mode=upsample_mode,
+            spatial_dims=spatial_dims,
+            init_filters=init_filters,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            dropout_prob=dropout_prob,
+            act=act,
+            norm=norm,
+            use_conv_final=True,
+            blocks_down=blocks_down,
+            blocks_up=blocks_up,
+            upsample_mode=upsample_mode,
         )
         if isinstance(calibration_blocks, bool) or not isinstance(calibration_blocks, int) or calibration_blocks < 0:
             raise ValueError(f"calibration_blocks must be an integer >= 0, got {calibration_blocks!r}")
-        if isinstance(trunk_grad, bool) or not isinstance(trunk_grad, (int, float)) or not math.isfinite(trunk_grad) \
-                or not 0.0 <= trunk_grad <= 1.0:
+        if (
+            isinstance(trunk_grad, bool)
+            or not isinstance(trunk_grad, (int, float))
+            or not math.isfinite(trunk_grad)
+            or not 0.0 <= trunk_grad <= 1.0
+        ):
             raise ValueError(f"trunk_grad must be a number in [0, 1], got {trunk_grad!r}")
         self.out_channels = out_channels
         self.trunk_grad = float(trunk_grad)

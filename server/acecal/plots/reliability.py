@@ -132,29 +132,68 @@ def plot_reliability_diagram(
             mce_bin = -1
         present = bool(np.nansum(my[k] * n[k]) > 0)
 
-        b1 = ax.bar(centres[occ], my[k][occ], width=width, color=_BLUE, edgecolor="white", linewidth=0.6,
-                    label="Observed frequency in the bin", zorder=2)
+        b1 = ax.bar(
+            centres[occ],
+            my[k][occ],
+            width=width,
+            color=_BLUE,
+            edgecolor="white",
+            linewidth=0.6,
+            label="Observed frequency in the bin",
+            zorder=2,
+        )
         lo = np.minimum(mp[k], my[k])
-        b2 = ax.bar(centres[occ], gap[occ], bottom=lo[occ], width=width, color=_RED, alpha=0.35, edgecolor=_RED,
-                    linewidth=0.8, hatch="///", label="Gap to the average predicted probability", zorder=3)
-        ax.hlines(my[k][occ], centres[occ] - width / 2, centres[occ] + width / 2, colors="black", linewidth=1.2,
-                  zorder=4)
-        (diag,) = ax.plot([0, 1], [0, 1], linestyle="--", color="0.35", linewidth=1.0, label="Perfect calibration",
-                          zorder=5)
+        b2 = ax.bar(
+            centres[occ],
+            gap[occ],
+            bottom=lo[occ],
+            width=width,
+            color=_RED,
+            alpha=0.35,
+            edgecolor=_RED,
+            linewidth=0.8,
+            hatch="///",
+            label="Gap to the average predicted probability",
+            zorder=3,
+        )
+        ax.hlines(
+            my[k][occ], centres[occ] - width / 2, centres[occ] + width / 2, colors="black", linewidth=1.2, zorder=4
+        )
+        (diag,) = ax.plot(
+            [0, 1], [0, 1], linestyle="--", color="0.35", linewidth=1.0, label="Perfect calibration", zorder=5
+        )
         if mce_bin >= 0 and mce > 0:
             xm = centres[mce_bin]
             ym = (mp[k, mce_bin] + my[k, mce_bin]) / 2
             xt = xm - 0.28 if xm > 0.5 else xm + 0.28
-            ax.annotate("worst bin", xy=(xm, ym), xytext=(xt, min(max(ym, 0.12), 0.88)), fontsize=8,
-                        ha="center", va="center", color=_RED,
-                        bbox=dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.85),
-                        arrowprops=dict(arrowstyle="->", color=_RED, linewidth=1.0), zorder=6)
+            ax.annotate(
+                "worst bin",
+                xy=(xm, ym),
+                xytext=(xt, min(max(ym, 0.12), 0.88)),
+                fontsize=8,
+                ha="center",
+                va="center",
+                color=_RED,
+                bbox=dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="none", alpha=0.85),
+                arrowprops=dict(arrowstyle="->", color=_RED, linewidth=1.0),
+                zorder=6,
+            )
         if occ.any():
             txt = f"ECE {ece:.3f}\nACE {ace:.3f}\nMCE {mce:.3f}"
         else:
             txt = "no voxels"
-        ax.text(0.03, 0.97, txt, transform=ax.transAxes, va="top", ha="left", fontsize=8.5, family="monospace",
-                bbox=dict(boxstyle="round,pad=0.3", facecolor="white", edgecolor="0.7", alpha=0.9), zorder=7)
+        ax.text(
+            0.03,
+            0.97,
+            txt,
+            transform=ax.transAxes,
+            va="top",
+            ha="left",
+            fontsize=8.5,
+            family="monospace",
+            bbox=dict(boxstyle="round,pad=0.3", facecolor="white", edgecolor="0.7", alpha=0.9),
+            zorder=7,
+        )
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
         ax.set_aspect("auto")
@@ -175,15 +214,20 @@ def plot_reliability_diagram(
         axh.set_xlim(0, 1)
         if handles is None:
             handles = [b1, b2, diag]
-    head.text(0.5, 0.97, title if title else "Reliability diagram", ha="center", va="top", fontsize=12,
-              fontweight="bold")
+    head.text(
+        0.5, 0.97, title if title else "Reliability diagram", ha="center", va="top", fontsize=12, fontweight="bold"
+    )
     head.legend(handles=handles, loc="lower center", ncol=1 if narrow else 3, frameon=False, fontsize=8.5)
     if narrow:
-        note = ("Blue below the diagonal: over-confident.\nECE weights bins by voxels; ACE weights every occupied\n"
-                "bin equally; MCE is the worst bin.")
+        note = (
+            "Blue below the diagonal: over-confident.\nECE weights bins by voxels; ACE weights every occupied\n"
+            "bin equally; MCE is the worst bin."
+        )
     else:
-        note = ("Blue below the diagonal: over-confident (predicted probability higher than observed). "
-                "ECE weights bins by voxels; ACE weights every occupied bin equally; MCE is the worst bin.")
+        note = (
+            "Blue below the diagonal: over-confident (predicted probability higher than observed). "
+            "ECE weights bins by voxels; ACE weights every occupied bin equally; MCE is the worst bin."
+        )
     foot.text(0.5, 0.5, note, ha="center", va="center", fontsize=7.5, color="0.3")
     return _save(fig, path)
 
@@ -239,8 +283,15 @@ def plot_dataset_reliability_histogram(
         col_sum = counts.sum(0, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             frac = np.where(col_sum > 0, counts / np.where(col_sum > 0, col_sum, 1), np.nan)
-        image = ax.imshow(np.ma.masked_invalid(frac), origin="lower", extent=(0, 1, 0, 1), cmap=cmap, norm=norm,
-                          aspect="auto", interpolation="nearest")
+        image = ax.imshow(
+            np.ma.masked_invalid(frac),
+            origin="lower",
+            extent=(0, 1, 0, 1),
+            cmap=cmap,
+            norm=norm,
+            aspect="auto",
+            interpolation="nearest",
+        )
         ax.plot([0, 1], [0, 1], linestyle="--", color="0.2", linewidth=1.0)
         n_img = int(col_sum.max()) if col_sum.size else 0
         label = "images" if name != "All classes" else "images x classes"
@@ -253,7 +304,9 @@ def plot_dataset_reliability_histogram(
     cb.set_label("Fraction of images in the column", fontsize=9)
     cb.ax.tick_params(labelsize=8)
     fig.suptitle(title or "Dataset reliability histogram", fontsize=12, fontweight="bold")
-    note = ("Each column: across images, how often voxels predicted with that probability truly were the class.\n"
-            "Calibrated: colour on the dashed diagonal; below it: over-confident; grey: no voxels in that bin.")
+    note = (
+        "Each column: across images, how often voxels predicted with that probability truly were the class.\n"
+        "Calibrated: colour on the dashed diagonal; below it: over-confident; grey: no voxels in that bin."
+    )
     fig.supxlabel(note, fontsize=8, color="0.3")
     return _save(fig, path)

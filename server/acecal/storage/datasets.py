@@ -38,8 +38,20 @@ from acecal.errors import ACECalError, ConflictError, InvalidInputError, NotFoun
 from acecal.storage.db import CaseRow, Database, DatasetRow, new_id, now_iso
 from acecal.storage.files import durable_move, fsync_path, storage_error
 
-__all__ = ["DATASETS_DIR", "MAX_LABEL_VALUES", "STORED_SUFFIX", "DatasetStore", "case_not_found", "check_pair",
-           "clean_name", "clean_text", "dataset_not_found", "few", "reencode_pair", "unknown_labels"]
+__all__ = [
+    "DATASETS_DIR",
+    "MAX_LABEL_VALUES",
+    "STORED_SUFFIX",
+    "DatasetStore",
+    "case_not_found",
+    "check_pair",
+    "clean_name",
+    "clean_text",
+    "dataset_not_found",
+    "few",
+    "reencode_pair",
+    "unknown_labels",
+]
 
 log = logging.getLogger("acecal.storage")
 
@@ -52,8 +64,9 @@ _ID = re.compile(r"^[a-z0-9_]{1,40}$")
 
 
 def dataset_not_found(ds_id: str) -> NotFoundError:
-    return NotFoundError(f"unknown dataset {ds_id!r}; list them with GET /datasets (or `acecal datasets`)",
-                         code="dataset_not_found")
+    return NotFoundError(
+        f"unknown dataset {ds_id!r}; list them with GET /datasets (or `acecal datasets`)", code="dataset_not_found"
+    )
 
 
 def case_not_found(ds_id: str, case_id: str) -> NotFoundError:
@@ -85,8 +98,16 @@ def few(values: Iterable[Any], n: int = 5) -> str:
 
 
 # --- case checks -----------------------------------------------------------------------------------------------------
-def check_pair(image: Path, label: Path, *, image_name: str, label_name: str, num_classes: int,
-               in_channels: int = 1, model_note: str = "") -> dict[str, Any]:
+def check_pair(
+    image: Path,
+    label: Path,
+    *,
+    image_name: str,
+    label_name: str,
+    num_classes: int,
+    in_channels: int = 1,
+    model_note: str = "",
+) -> dict[str, Any]:
     """Validate one uploaded (image, label) pair; returns ``{"size", "spacing", "label_values"}``.
 
     Raises :class:`InvalidInputError` (422) naming the user's files and every problem found.
@@ -100,24 +121,32 @@ def check_pair(image: Path, label: Path, *, image_name: str, label_name: str, nu
     except DatasetError as e:
         problems = []
         for p in e.problems or [e.detail]:
-            p = p[len("case: "):] if p.startswith("case: ") else p
+            p = p[len("case: ") :] if p.startswith("case: ") else p
             p = scrub_paths(p, image, label)
             p = p.replace(image.name, image_name).replace(label.name, label_name)
             if "unknown to the model" in p:
                 if model_note:
                     p += f" {model_note}"
                 else:  # no model to check against: only class numbers of a label map
-                    p = re.sub(r"are unknown to the model \(it knows 0\.\.\d+\)",
-                               f"are not class numbers 0..{num_classes - 1}", p)
+                    p = re.sub(
+                        r"are unknown to the model \(it knows 0\.\.\d+\)",
+                        f"are not class numbers 0..{num_classes - 1}",
+                        p,
+                    )
             problems.append(p)
-        raise InvalidInputError(f"case refused ({image_name} + {label_name}): " + "; ".join(problems),
-                                code="invalid_case") from None
-    return {"size": list(summary.shape_xyz), "spacing": [round(float(s), 6) for s in summary.spacing],
-            "label_values": list(summary.label_values)}
+        raise InvalidInputError(
+            f"case refused ({image_name} + {label_name}): " + "; ".join(problems), code="invalid_case"
+        ) from None
+    return {
+        "size": list(summary.shape_xyz),
+        "spacing": [round(float(s), 6) for s in summary.spacing],
+        "label_values": list(summary.label_values),
+    }
 
 
-def reencode_pair(image: Path, label: Path, *, image_name: str, label_name: str,
-                  in_channels: int = 1) -> tuple[Path, Path]:
+def reencode_pair(
+    image: Path, label: Path, *, image_name: str, label_name: str, in_channels: int = 1
+) -> tuple[Path, Path]:
     """Read an uploaded pair (headers checked first) and write it again as NIfTI next to the uploads; returns the new
     files. The stored case is then exactly what was read, whatever the uploaded files' headers said.
 
@@ -130,8 +159,10 @@ def reencode_pair(image: Path, label: Path, *, image_name: str, label_name: str,
 
     out: list[Path] = []
     try:
-        for path, what, shown, vector in ((image, "image", image_name, in_channels > 1),
-                                          (label, "label", label_name, False)):
+        for path, what, shown, vector in (
+            (image, "image", image_name, in_channels > 1),
+            (label, "label", label_name, False),
+        ):
             try:
                 vol = read_volume(path, what=what, allow_vector=vector, name=shown)
             except ACECalError as e:
@@ -146,10 +177,12 @@ def reencode_pair(image: Path, label: Path, *, image_name: str, label_name: str,
             except RuntimeError:  # ITK says only "could not write": tell a full disk from a bad geometry
                 need = 2 * path.stat().st_size + (1 << 20)
                 if shutil.disk_usage(target.parent).free < need:
-                    raise storage_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "the uploaded case") \
-                        from None
-                raise InvalidInputError(f"case refused ({image_name} + {label_name}): the {what} could not be "
-                                        "stored as NIfTI; is its geometry valid?", code="invalid_case") from None
+                    raise storage_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "the uploaded case") from None
+                raise InvalidInputError(
+                    f"case refused ({image_name} + {label_name}): the {what} could not be "
+                    "stored as NIfTI; is its geometry valid?",
+                    code="invalid_case",
+                ) from None
             del vol
     except BaseException:
         for p in out:
@@ -161,20 +194,32 @@ def reencode_pair(image: Path, label: Path, *, image_name: str, label_name: str,
 def unknown_labels(cases: Iterable[CaseRow], bundle: Bundle) -> Optional[InvalidInputError]:
     """A 422 naming each case whose label values ``bundle`` does not know (from the values recorded at upload)."""
     n = bundle.config.num_classes
-    wrong = [f"{c.name} ({c.id}): {few(v for v in c.info.get('label_values', []) if v >= n)}"
-             for c in cases if any(v >= n for v in c.info.get("label_values", []))]
+    wrong = [
+        f"{c.name} ({c.id}): {few(v for v in c.info.get('label_values', []) if v >= n)}"
+        for c in cases
+        if any(v >= n for v in c.info.get("label_values", []))
+    ]
     if not wrong:
         return None
     known = ", ".join(f"{k}={v}" for k, v in bundle.config.labels.items())
-    return InvalidInputError(f"label values unknown to model {bundle.id!r} (it knows 0..{n - 1}: {known}) in "
-                             f"{len(wrong)} case(s): " + "; ".join(wrong[:10]) + ("; ..." if len(wrong) > 10 else ""),
-                             code="invalid_dataset")
+    return InvalidInputError(
+        f"label values unknown to model {bundle.id!r} (it knows 0..{n - 1}: {known}) in "
+        f"{len(wrong)} case(s): " + "; ".join(wrong[:10]) + ("; ..." if len(wrong) > 10 else ""),
+        code="invalid_dataset",
+    )
 
 
 def case_view(c: CaseRow) -> dict[str, Any]:
     """A case as the API describes it (``CaseInfo``)."""
-    return {"case_id": c.id, "name": c.name, "size": c.info.get("size"), "spacing": c.info.get("spacing"),
-            "label_values": c.info.get("label_values", []), "bytes": c.info.get("bytes"), "created": c.created}
+    return {
+        "case_id": c.id,
+        "name": c.name,
+        "size": c.info.get("size"),
+        "spacing": c.info.get("spacing"),
+        "label_values": c.info.get("label_values", []),
+        "bytes": c.info.get("bytes"),
+        "created": c.created,
+    }
 
 
 # --- the store -------------------------------------------------------------------------------------------------------
@@ -247,8 +292,11 @@ class DatasetStore:
         active = self.db.active_jobs_using(ds_id)
         if active:
             ids = ", ".join(j.id for j in active)
-            raise ConflictError(f"cannot delete {what}: fine-tuning job(s) {ids} use dataset {ds_id!r}; wait for them "
-                                "or cancel them (DELETE /jobs/{id}) first", code="dataset_in_use")
+            raise ConflictError(
+                f"cannot delete {what}: fine-tuning job(s) {ids} use dataset {ds_id!r}; wait for them "
+                "or cancel them (DELETE /jobs/{id}) first",
+                code="dataset_in_use",
+            )
 
     def delete(self, ds_id: str) -> None:
         self.get(ds_id)
@@ -267,8 +315,17 @@ class DatasetStore:
         shutil.rmtree(trash, ignore_errors=True)
 
     # --- cases ---------------------------------------------------------------------------------------------------
-    def add_case(self, ds_id: str, image_tmp: Path, label_tmp: Path, *, image_name: str, label_name: str,
-                 name: Optional[str] = None, model: Optional[str] = None) -> dict[str, Any]:
+    def add_case(
+        self,
+        ds_id: str,
+        image_tmp: Path,
+        label_tmp: Path,
+        *,
+        image_name: str,
+        label_name: str,
+        name: Optional[str] = None,
+        model: Optional[str] = None,
+    ) -> dict[str, Any]:
         """Validate an uploaded pair (temporary files, deleted here) and store it, re-encoded, as a new case; returns
         its :func:`case_view`.
 
@@ -285,14 +342,27 @@ class DatasetStore:
             else:
                 num_classes, in_ch, note = MAX_LABEL_VALUES, 1, ""
             case_id = new_id("c")
-            img_enc, lab_enc = reencode_pair(image_tmp, label_tmp, image_name=image_name, label_name=label_name,
-                                             in_channels=in_ch)
+            img_enc, lab_enc = reencode_pair(
+                image_tmp, label_tmp, image_name=image_name, label_name=label_name, in_channels=in_ch
+            )
             stored += [img_enc, lab_enc]
-            info = check_pair(img_enc, lab_enc, image_name=image_name, label_name=label_name,
-                              num_classes=num_classes, in_channels=in_ch, model_note=note)
+            info = check_pair(
+                img_enc,
+                lab_enc,
+                image_name=image_name,
+                label_name=label_name,
+                num_classes=num_classes,
+                in_channels=in_ch,
+                model_note=note,
+            )
             if bundle is not None:
-                check_model_space_budget(info["size"], info["spacing"], bundle.config.spacing, name=image_name,
-                                         model_id=f"model {bundle.id!r}")
+                check_model_space_budget(
+                    info["size"],
+                    info["spacing"],
+                    bundle.config.spacing,
+                    name=image_name,
+                    model_id=f"model {bundle.id!r}",
+                )
             info["bytes"] = img_enc.stat().st_size + lab_enc.stat().st_size
             d = self.folder(ds_id)
             img = d / "images" / f"{case_id}{STORED_SUFFIX}"
@@ -306,8 +376,15 @@ class DatasetStore:
                 img.unlink(missing_ok=True)
                 lab.unlink(missing_ok=True)
                 raise storage_error(e, "the uploaded case") from None
-            row = CaseRow(id=case_id, dataset_id=ds_id, name=clean_name(name or image_name, case_id),
-                          image=self.rel(img), label=self.rel(lab), info=info, created=now_iso())
+            row = CaseRow(
+                id=case_id,
+                dataset_id=ds_id,
+                name=clean_name(name or image_name, case_id),
+                image=self.rel(img),
+                label=self.rel(lab),
+                info=info,
+                created=now_iso(),
+            )
             try:
                 case = self.db.add_case(row)
             except sqlite3.IntegrityError:  # the dataset was deleted meanwhile

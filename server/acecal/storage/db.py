@@ -37,8 +37,18 @@ from acecal.errors import StorageError
 from acecal.protocol import ACTIVE_JOB_STATUSES, JOB_QUEUED
 from acecal.storage.files import dumps_finite, is_disk_error, storage_error
 
-__all__ = ["DB_NAME", "MIGRATIONS", "SCHEMA_VERSION", "CaseRow", "Database", "DatasetRow", "JobRow", "ModelRow",
-           "new_id", "now_iso"]
+__all__ = [
+    "DB_NAME",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "CaseRow",
+    "Database",
+    "DatasetRow",
+    "JobRow",
+    "ModelRow",
+    "new_id",
+    "now_iso",
+]
 
 DB_NAME = "acecal.db"
 
@@ -226,8 +236,7 @@ class Database:
         self._lock = threading.RLock()
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None,
-                                         check_same_thread=False)
+            self._conn = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as e:
             raise storage_error(e, f"the state database {self.path}") from None
         self._conn.row_factory = _dict_row
@@ -250,8 +259,10 @@ class Database:
         with self._lock:
             version = self.version
             if version > SCHEMA_VERSION:
-                raise StorageError(f"the state database {self.path} was written by a newer ACECal server (schema "
-                                   f"{version}, this server knows {SCHEMA_VERSION}); upgrade acecal")
+                raise StorageError(
+                    f"the state database {self.path} was written by a newer ACECal server (schema "
+                    f"{version}, this server knows {SCHEMA_VERSION}); upgrade acecal"
+                )
             if version == SCHEMA_VERSION:
                 return
             # one transaction: a crash half-way leaves the old version, and the migrations run again
@@ -297,8 +308,10 @@ class Database:
     def add_dataset(self, ds_id: str, name: str, model: Optional[str]) -> DatasetRow:
         row = DatasetRow(ds_id, name, model, now_iso())
         with self.tx() as c:
-            c.execute("INSERT INTO datasets (id, name, model, created) VALUES (?, ?, ?, ?)",
-                      (row.id, row.name, row.model, row.created))
+            c.execute(
+                "INSERT INTO datasets (id, name, model, created) VALUES (?, ?, ?, ?)",
+                (row.id, row.name, row.model, row.created),
+            )
         return row
 
     def get_dataset(self, ds_id: str) -> Optional[DatasetRow]:
@@ -306,9 +319,13 @@ class Database:
         return DatasetRow(**r) if r else None
 
     def list_datasets(self) -> list[DatasetRow]:
-        return [DatasetRow(**r) for r in self._query(
-            "SELECT d.*, (SELECT COUNT(*) FROM cases c WHERE c.dataset_id = d.id) AS num_cases "
-            "FROM datasets d ORDER BY d.rowid")]
+        return [
+            DatasetRow(**r)
+            for r in self._query(
+                "SELECT d.*, (SELECT COUNT(*) FROM cases c WHERE c.dataset_id = d.id) AS num_cases "
+                "FROM datasets d ORDER BY d.rowid"
+            )
+        ]
 
     def delete_dataset(self, ds_id: str) -> None:
         with self.tx() as c:
@@ -318,10 +335,10 @@ class Database:
     def add_case(self, case: CaseRow) -> CaseRow:
         """Insert ``case``; ``sqlite3.IntegrityError`` when its dataset no longer exists."""
         with self.tx() as c:
-            c.execute("INSERT INTO cases (id, dataset_id, name, image, label, info, created) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                      (case.id, case.dataset_id, case.name, case.image, case.label, dumps_finite(case.info),
-                       case.created))
+            c.execute(
+                "INSERT INTO cases (id, dataset_id, name, image, label, info, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (case.id, case.dataset_id, case.name, case.image, case.label, dumps_finite(case.info), case.created),
+            )
         return case
 
     def list_cases(self, ds_id: str) -> list[CaseRow]:
@@ -367,8 +384,12 @@ class Database:
 
     def jobs_with_status(self, *statuses: str) -> list[JobRow]:
         """Oldest first."""
-        return [_job(r) for r in self._query(  # type: ignore[misc]
-            f"SELECT * FROM jobs WHERE status IN ({_marks(len(statuses))}) ORDER BY rowid", statuses)]
+        return [
+            _job(r)
+            for r in self._query(  # type: ignore[misc]
+                f"SELECT * FROM jobs WHERE status IN ({_marks(len(statuses))}) ORDER BY rowid", statuses
+            )
+        ]
 
     def count_jobs(self, *statuses: str) -> int:
         r = self._one(f"SELECT COUNT(*) AS n FROM jobs WHERE status IN ({_marks(len(statuses))})", statuses)
@@ -396,22 +417,36 @@ class Database:
             return c.execute(sql, args).rowcount > 0
 
     def active_jobs_using(self, ds_id: str) -> list[JobRow]:
-        return [_job(r) for r in self._query(  # type: ignore[misc]
-            f"SELECT * FROM jobs WHERE dataset_id = ? AND status IN ({_marks(len(ACTIVE_JOB_STATUSES))}) "
-            "ORDER BY rowid", (ds_id, *ACTIVE_JOB_STATUSES))]
+        return [
+            _job(r)
+            for r in self._query(  # type: ignore[misc]
+                f"SELECT * FROM jobs WHERE dataset_id = ? AND status IN ({_marks(len(ACTIVE_JOB_STATUSES))}) "
+                "ORDER BY rowid",
+                (ds_id, *ACTIVE_JOB_STATUSES),
+            )
+        ]
 
     def model_id_reserved(self, model_id: str) -> bool:
         """Whether a queued or running job will publish a model with this id."""
-        return self._one(f"SELECT 1 AS x FROM jobs WHERE model_id = ? AND status IN "
-                         f"({_marks(len(ACTIVE_JOB_STATUSES))})", (model_id, *ACTIVE_JOB_STATUSES)) is not None
+        return (
+            self._one(
+                f"SELECT 1 AS x FROM jobs WHERE model_id = ? AND status IN ({_marks(len(ACTIVE_JOB_STATUSES))})",
+                (model_id, *ACTIVE_JOB_STATUSES),
+            )
+            is not None
+        )
 
     # --- models (index of published fine-tuned bundles) ----------------------------------------------------------
-    def add_model(self, model_id: str, path: str, *, job_id: Optional[str], parent: Optional[str],
-                  dataset_id: Optional[str]) -> ModelRow:
+    def add_model(
+        self, model_id: str, path: str, *, job_id: Optional[str], parent: Optional[str], dataset_id: Optional[str]
+    ) -> ModelRow:
         row = ModelRow(model_id, path, job_id, parent, dataset_id, now_iso())
         with self.tx() as c:
-            c.execute("INSERT OR REPLACE INTO models (id, path, job_id, parent, dataset_id, created) "
-                      "VALUES (?, ?, ?, ?, ?, ?)", dataclasses.astuple(row))
+            c.execute(
+                "INSERT OR REPLACE INTO models (id, path, job_id, parent, dataset_id, created) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                dataclasses.astuple(row),
+            )
         return row
 
     def get_model(self, model_id: str) -> Optional[ModelRow]:

@@ -44,8 +44,7 @@ class EvaluationStore:
         """A new evaluation: ``build(evaluation_id, folder)`` writes the figures into ``folder`` and returns the reply,
         stored as ``evaluation.json``; returns the reply. Disk errors become :class:`~acecal.errors.StorageError`."""
         ev_id = new_id("ev")
-        with storage_guard("the evaluation report"), \
-                atomic_folder(self.root / ev_id, tmp_name=f".tmp-{ev_id}") as tmp:
+        with storage_guard("the evaluation report"), atomic_folder(self.root / ev_id, tmp_name=f".tmp-{ev_id}") as tmp:
             reply = build(ev_id, tmp)
             (tmp / REPLY).write_text(json.dumps(reply, indent=1, allow_nan=False))
         return reply

@@ -104,8 +104,9 @@ def atomic_write(path: Union[str, os.PathLike], content: Union[str, bytes, Write
 
 
 @contextlib.contextmanager
-def atomic_folder(path: Union[str, os.PathLike], *, tmp_name: Optional[str] = None,
-                  durable: bool = False) -> Iterator[Path]:
+def atomic_folder(
+    path: Union[str, os.PathLike], *, tmp_name: Optional[str] = None, durable: bool = False
+) -> Iterator[Path]:
     """Build the folder ``path`` inside the block, in a hidden sibling (``tmp_name``, default ``.<name>.tmp``) that is
     renamed to ``path`` when the block returns and removed when it raises. ``path`` must not exist yet.
 

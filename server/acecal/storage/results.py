@@ -72,8 +72,9 @@ class ResultStore:
         return self.root / rid
 
     def _unknown(self, rid: str) -> ResultNotFoundError:
-        return ResultNotFoundError(f"unknown result id {rid!r}; it may have expired or been deleted "
-                                   f"(results are kept {self.ttl_s:g} s)")
+        return ResultNotFoundError(
+            f"unknown result id {rid!r}; it may have expired or been deleted (results are kept {self.ttl_s:g} s)"
+        )
 
     def _expired(self, rid: str, folder: Path) -> ResultNotFoundError:
         shutil.rmtree(folder, ignore_errors=True)
@@ -156,5 +157,8 @@ class ResultStore:
         return removed
 
     def count(self) -> int:
-        return sum(1 for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")) \
-            if self.root.is_dir() else 0
+        return (
+            sum(1 for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+            if self.root.is_dir()
+            else 0
+        )

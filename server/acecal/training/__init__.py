@@ -11,8 +11,11 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "Engine": "acecal.training.engine", "TrainResult": "acecal.training.engine", "train": "acecal.training.engine",
-    "TrainConfig": "acecal.training.config", "finetune": "acecal.training.finetune",
+    "Engine": "acecal.training.engine",
+    "TrainResult": "acecal.training.engine",
+    "train": "acecal.training.engine",
+    "TrainConfig": "acecal.training.config",
+    "finetune": "acecal.training.finetune",
     "evaluate": "acecal.training.evaluate",
 }
 

@@ -25,8 +25,19 @@ import torch
 from acecal.errors import InvalidInputError
 from acecal.storage.files import atomic_write
 
-__all__ = ["BEST", "CONFIG_SNAPSHOT", "LAST", "LOG_NAME", "ResumeError", "epoch_seed", "load_checkpoint",
-           "resumable_state", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "BEST",
+    "CONFIG_SNAPSHOT",
+    "LAST",
+    "LOG_NAME",
+    "ResumeError",
+    "epoch_seed",
+    "load_checkpoint",
+    "resumable_state",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
 
 LAST = "last.pt"
 BEST = "best.pt"
@@ -71,8 +82,9 @@ def resumable_state(work_dir: Path, settings: dict[str, Any], *, resume: bool) -
     saved = state.get("config", {})
     diff = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k) and k != "model_id")
     if diff:
-        raise ResumeError(f"cannot resume {work_dir}: these settings differ from the interrupted run: "
-                          f"{', '.join(diff)}")
+        raise ResumeError(
+            f"cannot resume {work_dir}: these settings differ from the interrupted run: {', '.join(diff)}"
+        )
     return state
 
 

@@ -19,7 +19,9 @@ from acecal.bundles.bundle import ID_PATTERN, IntensityConfig, NetworkConfig
 
 
 def default_network() -> NetworkConfig:
-    return NetworkConfig(name="SegResNet", args={"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]})
+    return NetworkConfig(
+        name="SegResNet", args={"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}
+    )
 
 
 class TrainConfig(BaseModel):
@@ -47,13 +49,17 @@ class TrainConfig(BaseModel):
     intensity: IntensityConfig = Field(default_factory=IntensityConfig)
     roi_size: tuple[int, int, int] = Field((64, 64, 64), description="sliding-window ROI (validation, inference)")
     patch_size: Optional[tuple[int, int, int]] = Field(
-        None, description="training patch (default: roi_size). GroupNorm statistics depend on the window: a patch "
-                          "smaller than the ROI can cost a lot of Dice at inference (docs/training.md)")
+        None,
+        description="training patch (default: roi_size). GroupNorm statistics depend on the window: a patch "
+        "smaller than the ROI can cost a lot of Dice at inference (docs/training.md)",
+    )
     sw_overlap: float = Field(0.25, ge=0.0, lt=1.0)
     sw_batch_size: int = Field(4, ge=1)
     tta: Literal["none", "axis_flips", "all_flips"] = Field(
-        "none", description="flip test-time augmentation stored in the bundle (served, and the final validation pass; "
-                            "the per-epoch validation runs without it)")
+        "none",
+        description="flip test-time augmentation stored in the bundle (served, and the final validation pass; "
+        "the per-epoch validation runs without it)",
+    )
 
     # --- fine-tuning -----------------------------------------------------------------------------------------------
     base: Optional[str] = Field(None, description="bundle id or folder to start from (fine-tuning)")
@@ -62,8 +68,12 @@ class TrainConfig(BaseModel):
     # --- optimisation ----------------------------------------------------------------------------------------------
     loss: str = "baseline_dice_ce"
     loss_params: dict[str, Any] = Field(default_factory=dict)
-    loss_warmup_epochs: int = Field(0, ge=0, description="epochs trained with baseline_dice_ce before `loss` takes "
-                                                         "over (ACE switched on after a Dice+CE warm-up)")
+    loss_warmup_epochs: int = Field(
+        0,
+        ge=0,
+        description="epochs trained with baseline_dice_ce before `loss` takes "
+        "over (ACE switched on after a Dice+CE warm-up)",
+    )
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(2, ge=1, description="volumes per step (each gives num_samples patches)")
     num_samples: int = Field(2, ge=1, description="patches drawn per volume per step")
@@ -76,8 +86,11 @@ class TrainConfig(BaseModel):
     val_every: int = Field(10, ge=1)
     seed: int = 12345
     amp: bool = Field(True, description="mixed precision (CUDA only; ignored on the CPU)")
-    cpu_bf16: bool = Field(False, description="bfloat16 autocast on CPUs with native bf16 (AVX512-BF16/AMX); "
-                                              "about 2.5x faster SegResNet steps there, ignored elsewhere")
+    cpu_bf16: bool = Field(
+        False,
+        description="bfloat16 autocast on CPUs with native bf16 (AVX512-BF16/AMX); "
+        "about 2.5x faster SegResNet steps there, ignored elsewhere",
+    )
     device: Optional[str] = Field(None, description="cpu, cuda, cuda:1 ... (default: cuda if available)")
     num_workers: int = Field(0, ge=0)
     cache_rate: float = Field(1.0, ge=0.0, le=1.0)
@@ -85,8 +98,12 @@ class TrainConfig(BaseModel):
 
     # --- sittings --------------------------------------------------------------------------------------------------
     resume: bool = Field(False, description="continue from the last checkpoint in work_dir")
-    stop_after_epochs: Optional[int] = Field(None, ge=1, description="stop (resumable) after this many epochs in this sitting")
-    time_limit_minutes: Optional[float] = Field(None, gt=0, description="stop (resumable) after the epoch that passes this")
+    stop_after_epochs: Optional[int] = Field(
+        None, ge=1, description="stop (resumable) after this many epochs in this sitting"
+    )
+    time_limit_minutes: Optional[float] = Field(
+        None, gt=0, description="stop (resumable) after the epoch that passes this"
+    )
 
     # --- output ----------------------------------------------------------------------------------------------------
     out_dir: Optional[str] = Field(None, description="models folder to publish into (default: <data dir>/models)")
@@ -148,10 +165,31 @@ class TrainConfig(BaseModel):
 
     def result_affecting(self) -> dict:
         """The settings that change the trained weights (compared on resume)."""
-        skip = {"resume", "stop_after_epochs", "time_limit_minutes", "out_dir", "log_file", "overwrite", "description",
-                "fit_temperature", "uncertainty_accuracy", "half_precision", "publish", "command", "num_workers",
-                "num_threads", "work_dir", "data_source", "data_licence", "epochs", "val_every", "device", "amp", "cpu_bf16",
-                "tta"}
+        skip = {
+            "resume",
+            "stop_after_epochs",
+            "time_limit_minutes",
+            "out_dir",
+            "log_file",
+            "overwrite",
+            "description",
+            "fit_temperature",
+            "uncertainty_accuracy",
+            "half_precision",
+            "publish",
+            "command",
+            "num_workers",
+            "num_threads",
+            "work_dir",
+            "data_source",
+            "data_licence",
+            "epochs",
+            "val_every",
+            "device",
+            "amp",
+            "cpu_bf16",
+            "tta",
+        }
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
 
 

@@ -115,5 +115,8 @@ def setup(device: Optional[str] = None, backend: Optional[str] = None) -> DistCo
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The plain module inside a ``DistributedDataParallel`` wrapper."""
-    return model.module if hasattr(model, "module") and isinstance(
-        model, torch.nn.parallel.DistributedDataParallel) else model
+    return (
+        model.module
+        if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        else model
+    )

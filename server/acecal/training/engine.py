@@ -69,8 +69,21 @@ from acecal.training.progress import Cancelled, CancelToken, ProgressCallback, R
 from acecal.training.publish import publish
 from acecal.training.validation import case_items, reduce_pass, run_pass, summarise
 
-__all__ = ["LAST", "BEST", "CONFIG_SNAPSHOT", "Engine", "ResumeError", "TrainResult", "check_loss_name",
-           "check_patch_sizes", "encoder_modules", "freeze", "train", "train_transforms", "training_loss"]
+__all__ = [
+    "LAST",
+    "BEST",
+    "CONFIG_SNAPSHOT",
+    "Engine",
+    "ResumeError",
+    "TrainResult",
+    "check_loss_name",
+    "check_patch_sizes",
+    "encoder_modules",
+    "freeze",
+    "train",
+    "train_transforms",
+    "training_loss",
+]
 
 
 @dataclass
@@ -146,8 +159,14 @@ def train_transforms(bc: BundleConfig, cfg: TrainConfig) -> mt.Compose:
     chain += [
         mt.SpatialPadd(keys=keys, spatial_size=patch, mode="constant"),
         mt.RandCropByPosNegLabeld(
-            keys=keys, label_key=LABEL, spatial_size=patch, pos=cfg.pos_fraction, neg=1.0 - cfg.pos_fraction,
-            num_samples=cfg.num_samples, image_key=None, allow_smaller=False,
+            keys=keys,
+            label_key=LABEL,
+            spatial_size=patch,
+            pos=cfg.pos_fraction,
+            neg=1.0 - cfg.pos_fraction,
+            num_samples=cfg.num_samples,
+            image_key=None,
+            allow_smaller=False,
         ),
     ]
     if cfg.augment:
@@ -167,19 +186,25 @@ def check_patch_sizes(bc: BundleConfig, patch: tuple) -> None:
     f = 2 ** max(levels, 0)
     for what, size in (("ROI", tuple(bc.roi_size)), ("patch", patch)):
         if any(int(s) % f for s in size):
-            raise InvalidInputError(f"the {what} size {'x'.join(map(str, size))} must be divisible by {f} for a "
-                                    f"{bc.network.name} with {levels + 1} levels, e.g. "
-                                    f"{'x'.join(str(-(-int(s) // f) * f) for s in size)}")
+            raise InvalidInputError(
+                f"the {what} size {'x'.join(map(str, size))} must be divisible by {f} for a "
+                f"{bc.network.name} with {levels + 1} levels, e.g. "
+                f"{'x'.join(str(-(-int(s) // f) * f) for s in size)}"
+            )
 
 
 def _check_heads(network: NetworkConfig, loss: str) -> None:
     """A two-head network (outputs 2C channels) trains with a two-head loss, and only with one."""
     if is_two_head(network) and loss not in TWO_HEAD_LOSSES:
-        raise InvalidInputError(f"the {network.name} network has a segmentation and a calibration head: train it "
-                                f"with a two-head loss ({', '.join(TWO_HEAD_LOSSES)}), not {loss!r}")
+        raise InvalidInputError(
+            f"the {network.name} network has a segmentation and a calibration head: train it "
+            f"with a two-head loss ({', '.join(TWO_HEAD_LOSSES)}), not {loss!r}"
+        )
     if loss in TWO_HEAD_LOSSES and not is_two_head(network):
-        raise InvalidInputError(f"the loss {loss!r} trains a two-head network: use --network SegResNetTwoHead "
-                                f"(the {network.name} network has one head)")
+        raise InvalidInputError(
+            f"the loss {loss!r} trains a two-head network: use --network SegResNetTwoHead "
+            f"(the {network.name} network has one head)"
+        )
 
 
 def _model_space(cfg: TrainConfig, model_id: str, labels: dict[str, str], base: Optional[Bundle]) -> BundleConfig:
@@ -188,16 +213,39 @@ def _model_space(cfg: TrainConfig, model_id: str, labels: dict[str, str], base: 
     if base is not None:
         b = base.config
         return BundleConfig(
-            id=model_id, description=cfg.description or f"{b.id} fine-tuned", network=b.network, labels=b.labels,
-            in_channels=b.in_channels, modality=b.modality, spacing=b.spacing, orientation=b.orientation,
-            intensity=b.intensity, roi_size=b.roi_size, sw_overlap=b.sw_overlap, sw_mode=b.sw_mode,
-            sw_batch_size=b.sw_batch_size, loss=loss, parent=b.id, uncertainty_threshold=b.uncertainty_threshold,
+            id=model_id,
+            description=cfg.description or f"{b.id} fine-tuned",
+            network=b.network,
+            labels=b.labels,
+            in_channels=b.in_channels,
+            modality=b.modality,
+            spacing=b.spacing,
+            orientation=b.orientation,
+            intensity=b.intensity,
+            roi_size=b.roi_size,
+            sw_overlap=b.sw_overlap,
+            sw_mode=b.sw_mode,
+            sw_batch_size=b.sw_batch_size,
+            loss=loss,
+            parent=b.id,
+            uncertainty_threshold=b.uncertainty_threshold,
             tta=b.tta,
         )
     return BundleConfig(
-        id=model_id, description=cfg.description, network=cfg.network, labels=labels, in_channels=cfg.in_channels,
-        modality=cfg.modality, spacing=cfg.spacing, orientation=cfg.orientation, intensity=cfg.intensity,
-        roi_size=cfg.roi_size, sw_overlap=cfg.sw_overlap, sw_batch_size=cfg.sw_batch_size, loss=loss, tta=cfg.tta,
+        id=model_id,
+        description=cfg.description,
+        network=cfg.network,
+        labels=labels,
+        in_channels=cfg.in_channels,
+        modality=cfg.modality,
+        spacing=cfg.spacing,
+        orientation=cfg.orientation,
+        intensity=cfg.intensity,
+        roi_size=cfg.roi_size,
+        sw_overlap=cfg.sw_overlap,
+        sw_batch_size=cfg.sw_batch_size,
+        loss=loss,
+        tta=cfg.tta,
     )
 
 
@@ -277,8 +325,15 @@ class Engine:
         registry: where to look up ``config.base`` by id (default: shipped models + the data directory's models).
     """
 
-    def __init__(self, config: TrainConfig, *, progress: Optional[ProgressCallback] = None, cancel: CancelToken = None,
-                 show_progress: Optional[bool] = None, registry: Optional[ModelRegistry] = None):
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        progress: Optional[ProgressCallback] = None,
+        cancel: CancelToken = None,
+        show_progress: Optional[bool] = None,
+        registry: Optional[ModelRegistry] = None,
+    ):
         self.cfg = config
         self.progress = progress
         self.cancel = cancel
@@ -303,7 +358,8 @@ class Engine:
         done = self._resume(parts, state)
         if ctx.distributed:
             parts.model = torch.nn.parallel.DistributedDataParallel(
-                parts.net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+                parts.net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None
+            )
         result = self._train(plan, data, parts, done, resumed=state is not None, t_start=t_start)
         if result.status != "completed":
             return result
@@ -371,14 +427,30 @@ class Engine:
         # two-head loss without its ACE term)
         warmup_loss_fn = loss_fn
         if cfg.loss_warmup_epochs:
-            warmup_loss_fn = (training_loss(cfg.loss, bc.num_classes, {**cfg.loss_params, "ace_weight": 0.0})
-                              if is_two_head(bc) else training_loss("baseline_dice_ce", bc.num_classes, {})
-                              ).to(ctx.device)
+            warmup_loss_fn = (
+                training_loss(cfg.loss, bc.num_classes, {**cfg.loss_params, "ace_weight": 0.0})
+                if is_two_head(bc)
+                else training_loss("baseline_dice_ce", bc.num_classes, {})
+            ).to(ctx.device)
         split_seed = cfg.seed if cfg.split_seed is None else cfg.split_seed
-        train_cases, val_cases = split_cases(info.cases, val_fraction=cfg.val_fraction, seed=split_seed,
-                                             val_cases=cfg.val_cases)
-        return _Plan(ctx, model_id, work_dir, out_dir, log_file, base, info, bc, reporter, loss_fn, warmup_loss_fn,
-                     train_cases, val_cases)
+        train_cases, val_cases = split_cases(
+            info.cases, val_fraction=cfg.val_fraction, seed=split_seed, val_cases=cfg.val_cases
+        )
+        return _Plan(
+            ctx,
+            model_id,
+            work_dir,
+            out_dir,
+            log_file,
+            base,
+            info,
+            bc,
+            reporter,
+            loss_fn,
+            warmup_loss_fn,
+            train_cases,
+            val_cases,
+        )
 
     # -- 2. the checkpoint to resume from, and the work directory ---------------------------------------------------
     def _checkpoint_to_resume(self, plan: _Plan) -> Optional[dict]:
@@ -395,18 +467,38 @@ class Engine:
     def _data(self, plan: _Plan) -> _Data:
         cfg, ctx = self.cfg, plan.ctx
         set_determinism(seed=cfg.seed)
-        train_ds = CacheDataset([c.as_dict() for c in plan.train_cases], train_transforms(plan.bc, cfg),
-                                cache_rate=cfg.cache_rate, num_workers=max(1, cfg.num_workers), progress=False)
-        sampler: DistributedSampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank,
-                                                         shuffle=True, seed=cfg.seed, drop_last=False)
+        train_ds = CacheDataset(
+            [c.as_dict() for c in plan.train_cases],
+            train_transforms(plan.bc, cfg),
+            cache_rate=cfg.cache_rate,
+            num_workers=max(1, cfg.num_workers),
+            progress=False,
+        )
+        sampler: DistributedSampler = DistributedSampler(
+            train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed, drop_last=False
+        )
         gen = torch.Generator()
         gen.manual_seed(cfg.seed)
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-                            generator=gen, pin_memory=ctx.device.type == "cuda")
-        my_val = plan.val_cases[ctx.rank::ctx.world_size]
-        val_ds: Any = CacheDataset([c.as_dict() for c in my_val], model_space_transforms(plan.bc),
-                              cache_rate=cfg.cache_rate, num_workers=max(1, cfg.num_workers),
-                              progress=False) if my_val else []
+        loader = DataLoader(
+            train_ds,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            num_workers=cfg.num_workers,
+            generator=gen,
+            pin_memory=ctx.device.type == "cuda",
+        )
+        my_val = plan.val_cases[ctx.rank :: ctx.world_size]
+        val_ds: Any = (
+            CacheDataset(
+                [c.as_dict() for c in my_val],
+                model_space_transforms(plan.bc),
+                cache_rate=cfg.cache_rate,
+                num_workers=max(1, cfg.num_workers),
+                progress=False,
+            )
+            if my_val
+            else []
+        )
         return _Data(train_ds, sampler, gen, loader, val_ds)
 
     # -- 4. model, optimiser, schedule --------------------------------------------------------------------------------
@@ -426,8 +518,9 @@ class Engine:
         net = net.to(device)
         trainable = [p for p in net.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = WarmupCosineSchedule(opt, warmup_steps=cfg.warmup_epochs, t_total=cfg.epochs,
-                                     warmup_multiplier=cfg.warmup_multiplier)
+        sched = WarmupCosineSchedule(
+            opt, warmup_steps=cfg.warmup_epochs, t_total=cfg.epochs, warmup_multiplier=cfg.warmup_multiplier
+        )
         use_amp = cfg.amp and device.type == "cuda"
         scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         # bf16 needs no loss scaling; only where the CPU computes it natively, elsewhere it is slower than float32
@@ -447,26 +540,50 @@ class Engine:
             # epoch is the new schedule's (not the old schedule's last value, 0 at its end). A schedule built at the
             # last finished step (its constructor takes one step) sets that rate; warm-up as the run had it.
             old = parts.sched
-            parts.sched = WarmupCosineSchedule(parts.opt, warmup_steps=old.warmup_steps, t_total=self.cfg.epochs,
-                                               end_lr=old.end_lr, cycles=old.cycles, last_epoch=old.last_epoch - 1,
-                                               warmup_multiplier=old.warmup_multiplier)
+            parts.sched = WarmupCosineSchedule(
+                parts.opt,
+                warmup_steps=old.warmup_steps,
+                t_total=self.cfg.epochs,
+                end_lr=old.end_lr,
+                cycles=old.cycles,
+                last_epoch=old.last_epoch - 1,
+                warmup_multiplier=old.warmup_multiplier,
+            )
         if state.get("scaler") and parts.use_amp:
             parts.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         return _Progress(state["epoch"], state["history"], state["best"])
 
     # -- 6. the epochs --------------------------------------------------------------------------------------------------
-    def _train(self, plan: _Plan, data: _Data, parts: _Model, done: _Progress, *, resumed: bool,
-               t_start: float) -> TrainResult:
+    def _train(
+        self, plan: _Plan, data: _Data, parts: _Model, done: _Progress, *, resumed: bool, t_start: float
+    ) -> TrainResult:
         """Train from ``done.start_epoch`` to the last epoch, or until the sitting's limit or a cancel."""
         cfg, ctx, reporter = self.cfg, plan.ctx, plan.reporter
-        reporter.event(JobEvent(EVENT_START, model_id=plan.model_id, epochs=cfg.epochs, start_epoch=done.start_epoch,
-                                train_cases=len(plan.train_cases), val_cases=len(plan.val_cases),
-                                world_size=ctx.world_size, resumed=resumed, work_dir=str(plan.work_dir)))
+        reporter.event(
+            JobEvent(
+                EVENT_START,
+                model_id=plan.model_id,
+                epochs=cfg.epochs,
+                start_epoch=done.start_epoch,
+                train_cases=len(plan.train_cases),
+                val_cases=len(plan.val_cases),
+                world_size=ctx.world_size,
+                resumed=resumed,
+                work_dir=str(plan.work_dir),
+            )
+        )
         steps = len(data.loader)
         reporter.open_bar(total=cfg.epochs * steps, initial=done.start_epoch * steps, desc=plan.model_id)
-        result = TrainResult("completed", plan.model_id, plan.work_dir, plan.log_file if ctx.is_main else None,
-                             done.start_epoch, cfg.epochs, history=done.history)
+        result = TrainResult(
+            "completed",
+            plan.model_id,
+            plan.work_dir,
+            plan.log_file if ctx.is_main else None,
+            done.start_epoch,
+            cfg.epochs,
+            history=done.history,
+        )
         sitting_epochs = 0
         try:
             for epoch in range(done.start_epoch, cfg.epochs):
@@ -474,9 +591,18 @@ class Engine:
                 train_loss, lr = self._train_epoch(plan, data, parts, epoch)
                 parts.sched.step()
                 val, val_count = self._validate(plan, data, parts, done, epoch)
-                event = JobEvent(EVENT_EPOCH, epoch=epoch + 1, epochs=cfg.epochs, train_loss=train_loss, lr=lr,
-                                 seconds=round(time.time() - t0, 3), val=val, val_cases=val_count,
-                                 best_dice=done.best["dice"], best_epoch=done.best["epoch"])
+                event = JobEvent(
+                    EVENT_EPOCH,
+                    epoch=epoch + 1,
+                    epochs=cfg.epochs,
+                    train_loss=train_loss,
+                    lr=lr,
+                    seconds=round(time.time() - t0, 3),
+                    val=val,
+                    val_cases=val_count,
+                    best_dice=done.best["dice"],
+                    best_epoch=done.best["epoch"],
+                )
                 done.history.append({k: v for k, v in event.to_json().items() if k != "event"})
                 self._checkpoint(plan, parts, done, epoch)
                 reporter.event(event)
@@ -515,8 +641,11 @@ class Engine:
             x = plain_tensor(batch["image"]).to(device, non_blocking=True)
             y = plain_tensor(batch["label"]).to(device, non_blocking=True).long()
             parts.opt.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=device.type, enabled=parts.use_amp or parts.cpu_bf16,
-                                dtype=torch.bfloat16 if parts.cpu_bf16 else None):
+            with torch.autocast(
+                device_type=device.type,
+                enabled=parts.use_amp or parts.cpu_bf16,
+                dtype=torch.bfloat16 if parts.cpu_bf16 else None,
+            ):
                 out = parts.model(x)
             out = out.float() if not isinstance(out, (list, tuple)) else [o.float() for o in out]
             loss = _loss_value(loss_fn, out, y)
@@ -529,8 +658,9 @@ class Engine:
         ctx.all_reduce_sum(loss_sum)
         return float(loss_sum[0]) / max(float(loss_sum[1]), 1.0), parts.opt.param_groups[0]["lr"]
 
-    def _validate(self, plan: _Plan, data: _Data, parts: _Model, done: _Progress,
-                  epoch: int) -> tuple[Optional[dict], int]:
+    def _validate(
+        self, plan: _Plan, data: _Data, parts: _Model, done: _Progress, epoch: int
+    ) -> tuple[Optional[dict], int]:
         """Validate when the epoch is due (every ``val_every`` and the last); a new best Dice updates ``done.best`` and
         ``best.pt``. Returns (the macro metrics or None when not validated, the number of validation cases)."""
         cfg, ctx = self.cfg, plan.ctx
@@ -538,30 +668,48 @@ class Engine:
             return None, 0
         # under DDP a cancel is honoured at the next training step (all ranks agree there); without test-time
         # augmentation (the final pass before publishing uses the bundle's)
-        vp = run_pass(ddp.unwrap(parts.model), case_items(data.val_ds), plan.bc, tta="none",
-                      cancel=None if ctx.distributed else self.cancel)
+        vp = run_pass(
+            ddp.unwrap(parts.model),
+            case_items(data.val_ds),
+            plan.bc,
+            tta="none",
+            cancel=None if ctx.distributed else self.cancel,
+        )
         vp = reduce_pass(vp, ctx)
         val = summarise(vp)
         # the best weights are chosen among epochs trained with the run's own loss (after any warm-up)
-        if (val["dice"] is not None and epoch + 1 > cfg.loss_warmup_epochs
-                and (done.best["dice"] is None or val["dice"] > done.best["dice"])):
+        if (
+            val["dice"] is not None
+            and epoch + 1 > cfg.loss_warmup_epochs
+            and (done.best["dice"] is None or val["dice"] > done.best["dice"])
+        ):
             done.best = {"dice": val["dice"], "epoch": epoch + 1, "metrics": val}
             if ctx.is_main:
-                save_checkpoint({"model": ddp.unwrap(parts.model).state_dict(), "epoch": epoch + 1, "metrics": val},
-                                plan.work_dir / BEST)
+                save_checkpoint(
+                    {"model": ddp.unwrap(parts.model).state_dict(), "epoch": epoch + 1, "metrics": val},
+                    plan.work_dir / BEST,
+                )
         return val, len(vp.cases)
 
     def _checkpoint(self, plan: _Plan, parts: _Model, done: _Progress, epoch: int) -> None:
         """``last.pt`` after a finished epoch (rank 0)."""
         if not plan.ctx.is_main:
             return
-        save_checkpoint({
-            "model": ddp.unwrap(parts.model).state_dict(), "optimizer": parts.opt.state_dict(),
-            "scheduler": parts.sched.state_dict(), "scaler": parts.scaler.state_dict() if parts.use_amp else None,
-            "epoch": epoch + 1, "history": done.history, "best": done.best, "rng": rng_state(),
-            "config": self.cfg.result_affecting(), "split": {"train": [c.name for c in plan.train_cases],
-                                                             "val": [c.name for c in plan.val_cases]},
-        }, plan.work_dir / LAST)
+        save_checkpoint(
+            {
+                "model": ddp.unwrap(parts.model).state_dict(),
+                "optimizer": parts.opt.state_dict(),
+                "scheduler": parts.sched.state_dict(),
+                "scaler": parts.scaler.state_dict() if parts.use_amp else None,
+                "epoch": epoch + 1,
+                "history": done.history,
+                "best": done.best,
+                "rng": rng_state(),
+                "config": self.cfg.result_affecting(),
+                "split": {"train": [c.name for c in plan.train_cases], "val": [c.name for c in plan.val_cases]},
+            },
+            plan.work_dir / LAST,
+        )
 
     def _sitting_over(self, ctx: ddp.DistContext, sitting_epochs: int, t_start: float) -> bool:
         cfg = self.cfg
@@ -578,15 +726,25 @@ class Engine:
         if ctx.is_main:
             try:
                 bundle = publish(
-                    cfg, plan.bc, ddp.unwrap(parts.model), work_dir=plan.work_dir, out_dir=plan.out_dir,
-                    info=plan.info, train_cases=plan.train_cases, val_cases=plan.val_cases,
+                    cfg,
+                    plan.bc,
+                    ddp.unwrap(parts.model),
+                    work_dir=plan.work_dir,
+                    out_dir=plan.out_dir,
+                    info=plan.info,
+                    train_cases=plan.train_cases,
+                    val_cases=plan.val_cases,
                     val_items=self._all_val_items(plan, data) if plan.val_cases else None,
-                    history=done.history, best=done.best, base=plan.base, cancel=self.cancel,
+                    history=done.history,
+                    best=done.best,
+                    base=plan.base,
+                    cancel=self.cancel,
                     world_size=ctx.world_size,
                 )
                 bundle_path, metrics = bundle.path, bundle.config.metrics
-                plan.reporter.event(JobEvent(EVENT_PUBLISHED, model_id=plan.model_id, path=str(bundle_path),
-                                             metrics=metrics))
+                plan.reporter.event(
+                    JobEvent(EVENT_PUBLISHED, model_id=plan.model_id, path=str(bundle_path), metrics=metrics)
+                )
             except Cancelled:
                 err = Cancelled()
             except BaseException as e:
@@ -603,10 +761,18 @@ class Engine:
 
     def _all_val_items(self, plan: _Plan, data: _Data) -> Callable[[], Any]:
         """Every validation case for the final pass (rank 0 alone sees all of them under DDP)."""
+
         def items() -> Any:
-            ds = data.val_ds if not plan.ctx.distributed else CacheDataset(
-                [c.as_dict() for c in plan.val_cases], model_space_transforms(plan.bc), cache_rate=self.cfg.cache_rate,
-                progress=False)
+            ds = (
+                data.val_ds
+                if not plan.ctx.distributed
+                else CacheDataset(
+                    [c.as_dict() for c in plan.val_cases],
+                    model_space_transforms(plan.bc),
+                    cache_rate=self.cfg.cache_rate,
+                    progress=False,
+                )
+            )
             return case_items(ds)
 
         return items

@@ -46,21 +46,27 @@ from acecal.protocol import EVAL_FIGURES_CASES, EVAL_FIGURES_DATASET, METRIC_NAM
 from acecal.storage.files import atomic_write, dumps_finite
 from acecal.training.progress import Cancelled, is_cancelled
 
-MACRO_NOTE = ("macro: for each case, the mean over the foreground classes present in that case's label map "
-              "(background excluded), then the mean over cases. Per class: the mean over the cases in which the class "
-              "is present. Hard binning with 20 equal-width confidence bins; Dice of the served label map. "
-              "Computed on each image's own grid (the input grid), from the probabilities the server serves for it.")
-FLOOR_NOTE = ("floor: the expected ECE / ACE / MCE of a perfectly calibrated model with the same probabilities "
-              "(every voxel's label drawn from its own served probabilities), with the metric's binning, macro and "
-              "micro as the metric; exact per bin (Poisson-binomial; normal law beyond 65536 voxels in a bin, error "
-              "< 1.5e-6). removable_ace = ACE - floor: what better calibration can remove.")
-ERRORS_NOTE = ("error detection: a voxel is wrong when the served label differs from the true one. ROI = predicted "
-               "or true foreground dilated by {r:g} voxel steps (every wrong voxel lies in it). auroc: of "
-               "1 - confidence for wrong vs right voxels within the ROI, ties counted half (auroc_max_error bounds the "
-               "histogram pooling). recall: wrong volume inside the served flags mask / wrong volume. "
-               "flagged_over_wrong: flagged volume / wrong volume. precision: wrong volume inside the flags / flagged "
-               "volume. Per class c (one against the rest): ROI = voxels predicted or true c, dilated alike; wrong = c "
-               "in exactly one of prediction and truth; flagged = flags inside that ROI. Pooled over cases by volume.")
+MACRO_NOTE = (
+    "macro: for each case, the mean over the foreground classes present in that case's label map "
+    "(background excluded), then the mean over cases. Per class: the mean over the cases in which the class "
+    "is present. Hard binning with 20 equal-width confidence bins; Dice of the served label map. "
+    "Computed on each image's own grid (the input grid), from the probabilities the server serves for it."
+)
+FLOOR_NOTE = (
+    "floor: the expected ECE / ACE / MCE of a perfectly calibrated model with the same probabilities "
+    "(every voxel's label drawn from its own served probabilities), with the metric's binning, macro and "
+    "micro as the metric; exact per bin (Poisson-binomial; normal law beyond 65536 voxels in a bin, error "
+    "< 1.5e-6). removable_ace = ACE - floor: what better calibration can remove."
+)
+ERRORS_NOTE = (
+    "error detection: a voxel is wrong when the served label differs from the true one. ROI = predicted "
+    "or true foreground dilated by {r:g} voxel steps (every wrong voxel lies in it). auroc: of "
+    "1 - confidence for wrong vs right voxels within the ROI, ties counted half (auroc_max_error bounds the "
+    "histogram pooling). recall: wrong volume inside the served flags mask / wrong volume. "
+    "flagged_over_wrong: flagged volume / wrong volume. precision: wrong volume inside the flags / flagged "
+    "volume. Per class c (one against the rest): ROI = voxels predicted or true c, dilated alike; wrong = c "
+    "in exactly one of prediction and truth; flagged = flags inside that ROI. Pooled over cases by volume."
+)
 
 REPORT_NAME = "report.json"
 MARKDOWN_NAME = "report.md"
@@ -94,8 +100,9 @@ class EvaluationAccumulator:
         roi_radius: error-detection ROI margin in voxel steps.
     """
 
-    def __init__(self, config: BundleConfig, options: Optional[InferenceOptions] = None,
-                 roi_radius: float = DEFAULT_ROI_RADIUS) -> None:
+    def __init__(
+        self, config: BundleConfig, options: Optional[InferenceOptions] = None, roi_radius: float = DEFAULT_ROI_RADIUS
+    ) -> None:
         self.config = config
         self.options = options or InferenceOptions()
         names = config.class_names
@@ -103,8 +110,16 @@ class EvaluationAccumulator:
         self.floor = FloorAccumulator(config.num_classes, class_names=names)
         self.errors = ErrorDetectionAccumulator(names, roi_radius=roi_radius)
 
-    def add(self, case_id: str, probs: np.ndarray, grid: Grid, truth: np.ndarray, *,
-            labels: Optional[np.ndarray] = None, temperature: Optional[float] = None):
+    def add(
+        self,
+        case_id: str,
+        probs: np.ndarray,
+        grid: Grid,
+        truth: np.ndarray,
+        *,
+        labels: Optional[np.ndarray] = None,
+        temperature: Optional[float] = None,
+    ):
         """Add one case; returns the :class:`acecal.inference.pipeline.InferenceOutput` (the served volumes).
 
         Args:
@@ -114,13 +129,18 @@ class EvaluationAccumulator:
         """
         truth = np.asarray(truth)
         if truth.shape != probs.shape[1:]:
-            raise InvalidInputError(f"case {case_id}: label map {truth.shape} and probabilities {probs.shape[1:]} "
-                                    "are on different grids")
+            raise InvalidInputError(
+                f"case {case_id}: label map {truth.shape} and probabilities {probs.shape[1:]} are on different grids"
+            )
         truth = truth.astype(np.int64, copy=False)
         out = analyse(probs, grid, self.config, self.options, temperature=temperature, labels=labels)
         served = torch.from_numpy(out.labels.astype(np.int64))[None, None]
-        self.calibration.update(torch.from_numpy(np.ascontiguousarray(probs))[None],
-                                torch.from_numpy(truth)[None, None], case_id=case_id, predicted=served)
+        self.calibration.update(
+            torch.from_numpy(np.ascontiguousarray(probs))[None],
+            torch.from_numpy(truth)[None, None],
+            case_id=case_id,
+            predicted=served,
+        )
         self.floor.update(probs, truth, case_id)
         self.errors.update(out.labels, out.confidence, out.flags, truth, case_id, voxel_ml=grid.voxel_volume_ml)
         return out
@@ -136,34 +156,54 @@ class EvaluationAccumulator:
         for row in rep.per_class:
             name = row["class"]
             fc = floor["per_class"][name]
-            per_class[name] = {"label": row["index"], "cases_present": row["cases_present"],
-                               **_finite(row, key="macro_{}"), "micro_ace": finite_or_none(row["micro_ace"]),
-                               "floor_ace": finite_or_none(fc["macro_ace"]),
-                               "removable_ace": _diff(row["macro_ace"], fc["macro_ace"]),
-                               "micro_floor_ace": finite_or_none(fc["micro_ace"])}
+            per_class[name] = {
+                "label": row["index"],
+                "cases_present": row["cases_present"],
+                **_finite(row, key="macro_{}"),
+                "micro_ace": finite_or_none(row["micro_ace"]),
+                "floor_ace": finite_or_none(fc["macro_ace"]),
+                "removable_ace": _diff(row["macro_ace"], fc["macro_ace"]),
+                "micro_floor_ace": finite_or_none(fc["micro_ace"]),
+            }
         cases, case_classes = [], {}
         for row in rep.per_case:
             cid = row["case_id"]
             fl, ed = floor["per_case"][cid], errors["per_case"][cid]
-            cases.append({"case": cid, **_finite(row), "floor_ace": finite_or_none(fl["ace"]),
-                          "auroc": ed["auroc"], "recall": ed["recall"], "flagged_over_wrong": ed["flagged_over_wrong"]})
-            case_classes[cid] = {n: {"present": v["present"], **_finite(v),
-                                     "floor_ace": finite_or_none(fl["classes"][n]["ace"])}
-                                 for n, v in row["classes"].items()}
+            cases.append(
+                {
+                    "case": cid,
+                    **_finite(row),
+                    "floor_ace": finite_or_none(fl["ace"]),
+                    "auroc": ed["auroc"],
+                    "recall": ed["recall"],
+                    "flagged_over_wrong": ed["flagged_over_wrong"],
+                }
+            )
+            case_classes[cid] = {
+                n: {"present": v["present"], **_finite(v), "floor_ace": finite_or_none(fl["classes"][n]["ace"])}
+                for n, v in row["classes"].items()
+            }
         floor_out = {
             **_finite(floor["macro"], FLOOR_METRICS),
             "removable_ace": _diff(macro["ace"], floor["macro"]["ace"]),
-            "micro": {**_finite(floor["micro"], FLOOR_METRICS),
-                      "removable_ace": _diff(micro["ace"], floor["micro"]["ace"])},
+            "micro": {
+                **_finite(floor["micro"], FLOOR_METRICS),
+                "removable_ace": _diff(micro["ace"], floor["micro"]["ace"]),
+            },
             "note": FLOOR_NOTE,
         }
         error_out = {k: v for k, v in errors.items() if k not in ("per_case", "per_class", "num_cases", "roi_radius")}
-        error_out.update({
-            "per_class": errors["per_class"], "roi_radius_voxels": errors["roi_radius"],
-            "flags": {k: eff[k] for k in ("uncertainty_threshold", "band_mm", "band_voxels", "min_region_voxels",
-                                          "connectivity")},
-            "note": ERRORS_NOTE.format(r=errors["roi_radius"]),
-        })
+        error_out.update(
+            {
+                "per_class": errors["per_class"],
+                "roi_radius_voxels": errors["roi_radius"],
+                "flags": {
+                    k: eff[k]
+                    for k in ("uncertainty_threshold", "band_mm", "band_voxels", "min_region_voxels", "connectivity")
+                },
+                "note": ERRORS_NOTE.format(r=errors["roi_radius"]),
+            }
+        )
         return {
             "aggregate": macro,
             "aggregate_std": _finite(rep.macro, key="{}_std"),
@@ -212,8 +252,9 @@ def evaluate(
     reg = registry or ModelRegistry([default_models_dir(), default_data_dir() / "models"])
     bundle = resolve_bundle(model, reg)
     cfg = bundle.config
-    predictor = Predictor(bundle, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
-                          use_calibrator=not raw)
+    predictor = Predictor(
+        bundle, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), use_calibrator=not raw
+    )
     kind = predictor.calibrator_kind(True)  # the bundle's post-hoc step, None when it has none
     if temperature and raw:
         raise InvalidInputError("--temperature and --raw contradict each other: --raw switches the post-hoc step off")
@@ -245,13 +286,21 @@ def evaluate(
         for row in numbers["cases"]:
             cid = row["case"]
             mean_p, mean_y, count = ev.calibration.case_bins(cid)
-            p = plot_reliability_diagram(mean_p, mean_y, count, names,
-                                         out / "figures" / f"reliability_{_file_safe(cid)}.png",
-                                         title=f"{cid} ({cfg.id}{', ' + tag if tag else ''})")
+            p = plot_reliability_diagram(
+                mean_p,
+                mean_y,
+                count,
+                names,
+                out / "figures" / f"reliability_{_file_safe(cid)}.png",
+                title=f"{cid} ({cfg.id}{', ' + tag if tag else ''})",
+            )
             figures[cid] = str(p.relative_to(out))
-        hist_path = plot_dataset_reliability_histogram(ev.calibration.aggregate().histogram, names,
-                                                       out / HISTOGRAM_NAME,
-                                                       title=f"{cfg.id}: dataset reliability histogram")
+        hist_path = plot_dataset_reliability_histogram(
+            ev.calibration.aggregate().histogram,
+            names,
+            out / HISTOGRAM_NAME,
+            title=f"{cfg.id}: dataset reliability histogram",
+        )
     report = {
         "model": cfg.id,
         "raw": bool(raw),
@@ -276,17 +325,30 @@ def _row(*cells: str) -> str:
 
 def _detection_row(name: str, v: dict) -> str:
     """A row of the error-detection table: AUROC, recall, flagged / wrong, precision, wrong and flagged volume."""
-    return _row(name, number(v["auroc"], 3), percent(v["recall"]), ratio(v["flagged_over_wrong"]),
-                percent(v["precision"]), number(v["wrong_ml"], 3), number(v["flagged_ml"], 3))
+    return _row(
+        name,
+        number(v["auroc"], 3),
+        percent(v["recall"]),
+        ratio(v["flagged_over_wrong"]),
+        percent(v["precision"]),
+        number(v["wrong_ml"], 3),
+        number(v["flagged_ml"], 3),
+    )
 
 
 def report_markdown(r: dict) -> str:
     """``report.md``: the tables of a report dict, its notes and its figures."""
     a, mi, fl, ed = r["aggregate"], r["micro"], r["floor"], r["error_detection"]
-    what = ("the network's own softmax (`--raw`, no post-hoc step)" if r.get("raw") else
-            "the served probabilities" + (f" (post-hoc {r['calibrator']}"
-                                           + (f", T = {r['temperature']:.3g}" if r.get("temperature") else "") + ")"
-                                           if r.get("calibrator") else " (the bundle has no post-hoc step)"))
+    what = (
+        "the network's own softmax (`--raw`, no post-hoc step)"
+        if r.get("raw")
+        else "the served probabilities"
+        + (
+            f" (post-hoc {r['calibrator']}" + (f", T = {r['temperature']:.3g}" if r.get("temperature") else "") + ")"
+            if r.get("calibrator")
+            else " (the bundle has no post-hoc step)"
+        )
+    )
     lines = [
         f"# Evaluation of `{r['model']}`",
         "",
@@ -294,21 +356,39 @@ def report_markdown(r: dict) -> str:
         "",
         "| | Dice | ACE | floor | removable | ECE | MCE |",
         "|---|---|---|---|---|---|---|",
-        _row("macro (mean over cases)", *map(number, (a["dice"], a["ace"], fl["ace"], fl["removable_ace"], a["ece"],
-                                                        a["mce"]))),
-        _row("micro (pooled voxels)", *map(number, (mi["dice"], mi["ace"], fl["micro"]["ace"],
-                                                      fl["micro"]["removable_ace"], mi["ece"], mi["mce"]))),
+        _row(
+            "macro (mean over cases)",
+            *map(number, (a["dice"], a["ace"], fl["ace"], fl["removable_ace"], a["ece"], a["mce"])),
+        ),
+        _row(
+            "micro (pooled voxels)",
+            *map(
+                number, (mi["dice"], mi["ace"], fl["micro"]["ace"], fl["micro"]["removable_ace"], mi["ece"], mi["mce"])
+            ),
+        ),
     ]
     for name, v in r["per_class"].items():
-        lines.append(_row(f"{name} ({v['cases_present']} cases)",
-                          *map(number, (v["dice"], v["ace"], v["floor_ace"], v["removable_ace"], v["ece"], v["mce"]))))
-    lines += ["", f"*{r['note']}*", "", f"*{fl['note']}* Floor ECE {number(fl['ece'], 5)}, MCE {number(fl['mce'])}.", ""]
+        lines.append(
+            _row(
+                f"{name} ({v['cases_present']} cases)",
+                *map(number, (v["dice"], v["ace"], v["floor_ace"], v["removable_ace"], v["ece"], v["mce"])),
+            )
+        )
+    lines += [
+        "",
+        f"*{r['note']}*",
+        "",
+        f"*{fl['note']}* Floor ECE {number(fl['ece'], 5)}, MCE {number(fl['mce'])}.",
+        "",
+    ]
     flags = ed["flags"]
     band = f"{flags['band_mm']:g} mm" if flags.get("band_mm") is not None else f"{flags['band_voxels']:g} voxels"
     lines += [
-        "## Do the flags find the errors?", "",
+        "## Do the flags find the errors?",
+        "",
         f"Flags as served: confidence below {flags['uncertainty_threshold']:g} within {band} of a predicted boundary, "
-        f"regions of at least {flags['min_region_voxels']} voxels ({flags['connectivity']}-connected).", "",
+        f"regions of at least {flags['min_region_voxels']} voxels ({flags['connectivity']}-connected).",
+        "",
         "| | AUROC (1 - confidence) | recall of wrong voxels | flagged / wrong volume | precision | wrong ml | flagged ml |",
         "|---|---|---|---|---|---|---|",
         _detection_row("all classes", ed),
@@ -316,15 +396,31 @@ def report_markdown(r: dict) -> str:
     lines += [_detection_row(name, v) for name, v in ed["per_class"].items()]
     lines += ["", f"*{ed['note']}*", ""]
     if r["figures"].get("dataset_histogram"):
-        lines += ["## Dataset reliability histogram", "",
-                  "Column m: the distribution over cases of the observed frequency in confidence bin m; mass on the "
-                  "diagonal means calibrated, below it over-confident.", "",
-                  f"![dataset reliability histogram]({r['figures']['dataset_histogram']})", ""]
-    lines += ["## Cases", "", "| case | Dice | ACE | floor | ECE | MCE | AUROC | recall | flagged / wrong |",
-              "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Dataset reliability histogram",
+            "",
+            "Column m: the distribution over cases of the observed frequency in confidence bin m; mass on the "
+            "diagonal means calibrated, below it over-confident.",
+            "",
+            f"![dataset reliability histogram]({r['figures']['dataset_histogram']})",
+            "",
+        ]
+    lines += [
+        "## Cases",
+        "",
+        "| case | Dice | ACE | floor | ECE | MCE | AUROC | recall | flagged / wrong |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in r["cases"]:
-        lines.append(_row(c["case"], *map(number, (c["dice"], c["ace"], c["floor_ace"], c["ece"], c["mce"])),
-                          number(c["auroc"], 3), percent(c["recall"]), ratio(c["flagged_over_wrong"])))
+        lines.append(
+            _row(
+                c["case"],
+                *map(number, (c["dice"], c["ace"], c["floor_ace"], c["ece"], c["mce"])),
+                number(c["auroc"], 3),
+                percent(c["recall"]),
+                ratio(c["flagged_over_wrong"]),
+            )
+        )
     figs = r["figures"].get("cases") or {}
     if figs:
         lines += ["", "## Reliability diagrams", ""]

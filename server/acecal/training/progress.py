@@ -86,8 +86,13 @@ def read_log(path: str | os.PathLike) -> list[dict]:
 class Reporter:
     """Fans events out to the log file, the callback and (on a terminal) a tqdm bar. Rank 0 only."""
 
-    def __init__(self, log_path: Optional[str | os.PathLike], callback: Optional[ProgressCallback] = None,
-                 show_bar: Optional[bool] = None, enabled: bool = True):
+    def __init__(
+        self,
+        log_path: Optional[str | os.PathLike],
+        callback: Optional[ProgressCallback] = None,
+        show_bar: Optional[bool] = None,
+        enabled: bool = True,
+    ):
         self.enabled = enabled
         self.log = JsonLinesLog(log_path if enabled else None)
         self.callback = callback if enabled else None
@@ -124,8 +129,10 @@ class Reporter:
         rec = self.log.write(record) if log else json_finite({**record, "time": now()})
         if self.bar is not None and event.event == EVENT_EPOCH and event.val:
             v = event.val
-            self.bar.write(f"epoch {event.epoch}: loss {number(event.train_loss)}  val dice {number(v.get('dice'))}"
-                           f"  ace {number(v.get('ace'))}  ece {number(v.get('ece'))}  mce {number(v.get('mce'))}")
+            self.bar.write(
+                f"epoch {event.epoch}: loss {number(event.train_loss)}  val dice {number(v.get('dice'))}"
+                f"  ace {number(v.get('ace'))}  ece {number(v.get('ece'))}  mce {number(v.get('mce'))}"
+            )
         self._notify(rec)
         return rec
 

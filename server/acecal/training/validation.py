@@ -42,8 +42,9 @@ class PassResult:
     labels: list[torch.Tensor] = field(default_factory=list)  # (1, 1, ...) per case, when collected
 
 
-def make_accumulator(num_classes: int, num_bins: int = NUM_BINS,
-                     class_names: Optional[Sequence[str]] = None) -> CalibrationAccumulator:
+def make_accumulator(
+    num_classes: int, num_bins: int = NUM_BINS, class_names: Optional[Sequence[str]] = None
+) -> CalibrationAccumulator:
     return CalibrationAccumulator(num_classes, num_bins=num_bins, include_background=False, class_names=class_names)
 
 
@@ -97,8 +98,9 @@ def run_pass(
             probs = torch.softmax(cal_logits, dim=1)
             predicted = seg_logits.argmax(dim=1, keepdim=True) if two_head else None
             lab = torch.as_tensor(label).to(probs.device).long()
-            acc.update(probs.cpu(), lab.cpu(), case_id=str(name),
-                       predicted=None if predicted is None else predicted.cpu())
+            acc.update(
+                probs.cpu(), lab.cpu(), case_id=str(name), predicted=None if predicted is None else predicted.cpu()
+            )
             c, r = top_label_bins(probs, lab, predicted=predicted)
             counts += c
             right += r

@@ -38,8 +38,13 @@ _409 = {409: {"model": ErrorResponse, "description": "a queued or running fine-t
 _507 = DISK_FULL_RESPONSE
 
 
-@router.post("/datasets", response_model=DatasetCreated, status_code=201, summary="Create an empty dataset",
-             responses={**_400, 404: {"model": ErrorResponse, "description": "unknown model"}, **_507})
+@router.post(
+    "/datasets",
+    response_model=DatasetCreated,
+    status_code=201,
+    summary="Create an empty dataset",
+    responses={**_400, 404: {"model": ErrorResponse, "description": "unknown model"}, **_507},
+)
 def create_dataset(body: DatasetCreate, datasets: DatasetsDep) -> dict[str, Any]:
     return datasets.create(body.name, body.model).to_json()
 
@@ -49,26 +54,33 @@ def list_datasets(datasets: DatasetsDep) -> dict[str, Any]:
     return {"datasets": [d.to_json() for d in datasets.all()]}
 
 
-@router.get("/datasets/{dataset_id}", response_model=DatasetInfo, summary="One dataset with its cases",
-            responses=_404)
+@router.get("/datasets/{dataset_id}", response_model=DatasetInfo, summary="One dataset with its cases", responses=_404)
 def get_dataset(dataset_id: str, datasets: DatasetsDep) -> dict[str, Any]:
     return datasets.describe(dataset_id)
 
 
-@router.delete("/datasets/{dataset_id}", response_model=Deleted, summary="Delete a dataset and its files",
-               responses={**_404, **_409})
+@router.delete(
+    "/datasets/{dataset_id}",
+    response_model=Deleted,
+    summary="Delete a dataset and its files",
+    responses={**_404, **_409},
+)
 def delete_dataset(dataset_id: str, datasets: DatasetsDep) -> dict[str, Any]:
     datasets.delete(dataset_id)
     return {"id": dataset_id}
 
 
 _CASE_BODY = multipart_body(
-    files={"image": "the image: .nii, .nii.gz, .nrrd or .mha (3-D, voxel data in the file itself)",
-           "label": "its label map (whole numbers) on exactly the image's grid"},
-    fields={"name": "a display name (default: the image file name), at most 200 characters",
-            "model": "check the label values against this model's labels (default: the dataset's model, if it has "
-                     "one)"},
-    required=["image", "label"])
+    files={
+        "image": "the image: .nii, .nii.gz, .nrrd or .mha (3-D, voxel data in the file itself)",
+        "label": "its label map (whole numbers) on exactly the image's grid",
+    },
+    fields={
+        "name": "a display name (default: the image file name), at most 200 characters",
+        "model": "check the label values against this model's labels (default: the dataset's model, if it has one)",
+    },
+    required=["image", "label"],
+)
 
 
 def _text_field(form: ReceivedForm, key: str, limit: int = 200) -> Optional[str]:
@@ -86,11 +98,17 @@ def _text_field(form: ReceivedForm, key: str, limit: int = 200) -> Optional[str]
     responses={
         400: {"model": ErrorResponse, "description": "malformed multipart body"},
         **_404,
-        413: {"model": ErrorResponse, "description": "upload larger than the server's limit, or an image over the "
-                                                     "voxel budgets (max_voxels, max_model_voxels)"},
-        422: {"model": ErrorResponse, "description": "the case is unusable: unreadable or corrupt file, detached voxel "
-                                                     "data, not 3-D, NaN voxels, image and label on different grids, "
-                                                     "non-integer label values or values the model does not know"},
+        413: {
+            "model": ErrorResponse,
+            "description": "upload larger than the server's limit, or an image over the "
+            "voxel budgets (max_voxels, max_model_voxels)",
+        },
+        422: {
+            "model": ErrorResponse,
+            "description": "the case is unusable: unreadable or corrupt file, detached voxel "
+            "data, not 3-D, NaN voxels, image and label on different grids, "
+            "non-integer label values or values the model does not know",
+        },
         **_507,
     },
     openapi_extra=_CASE_BODY,
@@ -108,8 +126,9 @@ async def add_case(request: Request, dataset_id: str, datasets: DatasetsDep, set
 
         def add() -> dict[str, Any]:
             with image_limits(limits):
-                return datasets.add_case(dataset_id, img, lab, image_name=image_name, label_name=label_name,
-                                         name=name, model=model)
+                return datasets.add_case(
+                    dataset_id, img, lab, image_name=image_name, label_name=label_name, name=name, model=model
+                )
 
         case = await run_in_threadpool(memory_bounded, add, f"the image {image_name!r}")
     finally:
@@ -117,14 +136,17 @@ async def add_case(request: Request, dataset_id: str, datasets: DatasetsDep, set
     return {**case, "dataset": dataset_id}
 
 
-@router.get("/datasets/{dataset_id}/cases/{case_id}", response_model=CaseInfo, summary="One case",
-            responses=_404)
+@router.get("/datasets/{dataset_id}/cases/{case_id}", response_model=CaseInfo, summary="One case", responses=_404)
 def get_case(dataset_id: str, case_id: str, datasets: DatasetsDep) -> dict[str, Any]:
     return case_view(datasets.get_case(dataset_id, case_id))
 
 
-@router.delete("/datasets/{dataset_id}/cases/{case_id}", response_model=Deleted, summary="Delete a case",
-               responses={**_404, **_409})
+@router.delete(
+    "/datasets/{dataset_id}/cases/{case_id}",
+    response_model=Deleted,
+    summary="Delete a case",
+    responses={**_404, **_409},
+)
 def delete_case(dataset_id: str, case_id: str, datasets: DatasetsDep) -> dict[str, Any]:
     datasets.delete_case(dataset_id, case_id)
     return {"id": case_id}

@@ -38,26 +38,44 @@ _ERROR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/Err
     responses={
         **_400,
         404: {"model": ErrorResponse, "description": "unknown model or dataset"},
-        413: {"model": ErrorResponse, "description": "a case too large once resampled to the model's spacing "
-                                                     "(max_model_voxels)"},
-        422: {"model": ErrorResponse, "description": "empty dataset, unknown case ids, label values the model does "
-                                                     "not know, a stored case whose file is unusable, or temperature "
-                                                     "asked of a model without one (or together with raw)"},
+        413: {
+            "model": ErrorResponse,
+            "description": "a case too large once resampled to the model's spacing (max_model_voxels)",
+        },
+        422: {
+            "model": ErrorResponse,
+            "description": "empty dataset, unknown case ids, label values the model does "
+            "not know, a stored case whose file is unusable, or temperature "
+            "asked of a model without one (or together with raw)",
+        },
         **busy_response("device queue"),
         **DISK_FULL_RESPONSE,
     },
 )
-async def evaluate_model(model_id: str, body: EvaluateRequest, evaluations: EvaluationsDep, queue: QueueDep,
-                         settings: SettingsDep) -> dict[str, Any]:
-    plan = await run_in_threadpool(evaluations.prepare, model_id, body.dataset, cases=body.cases,
-                                   temperature=body.temperature, raw=body.raw, limits=settings.image_limits())
+async def evaluate_model(
+    model_id: str, body: EvaluateRequest, evaluations: EvaluationsDep, queue: QueueDep, settings: SettingsDep
+) -> dict[str, Any]:
+    plan = await run_in_threadpool(
+        evaluations.prepare,
+        model_id,
+        body.dataset,
+        cases=body.cases,
+        temperature=body.temperature,
+        raw=body.raw,
+        limits=settings.image_limits(),
+    )
     async with queue.slot():
-        return await queue.run(memory_bounded, lambda: evaluations.run(plan),
-                               f"evaluating dataset {plan.dataset.id!r}", HOST_MEMORY)
+        return await queue.run(
+            memory_bounded, lambda: evaluations.run(plan), f"evaluating dataset {plan.dataset.id!r}", HOST_MEMORY
+        )
 
 
-@router.get("/evaluations/{evaluation_id}", response_model=EvaluationResponse, summary="A stored evaluation",
-            responses={404: {"model": ErrorResponse, "description": "unknown evaluation"}})
+@router.get(
+    "/evaluations/{evaluation_id}",
+    response_model=EvaluationResponse,
+    summary="A stored evaluation",
+    responses={404: {"model": ErrorResponse, "description": "unknown evaluation"}},
+)
 def get_evaluation(evaluation_id: str, evaluations: EvaluationsDep) -> dict[str, Any]:
     return evaluations.store.get(evaluation_id)
 
@@ -66,17 +84,25 @@ def get_evaluation(evaluation_id: str, evaluations: EvaluationsDep) -> dict[str,
     "/evaluations/{evaluation_id}/figures/{name}",
     response_class=FileResponse,
     summary="A reliability figure of an evaluation (PNG)",
-    responses={200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-                     "description": "the figure"},
-               404: {"content": _ERROR_JSON, "description": "unknown evaluation or figure"},
-               422: {"content": _ERROR_JSON, "description": "invalid request"}},
+    responses={
+        200: {
+            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "the figure",
+        },
+        404: {"content": _ERROR_JSON, "description": "unknown evaluation or figure"},
+        422: {"content": _ERROR_JSON, "description": "invalid request"},
+    },
 )
 def get_figure(evaluation_id: str, name: str, evaluations: EvaluationsDep) -> FileResponse:
     return FileResponse(evaluations.store.figure(evaluation_id, name), media_type="image/png")
 
 
-@router.delete("/evaluations/{evaluation_id}", response_model=Deleted, summary="Delete a stored evaluation",
-               responses={404: {"model": ErrorResponse, "description": "unknown evaluation"}})
+@router.delete(
+    "/evaluations/{evaluation_id}",
+    response_model=Deleted,
+    summary="Delete a stored evaluation",
+    responses={404: {"model": ErrorResponse, "description": "unknown evaluation"}},
+)
 def delete_evaluation(evaluation_id: str, evaluations: EvaluationsDep) -> dict[str, Any]:
     evaluations.store.delete(evaluation_id)
     return {"id": evaluation_id}

@@ -14,6 +14,13 @@ router = APIRouter(tags=["health"])
 @router.get("/health", response_model=HealthResponse, summary="Server status, version and device")
 async def health(services: ServicesDep) -> HealthResponse:
     s = services.settings
-    return HealthResponse(version=__version__, device=services.device, auth_required=s.api_key is not None,
-                          max_upload_mb=s.max_upload_mb, max_voxels=s.max_voxels, max_model_voxels=s.max_model_voxels,
-                          result_ttl_s=s.result_ttl_s, queue=QueueStats(**services.queue.stats()))
+    return HealthResponse(
+        version=__version__,
+        device=services.device,
+        auth_required=s.api_key is not None,
+        max_upload_mb=s.max_upload_mb,
+        max_voxels=s.max_voxels,
+        max_model_voxels=s.max_model_voxels,
+        result_ttl_s=s.result_ttl_s,
+        queue=QueueStats(**services.queue.stats()),
+    )

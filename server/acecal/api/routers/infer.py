@@ -37,20 +37,27 @@ router = APIRouter(tags=["inference"])
 _ERRORS = {
     400: {"model": ErrorResponse, "description": "malformed multipart body"},
     404: {"model": ErrorResponse, "description": "unknown model id"},
-    413: {"model": ErrorResponse, "description": "upload larger than the server's limit, or an image with more voxels "
-                                                 "(or model-space voxels) than max_voxels (max_model_voxels), or one "
-                                                 "too large for the server's memory"},
-    422: {"model": ErrorResponse, "description": "unusable image (corrupt, empty, 2-D, NaN, wrong channel count, "
-                                                 "detached voxel data, values that overflow the normalisation) or "
-                                                 "invalid params"},
+    413: {
+        "model": ErrorResponse,
+        "description": "upload larger than the server's limit, or an image with more voxels "
+        "(or model-space voxels) than max_voxels (max_model_voxels), or one "
+        "too large for the server's memory",
+    },
+    422: {
+        "model": ErrorResponse,
+        "description": "unusable image (corrupt, empty, 2-D, NaN, wrong channel count, "
+        "detached voxel data, values that overflow the normalisation) or "
+        "invalid params",
+    },
     **busy_response("inference queue"),
     **DISK_FULL_RESPONSE,
 }
 
 _BODY = multipart_body(
     files={"image": "the volume: .nii, .nii.gz, .nrrd or .mha (3-D, scalar, voxel data in the file itself)"},
-    fields={"params": "JSON object of InferParams, e.g. {\"uncertainty_threshold\": 0.7, \"band_mm\": 3}"},
-    required=["image"])
+    fields={"params": 'JSON object of InferParams, e.g. {"uncertainty_threshold": 0.7, "band_mm": 3}'},
+    required=["image"],
+)
 
 
 @router.post(
@@ -72,9 +79,14 @@ async def infer(request: Request, model_id: str, services: ServicesDep) -> Respo
         try:
             p = InferParams.from_form(form.fields.get("params"))
             options = InferenceOptions(
-                uncertainty_threshold=p.uncertainty_threshold, overlap=p.overlap, use_temperature=p.use_temperature,
-                band_mm=p.band_mm, band_voxels=p.band_voxels, min_region_voxels=p.min_region_voxels,
-                connectivity=p.connectivity, tta=p.tta,
+                uncertainty_threshold=p.uncertainty_threshold,
+                overlap=p.overlap,
+                use_temperature=p.use_temperature,
+                band_mm=p.band_mm,
+                band_voxels=p.band_voxels,
+                min_region_voxels=p.min_region_voxels,
+                connectivity=p.connectivity,
+                tta=p.tta,
             )
             received = form.file("image")
             name = display_name(received.filename)
@@ -93,8 +105,11 @@ async def infer(request: Request, model_id: str, services: ServicesDep) -> Respo
                     t = time.perf_counter()
                     write_volumes(folder, out, compress=p.compress)
                     report = dict(out.report)
-                    report["timings"] = dict(report["timings"], write_s=round(time.perf_counter() - t, 4),
-                                             total_s=round(time.perf_counter() - t_start, 4))
+                    report["timings"] = dict(
+                        report["timings"],
+                        write_s=round(time.perf_counter() - t, 4),
+                        total_s=round(time.perf_counter() - t_start, 4),
+                    )
                     report[VOLUMES_KEY] = list(VOLUMES)
                     return report
 
@@ -103,8 +118,14 @@ async def infer(request: Request, model_id: str, services: ServicesDep) -> Respo
             reply = await run_in_threadpool(infer_and_store)
         finally:
             form.discard()
-    log.info("inference %s: model %s, image %r %s, %.2f s", reply["result_id"], bundle.id, name,
-             "x".join(map(str, reply["grid"]["size"])), time.perf_counter() - t_start)
+    log.info(
+        "inference %s: model %s, image %r %s, %.2f s",
+        reply["result_id"],
+        bundle.id,
+        name,
+        "x".join(map(str, reply["grid"]["size"])),
+        time.perf_counter() - t_start,
+    )
     try:
         # built by our own code to the InferResponse schema (tests validate it) and stored with allow_nan=False:
         # sent without re-validation, which costs more than the JSON itself for thousands of regions

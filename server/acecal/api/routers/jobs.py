@@ -34,12 +34,17 @@ _404 = {404: {"model": ErrorResponse, "description": "unknown job"}}
     responses={
         **_400,
         404: {"model": ErrorResponse, "description": "unknown base model or dataset"},
-        413: {"model": ErrorResponse, "description": "a case too large once resampled to the base model's spacing "
-                                                     "(max_model_voxels)"},
+        413: {
+            "model": ErrorResponse,
+            "description": "a case too large once resampled to the base model's spacing (max_model_voxels)",
+        },
         409: {"model": ErrorResponse, "description": "a model with the requested model_id exists or is being trained"},
-        422: {"model": ErrorResponse, "description": "invalid settings (e.g. a patch size the base model's network "
-                                                     "cannot take), a dataset with fewer than 2 cases, or label "
-                                                     "values the base model does not know"},
+        422: {
+            "model": ErrorResponse,
+            "description": "invalid settings (e.g. a patch size the base model's network "
+            "cannot take), a dataset with fewer than 2 cases, or label "
+            "values the base model does not know",
+        },
         **busy_response("job queue"),
         **DISK_FULL_RESPONSE,
     },
@@ -51,21 +56,29 @@ def finetune(body: FinetuneRequest, response: Response, jobs: JobsDep, settings:
 
 
 @router.get("/jobs", response_model=JobsResponse, summary="All fine-tuning jobs, newest first")
-def list_jobs(jobs: JobsDep,
-              status: Optional[JobStatus] = Query(None, description="only jobs in this state"),
-              limit: int = Query(100, ge=1, le=1000, description="at most this many jobs")) -> dict[str, Any]:
+def list_jobs(
+    jobs: JobsDep,
+    status: Optional[JobStatus] = Query(None, description="only jobs in this state"),
+    limit: int = Query(100, ge=1, le=1000, description="at most this many jobs"),
+) -> dict[str, Any]:
     return jobs.overview(status, limit)
 
 
-@router.get("/jobs/{job_id}", response_model=JobInfo, summary="One job: status, progress, metrics, log tail",
-            responses=_404)
+@router.get(
+    "/jobs/{job_id}", response_model=JobInfo, summary="One job: status, progress, metrics, log tail", responses=_404
+)
 async def get_job(
     job_id: str,
     jobs: JobsDep,
-    wait: float = Query(0.0, ge=0.0, le=MAX_WAIT_S, description="long-poll: wait up to this many seconds for a "
-                                                                "change (0 = answer at once)"),
-    after: Optional[int] = Query(None, ge=0, description="long-poll: the rev you already have (default: the "
-                                                         "current one)"),
+    wait: float = Query(
+        0.0,
+        ge=0.0,
+        le=MAX_WAIT_S,
+        description="long-poll: wait up to this many seconds for a change (0 = answer at once)",
+    ),
+    after: Optional[int] = Query(
+        None, ge=0, description="long-poll: the rev you already have (default: the current one)"
+    ),
 ) -> dict[str, Any]:
     job = await run_in_threadpool(jobs.get, job_id)
     if wait > 0:
@@ -77,7 +90,11 @@ async def get_job(
     return await run_in_threadpool(jobs.view, job)
 
 
-@router.delete("/jobs/{job_id}", response_model=JobInfo,
-               summary="Cancel a job (a running one stops within seconds and publishes nothing)", responses=_404)
+@router.delete(
+    "/jobs/{job_id}",
+    response_model=JobInfo,
+    summary="Cancel a job (a running one stops within seconds and publishes nothing)",
+    responses=_404,
+)
 def cancel_job(job_id: str, jobs: JobsDep) -> dict[str, Any]:
     return jobs.view(jobs.cancel(job_id))

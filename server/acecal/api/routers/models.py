@@ -19,17 +19,26 @@ def list_models(registry: RegistryDep) -> ModelsResponse:
     return ModelsResponse(models=[ModelInfo(**b.describe()) for b in registry.list()], problems=registry.problems())
 
 
-@router.get("/models/{model_id}", response_model=ModelInfo, summary="One model's description",
-            responses={404: {"model": ErrorResponse, "description": "unknown model id"}})
+@router.get(
+    "/models/{model_id}",
+    response_model=ModelInfo,
+    summary="One model's description",
+    responses={404: {"model": ErrorResponse, "description": "unknown model id"}},
+)
 def get_model(model_id: str, registry: RegistryDep) -> ModelInfo:
     return ModelInfo(**registry.get(model_id).describe())
 
 
-@router.get("/models/{model_id}/card", response_class=Response, summary="The model card (Markdown)",
-            responses={200: {"content": {"text/markdown": {"schema": {"type": "string"}}},
-                             "description": "the model card"},
-                       404: {"content": _ERROR_JSON, "description": "unknown model id"},
-                       422: {"content": _ERROR_JSON, "description": "invalid request"}})
+@router.get(
+    "/models/{model_id}/card",
+    response_class=Response,
+    summary="The model card (Markdown)",
+    responses={
+        200: {"content": {"text/markdown": {"schema": {"type": "string"}}}, "description": "the model card"},
+        404: {"content": _ERROR_JSON, "description": "unknown model id"},
+        422: {"content": _ERROR_JSON, "description": "invalid request"},
+    },
+)
 def get_model_card(model_id: str, registry: RegistryDep) -> PlainTextResponse:
     b = registry.get(model_id)
     try:

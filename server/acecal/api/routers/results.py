@@ -18,8 +18,12 @@ _NOT_FOUND = {404: {"model": ErrorResponse, "description": "unknown, expired or 
 _CHUNK = 1 << 20
 
 
-@router.get("/results/{result_id}", response_model=InferResponse, summary="The reply of a finished inference again",
-            responses=_NOT_FOUND)
+@router.get(
+    "/results/{result_id}",
+    response_model=InferResponse,
+    summary="The reply of a finished inference again",
+    responses=_NOT_FOUND,
+)
 def get_result(result_id: str, results: ResultsDep) -> JSONResponse:
     return JSONResponse(results.get(result_id))  # stored as built to the schema: no re-validation
 
@@ -28,8 +32,13 @@ def get_result(result_id: str, results: ResultsDep) -> JSONResponse:
     "/results/{result_id}/files/{name}",
     response_class=StreamingResponse,
     summary="One result volume as NRRD, on the input's exact grid",
-    responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
-                     "description": "the NRRD file"}, **_NOT_FOUND},
+    responses={
+        200: {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "description": "the NRRD file",
+        },
+        **_NOT_FOUND,
+    },
 )
 def get_result_file(result_id: str, name: VolumeName, results: ResultsDep) -> StreamingResponse:
     path = results.file(result_id, name, VOLUME_FILE_NAMES[name])
@@ -44,13 +53,16 @@ def get_result_file(result_id: str, name: VolumeName, results: ResultsDep) -> St
                     break
                 yield b
 
-    return StreamingResponse(chunks(), media_type="application/octet-stream",
-                             headers={"Content-Length": str(size),
-                                      "Content-Disposition": f'attachment; filename="{name}.nrrd"'})
+    return StreamingResponse(
+        chunks(),
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{name}.nrrd"'},
+    )
 
 
-@router.delete("/results/{result_id}", response_model=DeleteResponse, summary="Delete a result now",
-               responses=_NOT_FOUND)
+@router.delete(
+    "/results/{result_id}", response_model=DeleteResponse, summary="Delete a result now", responses=_NOT_FOUND
+)
 def delete_result(result_id: str, results: ResultsDep) -> DeleteResponse:
     results.delete(result_id)
     return DeleteResponse(result_id=result_id)
