@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import train_tiny_bundle
+from tiny_training import train_tiny_bundle
 from synthetic import make_dataset
 from typer.testing import CliRunner
 
@@ -30,7 +30,10 @@ def eval_data(tmp_path_factory):
 
 
 def test_cli_module_imports_without_torch():
-    code = "import sys, acecal.cli.main as m; m._register(); assert 'torch' not in sys.modules and 'monai' not in sys.modules"
+    code = (
+        "import sys, acecal.cli.main as m; m._register(); "
+        "assert 'torch' not in sys.modules and 'monai' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

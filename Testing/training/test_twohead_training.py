@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import train_tiny_bundle
+from tiny_training import train_tiny_bundle
 from live_server import LiveServer, make_settings
 from synthetic import make_case, write_case
 from typer.testing import CliRunner
