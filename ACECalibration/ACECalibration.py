@@ -13,8 +13,7 @@ from typing import Annotated
 import qt
 import slicer
 from slicer import vtkMRMLScalarVolumeNode
-from slicer.i18n import tr as _
-from slicer.i18n import translate
+from slicer.i18n import tr as _, translate
 from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,

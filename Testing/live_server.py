@@ -42,7 +42,7 @@ class LiveServer:
     def state(self):
         return self.app.state.acecal
 
-    def start(self, timeout: float = 30.0) -> "LiveServer":
+    def start(self, timeout: float = 30.0) -> LiveServer:
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._server.started:
@@ -55,7 +55,7 @@ class LiveServer:
         self._server.should_exit = True
         self._thread.join(timeout=30)
 
-    def __enter__(self) -> "LiveServer":
+    def __enter__(self) -> LiveServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -114,16 +114,16 @@ def start_server(models_dir: Path, data_dir: Path, threads: int, queue: int):
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    from acecal.client import ACEClient
+    from acecal.client import ACEClient, ServerUnreachableError
 
     c = ACEClient(url, retries=0, timeout=(1, 5))
     for _ in range(600):
         try:
             c.health()
             return proc, url
-        except Exception:
+        except ServerUnreachableError:
             if proc.poll() is not None:
-                raise RuntimeError("the server did not start")
+                raise RuntimeError("the server did not start") from None
             time.sleep(0.1)
     proc.kill()
     raise RuntimeError("the server did not answer in time")
@@ -195,14 +195,14 @@ def main() -> None:
             # in-process runs on one worker thread, like the server's device worker: same torch threading
             worker = cf.ThreadPoolExecutor(1)
 
-            def local():
+            def local(worker=worker, path=path):
                 return worker.submit(run_inference, predictor, path).result()
 
             local()  # warm: network loaded, allocator primed
             client.infer(path, bundle.id)  # warm the server the same way
             server_timings = []
 
-            def remote():
+            def remote(path=path, server_timings=server_timings):
                 res = client.infer(path, bundle.id)
                 server_timings.append(res.raw["timings"])
 
@@ -216,7 +216,7 @@ def main() -> None:
             # what the server adds, measured inside each request (robust to load changes between runs): the
             # end-to-end time minus the compute stages the in-process path also runs
             compute = ("read_s", "preprocess_s", "inference_s", "invert_s", "analyse_s")
-            added = [e - sum(t.get(k, 0.0) for k in compute) for e, t in zip(t_e2e, server_timings)]
+            added = [e - sum(t.get(k, 0.0) for k in compute) for e, t in zip(t_e2e, server_timings, strict=True)]
             med_added = statistics.median(added)
             results["volumes"][label] = {
                 "shape": [n, n, n],

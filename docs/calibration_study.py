@@ -36,9 +36,8 @@ import json
 import math
 import random
 import time
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
@@ -50,6 +49,7 @@ from acecal.calibration import fit_temperature
 from acecal.data.datasets import Case, discover_dataset
 from acecal.data.io import grid_of, read_volume
 from acecal.data.transforms import model_space_transforms
+from acecal.errors import ModelNotFoundError
 from acecal.geometry import Grid
 from acecal.inference.pipeline import split_served
 from acecal.inference.predictor import Predictor
@@ -363,7 +363,8 @@ def main() -> None:
         print(
             f"{label:52s} dice {macro['dice']:.4f} ace {macro['ace']:.4f} (floor {fl['macro']['ace']:.4f}) "
             f"ece {macro['ece']:.5f} mce {macro['mce']:.4f} micro ace {numbers['micro']['ace']:.4f} "
-            f"auroc {fmt(ed['auroc'], 3)} recall {fmt(ed['recall'], 3)} flagged/wrong {fmt(ed['flagged_over_wrong'], 2)}"
+            f"auroc {fmt(ed['auroc'], 3)} recall {fmt(ed['recall'], 3)} "
+            f"flagged/wrong {fmt(ed['flagged_over_wrong'], 2)}"
             f"  ({time.time() - t0:.0f} s)",
             flush=True,
         )
@@ -389,7 +390,7 @@ def main() -> None:
     for label, model_id, ts in ROWS:
         try:
             bundle = reg.get(model_id)
-        except Exception:
+        except ModelNotFoundError:
             key = f"{model_id}{'+ts' if ts else ''}"
             if key in earlier.get("results", {}):
                 results[key] = carried(earlier["results"][key])
@@ -679,10 +680,11 @@ def write_markdown(path: Path, results: dict, missing: list, n_val: int, base, s
         f"Every model: MONAI SegResNet (init_filters 8, blocks_down 1-2-2-4), patch = sliding-window ROI 32x48x32, "
         f"batch 4, AdamW lr {tr.get('lr')}, warmup-cosine, seed {tr.get('seed')}, the same fixed split "
         f"({len(tr['split']['train'])} training / {n_val} validation cases, seed {tr['split']['seed']}); only the loss "
-        "differs. Recipe: `models/train_hippocampus.sh LOSS ID`; this page: `.venv/bin/python docs/calibration_study.py "
-        "--models models --models ~/.acecal/study-models --update-cards` (label smoothing, NACL and the other settings "
-        "tried are trained with `OUT=~/.acecal/study-models`; only the three named bundles ship). Figures: dataset "
-        "reliability histograms at the end.",
+        "differs. Recipe: `models/train_hippocampus.sh LOSS ID`; this page: "
+        "`.venv/bin/python docs/calibration_study.py --models models --models ~/.acecal/study-models "
+        "--update-cards` (label smoothing, NACL and the other settings tried are trained with "
+        "`OUT=~/.acecal/study-models`; only the three named bundles ship). Figures: dataset reliability histograms at "
+        "the end.",
         "",
         "Metrics on the held-out validation split as `acecal evaluate` measures them: the probabilities on each "
         "image's own grid (the input grid: model space and back, as the server serves them; the networks' own "
@@ -693,14 +695,17 @@ def write_markdown(path: Path, results: dict, missing: list, n_val: int, base, s
         "case's % change.",
         "Temperature scaling is cross-fitted (fitted on one half of the validation cases, applied to the other).",
         "",
-        "| model | Dice | ACE | ECE | MCE | ACE vs baseline | per-case ACE change | MCE vs baseline | Dice vs baseline | "
-        "p ACE (W / t) | p Dice (W / t) |",
+        "| model | Dice | ACE | ECE | MCE | ACE vs baseline | per-case ACE change | MCE vs baseline | "
+        "Dice vs baseline | p ACE (W / t) | p Dice (W / t) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
         m, s, v = r["macro"], r["sd"], r["vs_baseline"]
         is_base = key == "hippocampus-baseline"
-        rel = lambda k: "-" if is_base else f"{v[k]['relative_percent']:+.1f} %"
+
+        def rel(k: str, v=v, is_base=is_base) -> str:
+            return "-" if is_base else f"{v[k]['relative_percent']:+.1f} %"
+
         dd = "-" if is_base else f"{m['dice'] - results['hippocampus-baseline']['macro']['dice']:+.4f}"
         lines.append(
             f"| {r['label']}{CARRIED if r.get('carried_over') else ''} | {fmt(m['dice'])} +- {fmt(s['dice'], 3)} | "
@@ -828,8 +833,8 @@ def write_markdown(path: Path, results: dict, missing: list, n_val: int, base, s
             + (
                 "".join(
                     [
-                        " Fine-tuning the trained baseline with an ACE loss instead (what the server's fine-tuning jobs do) "
-                        "keeps Dice closer but cuts ACE less: "
+                        " Fine-tuning the trained baseline with an ACE loss instead (what the server's "
+                        "fine-tuning jobs do) keeps Dice closer but cuts ACE less: "
                     ]
                     + [
                         "; ".join(

@@ -205,7 +205,8 @@ def write_png(rgb: np.ndarray, path) -> None:
 
 
 def add_default_colors(scene) -> None:
-    """The default colour nodes (Grey for the image, ...) a slice view needs; the Slicer application adds them itself."""
+    """The default colour nodes (Grey for the image, ...) a slice view needs; the Slicer application adds them
+    itself."""
     logic = mrml.vtkMRMLColorLogic()
     logic.SetMRMLScene(scene)
     logic.SetMRMLScene(None)

@@ -20,7 +20,8 @@ application loads from ``ColorFiles/Viridis.txt``: perceptually uniform, readabl
 the scene lacks it (slicer-core, which ships no colour files) an equivalent table is built from matplotlib's viridis
 anchors. The "hide confident voxels" slider sets the display threshold: confidence voxels above it, uncertainty voxels
 below ``1 - threshold``, become transparent, so only doubtful voxels tint the image. Only the module's own result
-volumes (role attribute :data:`ROLE_ATTRIBUTE`) are ever restyled: a scan chosen by mistake is refused, never recoloured.
+volumes (role attribute :data:`ROLE_ATTRIBUTE`) are ever restyled: a scan chosen by mistake is refused, never
+recoloured.
 """
 
 from __future__ import annotations

@@ -74,9 +74,10 @@ def segment_values(segmentation_node, labels: Mapping[str, str]) -> dict[str, in
         elif value != 0:
             out[sid] = value
     if unknown:
+        known = ", ".join(n for v, n in sorted(labels.items(), key=lambda kv: int(kv[0])) if int(v) != 0)
         raise InvalidInputError(
-            f"Segment(s) {', '.join(repr(u) for u in unknown)} of '{segmentation_node.GetName()}' match no label of the "
-            f"model ({', '.join(n for v, n in sorted(labels.items(), key=lambda kv: int(kv[0])) if int(v) != 0)}). "
+            f"Segment(s) {', '.join(repr(u) for u in unknown)} of '{segmentation_node.GetName()}' match no label "
+            f"of the model ({known}). "
             "Rename them to a model label or delete them."
         )
     return out

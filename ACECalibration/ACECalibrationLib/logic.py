@@ -29,8 +29,13 @@ from .client.errors import ACECalError, InvalidInputError, ProtocolError, Unauth
 from .client.geometry import Grid
 from .client.protocol import BACKGROUND_LABEL, VOLUMES, Summary
 from .client.results import InferenceResult
-from .nodes import add_volume_from_array, ensure_segmentations_logic, grid_from_volume_node, update_volume_from_array
-from .nodes import volume_node_to_array
+from .nodes import (
+    add_volume_from_array,
+    ensure_segmentations_logic,
+    grid_from_volume_node,
+    update_volume_from_array,
+    volume_node_to_array,
+)
 from .worker import Cancelled, TaskContext
 
 __all__ = [

@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from ._mrml import mrml, numpy_support, vtk
 from .client.errors import InvalidInputError
 from .client.geometry import Grid
-
-from ._mrml import mrml, numpy_support, vtk
 
 __all__ = [
     "matrix_to_numpy",
@@ -35,12 +34,12 @@ __all__ = [
 ]
 
 
-def matrix_to_numpy(matrix: "vtk.vtkMatrix4x4") -> np.ndarray:
+def matrix_to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
     """A ``vtkMatrix4x4`` as a (4, 4) float64 array."""
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
 
 
-def numpy_to_matrix(array: Any) -> "vtk.vtkMatrix4x4":
+def numpy_to_matrix(array: Any) -> vtk.vtkMatrix4x4:
     """A (4, 4) array as a new ``vtkMatrix4x4``."""
     a = np.asarray(array, dtype=np.float64)
     if a.shape != (4, 4):
@@ -52,7 +51,7 @@ def numpy_to_matrix(array: Any) -> "vtk.vtkMatrix4x4":
     return m
 
 
-def _image_data(node) -> "vtk.vtkImageData":
+def _image_data(node) -> vtk.vtkImageData:
     if node is None:
         raise InvalidInputError("No volume selected: choose the image to segment.")
     image = node.GetImageData()

@@ -12,6 +12,7 @@ its results move; 3D cameras stay where the user put them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -141,7 +142,7 @@ def regions_from_table(table_node) -> list:
     table = table_node.GetTable()
     out = []
     for row in range(table.GetNumberOfRows()):
-        get = lambda col: table.GetValueByName(row, col)  # noqa: E731
+        get = partial(table.GetValueByName, row)  # get(column) -> this row's vtkVariant
         out.append(
             RegionRow(
                 id=get(COL_ID).ToInt(),
@@ -188,7 +189,8 @@ def set_review_state(table_node, row: int, state: str) -> None:
 
 
 def to_world_ras(point_ras, node=None) -> np.ndarray:
-    """``point_ras`` in the local RAS of ``node`` (e.g. the segmentation) mapped to world RAS via its parent transforms."""
+    """``point_ras`` in the local RAS of ``node`` (e.g. the segmentation) mapped to world RAS via its parent
+    transforms."""
     p = np.asarray(point_ras, dtype=float)
     parent = node.GetParentTransformNode() if node is not None else None
     if parent is None:

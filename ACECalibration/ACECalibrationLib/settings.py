@@ -55,7 +55,7 @@ _SECRET_WORDS = ("key", "token", "password", "secret", "auth")
 class SettingsStore(Protocol):
     def value(self, key: str, default: Any = None) -> Any: ...
 
-    def setValue(self, key: str, value: Any) -> None: ...  # noqa: N802 - QSettings' spelling
+    def setValue(self, key: str, value: Any) -> None: ...
 
 
 class MemorySettings:
@@ -67,12 +67,13 @@ class MemorySettings:
     def value(self, key: str, default: Any = None) -> Any:
         return self.values.get(key, default)
 
-    def setValue(self, key: str, value: Any) -> None:  # noqa: N802
+    def setValue(self, key: str, value: Any) -> None:
         self.values[key] = value
 
 
 def normalize_server_url(url: str | None) -> str:
-    """``""`` -> the default local server; no scheme -> ``http://``; no trailing slash. Raises ValueError if unusable."""
+    """``""`` -> the default local server; no scheme -> ``http://``; no trailing slash. Raises ValueError if
+    unusable."""
     u = (url or "").strip()
     if not u:
         return DEFAULT_SERVER_URL

@@ -1,9 +1,10 @@
 """Standard codes (DICOM / SNOMED CT terminology) on the segments, as Slicer stores them.
 
-Slicer keeps a segment's terminology in the segment tag ``TerminologyEntry`` (``vtkSegment::GetTerminologyEntryTagName``)
-as one string: ``context~category~type~type modifier~anatomic context~region~region modifier``, each code written
-``scheme^value^meaning`` (``vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry``, the same in Slicer 5.8.1 and
-5.12.3). DICOM SEG export and the Segment Editor's terminology selector read it from there.
+Slicer keeps a segment's terminology in the segment tag ``TerminologyEntry``
+(``vtkSegment::GetTerminologyEntryTagName``) as one string:
+``context~category~type~type modifier~anatomic context~region~region modifier``, each code written
+``scheme^value^meaning`` (``vtkSlicerTerminologiesModuleLogic::SerializeTerminologyEntry``, the same in Slicer 5.8.1
+and 5.12.3). DICOM SEG export and the Segment Editor's terminology selector read it from there.
 
 The codes below are copied from the terminology files Slicer ships
 (``Modules/Loadable/Terminologies/Resources/SegmentationCategoryTypeModifier-SlicerGeneralAnatomy.json`` and

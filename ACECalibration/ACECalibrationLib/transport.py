@@ -67,7 +67,7 @@ class AbortableSession(requests.Session):
     def __init__(self) -> None:
         super().__init__()
         self._lock = threading.Lock()
-        self._sockets: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         self._aborted = threading.Event()
         adapter = _TrackingAdapter(self._register)
         self.mount("http://", adapter)

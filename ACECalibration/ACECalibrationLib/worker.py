@@ -39,7 +39,7 @@ class Cancelled(Exception):
 class TaskContext:
     """What the worker function sees: progress reporting and the cancel flag."""
 
-    def __init__(self, task: "Task"):
+    def __init__(self, task: Task):
         self._task = task
 
     @property
@@ -97,7 +97,7 @@ class Task:
         self.finished_at: float | None = None
 
     # --- control ------------------------------------------------------------------------------------------------
-    def start(self) -> "Task":
+    def start(self) -> Task:
         with self._lock:
             if self._state != PENDING:
                 raise RuntimeError("a task can only be started once")

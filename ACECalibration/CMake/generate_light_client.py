@@ -2,9 +2,10 @@
 """Generate ``ACECalibrationLib/client/``: the extension's own copy of the light ``acecal`` client.
 
 3D Slicer must not pip-install anything, so the module carries the client (HTTP client, wire protocol, errors,
-geometry, NRRD codec: numpy + requests, both shipped with Slicer) as a sub-package of its Lib. The copy is *generated* from
-``server/acecal``: every file in :data:`SOURCES` is copied unchanged except that its ``acecal`` imports become
-relative imports inside the flat package ``ACECalibrationLib.client``, and a one-line header names the source.
+geometry, NRRD codec: numpy + requests, both shipped with Slicer) as a sub-package of its Lib. The copy is
+*generated* from ``server/acecal``: every file in :data:`SOURCES` is copied unchanged except that its ``acecal``
+imports become relative imports inside the flat package ``ACECalibrationLib.client``, and a one-line header names the
+source.
 
 This list is the one place that says what the light client is made of. It is read by
 

@@ -167,7 +167,7 @@ def _assert_refused(r, token: bytes, served: Served, *, status: int = 422, elaps
     return body["detail"]
 
 
-# --- parse before you read ---------------------------------------------------------------------------------------------
+# --- parse before you read --------------------------------------------------------------------------------------------
 def test_infer_refuses_headers_pointing_elsewhere(served, secret):
     path, token = secret
     before = served.results()
@@ -253,7 +253,7 @@ def test_stored_cases_are_reencoded_and_checked_again_before_evaluation(served, 
     requests.delete(f"{served.url}/datasets/{dataset}/cases/{case}", headers=AUTH, timeout=10)
 
 
-# --- budgets -------------------------------------------------------------------------------------------------------------
+# --- budgets ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name, bomb",
     [
@@ -303,7 +303,7 @@ def test_huge_spacing_is_refused_before_resampling(served, good, dataset, spacin
     assert r.status_code == 413 and "max_model_voxels" in r.json()["detail"], r.text
 
 
-# --- no 500 from input ---------------------------------------------------------------------------------------------------
+# --- no 500 from input ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("value", [3e38, -3e38])
 def test_values_that_overflow_the_normalisation_are_422_and_leave_no_result(served, value):
     arr = np.zeros((16, 16, 16), np.float32)
@@ -376,7 +376,7 @@ def test_bad_patch_sizes_are_refused_at_submission(served, dataset, patch, messa
     assert requests.get(served.url + "/jobs", headers=AUTH, timeout=10).json()["jobs"] == jobs  # nothing queued
 
 
-# --- key before body -----------------------------------------------------------------------------------------------------
+# --- key before body --------------------------------------------------------------------------------------------------
 def _raw_post(url: str, path: str, headers: dict, first: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
     """Send the request line, ``headers`` and only the ``first`` bytes of the body; return the reply (status, body)."""
     u = urlparse(url)
@@ -467,7 +467,7 @@ def test_uploads_stream_into_the_data_directory_only(served):
     assert list((served.root / "systmp").glob("tmp*")) == []
 
 
-# --- messages and names --------------------------------------------------------------------------------------------------
+# --- messages and names -----------------------------------------------------------------------------------------------
 def test_messages_carry_no_server_path_and_few_values(served, good, dataset, tmp_path):
     img, lab = good
     many = np.arange(16**3, dtype=np.int32).reshape(16, 16, 16) % 251  # 251 label values
@@ -521,7 +521,7 @@ def test_retry_after_is_robust_to_outliers():
         q.shutdown()
 
 
-# --- out of memory -------------------------------------------------------------------------------------------------------
+# --- out of memory ----------------------------------------------------------------------------------------------------
 def test_running_out_of_memory_is_413_and_leaves_nothing(tiny_bundle, tmp_path, good):
     """With the model-space budget off, 4^3 voxels of 10 m resample to ~6e13 voxels: the allocation fails, the reply
     is 413 and the server carries on."""

@@ -111,7 +111,7 @@ def test_infer_through_the_server_and_in_process_give_the_same_outputs(cli, serv
         ],
     )
     assert local.exit_code == 0, local.output
-    for img, truth, name in zip(images, truths, ("first", "second")):
+    for img, truth, name in zip(images, truths, ("first", "second"), strict=True):
         src = sitk.ReadImage(str(img))
         for mode in ("remote", "local"):
             d = tmp_path / mode / name

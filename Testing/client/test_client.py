@@ -61,7 +61,7 @@ def test_infer_a_file_into_arrays_with_progress(client_server, tmp_path):
         np.testing.assert_allclose(r.centroid_ras[:2], -np.asarray(r.centroid_lps[:2]))
     uploads = [e for e in events if e[0] == "upload"]
     size = (tmp_path / "c.nii.gz").stat().st_size
-    assert uploads and all(a[1] <= b[1] for a, b in zip(uploads, uploads[1:])) and uploads[-1][2] > size
+    assert uploads and all(a[1] <= b[1] for a, b in zip(uploads, uploads[1:], strict=False)) and uploads[-1][2] > size
     assert uploads[-1][1] == uploads[-1][2]
     for name in VOLUMES:
         d = [e for e in events if e[0] == f"download:{name}"]

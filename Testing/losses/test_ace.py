@@ -314,7 +314,7 @@ def test_soft_gradcheck_label_map_and_softmax():
     labels = torch.randint(0, 3, (2, 1, 4, 5), generator=gen)
     for include_background in (True, False):
         loss = SoftL1ACELoss(to_onehot_y=True, softmax=True, include_background=include_background)
-        assert torch.autograd.gradcheck(lambda z: loss(z, labels), (logits,), eps=1e-7, atol=1e-7)
+        assert torch.autograd.gradcheck(lambda z, loss=loss: loss(z, labels), (logits,), eps=1e-7, atol=1e-7)
 
 
 def test_hard_gradcheck_through_softmax():
@@ -323,7 +323,7 @@ def test_hard_gradcheck_through_softmax():
     logits = torch.randn(1, 3, 3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
     labels = torch.randint(0, 3, (1, 1, 3, 4), generator=gen)
     loss = HardL1ACELoss(to_onehot_y=True, softmax=True)
-    assert torch.autograd.gradcheck(lambda z: loss(z, labels), (logits,), eps=1e-8, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda z, loss=loss: loss(z, labels), (logits,), eps=1e-8, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ import pytest
 import torch
 from monai.metrics import calibration_binning
 
-from acecal.losses import hard_binned_calibration, soft_binned_calibration
 from acecal.binning import _bin_index, _edge_tables_from
+from acecal.losses import hard_binned_calibration, soft_binned_calibration
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -223,10 +223,10 @@ def test_soft_binning_float32_and_half_close_to_float64():
         p = probs.to(dtype)
         out = soft_binned_calibration(p, target)
         ref_q = soft_binned_calibration(p.double(), target.double())  # same quantised values, float64 maths
-        for a, b in zip(out, ref_q):
+        for a, b in zip(out, ref_q, strict=True):
             assert a.dtype == torch.float64
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True)
-    for a, b in zip(soft_binned_calibration(probs, target), ref):
+    for a, b in zip(soft_binned_calibration(probs, target), ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, equal_nan=True)
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from monai.metrics import calibration_binning
 
-from acecal.losses import HardL1ACELoss, SoftL1ACELoss, hard_binned_calibration, soft_binned_calibration
 from acecal.binning import _CHUNK_CPU, spatial_chunks
+from acecal.losses import HardL1ACELoss, SoftL1ACELoss, hard_binned_calibration, soft_binned_calibration
 
 EPS32 = torch.finfo(torch.float32).eps
 SHAPE = (2, 3, 190_001)  # 1.14 M elements: two chunks, the second one short

@@ -8,10 +8,10 @@ from monai.losses import DiceLoss
 
 from acecal.losses import (
     HardL1ACEandCELoss,
-    L1ACEandDiceCELoss,
     HardL1ACEandDiceCELoss,
     HardL1ACEandDiceLoss,
     HardL1ACELoss,
+    L1ACEandDiceCELoss,
     SoftL1ACEandCELoss,
     SoftL1ACEandDiceCELoss,
     SoftL1ACEandDiceLoss,

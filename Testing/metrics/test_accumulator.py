@@ -89,7 +89,7 @@ def test_micro_pools_voxels_of_all_images():
     cases = make_cases()
     rep = filled(cases).aggregate()
     probs = torch.cat([p for _, p, _ in cases], dim=-1)  # all voxels of all cases as one image
-    labels = torch.cat([l for _, _, l in cases], dim=-1)
+    labels = torch.cat([lab for _, _, lab in cases], dim=-1)
     err = calibration_errors(probs, labels, include_background=False)
     dice = dice_scores(probs, labels, 4)
     for c in range(3):
@@ -168,7 +168,7 @@ def test_tiles_and_precomputed_sums_equal_whole_images():
 def test_batch_update_and_ids():
     cases = make_cases(n=3)
     probs = torch.cat([p for _, p, _ in cases])
-    labels = torch.cat([l for _, _, l in cases])
+    labels = torch.cat([lab for _, _, lab in cases])
     acc = CalibrationAccumulator(4, class_names=NAMES)
     assert acc.update(probs, labels, case_id=["case0", "case1", "case2"]) == ["case0", "case1", "case2"]
     one_by_one = filled(cases).aggregate()
@@ -246,7 +246,7 @@ def test_reduce_sums_summaries_across_ranks():
     assert rep.macro == pytest.approx(full.macro, nan_ok=True)
     assert rep.micro == pytest.approx(full.micro, nan_ok=True)
     assert torch.equal(rep.histogram, full.histogram)
-    for got, want in zip(rep.per_class, full.per_class):
+    for got, want in zip(rep.per_class, full.per_class, strict=True):
         assert got == pytest.approx(want, nan_ok=True)
     assert [r["case_id"] for r in rep.per_case] == ["case0", "case1", "case2"]  # per-case rows stay local
     rank0.update(*cases[0][1:], case_id="new")

@@ -54,7 +54,7 @@ def float64_reference(probs, onehot, num_bins=20):
                     gaps.append(abs(p[sel].double().mean().item() - y[sel].mean().item()))
                     counts.append(int(sel.sum()))
             if counts:
-                out["ece"][i, j] = sum(g * n for g, n in zip(gaps, counts)) / sum(counts)
+                out["ece"][i, j] = sum(g * n for g, n in zip(gaps, counts, strict=True)) / sum(counts)
                 out["ace"][i, j] = sum(gaps) / len(gaps)
                 out["mce"][i, j] = max(gaps)
     return out

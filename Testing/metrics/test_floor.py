@@ -127,7 +127,7 @@ def draws_of_the_metric(cases, n_draws: int, seed: int):
     out = []
     for _ in range(n_draws):
         acc = CalibrationAccumulator(3)
-        for cid, probs, labels in cases:
+        for cid, probs, _labels in cases:
             p = torch.from_numpy(probs)
             drawn = torch.multinomial(p.reshape(3, -1).T.double(), 1, generator=g).reshape(p.shape[1:])
             acc.update(p[None], drawn[None, None], case_id=cid)

@@ -13,8 +13,7 @@ from live_server import LiveServer, make_settings
 from synthetic import make_case, write_case
 
 from acecal import protocol
-from acecal.api import finetune_schemas as fs
-from acecal.api import schemas
+from acecal.api import finetune_schemas as fs, schemas
 from acecal.errors import ProtocolError
 from acecal.protocol import (
     ClassSummary,

@@ -122,7 +122,7 @@ def _widget_class(target: str, widgets: dict) -> str | None:
     return None
 
 
-# ------------------------------------------------------------------------------------------------------ locate and verify
+# ---------------------------------------------------------------------------------------------------- locate and verify
 class Sources:
     """Read files of Slicer's (and CTK's) git repositories at a tag without checking anything out."""
 

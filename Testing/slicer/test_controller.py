@@ -13,9 +13,17 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, torch, monai) is needed")
 
-from ACECalibrationLib import controller as ctl  # noqa: E402
-from ACECalibrationLib import display, logic, nodes, regions, segmentation, settings  # noqa: E402
-from oblique import oblique_grid, sphere_on_grid  # noqa: E402
+from oblique import oblique_grid, sphere_on_grid
+
+from ACECalibrationLib import (
+    controller as ctl,
+    display,
+    logic,
+    nodes,
+    regions,
+    segmentation,
+    settings,
+)
 
 MODEL = "tiny-sphere"
 LABELS = {"0": "background", "1": "sphere"}
@@ -329,7 +337,7 @@ def test_images_leave_the_computer_only_with_consent_remembered_per_server(scene
     assert fresh.view.questions == ["API key sent unencrypted"]  # consent remembered in the settings, not the key
 
 
-# ------------------------------------------------------------------------------------------------------ fine-tune, evaluate
+# -------------------------------------------------------------------------------------------------- fine-tune, evaluate
 def test_finetune_and_evaluation_through_the_controller(connected, scene):
     c = connected
     assert not timed(c.finetune, "hardl1ace_dice_ce", 1) and "at least one" in c.status_text

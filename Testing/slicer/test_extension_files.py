@@ -14,8 +14,6 @@ import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 MOD = ROOT / "ACECalibration"
 WIDGET = MOD / "ACECalibration.py"
@@ -167,7 +165,7 @@ def test_module_classes_icon_and_sample_data(tmp_path):
     src = sampledata.sample_data_source(MOD)
     assert src["category"] == "ACECalibration" and src["sampleName"] == "ACECalHippocampus"
     assert src["loadFileTypes"] == ["VolumeFile", "SegmentationFile"] and Path(src["thumbnailFileName"]).is_file()
-    for uri, checksum in zip(src["uris"], src["checksums"]):
+    for uri, checksum in zip(src["uris"], src["checksums"], strict=True):
         path = Path(uri[len("file://") :])
         assert path.is_file() and checksum == f"SHA256:{sampledata.sha256(path)}"
     # the image is the fixture, unmodified; the reference segmentation regenerates byte for byte from its label map

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from oblique import oblique_grid
 
 from ACECalibrationLib import nodes, segmentation
 from ACECalibrationLib.client.errors import InvalidInputError
 from ACECalibrationLib.finetune import labelmap_from_segmentation, segment_values, start_finetune, training_pair
-from oblique import oblique_grid
 
 LABELS = {"0": "background", "1": "liver", "2": "tumour"}
 

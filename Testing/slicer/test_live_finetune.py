@@ -9,11 +9,12 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, torch, monai) is needed")
 
-from ACECalibrationLib import nodes, segmentation  # noqa: E402
-from ACECalibrationLib.client.errors import InvalidInputError  # noqa: E402
-from ACECalibrationLib.finetune import evaluate_case, start_finetune, training_pair, upload_pairs  # noqa: E402
-from ACECalibrationLib.worker import Cancelled  # noqa: E402
-from oblique import oblique_grid, sphere_on_grid  # noqa: E402
+from oblique import oblique_grid, sphere_on_grid
+
+from ACECalibrationLib import nodes, segmentation
+from ACECalibrationLib.client.errors import InvalidInputError
+from ACECalibrationLib.finetune import evaluate_case, start_finetune, training_pair, upload_pairs
+from ACECalibrationLib.worker import Cancelled
 
 MODEL = "tiny-sphere"
 LABELS = {"0": "background", "1": "sphere"}

@@ -11,11 +11,18 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the server extra (fastapi, uvicorn, torch, monai) is needed")
 
-from ACECalibrationLib import display, nodes, regions, segmentation, stats  # noqa: E402
-from ACECalibrationLib.client import ACEClient, ModelNotFoundError, UnauthorizedError  # noqa: E402
-from ACECalibrationLib.client.geometry import lps_to_ras  # noqa: E402
-from ACECalibrationLib.logic import create_result_nodes, infer, prepare_input, run_segmentation, user_message  # noqa: E402
-from oblique import oblique_grid, sphere_on_grid  # noqa: E402
+from oblique import oblique_grid, sphere_on_grid
+
+from ACECalibrationLib import display, nodes, regions, segmentation, stats
+from ACECalibrationLib.client import ACEClient, ModelNotFoundError, UnauthorizedError
+from ACECalibrationLib.client.geometry import lps_to_ras
+from ACECalibrationLib.logic import (
+    create_result_nodes,
+    infer,
+    prepare_input,
+    run_segmentation,
+    user_message,
+)
 
 KEY = "slicer-test-key"  # = conftest.SERVER_KEY
 MODEL = "tiny-sphere"
@@ -71,7 +78,7 @@ def test_segmentation_overlays_and_table_from_the_server(scene, case, client):
     assert output.regions[0].extra == {}  # the protocol knows every key the server sends
     rows = regions.regions_from_table(result.regions_table_node)
     assert len(rows) == len(output.regions) == result.summary.region_count
-    for row, r in zip(rows, output.regions):
+    for row, r in zip(rows, output.regions, strict=True):
         assert row.id == r.id and row.class_name == r.class_name == "sphere"
         assert row.voxels == r.voxels
         assert row.volume_ml == pytest.approx(r.volume_ml) and row.mean_confidence == pytest.approx(r.mean_confidence)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from oblique import oblique_grid
 
 from ACECalibrationLib import nodes
 from ACECalibrationLib._mrml import mrml, vtk
 from ACECalibrationLib.client.errors import InvalidInputError
 from ACECalibrationLib.client.geometry import LPS_TO_RAS, Grid
-from oblique import oblique_grid
 
 SPACING = (0.7, 1.3, 2.5)  # strongly anisotropic
 

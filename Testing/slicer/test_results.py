@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from oblique import oblique_grid, sphere_on_grid
+from replies import inference_result, region_json
 
 from ACECalibrationLib import display, logic, nodes, regions, segmentation, stats, terminology
 from ACECalibrationLib._mrml import mrml, numpy_support, vtk
-from ACECalibrationLib.client.geometry import lps_to_ras
 from ACECalibrationLib.client.errors import ProtocolError
+from ACECalibrationLib.client.geometry import lps_to_ras
 from ACECalibrationLib.logic import create_result_nodes, find_result_nodes
 from ACECalibrationLib.review import ReviewSession
-from oblique import oblique_grid, sphere_on_grid
-from replies import inference_result, region_json
 
 LABELS = {"0": "background", "1": "liver", "2": "my lesion"}
 
@@ -70,7 +70,7 @@ def result(scene):
 
 def _slice_views(scene, names=("Red", "Yellow", "Green")):
     out = []
-    for name, orient in zip(names, ("Axial", "Sagittal", "Coronal")):
+    for name, orient in zip(names, ("Axial", "Sagittal", "Coronal"), strict=False):
         sn = mrml.vtkMRMLSliceNode()
         sn.SetName(name)
         sn.SetLayoutName(name)
@@ -271,7 +271,7 @@ def test_segment_statistics(result):
     scene, volume, grid, label, flags, centre_lps, res = result
     rows = stats.segment_statistics(res.segmentation_node, volume, res.confidence_node, res.uncertain_node)
     conf = nodes.array_from_volume_node(res.confidence_node)
-    for row, value in zip(rows, (1, 2)):
+    for row, value in zip(rows, (1, 2), strict=True):
         mask = label == value
         assert row.voxels == int(mask.sum())
         assert row.volume_ml == pytest.approx(mask.sum() * grid.voxel_volume_ml)

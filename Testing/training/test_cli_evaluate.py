@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from tiny_training import train_tiny_bundle
 from synthetic import make_dataset
+from tiny_training import train_tiny_bundle
 from typer.testing import CliRunner
 
 from acecal.bundles import Bundle, NetworkConfig

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_training import train_tiny_bundle
 from live_server import LiveServer, make_settings
 from synthetic import make_case, write_case
+from tiny_training import train_tiny_bundle
 from typer.testing import CliRunner
 
 from acecal.bundles import Bundle, NetworkConfig

@@ -82,14 +82,14 @@ class Grid:
         spacing: Sequence[float] = (1.0, 1.0, 1.0),
         origin: Sequence[float] = (0.0, 0.0, 0.0),
         direction: Sequence[float] | None = None,
-    ) -> "Grid":
+    ) -> Grid:
         """Grid for a numpy array of shape (z, y, x), as SimpleITK's ``GetArrayFromImage`` returns."""
         z, y, x = (int(s) for s in shape_zyx)
         d = tuple(np.eye(3).ravel()) if direction is None else tuple(np.asarray(direction, float).ravel())
         return cls((x, y, z), tuple(spacing), tuple(origin), d)  # type: ignore[arg-type]
 
     @classmethod
-    def from_ijk_to_lps(cls, size: Sequence[int], matrix: Any) -> "Grid":
+    def from_ijk_to_lps(cls, size: Sequence[int], matrix: Any) -> Grid:
         """Grid from a 4x4 index-to-LPS matrix (columns = spacing-scaled axis vectors)."""
         m = np.asarray(matrix, dtype=np.float64)
         axes = m[:3, :3]
@@ -100,12 +100,12 @@ class Grid:
         return cls(tuple(size), tuple(spacing), tuple(m[:3, 3]), tuple(direction.ravel()))  # type: ignore[arg-type]
 
     @classmethod
-    def from_ijk_to_ras(cls, size: Sequence[int], matrix: Any) -> "Grid":
+    def from_ijk_to_ras(cls, size: Sequence[int], matrix: Any) -> Grid:
         """Grid from a 4x4 index-to-RAS matrix, as a Slicer volume node's ``GetIJKToRASMatrix``."""
         return cls.from_ijk_to_lps(size, affine_ras_to_lps(matrix))
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Grid":
+    def from_dict(cls, d: dict) -> Grid:
         return cls(tuple(d["size"]), tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]))  # type: ignore[arg-type]
 
     # --- views --------------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ class Grid:
             "direction": list(self.direction),
         }
 
-    def same_as(self, other: "Grid", atol: float = 1e-4) -> bool:
+    def same_as(self, other: Grid, atol: float = 1e-4) -> bool:
         """True when both grids have the same size and, within ``atol`` (mm / cosines), the same geometry."""
         return (
             self.size == other.size

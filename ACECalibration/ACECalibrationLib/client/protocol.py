@@ -331,7 +331,7 @@ class ModelInfo(Record):
     extra: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_dict(cls, data: Any) -> "ModelInfo":
+    def from_dict(cls, data: Any) -> ModelInfo:
         """The older name of :meth:`from_json`."""
         return cls.from_json(data)
 
@@ -495,7 +495,7 @@ class JobEvent(Record):
         return out
 
     @classmethod
-    def from_line(cls, line: str) -> Optional["JobEvent"]:
+    def from_line(cls, line: str) -> Optional[JobEvent]:
         """The event of one log line; None for a blank, partial or foreign line (a log may end mid-write)."""
         try:
             data = json.loads(line)

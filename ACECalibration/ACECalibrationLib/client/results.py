@@ -34,7 +34,7 @@ class InferenceResult:
     paths: Dict[str, Path] = field(default_factory=dict)
 
     @classmethod
-    def from_reply(cls, data: Any) -> "InferenceResult":
+    def from_reply(cls, data: Any) -> InferenceResult:
         """From the server's JSON reply (:class:`~acecal.errors.ProtocolError` when it is not one)."""
         return cls(InferenceReply.from_json(data))
 

@@ -7,8 +7,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from acecal.bundles.bundle import ID_PATTERN
-from acecal.protocol import FinetuneLoss as LossName
-from acecal.protocol import JobStatus
+from acecal.protocol import FinetuneLoss as LossName, JobStatus
 from acecal.storage.datasets import clean_text
 
 #: upper bound of ``epochs`` in the schema; the server's own limit (``ACECAL_JOB_MAX_EPOCHS``) may be lower

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from acecal.api.middleware import MAX_JSON_DEPTH, json_depth, too_deep_message
 from acecal.errors import InvalidInputError
 from acecal.inference.uncertainty import DEFAULT_BAND_VOXELS, DEFAULT_CONNECTIVITY, DEFAULT_MIN_REGION_VOXELS
-from acecal.protocol import VolumeName
+from acecal.protocol import VolumeName as VolumeName  # re-exported: the result-file routes' path parameter
 
 
 class ErrorResponse(BaseModel):
@@ -122,7 +122,7 @@ class InferParams(BaseModel):
     compress: bool = Field(False, description="gzip the float volumes too (the masks always are)")
 
     @classmethod
-    def from_form(cls, raw: Optional[str]) -> "InferParams":
+    def from_form(cls, raw: Optional[str]) -> InferParams:
         """Parse the form field; any problem is an :class:`InvalidInputError` (422) naming the offending key."""
         if raw is None or not raw.strip():
             return cls()

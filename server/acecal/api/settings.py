@@ -20,11 +20,11 @@
 | job_queue_size | ``ACECAL_JOB_QUEUE_SIZE`` | ``16`` (queued fine-tuning jobs beyond the running ones; more -> 503) |
 | job_threads | ``ACECAL_JOB_THREADS`` | half the CPU cores, at most 4 (torch threads of a job process) |
 | job_max_epochs | ``ACECAL_JOB_MAX_EPOCHS`` | ``1000`` |
-| job_resume | ``ACECAL_JOB_RESUME`` | ``true`` (a job interrupted by a server stop or crash resumes from its checkpoint) |
+| job_resume | ``ACECAL_JOB_RESUME`` | ``true`` (a job cut short by a stop or crash resumes from its checkpoint) |
 | job_min_free_mb | ``ACECAL_JOB_MIN_FREE_MB`` | ``200`` (free disk space a job needs to start) |
 | job_cancel_grace_s | ``ACECAL_JOB_CANCEL_GRACE_S`` | ``10`` (a cancelled job process is killed after this) |
-| job_gpu_memory_fraction | ``ACECAL_JOB_GPU_MEMORY_FRACTION`` | ``0.6`` (share of the GPU a job may use; the rest is inference's) |
-| job_start_method | ``ACECAL_JOB_START_METHOD`` | ``forkserver`` (jobs fork from a process with torch loaded); ``subprocess`` |
+| job_gpu_memory_fraction | ``ACECAL_JOB_GPU_MEMORY_FRACTION`` | ``0.6`` (GPU share of a job; the rest is inference's) |
+| job_start_method | ``ACECAL_JOB_START_METHOD`` | ``forkserver`` (fork from a process holding torch); ``subprocess`` |
 
 Every default works on a laptop without a GPU.
 """

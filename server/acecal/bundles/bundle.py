@@ -59,7 +59,7 @@ class IntensityConfig(BaseModel):
     b_max: float = 1.0
 
     @model_validator(mode="after")
-    def _clip_needs_range(self) -> "IntensityConfig":
+    def _clip_needs_range(self) -> IntensityConfig:
         if self.mode == "clip_scale" and (self.a_min is None or self.a_max is None or self.a_min >= self.a_max):
             raise ValueError("intensity mode clip_scale needs a_min < a_max")
         return self
@@ -98,7 +98,7 @@ class CalibratorConfig(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _weights_when_needed(self) -> "CalibratorConfig":
+    def _weights_when_needed(self) -> CalibratorConfig:
         if self.kind == "local_temperature" and not self.weights:
             raise ValueError("a local_temperature calibrator needs its weights file")
         if self.kind == "temperature":
@@ -178,7 +178,7 @@ class Bundle:
         return self.config.id
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Bundle":
+    def load(cls, path: str | os.PathLike) -> Bundle:
         path = Path(path)
         cfg_file = path / CONFIG_NAME
         if not cfg_file.is_file():

@@ -129,7 +129,8 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
         "",
         "## Model",
         "",
-        f"- Network: `{bc.network.name}` {bc.network.args}; {bc.in_channels} input channel(s), {bc.num_classes} classes."
+        f"- Network: `{bc.network.name}` {bc.network.args}; {bc.in_channels} input channel(s), "
+        f"{bc.num_classes} classes."
         + (
             " Two heads on one decoder: the label map is the segmentation head's argmax; the probabilities, confidence "
             "(the calibration head's probability of the served label), uncertainty and flags are the calibration "
@@ -139,7 +140,8 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
         ),
         f"- Test-time augmentation: {_TTA_NOTE.get(bc.tta, bc.tta)}.",
         "- Labels: " + ", ".join(f"{k} = {v}" for k, v in bc.labels.items()),
-        f"- Model space: orientation {bc.orientation}, spacing {tuple(bc.spacing)} mm, intensity `{bc.intensity.mode}`.",
+        f"- Model space: orientation {bc.orientation}, spacing {tuple(bc.spacing)} mm, "
+        f"intensity `{bc.intensity.mode}`.",
         f"- Sliding window: ROI {tuple(bc.roi_size)}, overlap {bc.sw_overlap}, {bc.sw_mode} blending.",
         f"- Temperature: {_temperature_note(bc)}; default uncertainty threshold "
         f"{number(bc.uncertainty_threshold, 2)} ({t.get('uncertainty_threshold_rule', '')}).",
@@ -193,17 +195,19 @@ def model_card(bc: BundleConfig, *, base_id: Optional[str] = None) -> str:
     lines += ["", "## Validation metrics", ""]
     if m:
         lines += [
-            f"Measured on the {m.get('num_cases')} held-out validation cases in model space, hard binning with 20 bins; "
-            "macro = per case over the foreground classes (background excluded), then mean over cases.",
+            f"Measured on the {m.get('num_cases')} held-out validation cases in model space, hard binning with 20 "
+            "bins; macro = per case over the foreground classes (background excluded), then mean over cases.",
             "",
             "| | Dice | ACE | ECE | MCE |",
             "|---|---|---|---|---|",
-            f"| {bc.id}{' (raw network, no calibrator)' if bc.calibrator else ''} | {number(m.get('dice'))} | {number(m.get('ace'))} | {number(m.get('ece'))} | {number(m.get('mce'))} |",
+            f"| {bc.id}{' (raw network, no calibrator)' if bc.calibrator else ''} | {number(m.get('dice'))} | "
+            f"{number(m.get('ace'))} | {number(m.get('ece'))} | {number(m.get('mce'))} |",
         ]
         wt = m.get("with_temperature")
         if wt:
             lines.append(
-                f"| + temperature {number(wt.get('temperature'), 3)}{'' if bc.temperature else ' (not applied)'} | {number(wt.get('dice'))} | "
+                f"| + temperature {number(wt.get('temperature'), 3)}{'' if bc.temperature else ' (not applied)'} | "
+                f"{number(wt.get('dice'))} | "
                 f"{number(wt.get('ace'))} | {number(wt.get('ece'))} | {number(wt.get('mce'))} |"
             )
     else:

@@ -73,7 +73,7 @@ def model_space_cases(
                 rec = torch.load(path, map_location="cpu", weights_only=True)
                 if rec.get("name") != case.name:
                     rec = None
-            except Exception:  # a damaged cache file is recomputed
+            except Exception:  # noqa: BLE001 - a damaged cache file, whatever torch.load raises, is recomputed
                 rec = None
         cached = rec is not None
         if rec is None:

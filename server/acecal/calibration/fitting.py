@@ -26,8 +26,7 @@ import numpy as np
 import torch
 
 from acecal.calibration.calibrators import T_MAX, T_MIN, Calibrator, LocalTemperatureCalibrator, TemperatureCalibrator
-from acecal.calibration.threshold import NUM_BINS as TOP_BINS
-from acecal.calibration.threshold import top_label_bins, uncertainty_threshold
+from acecal.calibration.threshold import NUM_BINS as TOP_BINS, top_label_bins, uncertainty_threshold
 from acecal.errors import InvalidInputError
 from acecal.losses import SoftL1ACELoss
 from acecal.metrics import binning_sums, dice_counts, dice_from_counts, errors_from_sums

@@ -43,7 +43,7 @@ def load_calibrator(bundle: Bundle, device: Any = "cpu") -> Optional[Calibrator]
         path = bundle.calibrator_path
         try:
             state = load_file(str(path))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - safetensors has its own error types for a damaged file
             raise BundleError(f"cannot read the calibrator weights of bundle {bundle.id} ({path}): {e}") from None
         for k, v in state.items():
             if not v.is_floating_point() or not bool(torch.isfinite(v).all()):

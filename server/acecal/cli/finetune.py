@@ -214,7 +214,7 @@ def finetune(
                 f" or cancel it with `acecal cancel {job_id}`",
                 highlight=False,
             )
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
     except ACECalError as e:
         _fail(e)
     _report_end(job)

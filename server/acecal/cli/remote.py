@@ -114,7 +114,7 @@ def infer(
         )
     except ACECalError as e:  # unknown model, broken bundle
         console.print(f"[red]{e.detail}", highlight=False)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     failures: list[tuple[Path, str]] = []
     with Progress(
         TextColumn("{task.description}"),
@@ -126,7 +126,7 @@ def infer(
         transient=False,
     ) as bar:
         task = bar.add_task("images", total=len(images))
-        for img, d in zip(images, dirs):
+        for img, d in zip(images, dirs, strict=True):
             bar.update(task, description=f"{img.name}")
 
             def stage(text: str, _img=img) -> None:
@@ -242,7 +242,7 @@ def models(
             rows = [ModelInfo.from_json(b.describe()) for b in reg.list()]
     except ACECalError as e:
         typer.echo(f"error: {e.detail}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps({"models": [m.to_json() for m in rows]}, indent=2))
         return

@@ -87,7 +87,7 @@ def serve(
     }
     try:
         settings = Settings(**overrides)
-    except Exception as e:  # pydantic ValidationError: show it plainly
+    except ValueError as e:  # pydantic's ValidationError: show it plainly
         typer.echo(f"invalid settings: {e}", err=True)
         raise typer.Exit(2) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

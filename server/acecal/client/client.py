@@ -32,5 +32,5 @@ class ACEClient(ModelResources, DatasetResources, JobResources, EvaluationResour
     ``get_json``, ``post_json``, ``post_multipart``, ``delete``, ``download``.
     """
 
-    def __enter__(self) -> "ACEClient":
+    def __enter__(self) -> ACEClient:
         return self

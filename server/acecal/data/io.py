@@ -1,7 +1,7 @@
 """Image I/O with SimpleITK, and the bridge into MONAI.
 
-- :func:`read_volume` reads and validates a 3-D scalar volume (NIfTI, NRRD, MetaImage) with messages a clinician can act on,
-  after :mod:`acecal.data.headers` has checked the file's header (regular file, attached data, voxel budget).
+- :func:`read_volume` reads and validates a 3-D scalar volume (NIfTI, NRRD, MetaImage) with messages a clinician can
+  act on, after :mod:`acecal.data.headers` has checked the file's header (regular file, attached data, voxel budget).
 - :class:`SimpleITKReader` is a MONAI ``ImageReader`` so ``LoadImaged(reader=SimpleITKReader())`` gives the same
   arrays and RAS affines in training datasets as :func:`to_metatensor` gives at inference.
 - :func:`grid_of` / :func:`write_volume` move between SimpleITK images and :class:`acecal.geometry.Grid`.
@@ -89,7 +89,8 @@ def read_volume(
         )
     if img.GetDimension() != 3:
         raise InvalidInputError(
-            f"the {what} {name!r} is {img.GetDimension()}-D ({'x'.join(map(str, img.GetSize()))}); a 3-D volume is needed"
+            f"the {what} {name!r} is {img.GetDimension()}-D ({'x'.join(map(str, img.GetSize()))}); "
+            "a 3-D volume is needed"
         )
     if min(img.GetSize()) < 2:
         raise InvalidInputError(
@@ -180,7 +181,8 @@ def ras_affine(img: sitk.Image) -> np.ndarray:
 
 
 def to_metatensor(img: sitk.Image, dtype: Any = None) -> MetaTensor:
-    """A MONAI ``MetaTensor`` of shape (1, x, y, z) with the image's RAS affine, as ``LoadImage`` + channel-first give."""
+    """A MONAI ``MetaTensor`` of shape (1, x, y, z) with the image's RAS affine, as ``LoadImage`` + channel-first
+    give."""
     arr = sitk.GetArrayFromImage(img).transpose(2, 1, 0)  # (z, y, x) -> (x, y, z)
     t = torch.as_tensor(np.ascontiguousarray(arr)[None], dtype=dtype or torch.float32)
     affine = torch.as_tensor(ras_affine(img), dtype=torch.float64)

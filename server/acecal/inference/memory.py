@@ -39,7 +39,7 @@ def memory_bounded(call: Callable[[], T], subject: str, where: str = HOST_MEMORY
     and the frames holding its arrays are gone (and collected), so the memory is free before anyone answers."""
     try:
         return call()
-    except BaseException as e:  # noqa: BLE001 - only memory errors are handled here
+    except BaseException as e:  # only memory errors are handled here: the others are re-raised
         if not out_of_memory(e):
             raise
     # outside the except clause: the 413 carries no context, so nothing keeps the failed attempt's frames alive

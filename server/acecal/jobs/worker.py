@@ -165,7 +165,7 @@ def run(spec_path: Path) -> int:
     folder = JobFolder(spec_path.parent.parent, spec_path.parent.name)
     cancel = threading.Event()
 
-    def on_signal(signum: int, frame: Optional[FrameType]) -> None:  # noqa: ARG001
+    def on_signal(signum: int, frame: Optional[FrameType]) -> None:
         if not cancel.is_set():
             _say(f"received {signal.Signals(signum).name}: stopping after the current step")
         cancel.set()

@@ -425,7 +425,7 @@ class CalibrationAccumulator:
         }
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any]) -> "CalibrationAccumulator":
+    def from_state_dict(cls, state: Mapping[str, Any]) -> CalibrationAccumulator:
         """A new accumulator holding the cases of ``state``."""
         acc = cls(
             int(state["num_classes"]),
@@ -436,7 +436,7 @@ class CalibrationAccumulator:
         acc.merge(state)
         return acc
 
-    def merge(self, other: Union["CalibrationAccumulator", Mapping[str, Any]], on_duplicate: str = "error") -> None:
+    def merge(self, other: Union[CalibrationAccumulator, Mapping[str, Any]], on_duplicate: str = "error") -> None:
         """Add the cases of another accumulator (or of its :meth:`state_dict`) to this one.
 
         Args:

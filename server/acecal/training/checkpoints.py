@@ -109,5 +109,5 @@ def set_rng_state(st: dict[str, Any]) -> None:
     if "cuda" in st and torch.cuda.is_available():
         try:
             torch.cuda.set_rng_state_all(st["cuda"])
-        except Exception:  # different GPU count on resume: not fatal
+        except Exception:  # noqa: BLE001 - different GPU count on resume: not fatal
             pass

@@ -126,7 +126,7 @@ class TrainConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _data_given(self) -> "TrainConfig":
+    def _data_given(self) -> TrainConfig:
         if self.data is None and self.images is None:
             raise ValueError("give the training data: `data` (dataset.json or folder) or `images` + `labels_dir`")
         if self.images is not None and self.labels_dir is None:
@@ -144,7 +144,7 @@ class TrainConfig(BaseModel):
         return f"{self.loss.split('_')[0].lower()}-{stamp}"
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
         """Load a JSON or YAML file; ``overrides`` (non-None values) win over the file."""
         p = Path(path)
         text = p.read_text()

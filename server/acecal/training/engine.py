@@ -391,7 +391,7 @@ class Engine:
                     BundleConfig(id="check", labels=labels)  # labels must be 0..N-1
                     validate_cases(info.cases, len(labels), in_channels=in_ch)
                 payload = (info, labels)
-            except BaseException as e:  # sent to the other ranks so every rank stops with the same message
+            except BaseException as e:  # noqa: BLE001 - sent to the other ranks so every rank stops with the same message
                 err = e
         payload, err = ctx.broadcast_object((payload, err))
         if err is not None:
@@ -554,7 +554,7 @@ class Engine:
         set_rng_state(state["rng"])
         return _Progress(state["epoch"], state["history"], state["best"])
 
-    # -- 6. the epochs --------------------------------------------------------------------------------------------------
+    # -- 6. the epochs -------------------------------------------------------------------------------------------------
     def _train(
         self, plan: _Plan, data: _Data, parts: _Model, done: _Progress, *, resumed: bool, t_start: float
     ) -> TrainResult:
@@ -747,7 +747,7 @@ class Engine:
                 )
             except Cancelled:
                 err = Cancelled()
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - re-raised below on every rank, after the broadcast
                 err = e
         bundle_path, metrics, err = ctx.broadcast_object((bundle_path, metrics, err))
         if isinstance(err, Cancelled):

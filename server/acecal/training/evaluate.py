@@ -389,7 +389,8 @@ def report_markdown(r: dict) -> str:
         f"Flags as served: confidence below {flags['uncertainty_threshold']:g} within {band} of a predicted boundary, "
         f"regions of at least {flags['min_region_voxels']} voxels ({flags['connectivity']}-connected).",
         "",
-        "| | AUROC (1 - confidence) | recall of wrong voxels | flagged / wrong volume | precision | wrong ml | flagged ml |",
+        "| | AUROC (1 - confidence) | recall of wrong voxels | flagged / wrong volume | precision | wrong ml "
+        "| flagged ml |",
         "|---|---|---|---|---|---|---|",
         _detection_row("all classes", ed),
     ]

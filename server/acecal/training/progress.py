@@ -109,7 +109,7 @@ class Reporter:
         if self.callback is not None:
             try:
                 self.callback(record)
-            except Exception:  # a broken hook must not kill training
+            except Exception:  # noqa: BLE001 - a broken hook must not kill training
                 pass
 
     def step(self, epoch: int, step: int, steps: int, loss: float) -> None:
