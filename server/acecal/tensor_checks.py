@@ -76,14 +76,14 @@ def check_num_bins(num_bins: Any, who: str | None = None, *, max_bins: int | Non
         raise InvalidInputError(
             f"{_prefix(who)}num_bins must be <= {max_bins}, got {num_bins}; 20 is the usual choice."
         )
-    return num_bins
+    return int(num_bins)
 
 
 def check_count(value: Any, name: str, minimum: int = 1, who: str | None = None, hint: str = "") -> int:
     """An integer (not a bool) >= ``minimum``, e.g. a number of classes."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InvalidInputError(f"{_prefix(who)}{name} must be an integer >= {minimum}{hint}, got {value!r}.")
-    return value
+    return int(value)
 
 
 def check_term_weight(value: Any, name: str, who: str | None = None) -> float:

@@ -23,6 +23,7 @@ from acecal.api.auth import APIKeyMiddleware, require_api_key
 from acecal.api.errors import install_error_handlers
 from acecal.api.middleware import UploadLimitMiddleware
 from acecal.api.routers import datasets, evaluate, health, infer, jobs, models, results
+from acecal.api.schemas import Responses
 from acecal.api.services import build_services
 from acecal.api.settings import Settings
 
@@ -33,8 +34,8 @@ ROUTERS = (models.router, infer.router, results.router, datasets.router, jobs.ro
 
 #: documented on every route: FastAPI's default 422 schema is replaced by ours
 _ERROR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
-COMMON_RESPONSES = {422: {"content": _ERROR_JSON, "description": "invalid request"}}
-AUTH_RESPONSES = {401: {"content": _ERROR_JSON, "description": "missing or wrong API key"}}
+COMMON_RESPONSES: Responses = {422: {"content": _ERROR_JSON, "description": "invalid request"}}
+AUTH_RESPONSES: Responses = {401: {"content": _ERROR_JSON, "description": "missing or wrong API key"}}
 
 DESCRIPTION = """
 Calibrated segmentation server: each volume gets a label map **and** a calibrated voxel-wise confidence, a normalised

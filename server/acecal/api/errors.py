@@ -93,18 +93,18 @@ def scrub_server_paths(detail: str, request: Request) -> str:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ACECalError)
-    async def _acecal_error(request: Request, exc: ACECalError):
+    async def _acecal_error(request: Request, exc: ACECalError) -> JSONResponse:
         if exc.http_status >= 500 and not isinstance(exc, ServerBusyError):
             log.error("%s %s failed: %s", request.method, request.url.path, exc.detail)
         exc.detail = scrub_server_paths(exc.detail, request)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse(error_body("invalid_input", _validation_message(exc)), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = STATUS_CODES.get(exc.status_code, "error")
         if exc.status_code == 404 and exc.detail in (None, "Not Found"):
             detail = f"no such endpoint: {request.method} {request.url.path}; see /docs for the API"
@@ -118,7 +118,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(code, detail), status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         ref = uuid.uuid4().hex[:8]
         log.exception("unexpected error %s in %s %s", ref, request.method, request.url.path)
         return JSONResponse(

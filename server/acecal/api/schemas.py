@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -20,7 +20,11 @@ class ErrorResponse(BaseModel):
     detail: str = Field(description="what was wrong and what to do about it")
 
 
-def busy_response(queue: str) -> dict:
+#: the ``responses=`` of a FastAPI route: status -> OpenAPI response entry
+Responses = dict[Union[int, str], dict[str, Any]]
+
+
+def busy_response(queue: str) -> Responses:
     """OpenAPI entry for the 503 a full ``queue`` answers, with its Retry-After header."""
     return {
         503: {
@@ -32,7 +36,7 @@ def busy_response(queue: str) -> dict:
 
 
 #: OpenAPI entry for the 507 every writing endpoint answers when the data directory's disk is full
-DISK_FULL_RESPONSE = {507: {"model": ErrorResponse, "description": "the server's disk is full"}}
+DISK_FULL_RESPONSE: Responses = {507: {"model": ErrorResponse, "description": "the server's disk is full"}}
 
 
 # --- health ----------------------------------------------------------------------------------------------------------

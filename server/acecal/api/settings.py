@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -43,7 +43,7 @@ from acecal.bundles import default_data_dir, default_models_dir
 from acecal.data.headers import ImageLimits, default_max_model_voxels, default_max_voxels
 
 
-def _split_paths(v):
+def _split_paths(v: Any) -> Any:
     if v is None:
         return v
     if isinstance(v, (str, os.PathLike)):
@@ -87,12 +87,12 @@ class Settings(BaseSettings):
 
     @field_validator("models_dirs", mode="before")
     @classmethod
-    def _paths(cls, v):
+    def _paths(cls, v: Any) -> Any:
         return _split_paths(v)
 
     @field_validator("cors_origins", mode="before")
     @classmethod
-    def _origins(cls, v):
+    def _origins(cls, v: Any) -> Any:
         if isinstance(v, str):
             s = v.strip()
             return json.loads(s) if s.startswith("[") else [o.strip() for o in s.split(",") if o.strip()]

@@ -21,12 +21,15 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from acecal.errors import BundleError
 from acecal.storage.files import fsync_path
+
+if TYPE_CHECKING:  # the torch boundary: torch is imported by the functions that build or load networks
+    import torch
 
 CONFIG_NAME = "bundle.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -234,7 +237,7 @@ class Bundle:
             "created": c.created,
         }
 
-    def build_network(self):
+    def build_network(self) -> torch.nn.Module:
         """The untrained MONAI network described by the config (torch is imported here, not at module import)."""
         return build_network(self.config)
 
@@ -247,7 +250,7 @@ class Bundle:
             raise BundleError(f"cannot read weights of bundle {self.id} ({self.weights_path}): {e}") from e
         return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
-    def load_network(self, device: Any = "cpu"):
+    def load_network(self, device: Any = "cpu") -> torch.nn.Module:
         """Build the network, load the weights strictly, move to ``device`` and switch to eval mode."""
         net = self.build_network()
         try:
@@ -260,7 +263,7 @@ class Bundle:
         return f"Bundle(id={self.id!r}, path={str(self.path)!r})"
 
 
-def build_network(config: BundleConfig):
+def build_network(config: BundleConfig) -> torch.nn.Module:
     """The untrained network of ``config``: ``acecal.networks`` first (two heads), then MONAI's ``nets``."""
     # torch boundary (see the module docstring): acecal.networks and MONAI import torch
     from monai.networks import nets

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional
 
 from acecal.bundles.bundle import CONFIG_NAME, Bundle
 from acecal.errors import BundleError, ModelNotFoundError
@@ -26,7 +26,7 @@ class ModelRegistry:
         self._problems: list[str] = []
 
     def _current_stamp(self) -> tuple:
-        stamp = []
+        stamp: List[tuple[str, Optional[int]]] = []
         for d in self.search_dirs:
             try:
                 stamp.append((str(d), d.stat().st_mtime_ns))
@@ -62,7 +62,8 @@ class ModelRegistry:
         self.refresh()
         return list(self._bundles.values())
 
-    def ids(self) -> list[str]:
+    # List, not list, from here on: the method `list` shadows the builtin in the class body
+    def ids(self) -> List[str]:
         return [b.id for b in self.list()]
 
     def get(self, model_id: str) -> Bundle:
@@ -76,7 +77,7 @@ class ModelRegistry:
             raise ModelNotFoundError(f"unknown model {model_id!r}; available models: {known}")
         return b
 
-    def problems(self) -> list[str]:
+    def problems(self) -> List[str]:
         self.refresh()
         return list(self._problems)
 

@@ -126,6 +126,7 @@ class TemperatureCalibrator(Calibrator):
     """One global temperature: ``logits / T``."""
 
     kind: ClassVar[str] = "temperature"
+    t: torch.Tensor  # the registered buffer
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
@@ -200,9 +201,9 @@ class LocalTemperatureCalibrator(Calibrator):
                 raise InvalidInputError(f"local temperature: {name} must be an integer in [{lo}, {hi}], got {v!r}")
         if kernel_size % 2 == 0:
             raise InvalidInputError(f"local temperature: kernel_size must be odd, got {kernel_size}")
-        for name, v in (("logit_scale", logit_scale), ("init_temperature", init_temperature), ("t_min", t_min)):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
-                raise InvalidInputError(f"local temperature: {name} must be a finite number > 0, got {v!r}")
+        for name, x in (("logit_scale", logit_scale), ("init_temperature", init_temperature), ("t_min", t_min)):
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or x <= 0:
+                raise InvalidInputError(f"local temperature: {name} must be a finite number > 0, got {x!r}")
         if not t_min < init_temperature <= T_MAX:
             raise InvalidInputError(
                 f"local temperature: init_temperature must lie in ({t_min}, {T_MAX}], got {init_temperature}"
@@ -232,6 +233,7 @@ class LocalTemperatureCalibrator(Calibrator):
         """Make T(x) = ``init_temperature`` (default: the constructor's) everywhere: zero head weights, fitted bias."""
         if init_temperature is not None:
             self.init_temperature = float(init_temperature)
+        assert self.head.bias is not None  # built with a bias
         with torch.no_grad():
             self.head.weight.zero_()
             self.head.bias.fill_(_inverse_softplus(self.init_temperature - self.t_min))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 from acecal.calibration.calibrators import Calibrator
 from acecal.calibration.fitting import CalibrationCase, case_metrics
@@ -31,9 +31,9 @@ def split_halves(names: Sequence[str], seed: int = 0) -> tuple[list[str], list[s
     return order[:k], order[k:]
 
 
-def _mean(vals) -> Optional[float]:
-    vals = [v for v in vals if v is not None and math.isfinite(v)]
-    return sum(vals) / len(vals) if vals else None
+def _mean(vals: Iterable[Optional[float]]) -> Optional[float]:
+    finite = [v for v in vals if v is not None and math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
 
 
 def change_pct(raw: Optional[float], new: Optional[float]) -> Optional[float]:

@@ -10,6 +10,7 @@ the weights digest changes with the network, so a stale cache cannot be read for
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -60,8 +61,8 @@ def model_space_cases(
     if cache_dir is not None:
         folder = Path(cache_dir) / f"{bundle.id}-{weights_digest(bundle)}"
         folder.mkdir(parents=True, exist_ok=True)
-    net = None
-    chain = None
+    net: Optional[torch.nn.Module] = None
+    chain: Optional[Callable[[dict], dict]] = None
     out = []
     for case in cases:
         if case.label is None:
@@ -77,7 +78,7 @@ def model_space_cases(
                 rec = None
         cached = rec is not None
         if rec is None:
-            if net is None:
+            if net is None or chain is None:
                 net = bundle.load_network(device)
                 chain = model_space_transforms(bundle.config)
             d = chain(case.as_dict())
@@ -93,7 +94,7 @@ def model_space_cases(
                 rec["prediction"] = seg.argmax(0).to(torch.uint8).contiguous()
             rec["logits"] = logits.contiguous()
             if path is not None:  # a cache: a crash may lose it, never tear it
-                atomic_write(path, lambda fh, rec=rec: torch.save(rec, fh), durable=False)
+                atomic_write(path, partial(torch.save, rec), durable=False)
         pred = rec.get("prediction")
         out.append(
             CalibrationCase(

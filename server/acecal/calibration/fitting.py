@@ -221,13 +221,15 @@ class _ErrorRanking:
 
     def __init__(self, cases: Sequence[CalibrationCase]):
         self.cases = list(cases)
-        self.rois, self.wrong, self.preds = [], [], []
+        self.rois: list[np.ndarray] = []  # the voxels where errors are counted, per case
+        self.wrong: list[np.ndarray] = []
+        self.preds: list[torch.Tensor] = []
         for c in self.cases:
             pred = c.logits.argmax(0) if c.prediction is None else c.prediction.long()
             self.preds.append(pred)
-            pred, truth = pred.numpy(), c.label.numpy()
-            self.rois.append(roi_mask((pred > 0) | (truth > 0)))
-            self.wrong.append(pred != truth)
+            pred_np, truth = pred.numpy(), c.label.numpy()
+            self.rois.append(roi_mask((pred_np > 0) | (truth > 0)))
+            self.wrong.append(np.not_equal(pred_np, truth))
 
     @torch.no_grad()
     def __call__(self, calibrator: Optional[Calibrator] = None) -> float:
@@ -347,10 +349,12 @@ def fit_local_temperature(
     rng = random.Random(seed)
     order = list(range(len(cases)))
     history = []
-    best_ace = macro_ace(cases, cal.cpu()) if keep_best else None
-    best_state, best_epoch = ({k: v.clone() for k, v in cal.state_dict().items()}, 0) if keep_best else (None, None)
+    # keep_best: the epoch with the lowest fit ACE (epoch 0: the starting calibrator); unused otherwise
+    best_ace = macro_ace(cases, cal.cpu()) if keep_best else math.inf
+    best_state: dict[str, torch.Tensor] = {k: v.clone() for k, v in cal.state_dict().items()} if keep_best else {}
+    best_epoch: Optional[int] = 0 if keep_best else None
     ranking = _ErrorRanking(cases) if keep_best and ranking_tolerance is not None else None
-    start_auroc = ranking(cal) if ranking is not None else None
+    start_auroc = ranking(cal) if ranking is not None else math.nan
     cal.to(device)
     for epoch in range(1, epochs + 1):
         cal.train()
@@ -374,7 +378,8 @@ def fit_local_temperature(
             eligible = True
             if ranking is not None:
                 rec["fit_auroc"] = ranking(cal)
-                eligible = not rec["fit_auroc"] < start_auroc - ranking_tolerance  # NaN (no wrong voxel): eligible
+                tolerance = ranking_tolerance or 0.0  # set: there is a ranking
+                eligible = not rec["fit_auroc"] < start_auroc - tolerance  # NaN (no wrong voxel): eligible
             if eligible and rec["fit_ace"] < best_ace:
                 best_ace, best_epoch = rec["fit_ace"], epoch
                 best_state = {k: v.clone() for k, v in cal.state_dict().items()}
@@ -410,7 +415,7 @@ def fit_local_temperature(
         },
         "history": history,
         "best_epoch": best_epoch,
-        "fit_ace": best_ace,
-        "start_auroc": start_auroc,
+        "fit_ace": best_ace if keep_best else None,
+        "start_auroc": start_auroc if ranking is not None else None,
     }
     return cal, info

@@ -57,12 +57,14 @@ def load_calibrator(bundle: Bundle, device: Any = "cpu") -> Optional[Calibrator]
 
 def calibrator_config(calibrator: Calibrator, *, fitted_on: dict, metrics: dict) -> CalibratorConfig:
     """The ``bundle.json`` record of a fitted calibrator."""
-    return CalibratorConfig(
-        kind=calibrator.kind,
-        params=calibrator.spec(),
-        weights=CALIBRATOR_WEIGHTS_NAME if calibrator.has_weights else None,
-        fitted_on=fitted_on,
-        metrics=metrics,
+    return CalibratorConfig.model_validate(  # validated: ``kind`` is a plain string on the calibrator classes
+        {
+            "kind": calibrator.kind,
+            "params": calibrator.spec(),
+            "weights": CALIBRATOR_WEIGHTS_NAME if calibrator.has_weights else None,
+            "fitted_on": fitted_on,
+            "metrics": metrics,
+        }
     )
 
 

@@ -59,7 +59,7 @@ def calibrate(
     models_dir: Optional[Path] = typer.Option(None, "--models-dir", help="also look up ids in this models folder"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
-):
+) -> None:
     """Fit a calibrator on cases the network never trained on, measure it cross-fitted, publish a new bundle.
 
     The label map never changes (the calibrator divides the logits by a positive temperature per voxel). Prints the

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
 
 import typer
 
@@ -31,6 +31,9 @@ from acecal.protocol import (
     JobInfo,
 )
 
+if TYPE_CHECKING:  # the client (requests) loads only for the commands that talk to a server
+    from acecal.client import ACEClient
+
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 _server_opt = typer.Option(
@@ -40,19 +43,19 @@ _key_opt = typer.Option(None, "--api-key", envvar="ACECAL_API_KEY", show_envvar=
 _timeout_opt = typer.Option(60.0, "--timeout", help="Read timeout in seconds for each server reply.")
 
 
-def _client(server: str, api_key: Optional[str], timeout: float):
+def _client(server: str, api_key: Optional[str], timeout: float) -> ACEClient:
     # lazy: requests loads only for the commands that talk to a server
     from acecal.client import ACEClient
 
     return ACEClient(server, api_key=api_key, timeout=(10.0, timeout))
 
 
-def _fail(e) -> None:
+def _fail(e: Exception) -> NoReturn:
     typer.echo(f"error: {getattr(e, 'detail', None) or e}", err=True)
     raise typer.Exit(1)
 
 
-def _n(v) -> str:
+def _n(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.4f}"
 
 
@@ -72,7 +75,9 @@ def _status_text(job: JobInfo) -> str:
     return job.status
 
 
-def follow_job(client, job_id: str, *, quiet: bool = False, timeout: Optional[float] = None) -> dict:
+def follow_job(
+    client: ACEClient, job_id: str, *, quiet: bool = False, timeout: Optional[float] = None
+) -> dict[str, Any]:
     """Follow a job to its end with a progress bar (stderr); returns the final job."""
     # lazy: rich loads only for the commands that draw (the CLI starts fast)
     from rich.console import Console
@@ -180,6 +185,7 @@ def finetune(
     try:
         client.model(base)  # an unknown base fails before anything is uploaded
         if dataset is None:
+            assert images is not None and labels is not None  # checked above
             with Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console, disable=quiet
             ) as bar:

@@ -44,7 +44,7 @@ COMMAND_MODULES = (
 
 
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True)):
+def _root(version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True)) -> None:
     if version:
         typer.echo(__version__)
         raise typer.Exit()

@@ -13,13 +13,18 @@ import json
 import re
 import stat
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Callable, List, Optional
 
 import typer
 
 from acecal.cli.main import app
 from acecal.errors import ACECalError
 from acecal.protocol import BACKGROUND_LABEL, SUMMARY_NAME, VOLUME_FILE_NAMES, InferenceReply, ModelInfo, image_stem
+
+#: ``stage(text)``: what one image's inference is doing now (shown on the progress bar)
+Stage = Callable[[str], None]
+#: ``run(image, out_dir, stage)``: infer one image into ``out_dir``, in this process or on a server
+Runner = Callable[[Path, Path, Stage], InferenceReply]
 
 
 def regular_file(path: Path) -> bool:
@@ -47,8 +52,16 @@ def _unique_dirs(images: List[Path], out: Path) -> list[Path]:
     return dirs
 
 
-def _params(threshold, overlap, no_temperature, band_mm, band_voxels, min_region_voxels, connectivity) -> dict:
-    p = {
+def _params(
+    threshold: Optional[float],
+    overlap: Optional[float],
+    no_temperature: bool,
+    band_mm: Optional[float],
+    band_voxels: Optional[float],
+    min_region_voxels: Optional[int],
+    connectivity: Optional[int],
+) -> dict[str, Any]:
+    p: dict[str, Any] = {
         "uncertainty_threshold": threshold,
         "overlap": overlap,
         "band_mm": band_mm,
@@ -129,7 +142,7 @@ def infer(
         for img, d in zip(images, dirs, strict=True):
             bar.update(task, description=f"{img.name}")
 
-            def stage(text: str, _img=img) -> None:
+            def stage(text: str, _img: Path = img) -> None:
                 bar.update(task, description=f"{_img.name}: {text}")
 
             try:
@@ -151,13 +164,13 @@ def infer(
         raise typer.Exit(1)
 
 
-def _remote_runner(server, api_key, model, params, timeout):
+def _remote_runner(server: str, api_key: Optional[str], model: str, params: dict[str, Any], timeout: float) -> Runner:
     # lazy: requests loads only for the commands that talk to a server
     from acecal.client import ACEClient
 
     client = ACEClient(server, api_key=api_key, timeout=(10.0, timeout))
 
-    def run(img: Path, out_dir: Path, stage) -> InferenceReply:
+    def run(img: Path, out_dir: Path, stage: Stage) -> InferenceReply:
         def progress(what: str, done: int, total: Optional[int]) -> None:
             pct = f" {100 * done / total:.0f}%" if total else ""
             stage(("uploading" if what == "upload" else what.replace(":", " ")) + pct)
@@ -172,7 +185,7 @@ def _remote_runner(server, api_key, model, params, timeout):
     return run
 
 
-def _local_runner(model, params, device, models_dirs):
+def _local_runner(model: str, params: dict[str, Any], device: str, models_dirs: Optional[List[Path]]) -> Runner:
     # torch boundary: in-process inference loads torch, MONAI and SimpleITK (the server extra)
     from acecal.bundles import ModelRegistry, default_data_dir, default_models_dir, resolve_bundle
     from acecal.inference.pipeline import InferenceOptions, run_inference, write_volumes
@@ -190,7 +203,7 @@ def _local_runner(model, params, device, models_dirs):
     except TypeError as e:  # pragma: no cover - options mirror the CLI flags
         raise ACECalError(str(e)) from None
 
-    def run(img: Path, out_dir: Path, stage) -> InferenceReply:
+    def run(img: Path, out_dir: Path, stage: Stage) -> InferenceReply:
         stage("inferring")
         output = run_inference(predictor, img, options)
         stage("writing")

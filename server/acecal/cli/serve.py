@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -67,7 +67,7 @@ def serve(
     from acecal.api.app import create_app
     from acecal.api.settings import Settings
 
-    overrides = {
+    overrides: dict[str, Any] = {  # values pydantic checks and converts (an error is shown below)
         k: v
         for k, v in {
             "host": host,

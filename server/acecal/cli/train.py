@@ -144,7 +144,7 @@ def train(
     num_workers: Optional[int] = typer.Option(None, help="data loader worker processes [0]"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
-):
+) -> None:
     """Train (or, with --base, fine-tune) a SegResNet and publish it as a model bundle.
 
     Runs on several GPUs or nodes with torchrun: `torchrun --nproc_per_node 4 -m acecal.cli.main train ...`.
@@ -292,7 +292,7 @@ def evaluate(
     device: Optional[str] = typer.Option(None, help="cpu | cuda"),
     no_plots: bool = typer.Option(False, "--no-plots", help="skip the PNG figures"),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
-):
+) -> None:
     """Evaluate a model on a labelled folder as served: Dice, ACE (and its floor), ECE, MCE per case and per class,
     whether the flags find the errors, reliability figures."""
     try:

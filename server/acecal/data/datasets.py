@@ -18,6 +18,7 @@ import SimpleITK as sitk
 
 from acecal.data.io import grid_of, has_supported_suffix, read_volume, suffix_of
 from acecal.errors import InvalidInputError
+from acecal.geometry import Grid
 
 #: folder pairs recognised inside a dataset root, in order of preference
 FOLDER_PAIRS = (("images", "labels"), ("imagesTr", "labelsTr"))
@@ -135,14 +136,13 @@ def discover_msd(dataset_json: str | Path, *, section: str = "training") -> Data
         raise DatasetError(f"{path.name} has no {section!r} list of {{'image', 'label'}} entries")
     root = path.parent
     cases, problems, seen = [], [], set()
-    for i, e in enumerate(entries):
-        if isinstance(e, str):
-            e = {"image": e}
-        if not isinstance(e, dict) or not isinstance(e.get("image"), str):
+    for i, raw in enumerate(entries):
+        entry = {"image": raw} if isinstance(raw, str) else raw
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
             problems.append(f"entry {i}: needs an 'image' path")
             continue
-        img = (root / e["image"]).resolve()
-        lab = e.get("label")
+        img = (root / entry["image"]).resolve()
+        lab = entry.get("label")
         name = case_name(img)
         if name in seen:
             problems.append(f"{name}: listed twice in {path.name}")
@@ -291,7 +291,7 @@ def validate_cases(
     return summaries
 
 
-def _fmt(grid, keys: Iterable[str]) -> str:
+def _fmt(grid: Grid, keys: Iterable[str]) -> str:
     return ", ".join(f"{k} {tuple(round(v, 4) for v in getattr(grid, k))}" for k in keys)
 
 

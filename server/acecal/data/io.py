@@ -198,6 +198,11 @@ def to_metatensor(img: sitk.Image, dtype: Any = None) -> MetaTensor:
     )
 
 
+def _names(x: Any) -> list[str | os.PathLike[str]]:
+    """One file name or MONAI's list of them (several files: the channels of one image)."""
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
 class SimpleITKReader(ImageReader):
     """MONAI ``ImageReader`` backed by SimpleITK (NIfTI, NRRD, MetaImage), RAS affines like MONAI's own readers.
 
@@ -205,16 +210,16 @@ class SimpleITKReader(ImageReader):
     (``original_channel_dim`` = "no_channel"), so follow it with ``EnsureChannelFirstd``.
     """
 
-    def verify_suffix(self, filename: Sequence[str | os.PathLike] | str | os.PathLike) -> bool:
-        names = filename if isinstance(filename, (list, tuple)) else [filename]
-        return all(has_supported_suffix(n) for n in names)
+    def verify_suffix(self, filename: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> bool:
+        return all(has_supported_suffix(n) for n in _names(filename))
 
-    def read(self, data: Sequence[str | os.PathLike] | str | os.PathLike, **kwargs):
-        names = data if isinstance(data, (list, tuple)) else [data]
-        imgs = [read_volume(n) for n in names]
+    def read(
+        self, data: Sequence[str | os.PathLike[str]] | str | os.PathLike[str], **kwargs: Any
+    ) -> sitk.Image | list[sitk.Image]:
+        imgs = [read_volume(n) for n in _names(data)]
         return imgs if len(imgs) > 1 else imgs[0]
 
-    def get_data(self, img) -> tuple[np.ndarray, dict]:
+    def get_data(self, img: Any) -> tuple[np.ndarray, dict]:
         imgs = img if isinstance(img, (list, tuple)) else [img]
         arrays, meta = [], {}
         for im in imgs:

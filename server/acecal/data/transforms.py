@@ -18,13 +18,14 @@ IMAGE = "image"
 LABEL = "label"
 
 
-def intensity_transform(config: BundleConfig, key: str = IMAGE):
+def intensity_transform(config: BundleConfig, key: str = IMAGE) -> mt.MapTransform:
     """The bundle's intensity normalisation as a MONAI dictionary transform on ``key``."""
     it = config.intensity
     if it.mode == "zscore_nonzero":
         return mt.NormalizeIntensityd(keys=key, nonzero=True, channel_wise=True)
     if it.mode == "zscore":
         return mt.NormalizeIntensityd(keys=key, nonzero=False, channel_wise=True)
+    assert it.a_min is not None and it.a_max is not None  # IntensityConfig: clip_scale has both
     return mt.ScaleIntensityRanged(keys=key, a_min=it.a_min, a_max=it.a_max, b_min=it.b_min, b_max=it.b_max, clip=True)
 
 
@@ -50,7 +51,8 @@ def model_space_transforms(
     chain = []
     if load:
         chain += [
-            mt.LoadImaged(keys=keys, reader=SimpleITKReader(), image_only=True),
+            # MONAI takes a reader instance too; its annotation names only classes and names
+            mt.LoadImaged(keys=keys, reader=SimpleITKReader(), image_only=True),  # type: ignore[arg-type]
             mt.EnsureChannelFirstd(keys=keys, channel_dim="no_channel"),
         ]
     chain += [

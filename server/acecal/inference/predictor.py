@@ -160,9 +160,9 @@ class Predictor:
             img.GetSize(), img.GetSpacing(), self.config.spacing, name=name, model_id=f"model {self.bundle.id!r}"
         )
         if img.GetNumberOfComponentsPerPixel() == 1:
-            mt = to_metatensor(img)
+            mt: torch.Tensor = to_metatensor(img)
         else:  # multi-channel: one MetaTensor per component, stacked on the channel axis
-            parts = [
+            parts: list[torch.Tensor] = [
                 to_metatensor(sitk.VectorIndexSelectionCast(img, c, sitk.sitkFloat32))
                 for c in range(img.GetNumberOfComponentsPerPixel())
             ]

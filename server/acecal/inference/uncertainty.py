@@ -19,7 +19,7 @@ Definitions (also in ``docs/api.md``):
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -29,7 +29,7 @@ from acecal.geometry import Grid, lps_to_ras
 #: defaults shared by the server's params schema, the CLI and in-process inference
 DEFAULT_BAND_VOXELS = 2.0
 DEFAULT_MIN_REGION_VOXELS = 10
-DEFAULT_CONNECTIVITY = 26
+DEFAULT_CONNECTIVITY: Literal[6, 18, 26] = 26
 _CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
 
 
@@ -119,11 +119,11 @@ def boundary_band(
         if not within.any():
             return band
         margin = _margin_voxels(spacing_zyx, band_mm, band_voxels)
-        sl = []
+        box_slices = []
         for ax, (m, n) in enumerate(zip(margin, lab.shape, strict=True)):
             hit = np.nonzero(within.any(axis=tuple(a for a in range(within.ndim) if a != ax)))[0]
-            sl.append(slice(max(int(hit[0]) - m, 0), min(int(hit[-1]) + m + 1, n)))
-        sl = tuple(sl)
+            box_slices.append(slice(max(int(hit[0]) - m, 0), min(int(hit[-1]) + m + 1, n)))
+        sl: tuple[slice, ...] = tuple(box_slices)
     else:
         sl = tuple(slice(0, n) for n in lab.shape)
     sub = boundary[sl]
@@ -193,7 +193,7 @@ def _box(grid: Grid, lo_ijk: np.ndarray, hi_ijk: np.ndarray, to_ras: bool) -> di
     return {"min": [_r(v, 4) for v in pts.min(0)], "max": [_r(v, 4) for v in pts.max(0)]}
 
 
-def _r(v, digits: int) -> float:
+def _r(v: float, digits: int) -> float:
     """Rounded for the JSON reply: 4 decimals of a mm (0.1 um), 6 of a probability; keeps replies small."""
     return round(float(v), digits)
 

@@ -96,18 +96,21 @@ def sliding_window_logits(
             y = inferer(x, network)
         if isinstance(y, (list, tuple)):  # SegResNetDS with deep supervision returns the full-resolution head first
             y = y[0]
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"the network returned {type(y).__name__}, not a tensor of logits")
         return y.float()
 
     flips = TTA_FLIPS[tta]
     if len(flips) == 1:
         out = run(image)
     else:  # running log-sum-exp of the per-flip log-softmax: no stack of all passes in memory
-        out = None
+        total: Optional[torch.Tensor] = None
         for dims in flips:
             y = run(image.flip(dims)).flip(dims) if dims else run(image)
             y = _log_softmax_heads(y, config.num_classes, two_head)
-            out = y if out is None else torch.logaddexp(out, y)
-        out = out - math.log(len(flips))
+            total = y if total is None else torch.logaddexp(total, y)
+        assert total is not None  # at least two flips here
+        out = total - math.log(len(flips))
     if temperature is not None and temperature != 1.0:
         if two_head:
             seg, cal = split_heads(out, config.num_classes)

@@ -18,6 +18,8 @@ The gradients with the L1-ACE on top are checked against closed forms in ``Testi
 
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 
 from acecal.binning import (
@@ -52,6 +54,9 @@ __all__ = [
 #: The losses save bin indices as int16 at most.
 MAX_NUM_BINS = 32767
 
+#: the four outputs of the binning functions
+Tensors4 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Element-wise working precision of the backward passes: float64 stays float64, all else is float32."""
@@ -67,7 +72,9 @@ class _HardBinningFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, probs, target, num_bins, right, label_offset):  # type: ignore[override]
+    def forward(
+        ctx: Any, probs: torch.Tensor, target: torch.Tensor, num_bins: int, right: bool, label_offset: int
+    ) -> Tensors4:
         compact = torch.empty(probs.shape, dtype=index_dtype(num_bins), device=probs.device)
         sum_p, counts, sum_y = hard_bin_sums(
             probs, target, num_bins, right=right, label_offset=label_offset, index_out=compact
@@ -79,7 +86,7 @@ class _HardBinningFunction(torch.autograd.Function):
         return sum_p, counts, sum_y, y_total
 
     @staticmethod
-    def backward(ctx, grad_sum_p, *unused):  # type: ignore[override]
+    def backward(ctx: Any, grad_sum_p: Optional[torch.Tensor], *unused: Any) -> tuple[Optional[torch.Tensor], ...]:
         (compact,) = ctx.saved_tensors
         if grad_sum_p is None:
             return None, None, None, None, None
@@ -107,7 +114,7 @@ class _SoftBinningFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, probs, target, num_bins, label_offset):  # type: ignore[override]
+    def forward(ctx: Any, probs: torch.Tensor, target: torch.Tensor, num_bins: int, label_offset: int) -> Tensors4:
         weights, sum_p, sum_y = soft_bin_sums(probs, target, num_bins, label_offset)
         y_total = sum_y.sum(-1)  # = the target's total: the weights of one element add up to 1
         if label_offset >= 0:
@@ -121,7 +128,13 @@ class _SoftBinningFunction(torch.autograd.Function):
         return weights, sum_p, sum_y, y_total
 
     @staticmethod
-    def backward(ctx, g_w, g_p, g_y, _unused):  # type: ignore[override]
+    def backward(
+        ctx: Any,
+        g_w: Optional[torch.Tensor],
+        g_p: Optional[torch.Tensor],
+        g_y: Optional[torch.Tensor],
+        _unused: Any,
+    ) -> tuple[Optional[torch.Tensor], ...]:
         probs, target = ctx.saved_tensors
         m = ctx.num_bins
         bsz, nch, n = probs.shape

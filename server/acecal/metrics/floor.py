@@ -311,7 +311,7 @@ class FloorAccumulator:
     def __len__(self) -> int:
         return len(self._cases)
 
-    def _image(self, probs) -> Tuple[List[Dict[str, float]], List[List[Optional[PositivesLaw]]]]:
+    def _image(self, probs: Any) -> Tuple[List[Dict[str, float]], List[List[Optional[PositivesLaw]]]]:
         p = _to_numpy(probs)
         if p.ndim < 2 or p.shape[0] != self.num_classes:
             raise InvalidInputError(f"probs must have shape ({self.num_classes}, spatial...), got {tuple(p.shape)}")

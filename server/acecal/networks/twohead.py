@@ -43,7 +43,7 @@ def num_outputs(network: Any, num_classes: int) -> int:
     return 2 * num_classes if is_two_head(network) else num_classes
 
 
-def split_heads(output: Any, num_classes: int, *, two_head: bool = True, dim: int = 1):
+def split_heads(output: Any, num_classes: int, *, two_head: bool = True, dim: int = 1) -> tuple[Any, Any]:
     """``(segmentation, calibration)`` halves of a two-head output, along ``dim`` (1 for (B, 2C, ...) tensors, 0 for
     (2C, z, y, x) arrays). Works on torch tensors and numpy arrays; returns views.
 

@@ -15,13 +15,17 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import numpy as np
 
+if TYPE_CHECKING:  # the figures take tensors too, without importing torch
+    import torch
+    from matplotlib.figure import Figure
+
 __all__ = ["plot_reliability_diagram", "plot_dataset_reliability_histogram"]
 
-ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence[float]]  # noqa: F821
+ArrayLike = Union[np.ndarray, "torch.Tensor", Sequence[float]]
 
 _BLUE = "#3a6ea5"
 _RED = "#d62728"
@@ -31,7 +35,7 @@ _Y_LABEL = "Observed frequency"
 
 def _np(x: ArrayLike, name: str) -> np.ndarray:
     if hasattr(x, "detach"):
-        x = x.detach().cpu().double().numpy()  # type: ignore[union-attr]
+        x = x.detach().cpu().double().numpy()
     return np.asarray(x, dtype=np.float64)
 
 
@@ -53,15 +57,15 @@ def _names(class_names: Optional[Sequence[str]], c: int) -> list:
     return names
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure  # imported lazily: importing acecal.plots stays cheap
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
 
-    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
-    fig.get_layout_engine().set(h_pad=0.06, w_pad=0.06, hspace=0.04, wspace=0.04)
-    return fig
+    engine = ConstrainedLayoutEngine(h_pad=0.06, w_pad=0.06, hspace=0.04, wspace=0.04)
+    return Figure(figsize=(width, height), dpi=110, layout=engine)
 
 
-def _save(fig, path: Union[str, os.PathLike]) -> Path:
+def _save(fig: Figure, path: Union[str, os.PathLike[str]]) -> Path:
     out = Path(path)
     if out.suffix.lower() != ".png":
         raise ValueError(f"path must end in .png, got {out.name!r}")
@@ -112,7 +116,7 @@ def plot_reliability_diagram(
     narrow = cols < 3
     h_head, h_foot, h_body = (1.15, 0.6, 4.6 * rows) if narrow else (0.75, 0.35, 4.6 * rows)
     fig = _figure(max(3.9 * cols, 4.6), h_head + h_body + h_foot)
-    head, body, foot = fig.subfigures(3, 1, height_ratios=[h_head, h_body, h_foot])
+    head, body, foot = fig.subfigures(3, 1, squeeze=False, height_ratios=[h_head, h_body, h_foot])[:, 0]
     cells = np.atleast_2d(body.subfigures(rows, cols, squeeze=False))
     centres = (np.arange(m) + 0.5) / m
     width = 1.0 / m

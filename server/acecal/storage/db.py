@@ -205,9 +205,7 @@ def _dict_row(cur: sqlite3.Cursor, row: tuple) -> dict:
     return {d[0]: v for d, v in zip(cur.description, row, strict=True)}
 
 
-def _job(row: Optional[dict]) -> Optional[JobRow]:
-    if row is None:
-        return None
+def _job(row: dict) -> JobRow:
     for k in _JOB_JSON:
         if isinstance(row.get(k), str):
             row[k] = json.loads(row[k])
@@ -369,10 +367,13 @@ class Database:
             row[k] = int(row[k])
         with self.tx() as c:
             c.execute(f"INSERT INTO jobs ({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})", row)
-        return self.get_job(job.id)  # type: ignore[return-value]
+        added = self.get_job(job.id)
+        assert added is not None  # inserted just now; jobs are never deleted
+        return added
 
     def get_job(self, job_id: str) -> Optional[JobRow]:
-        return _job(self._one("SELECT * FROM jobs WHERE id = ?", (job_id,)))
+        row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return None if row is None else _job(row)
 
     def list_jobs(self, status: Optional[str] = None, limit: int = 1000) -> list[JobRow]:
         """Newest first."""
@@ -380,13 +381,13 @@ class Database:
             rows = self._query("SELECT * FROM jobs WHERE status = ? ORDER BY rowid DESC LIMIT ?", (status, limit))
         else:
             rows = self._query("SELECT * FROM jobs ORDER BY rowid DESC LIMIT ?", (limit,))
-        return [_job(r) for r in rows]  # type: ignore[misc]
+        return [_job(r) for r in rows]
 
     def jobs_with_status(self, *statuses: str) -> list[JobRow]:
         """Oldest first."""
         return [
             _job(r)
-            for r in self._query(  # type: ignore[misc]
+            for r in self._query(
                 f"SELECT * FROM jobs WHERE status IN ({_marks(len(statuses))}) ORDER BY rowid", statuses
             )
         ]
@@ -419,7 +420,7 @@ class Database:
     def active_jobs_using(self, ds_id: str) -> list[JobRow]:
         return [
             _job(r)
-            for r in self._query(  # type: ignore[misc]
+            for r in self._query(
                 f"SELECT * FROM jobs WHERE dataset_id = ? AND status IN ({_marks(len(ACTIVE_JOB_STATUSES))}) "
                 "ORDER BY rowid",
                 (ds_id, *ACTIVE_JOB_STATUSES),

@@ -53,7 +53,7 @@ _SQLITE_DISK_WORDS = ("disk is full", "readonly", "disk i/o", "unable to open")
 Writer = Callable[[IO[bytes]], Any]
 
 
-def fsync_path(path: Union[str, os.PathLike]) -> None:
+def fsync_path(path: Union[str, os.PathLike[str]]) -> None:
     """``fsync`` a file or a folder (a folder's entry list: makes a rename inside it durable)."""
     flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if Path(path).is_dir() else 0)
     fd = os.open(str(path), flags)
@@ -63,14 +63,16 @@ def fsync_path(path: Union[str, os.PathLike]) -> None:
         os.close(fd)
 
 
-def durable_move(src: Union[str, os.PathLike], dst: Union[str, os.PathLike]) -> None:
+def durable_move(src: Union[str, os.PathLike[str]], dst: Union[str, os.PathLike[str]]) -> None:
     """Move ``src`` to ``dst`` (same file system) so that after a crash either nothing or the whole file is there."""
     fsync_path(src)
     os.replace(src, dst)
     fsync_path(Path(dst).parent)
 
 
-def atomic_write(path: Union[str, os.PathLike], content: Union[str, bytes, Writer], *, durable: bool = True) -> Path:
+def atomic_write(
+    path: Union[str, os.PathLike[str]], content: Union[str, bytes, Writer], *, durable: bool = True
+) -> Path:
     """Write ``content`` to ``path`` through a temporary sibling and a rename; returns ``path``.
 
     Args:
@@ -105,7 +107,7 @@ def atomic_write(path: Union[str, os.PathLike], content: Union[str, bytes, Write
 
 @contextlib.contextmanager
 def atomic_folder(
-    path: Union[str, os.PathLike], *, tmp_name: Optional[str] = None, durable: bool = False
+    path: Union[str, os.PathLike[str]], *, tmp_name: Optional[str] = None, durable: bool = False
 ) -> Iterator[Path]:
     """Build the folder ``path`` inside the block, in a hidden sibling (``tmp_name``, default ``.<name>.tmp``) that is
     renamed to ``path`` when the block returns and removed when it raises. ``path`` must not exist yet.
@@ -141,7 +143,9 @@ def dumps_finite(obj: Any, **kwargs: Any) -> str:
     return json.dumps(json_finite(obj), allow_nan=False, **kwargs)
 
 
-def atomic_write_json(path: Union[str, os.PathLike], obj: Any, *, durable: bool = True, **dumps_kwargs: Any) -> Path:
+def atomic_write_json(
+    path: Union[str, os.PathLike[str]], obj: Any, *, durable: bool = True, **dumps_kwargs: Any
+) -> Path:
     """:func:`atomic_write` of :func:`dumps_finite` ``(obj)``."""
     return atomic_write(path, dumps_finite(obj, **dumps_kwargs), durable=durable)
 
@@ -172,7 +176,7 @@ def storage_guard(what: str) -> Iterator[None]:
         raise
 
 
-def nearly_full(*paths: Union[str, os.PathLike], limit: int = 1 << 20) -> bool:
+def nearly_full(*paths: Union[str, os.PathLike[str]], limit: int = 1 << 20) -> bool:
     """Whether any of ``paths`` (that exists) has less than ``limit`` bytes free."""
     for p in paths:
         try:
@@ -183,7 +187,7 @@ def nearly_full(*paths: Union[str, os.PathLike], limit: int = 1 << 20) -> bool:
     return False
 
 
-def disk_full(e: BaseException, *paths: Union[str, os.PathLike]) -> bool:
+def disk_full(e: BaseException, *paths: Union[str, os.PathLike[str]]) -> bool:
     """Whether ``e`` is most likely a full disk: ENOSPC/EDQUOT (on it or its cause), or a failed write with (almost)
     no space left on ``paths`` (torch reports a short write as e.g. "unexpected pos 62848 vs 62736")."""
     for x in (e, e.__cause__, e.__context__):
@@ -196,7 +200,7 @@ def disk_full(e: BaseException, *paths: Union[str, os.PathLike]) -> bool:
     return nearly_full(*paths, limit=(16 if writing else 1) * 1024 * 1024)
 
 
-def read_json(path: Union[str, os.PathLike], default: Optional[Any] = None) -> Any:
+def read_json(path: Union[str, os.PathLike[str]], default: Optional[Any] = None) -> Any:
     """The JSON in ``path``, or ``default`` when the file is missing."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -109,10 +109,12 @@ class TrainResult:
 
 def encoder_modules(net: torch.nn.Module) -> list[torch.nn.Module]:
     """The encoder of a MONAI SegResNet (``convInit`` + ``down_layers``) or SegResNetDS (``encoder``)."""
-    if hasattr(net, "encoder"):
-        return [net.encoder]
-    if hasattr(net, "down_layers"):
-        return [m for m in (getattr(net, "convInit", None), net.down_layers) if m is not None]
+    encoder = getattr(net, "encoder", None)
+    if isinstance(encoder, torch.nn.Module):
+        return [encoder]
+    down_layers = getattr(net, "down_layers", None)
+    if isinstance(down_layers, torch.nn.Module):
+        return [m for m in (getattr(net, "convInit", None), down_layers) if isinstance(m, torch.nn.Module)]
     raise InvalidInputError(f"don't know the encoder of a {type(net).__name__}; cannot freeze it")
 
 
@@ -252,7 +254,8 @@ def _model_space(cfg: TrainConfig, model_id: str, labels: dict[str, str], base: 
 def _loss_value(loss_fn: torch.nn.Module, out: Union[torch.Tensor, list], y: torch.Tensor) -> torch.Tensor:
     """The loss of one batch; a deep-supervision output (a list of heads) through MONAI's DeepSupervisionLoss."""
     if isinstance(out, (list, tuple)):
-        return DeepSupervisionLoss(loss_fn, weight_mode="exp")(list(out), y.float())
+        # any loss module works (MONAI calls it per head); its annotation names torch's _Loss base
+        return DeepSupervisionLoss(loss_fn, weight_mode="exp")(list(out), y.float())  # type: ignore[arg-type]
     return loss_fn(out, y)
 
 

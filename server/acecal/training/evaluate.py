@@ -36,7 +36,7 @@ from acecal.data.io import read_volume
 from acecal.errors import InvalidInputError
 from acecal.formatting import finite_or_none, number, percent, ratio
 from acecal.geometry import Grid
-from acecal.inference.pipeline import InferenceOptions, analyse
+from acecal.inference.pipeline import InferenceOptions, InferenceOutput, analyse
 from acecal.inference.predictor import Predictor
 from acecal.metrics import CalibrationAccumulator
 from acecal.metrics.error_detection import DEFAULT_ROI_RADIUS, ErrorDetectionAccumulator
@@ -119,7 +119,7 @@ class EvaluationAccumulator:
         *,
         labels: Optional[np.ndarray] = None,
         temperature: Optional[float] = None,
-    ):
+    ) -> InferenceOutput:
         """Add one case; returns the :class:`acecal.inference.pipeline.InferenceOutput` (the served volumes).
 
         Args:
@@ -270,6 +270,7 @@ def evaluate(
         for i, c in enumerate(info.cases):
             if is_cancelled(cancel):
                 raise Cancelled()
+            assert c.label is not None  # validate_cases refused unlabelled cases
             pred = predictor.predict(c.image, use_calibrator=not raw)
             truth = sitk.GetArrayFromImage(read_volume(c.label, what="label"))
             ev.add(c.name, pred.probs, pred.grid, truth, labels=pred.labels, temperature=pred.temperature)

@@ -99,7 +99,7 @@ class Reporter:
         if show_bar is None:
             show_bar = sys.stderr.isatty()
         self.show_bar = bool(show_bar) and enabled
-        self.bar = None
+        self.bar: Optional[tqdm] = None
 
     def open_bar(self, total: int, initial: int, desc: str) -> None:
         if self.show_bar:

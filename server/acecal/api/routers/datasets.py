@@ -23,7 +23,7 @@ from acecal.api.finetune_schemas import (
     DatasetsResponse,
     Deleted,
 )
-from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse
+from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse, Responses
 from acecal.api.uploads import ReceivedForm, display_name, multipart_body, receive_form, store_upload
 from acecal.data.headers import image_limits
 from acecal.errors import InvalidInputError
@@ -31,11 +31,11 @@ from acecal.inference.memory import memory_bounded
 from acecal.storage.datasets import case_view
 
 router = APIRouter(tags=["datasets"])
-_400 = {400: {"model": ErrorResponse, "description": "the body is not valid JSON"}}
+_400: Responses = {400: {"model": ErrorResponse, "description": "the body is not valid JSON"}}
 
-_404 = {404: {"model": ErrorResponse, "description": "unknown dataset (or case)"}}
-_409 = {409: {"model": ErrorResponse, "description": "a queued or running fine-tuning job uses the dataset"}}
-_507 = DISK_FULL_RESPONSE
+_404: Responses = {404: {"model": ErrorResponse, "description": "unknown dataset (or case)"}}
+_409: Responses = {409: {"model": ErrorResponse, "description": "a queued or running fine-tuning job uses the dataset"}}
+_507: Responses = DISK_FULL_RESPONSE
 
 
 @router.post(

@@ -23,11 +23,11 @@ from starlette.concurrency import run_in_threadpool
 
 from acecal.api.deps import EvaluationsDep, QueueDep, SettingsDep
 from acecal.api.finetune_schemas import Deleted, EvaluateRequest, EvaluationResponse
-from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse, busy_response
+from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse, Responses, busy_response
 from acecal.inference.memory import HOST_MEMORY, memory_bounded
 
 router = APIRouter(tags=["evaluation"])
-_400 = {400: {"model": ErrorResponse, "description": "the body is not valid JSON"}}
+_400: Responses = {400: {"model": ErrorResponse, "description": "the body is not valid JSON"}}
 _ERROR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
 
 

@@ -23,7 +23,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from acecal.api.deps import ServicesDep
-from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse, InferParams, InferResponse, busy_response
+from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse, InferParams, InferResponse, Responses, busy_response
 from acecal.api.uploads import display_name, multipart_body, receive_form, store_upload
 from acecal.data.headers import image_limits
 from acecal.inference.memory import memory_bounded
@@ -34,7 +34,7 @@ from acecal.storage.results import VOLUMES_KEY
 log = logging.getLogger("acecal.api")
 router = APIRouter(tags=["inference"])
 
-_ERRORS = {
+_ERRORS: Responses = {
     400: {"model": ErrorResponse, "description": "malformed multipart body"},
     404: {"model": ErrorResponse, "description": "unknown model id"},
     413: {

@@ -16,14 +16,14 @@ from starlette.concurrency import run_in_threadpool
 
 from acecal.api.deps import JobsDep, SettingsDep
 from acecal.api.finetune_schemas import FinetuneRequest, JobAccepted, JobInfo, JobsResponse, JobStatus
-from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse, busy_response
+from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse, Responses, busy_response
 from acecal.protocol import FINAL_JOB_STATUSES
 
 router = APIRouter(tags=["fine-tuning"])
-_400 = {400: {"model": ErrorResponse, "description": "the body is not valid JSON"}}
+_400: Responses = {400: {"model": ErrorResponse, "description": "the body is not valid JSON"}}
 
 MAX_WAIT_S = 30.0
-_404 = {404: {"model": ErrorResponse, "description": "unknown job"}}
+_404: Responses = {404: {"model": ErrorResponse, "description": "unknown job"}}
 
 
 @router.post(

@@ -9,12 +9,12 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from acecal.api.deps import ResultsDep
-from acecal.api.schemas import DeleteResponse, ErrorResponse, InferResponse, VolumeName
+from acecal.api.schemas import DeleteResponse, ErrorResponse, InferResponse, Responses, VolumeName
 from acecal.protocol import VOLUME_FILE_NAMES
 
 router = APIRouter(tags=["results"])
 
-_NOT_FOUND = {404: {"model": ErrorResponse, "description": "unknown, expired or deleted result id"}}
+_NOT_FOUND: Responses = {404: {"model": ErrorResponse, "description": "unknown, expired or deleted result id"}}
 _CHUNK = 1 << 20
 
 
