@@ -105,8 +105,8 @@ class Grid:
         return cls.from_ijk_to_lps(size, affine_ras_to_lps(matrix))
 
     @classmethod
-    def from_dict(cls, d: dict) -> Grid:
-        return cls(tuple(d["size"]), tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]))  # type: ignore[arg-type]
+    def from_dict(cls, d: dict[str, Any]) -> Grid:
+        return cls(tuple(d["size"]), tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]))
 
     # --- views --------------------------------------------------------------------------------------------------
     @property
@@ -140,12 +140,13 @@ class Grid:
         """Continuous indices (..., 3) in (i, j, k) order to LPS points (..., 3)."""
         p = np.asarray(ijk, dtype=np.float64)
         m = self.ijk_to_lps
-        return p @ m[:3, :3].T + m[:3, 3]
+        lps: np.ndarray = p @ m[:3, :3].T + m[:3, 3]
+        return lps
 
     def index_to_ras(self, ijk: Any) -> np.ndarray:
         return lps_to_ras(self.index_to_lps(ijk))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "size": list(self.size),
             "spacing": list(self.spacing),

@@ -24,10 +24,11 @@ import bz2
 import io
 import os
 import re
+import stat
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Optional, Union
+from typing import BinaryIO, Iterator, Optional, Union
 
 import numpy as np
 
@@ -35,7 +36,7 @@ from .geometry import Grid
 
 __all__ = ["NrrdError", "NrrdVolume", "read_nrrd", "decode_nrrd", "write_nrrd", "encode_nrrd", "nrrd_header"]
 
-PathOrBytes = Union[str, os.PathLike, bytes, bytearray, memoryview]
+PathOrBytes = Union[str, os.PathLike[str], bytes, bytearray, memoryview]
 
 
 class NrrdError(ValueError):
@@ -217,7 +218,7 @@ def _decode_payload(payload: bytes, encoding: str, dtype: np.dtype, count: int) 
     return arr.astype(dtype.newbyteorder("="), copy=False)
 
 
-def _volume_from_fields(fields: dict[str, str], payload: bytes) -> NrrdVolume:
+def _volume_from_fields(fields: dict[str, str], payload: Union[bytes, memoryview]) -> NrrdVolume:
     try:
         ntype = fields["type"].lower()
         dim = int(fields["dimension"])
@@ -278,7 +279,7 @@ def _volume_from_fields(fields: dict[str, str], payload: bytes) -> NrrdVolume:
 
     signs = _space_signs(fields.get("space", "left-posterior-superior"))
     if dirs is not None:
-        axes = np.stack([dirs[i] for i in spatial], axis=1)  # columns = axis vectors in the file's space
+        axes = np.stack([d for d in dirs if d is not None], axis=1)  # columns: the spatial axes in the file's space
         if axes.shape != (3, 3):
             raise NrrdError("NRRD space directions must be 3-vectors")
         axes = axes * signs[:, None]
@@ -326,7 +327,7 @@ def decode_nrrd(data: Union[bytes, bytearray, memoryview]) -> NrrdVolume:
     return _volume_from_fields(fields, _skip(mv[start:], fields))
 
 
-def _skip(payload, fields: dict[str, str]):
+def _skip(payload: Union[bytes, memoryview], fields: dict[str, str]) -> Union[bytes, memoryview]:
     try:
         line_skip = int(fields.get("line skip", fields.get("lineskip", "0")))
         byte_skip = int(fields.get("byte skip", fields.get("byteskip", "0")))
@@ -335,13 +336,14 @@ def _skip(payload, fields: dict[str, str]):
     if line_skip < 0 or byte_skip < -1:
         raise NrrdError("the NRRD header has a negative line skip or byte skip")
     if line_skip:
-        payload = bytes(payload)
-    for _ in range(line_skip):
-        nl = payload.find(b"\n")
-        if nl < 0:  # no more lines: the data are truncated (found out when decoding)
-            payload = b""
-            break
-        payload = payload[nl + 1 :]
+        text = bytes(payload)
+        for _ in range(line_skip):
+            nl = text.find(b"\n")
+            if nl < 0:  # no more lines: the data are truncated (found out when decoding)
+                text = b""
+                break
+            text = text[nl + 1 :]
+        payload = text
     if byte_skip == -1:  # data sit at the end of the file (raw only)
         if fields.get("encoding", "raw").lower() != "raw":
             raise NrrdError("byte skip -1 is only valid with raw encoding")
@@ -351,10 +353,8 @@ def _skip(payload, fields: dict[str, str]):
     return payload[byte_skip:]
 
 
-def _open_regular(path: Path) -> BinaryIO:
+def _open_regular(path: Path) -> io.BufferedReader:
     """Open ``path`` if it is a regular file; never blocks on a FIFO (``O_NONBLOCK``), checks ``fstat`` first."""
-    import stat
-
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     fd = os.open(str(path), flags)
     try:
@@ -440,10 +440,10 @@ def nrrd_header(
     return ("\n".join(lines) + "\n\n").encode("latin-1")
 
 
-def _payload_chunks(arr: np.ndarray, chunk: int = 1 << 24):
+def _payload_chunks(arr: np.ndarray, chunk: int = 1 << 24) -> Iterator[memoryview]:
     flat = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False)).reshape(-1).view(np.uint8)
     for i in range(0, flat.size, chunk):
-        yield flat[i : i + chunk]
+        yield flat[i : i + chunk].data  # the bytes of a contiguous slice, no copy
 
 
 def _write_to(
@@ -473,7 +473,7 @@ def encode_nrrd(
 
 
 def write_nrrd(
-    path: Union[str, os.PathLike],
+    path: Union[str, os.PathLike[str]],
     array: np.ndarray,
     grid: Grid,
     *,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any, Callable, ClassVar, Dict, List, Literal, Mapping, Optional, Tuple, Type, TypeVar, get_args
 
 from .errors import ProtocolError
@@ -125,8 +125,8 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda v: None if v is None else parse(v)
 
 
-def _list(parse: Callable[[Any], Any], length: Optional[int] = None) -> Callable[[Any], list]:
-    def parse_list(v: Any) -> list:
+def _list(parse: Callable[[Any], Any], length: Optional[int] = None) -> Callable[[Any], List[Any]]:
+    def parse_list(v: Any) -> List[Any]:
         if not isinstance(v, (list, tuple)) or (length is not None and len(v) != length):
             raise _fail(f"expected a list{f' of {length}' if length else ''}", v)
         return [parse(x) for x in v]
@@ -142,10 +142,10 @@ def _float_map(v: Any) -> Dict[str, float]:
     return {_str(k): _float(x) for k, x in _object(v).items()}
 
 
-def _box(parse: Callable[[Any], Any]) -> Callable[[Any], Dict[str, list]]:
+def _box(parse: Callable[[Any], Any]) -> Callable[[Any], Dict[str, List[Any]]]:
     """``{"min": [x, y, z], "max": [x, y, z]}``."""
 
-    def parse_box(v: Any) -> Dict[str, list]:
+    def parse_box(v: Any) -> Dict[str, List[Any]]:
         d = _object(v)
         if set(d) != {"min", "max"}:
             raise _fail('expected {"min": [...], "max": [...]}', v)
@@ -172,6 +172,11 @@ def _wire(
 R = TypeVar("R", bound="Record")
 
 
+def _record_fields(record: Any) -> Tuple[Field[Any], ...]:
+    """The dataclass fields of a record or record class (every :class:`Record` subclass is a dataclass)."""
+    return fields(record)
+
+
 class Record:
     """Base of the wire records: JSON in and out, driven by the dataclass fields (see the module docstring)."""
 
@@ -180,7 +185,7 @@ class Record:
     @classmethod
     def json_keys(cls) -> Tuple[str, ...]:
         """The record's JSON keys, in field order."""
-        return tuple(f.metadata.get("key") or f.name for f in fields(cls) if f.name != "extra")  # type: ignore[arg-type]
+        return tuple(f.metadata.get("key") or f.name for f in _record_fields(cls) if f.name != "extra")
 
     @classmethod
     def from_json(cls: Type[R], data: Any) -> R:
@@ -189,7 +194,7 @@ class Record:
             raise _fail(f"{cls.__name__}: expected a JSON object", data)
         values: Dict[str, Any] = {}
         known = set()
-        for f in fields(cls):  # type: ignore[arg-type]
+        for f in _record_fields(cls):
             if f.name == "extra":
                 continue
             key = f.metadata.get("key") or f.name
@@ -207,8 +212,10 @@ class Record:
     def to_json(self) -> Dict[str, Any]:
         """The JSON object (plain dicts, lists, numbers and strings), unknown keys of the source included."""
         out = {
-            f.metadata.get("key") or f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name != "extra"
-        }  # type: ignore[arg-type]
+            f.metadata.get("key") or f.name: _plain(getattr(self, f.name))
+            for f in _record_fields(self)
+            if f.name != "extra"
+        }
         out.update(self.extra)
         return out
 

@@ -18,7 +18,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .results import InferenceResult
-from .transport import FilePart, ProgressCallback, Transport, url_segment
+from .transport import (
+    FilePart,
+    JSONObject,
+    ProgressCallback,
+    Transport,
+    json_object,
+    json_objects,
+    url_segment,
+)
 from .errors import ACECalError, InvalidInputError, NotFoundError, ProtocolError, ServerTimeoutError
 from .geometry import Grid
 from .nrrd import encode_nrrd, read_nrrd
@@ -36,8 +44,8 @@ from .protocol import (
 )
 
 #: an image to upload: a file path (streamed from disk) or ``(array_zyx, Grid)`` (sent as NRRD)
-ImageInput = Union[str, os.PathLike, Tuple[np.ndarray, Grid]]
-PathLike = Union[str, os.PathLike]
+ImageInput = Union[str, "os.PathLike[str]", Tuple["np.ndarray[Any, Any]", Grid]]
+PathLike = Union[str, "os.PathLike[str]"]
 
 
 def file_part(source: ImageInput, filename: Optional[str] = None, *, compress: bool = False) -> FilePart:
@@ -59,11 +67,11 @@ class ModelResources(Transport):
 
     file_part = staticmethod(file_part)
 
-    def health(self) -> dict:
+    def health(self) -> JSONObject:
         """``GET /health``: {"status", "version", "device", "auth_required", ...}. Needs no key."""
-        return self.get_json("/health")
+        return self.get_object("/health")
 
-    def check(self) -> dict:
+    def check(self) -> JSONObject:
         """Like :meth:`health`, and also checks the key (``/models``): raises ``UnauthorizedError`` if refused.
 
         For "Test connection" buttons: one call says the server is up, which version and device, and that the key
@@ -89,7 +97,7 @@ class ModelResources(Transport):
         image: ImageInput,
         model_id: str,
         *,
-        params: Optional[dict] = None,
+        params: Optional[Dict[str, Any]] = None,
         out_dir: Optional[PathLike] = None,
         load_arrays: Optional[bool] = None,
         volumes: Sequence[str] = VOLUMES,
@@ -195,18 +203,18 @@ class ModelResources(Transport):
 class DatasetResources(Transport):
     """``/datasets``: labelled cases stored on the server for fine-tuning and evaluation."""
 
-    def create_dataset(self, name: str, *, model: Optional[str] = None) -> dict:
+    def create_dataset(self, name: str, *, model: Optional[str] = None) -> JSONObject:
         """``POST /datasets`` -> ``{"id", "name", "model", "created"}``. With ``model`` every uploaded case is
         checked against that model's labels at once."""
-        return self.post_json("/datasets", {"name": name, **({"model": model} if model else {})})
+        return self.post_object("/datasets", {"name": name, **({"model": model} if model else {})})
 
-    def datasets(self) -> List[dict]:
+    def datasets(self) -> List[JSONObject]:
         """``GET /datasets``: ``[{"id", "name", "model", "num_cases", "created"}, ...]``."""
-        return self.get_json("/datasets")["datasets"]
+        return json_objects(self.get_object("/datasets").get("datasets"), "/datasets")
 
-    def dataset(self, dataset_id: str) -> dict:
+    def dataset(self, dataset_id: str) -> JSONObject:
         """``GET /datasets/{id}``: ``{"id", "name", "model", "num_cases", "cases": [{"case_id", "name", ...}]}``."""
-        return self.get_json(f"/datasets/{url_segment(dataset_id)}")
+        return self.get_object(f"/datasets/{url_segment(dataset_id)}")
 
     def delete_dataset(self, dataset_id: str) -> None:
         """``DELETE /datasets/{id}`` (``ConflictError`` while a queued or running job uses it)."""
@@ -222,7 +230,7 @@ class DatasetResources(Transport):
         model: Optional[str] = None,
         progress: Optional[ProgressCallback] = None,
         compress_upload: bool = True,
-    ) -> dict:
+    ) -> JSONObject:
         """``POST /datasets/{id}/cases``: upload one labelled case; returns ``{"case_id", "name", ...}``.
 
         ``image`` and ``label``: file paths or ``(array_zyx, Grid)`` (sent as NRRD, gzip-compressed by default).
@@ -233,9 +241,8 @@ class DatasetResources(Transport):
             "label": file_part(label, "label.nrrd" if isinstance(label, tuple) else None, compress=compress_upload),
         }
         fields = {k: v for k, v in (("name", name), ("model", model)) if v}
-        return self._json(
-            self.post_multipart(f"/datasets/{url_segment(dataset_id)}/cases", fields, files, progress=progress)
-        )
+        where = f"/datasets/{url_segment(dataset_id)}/cases"
+        return json_object(self._json(self.post_multipart(where, fields, files, progress=progress)), where)
 
     def delete_case(self, dataset_id: str, case_id: str) -> None:
         """``DELETE /datasets/{id}/cases/{case_id}``."""
@@ -250,7 +257,7 @@ class DatasetResources(Transport):
         model: Optional[str] = None,
         dataset_id: Optional[str] = None,
         on_case: Optional[Callable[[int, int, str], None]] = None,
-    ) -> dict:
+    ) -> JSONObject:
         """Upload every (image, label) pair of two folders (same file names; the type may differ) as one dataset.
 
         Pairs are checked locally first (a missing label or a label without an image is reported before anything
@@ -308,7 +315,7 @@ class JobResources(Transport):
 
     def finetune(
         self, base_model: str, dataset: str, *, loss: str = "hardl1ace_dice_ce", epochs: int = 20, **options: Any
-    ) -> dict:
+    ) -> JSONObject:
         """``POST /finetune``: queue a fine-tuning job; returns ``{"job_id", "status", "model_id", "url"}``.
 
         ``options``: ``lr``, ``freeze_encoder``, ``val_fraction``, ``val_cases``, ``val_every``, ``batch_size``,
@@ -322,16 +329,16 @@ class JobResources(Transport):
             "epochs": int(epochs),
             **{k: v for k, v in options.items() if v is not None},
         }
-        return self.post_json("/finetune", payload)
+        return self.post_object("/finetune", payload)
 
-    def jobs(self, status: Optional[str] = None, limit: int = 100) -> List[dict]:
+    def jobs(self, status: Optional[str] = None, limit: int = 100) -> List[JSONObject]:
         """``GET /jobs``: the jobs, newest first (optionally only those in ``status``)."""
         params: Dict[str, Any] = {"limit": limit}
         if status:
             params["status"] = status
-        return self.get_json("/jobs", params=params)["jobs"]
+        return json_objects(self.get_object("/jobs", params=params).get("jobs"), "/jobs")
 
-    def job(self, job_id: str, *, wait: Optional[float] = None, after: Optional[int] = None) -> dict:
+    def job(self, job_id: str, *, wait: Optional[float] = None, after: Optional[int] = None) -> JSONObject:
         """``GET /jobs/{id}``: ``{"status", "progress", "metrics", "model_id", "error", "log_tail", "rev", ...}``.
 
         With ``wait`` (seconds, at most 30) the server answers as soon as the job changes from revision ``after``
@@ -344,11 +351,11 @@ class JobResources(Transport):
             timeout = (self.timeout[0], max(self.timeout[1], params["wait"] + 30.0))
             if after is not None:
                 params["after"] = int(after)
-        return self.get_json(f"/jobs/{url_segment(job_id)}", params=params, timeout=timeout)
+        return self.get_object(f"/jobs/{url_segment(job_id)}", params=params, timeout=timeout)
 
-    def cancel_job(self, job_id: str) -> dict:
+    def cancel_job(self, job_id: str) -> JSONObject:
         """``DELETE /jobs/{id}``: cancel (a running job stops within seconds and publishes nothing)."""
-        return self.delete(f"/jobs/{url_segment(job_id)}")
+        return self.delete_object(f"/jobs/{url_segment(job_id)}")
 
     def wait_job(
         self,
@@ -356,8 +363,8 @@ class JobResources(Transport):
         *,
         timeout: Optional[float] = None,
         poll_s: float = 15.0,
-        on_update: Optional[Callable[[dict], None]] = None,
-    ) -> dict:
+        on_update: Optional[Callable[[JSONObject], None]] = None,
+    ) -> JSONObject:
         """Follow a job (long-polling) until it succeeds, fails or is cancelled; returns the final job.
 
         ``on_update(job)`` is called with every new state. ``ServerTimeoutError`` if ``timeout`` seconds pass first
@@ -396,7 +403,7 @@ class EvaluationResources(Transport):
         cases: Optional[Sequence[str]] = None,
         out_dir: Optional[PathLike] = None,
         raw: bool = False,
-    ) -> dict:
+    ) -> JSONObject:
         """``POST /evaluate/{model_id}`` on a stored dataset: Dice/ACE/ECE/MCE (macro, micro, per class, per case),
         the ACE floor, the flags' error detection and the figures' URL paths; ``raw``: the network's own softmax
         instead of the served probabilities. With ``out_dir`` the reply (``evaluation.json``) and every reliability
@@ -406,7 +413,7 @@ class EvaluationResources(Transport):
             payload["raw"] = True
         if cases:
             payload["cases"] = list(cases)
-        reply = self.post_json(f"/evaluate/{url_segment(model_id)}", payload)
+        reply = self.post_object(f"/evaluate/{url_segment(model_id)}", payload)
         if out_dir is not None:
             out = Path(out_dir)
             (out / "figures").mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Optional, Tuple, Union
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, TypeVar, Union
 from urllib.parse import quote
 
 import requests
@@ -49,6 +49,11 @@ ProgressCallback = Callable[[str, int, Optional[int]], None]
 Timeout = Union[float, Tuple[float, float]]
 #: a multipart file part: (file name, content in memory or a file streamed from disk)
 FilePart = Tuple[str, Union[bytes, Path]]
+#: a JSON object as ``json.loads`` returns it
+JSONObject = Dict[str, Any]
+#: where a download goes: a file path, or a binary file object
+DownloadTarget = Union[str, "os.PathLike[str]", BinaryIO, io.RawIOBase]
+_T = TypeVar("_T", bound="Transport")
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _CHUNK = 1 << 20
@@ -231,7 +236,7 @@ class Transport:
         self.session = session or requests.Session()
         self.session.headers.setdefault("User-Agent", f"acecal-client/{__version__}")
 
-    def __enter__(self):
+    def __enter__(self: _T) -> _T:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -246,7 +251,7 @@ class Transport:
     def url(self, path: str) -> str:
         return path if path.startswith(("http://", "https://")) else f"{self.base_url}/{path.lstrip('/')}"
 
-    def _headers(self, extra: Optional[dict] = None) -> dict:
+    def _headers(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
         h = {"Accept": "application/json"}
         if self.api_key:
             h["Authorization"] = f"Bearer {self.api_key}"
@@ -269,7 +274,7 @@ class Transport:
         path: str,
         *,
         body_factory: Optional[Callable[[], Any]] = None,
-        headers: Optional[dict] = None,
+        headers: Optional[Dict[str, str]] = None,
         stream: bool = False,
         timeout: Optional[Timeout] = None,
         busy_retries: Optional[int] = None,
@@ -311,8 +316,9 @@ class Transport:
                     continue
                 raise self._transport_error(e) from None
             finally:
-                if hasattr(data, "close"):
-                    data.close()
+                close = getattr(data, "close", None)  # a streamed body (MultipartBody) holds open files
+                if close is not None:
+                    close()
             if resp.status_code < 400:
                 return resp
             err = error_from_response(resp)
@@ -367,6 +373,18 @@ class Transport:
     def delete(self, path: str, **kwargs: Any) -> Any:
         return self._json(self.request("DELETE", path, **kwargs))
 
+    def get_object(self, path: str, **kwargs: Any) -> JSONObject:
+        """:meth:`get_json` of a reply that must be a JSON object."""
+        return json_object(self.get_json(path, **kwargs), path)
+
+    def post_object(self, path: str, payload: Any = None, **kwargs: Any) -> JSONObject:
+        """:meth:`post_json` of a reply that must be a JSON object."""
+        return json_object(self.post_json(path, payload, **kwargs), path)
+
+    def delete_object(self, path: str, **kwargs: Any) -> JSONObject:
+        """:meth:`delete` of a reply that must be a JSON object."""
+        return json_object(self.delete(path, **kwargs), path)
+
     @staticmethod
     def _json(resp: requests.Response) -> Any:
         try:
@@ -409,7 +427,7 @@ class Transport:
     def download(
         self,
         path: str,
-        dest: Union[str, os.PathLike, BinaryIO],
+        dest: DownloadTarget,
         *,
         progress: Optional[ProgressCallback] = None,
         stage: str = "download",
@@ -462,7 +480,11 @@ class Transport:
 
     @staticmethod
     def _copy(
-        resp: requests.Response, fh: BinaryIO, progress: Optional[ProgressCallback], stage: str, total: Optional[int]
+        resp: requests.Response,
+        fh: Union[BinaryIO, io.RawIOBase],
+        progress: Optional[ProgressCallback],
+        stage: str,
+        total: Optional[int],
     ) -> int:
         if isinstance(fh, _Sink) and total:
             fh.reserve(total)
@@ -475,6 +497,20 @@ class Transport:
         if total is not None and done != total:
             raise requests.ConnectionError(f"download ended after {done} of {total} bytes")
         return done
+
+
+def json_object(value: Any, where: str) -> JSONObject:
+    """``value`` when it is a JSON object; else :class:`ProtocolError` (the server's replies are objects)."""
+    if not isinstance(value, dict):
+        raise ProtocolError(f"expected a JSON object from {where}, got {type(value).__name__}")
+    return value
+
+
+def json_objects(value: Any, where: str) -> List[JSONObject]:
+    """``value`` when it is a list of JSON objects; else :class:`ProtocolError`."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ProtocolError(f"expected a list of JSON objects from {where}")
+    return value
 
 
 class _Sink(io.RawIOBase):
