@@ -18,14 +18,14 @@ from typer.testing import CliRunner
 
 from acecal.bundles import Bundle, NetworkConfig, build_network, write_bundle
 from acecal.calibration import LocalTemperatureCalibrator, TemperatureCalibrator, load_calibrator, macro_ace
-from acecal.calibration.data import model_space_cases
-from acecal.calibration.workflow import calibrate_bundle
 from acecal.cli.main import _register, app
 from acecal.data.datasets import discover_dataset
 from acecal.errors import BundleError, InvalidInputError
 from acecal.inference.pipeline import InferenceOptions, run_inference
 from acecal.inference.predictor import Predictor
 from acecal.networks import split_heads
+from acecal.training.calibrate import calibrate_bundle
+from acecal.training.calibration_cases import model_space_cases
 from acecal.training.finetune import finetune
 
 HELD = [f"held_{i:03d}" for i in range(6)]

@@ -7,6 +7,10 @@
   (:func:`publish_calibrated`, :func:`load_calibrator`) and applied by the predictor;
 - two-fold cross-fitting to measure a method on cases it was not fitted on (:func:`cross_fit`).
 
+Fitting a bundle's calibrator end to end (its cases' logits through the network, ``acecal calibrate``) is
+:mod:`acecal.training.calibrate`: it runs the network, so it sits above :mod:`acecal.inference`, which applies the
+calibrators defined here.
+
 torch is needed by everything here except the bundle records.
 """
 

@@ -76,8 +76,8 @@ def calibrate(
 
         from acecal.bundles import ModelRegistry
         from acecal.bundles.registry import default_data_dir, default_models_dir
-        from acecal.calibration.data import default_cache_dir
-        from acecal.calibration.workflow import calibrate_bundle
+        from acecal.training.calibrate import calibrate_bundle
+        from acecal.training.calibration_cases import default_cache_dir
 
         if threads:
             torch.set_num_threads(threads)

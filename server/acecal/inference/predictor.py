@@ -36,8 +36,11 @@ from typing import Any, Callable, Optional, Union
 import numpy as np
 import SimpleITK as sitk
 import torch
+from monai.data import MetaTensor
+from monai.transforms import Invertd
 
 from acecal.bundles import Bundle
+from acecal.calibration import Calibrator, TemperatureCalibrator, load_calibrator
 from acecal.data.headers import check_model_space_budget
 from acecal.data.io import grid_of, read_volume, to_metatensor
 from acecal.data.transforms import IMAGE, model_space_transforms
@@ -104,13 +107,11 @@ class Predictor:
         return self._network
 
     @property
-    def calibrator(self):
+    def calibrator(self) -> Optional[Calibrator]:
         """The bundle's calibrator (an ``acecal.calibration.Calibrator`` on the device), None when it has none."""
         if self._calibrator is _NOT_LOADED:
             with self._lock:
                 if self._calibrator is _NOT_LOADED:
-                    from acecal.calibration import load_calibrator
-
                     self._calibrator = load_calibrator(self.bundle, self.device)
         return self._calibrator
 
@@ -180,8 +181,6 @@ class Predictor:
     def temperature(self, use_temperature: bool = True) -> Optional[float]:
         """The global temperature a call applies (``use_temperature``: the calibrator switch); None when the
         calibrator is off, absent or not a single temperature."""
-        from acecal.calibration import TemperatureCalibrator
-
         cal = self.calibrator if use_temperature else None
         return cal.value if isinstance(cal, TemperatureCalibrator) else None
 
@@ -221,9 +220,6 @@ class Predictor:
     def postprocess(self, data: dict, probs_model: torch.Tensor) -> np.ndarray:
         """Model-space probabilities back onto the input grid: (C, z, y, x) float32 numpy, summing to 1 ((2C, z, y, x)
         for a two-head bundle, each half summing to 1)."""
-        from monai.data import MetaTensor
-        from monai.transforms import Invertd
-
         x = data[IMAGE]
         pred = MetaTensor(probs_model, affine=x.affine.clone())
         inv = Invertd(keys=PRED, transform=self.transforms, orig_keys=IMAGE, nearest_interp=False, to_tensor=True)

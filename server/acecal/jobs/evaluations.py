@@ -26,6 +26,7 @@ from acecal.errors import ACECalError, InvalidInputError
 from acecal.storage.datasets import DatasetStore, unknown_labels
 from acecal.storage.db import CaseRow, DatasetRow, now_iso
 from acecal.storage.evaluations import EvaluationStore
+from acecal.training.evaluate import evaluate
 
 __all__ = ["EvaluationPlan", "EvaluationService"]
 
@@ -115,8 +116,6 @@ class EvaluationService:
 
     def run(self, plan: EvaluationPlan) -> dict[str, Any]:
         """Evaluate and store the report; returns the reply (``EvaluationResponse``)."""
-        # torch boundary: the evaluation runs the network
-        from acecal.training.evaluate import evaluate
 
         def build(ev_id: str, folder: Path) -> dict[str, Any]:
             view = folder / "cases"

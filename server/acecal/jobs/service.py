@@ -24,6 +24,8 @@ from acecal.protocol import ACTIVE_JOB_STATUSES, JOB_CANCELLED, JOB_QUEUED, JOB_
 from acecal.storage.datasets import DatasetStore, unknown_labels
 from acecal.storage.db import Database, JobRow, new_id, now_iso
 from acecal.storage.files import storage_guard
+from acecal.training.engine import check_patch_sizes, training_loss
+from acecal.training.finetune import finetune_config
 
 __all__ = ["MIN_CASES", "JobService", "job_not_found"]
 
@@ -54,9 +56,6 @@ class JobService:
     def check_inputs(self, req: Any, limits: ImageLimits) -> None:
         """Refuse at submission what would only fail in the job process: a patch the base model's network cannot
         take (422), a case too large once resampled to the base model's spacing (413, ``max_model_voxels``)."""
-        # torch boundary: the engine's size check lives with the engine (which imports torch)
-        from acecal.training.engine import check_patch_sizes
-
         cases = self.datasets.cases(req.dataset)  # 404 first
         base = self.registry.get(req.base_model)
         if req.patch_size is not None:
@@ -74,10 +73,6 @@ class JobService:
 
     def submit(self, req: Any, limits: ImageLimits) -> JobRow:
         """Validate a :class:`~acecal.api.finetune_schemas.FinetuneRequest` and queue the job; returns its row."""
-        # torch boundary: building a loss and a TrainConfig imports the training code
-        from acecal.training.engine import training_loss
-        from acecal.training.finetune import finetune_config
-
         self.check_inputs(req, limits)
         ds = self.datasets.get(req.dataset)
         base = self.registry.get(req.base_model)

@@ -1,4 +1,5 @@
-"""Training and fine-tuning engine (``acecal train``), evaluation (``acecal evaluate``).
+"""Training and fine-tuning engine (``acecal train``), evaluation (``acecal evaluate``) and post-hoc calibration of a
+trained bundle (``acecal calibrate``: :mod:`.calibrate`, with the model-space cases of :mod:`.calibration_cases`).
 
 Import the submodules (torch and MONAI are needed): ``from acecal.training.engine import Engine``,
 ``from acecal.training.config import TrainConfig``, ``from acecal.training.evaluate import evaluate``.

@@ -15,9 +15,9 @@ from acecal.bundles import Bundle, BundleConfig, write_bundle
 from acecal.bundles.card import model_card
 from acecal.calibration import CalibrationCase, fit_temperature
 from acecal.calibration.threshold import uncertainty_threshold
-from acecal.calibration.workflow import refit_ace_temperature
 from acecal.data.datasets import Case, DatasetInfo
 from acecal.networks import is_two_head, split_heads
+from acecal.training.calibrate import refit_ace_temperature
 from acecal.training.checkpoints import BEST, load_checkpoint
 from acecal.training.config import TrainConfig
 from acecal.training.progress import CancelToken

@@ -5,7 +5,7 @@ Steps:
 
 1. The cases: by default the bundle's own validation split (``training.split.val`` in ``bundle.json``); cases the
    network trained on (``training.split.train``) are refused.
-2. Their raw model-space logits (cached, :func:`acecal.calibration.data.model_space_cases`).
+2. Their raw model-space logits (cached, :func:`acecal.training.calibration_cases.model_space_cases`).
 3. Cross-fitted figures (:func:`acecal.calibration.cross_fit`: fitted on one half, measured on the other, and vice
    versa, fixed seed): the honest estimate of what the calibrator does on unseen cases.
 4. The calibrator to ship, fitted on all the cases; its figures on them are in-sample and labelled so.
@@ -22,7 +22,6 @@ from acecal.bundles import Bundle, CalibratorConfig, ModelRegistry, resolve_bund
 from acecal.bundles.bundle import valid_id
 from acecal.bundles.card import model_card
 from acecal.calibration.crossfit import change_pct, cross_fit, summarise_cases
-from acecal.calibration.data import model_space_cases
 from acecal.calibration.fitting import (
     CalibrationCase,
     case_metrics,
@@ -33,6 +32,7 @@ from acecal.calibration.fitting import (
 from acecal.calibration.store import calibrator_config, publish_calibrated
 from acecal.data.datasets import Case, DatasetInfo, discover_dataset, validate_cases
 from acecal.errors import InvalidInputError
+from acecal.training.calibration_cases import model_space_cases
 
 __all__ = ["METHODS", "calibrate_bundle", "fit_method"]
 
