@@ -37,6 +37,33 @@ __all__ = ["NrrdError", "NrrdVolume", "read_nrrd", "decode_nrrd", "write_nrrd", 
 
 PathOrBytes = Union[str, os.PathLike[str], bytes, bytearray, memoryview]
 
+#: NRRD axis kinds that are not spatial axes (a volume has exactly 3 spatial ones)
+NONSPATIAL_KINDS = frozenset(
+    {
+        "vector",
+        "covariant-vector",
+        "normal",
+        "list",
+        "point",
+        "2-vector",
+        "3-vector",
+        "4-vector",
+        "3-color",
+        "rgb-color",
+        "hsv-color",
+        "xyz-color",
+        "4-color",
+        "rgba-color",
+        "2d-symmetric-matrix",
+        "3d-symmetric-matrix",
+        "2d-matrix",
+        "3d-matrix",
+        "complex",
+        "quaternion",
+        "scalar",
+    }
+)
+
 
 class NrrdError(ValueError):
     """The data is not an NRRD this reader understands (the message says what is wrong)."""
@@ -246,30 +273,7 @@ def _volume_from_fields(fields: dict[str, str], payload: Union[bytes, memoryview
     else:
         dirs = None
         kinds = fields.get("kinds", "").split()
-        nonspatial = {
-            "vector",
-            "covariant-vector",
-            "normal",
-            "list",
-            "point",
-            "2-vector",
-            "3-vector",
-            "4-vector",
-            "3-color",
-            "rgb-color",
-            "hsv-color",
-            "xyz-color",
-            "4-color",
-            "rgba-color",
-            "2d-symmetric-matrix",
-            "3d-symmetric-matrix",
-            "2d-matrix",
-            "3d-matrix",
-            "complex",
-            "quaternion",
-            "scalar",
-        }
-        spatial = [i for i in range(dim) if not (i < len(kinds) and kinds[i].lower() in nonspatial)]
+        spatial = [i for i in range(dim) if not (i < len(kinds) and kinds[i].lower() in NONSPATIAL_KINDS)]
     if len(spatial) != 3:
         raise NrrdError(f"the NRRD has {len(spatial)} spatial axes; a 3-D volume is needed")
     comp_axes = [i for i in range(dim) if i not in spatial]

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, Optional, Sequence, Union
 
 from acecal.errors import InvalidInputError, PayloadTooLargeError
-from acecal.nrrd import NRRD_TYPES
+from acecal.nrrd import NONSPATIAL_KINDS, NRRD_TYPES
 
 #: bytes of a file read to find its header (NRRD and MetaImage text headers end well before this)
 HEADER_LIMIT = 64 * 1024
@@ -363,28 +363,8 @@ def _is_nifti(head: bytes) -> bool:
 
 
 # --- NRRD -------------------------------------------------------------------------------------------------------------
-_NONSPATIAL_KINDS = {
-    "vector",
-    "covariant-vector",
-    "normal",
-    "list",
-    "point",
-    "2-vector",
-    "3-vector",
-    "4-vector",
-    "3-color",
-    "rgb-color",
-    "hsv-color",
-    "xyz-color",
-    "4-color",
-    "rgba-color",
-    "2d-symmetric-matrix",
-    "3d-symmetric-matrix",
-    "2d-matrix",
-    "3d-matrix",
-    "complex",
-    "quaternion",
-    "scalar",
+# the numpy reader's non-spatial kinds and the rarer ones it refuses; every one counts as non-spatial here
+_NONSPATIAL_KINDS = NONSPATIAL_KINDS | {
     "2d-masked-symmetric-matrix",
     "3d-masked-symmetric-matrix",
     "2d-masked-matrix",
