@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup test serve bench clean-venv light-venvs
+.PHONY: setup test lint serve bench clean-venv light-venvs
 
 setup: $(STAMP)
 
@@ -41,6 +41,14 @@ light-venvs:
 
 test: setup light-venvs
 	$(PY) -m pytest Testing $(PYTEST_ARGS)
+
+# Formatting, lint, types and import contracts (configured in pyproject.toml); read-only: `ruff format .` and
+# `ruff check --fix .` apply what the first two report.
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 serve: setup
 	$(VENV)/bin/acecal serve --host $(HOST) --port $(PORT) --models models
