@@ -33,6 +33,7 @@ from acecal.inference.uncertainty import (
     summarize,
     uncertain_boundary_flags,
 )
+from acecal.inference.window import CancelToken
 from acecal.networks import is_two_head, split_heads
 from acecal.nrrd import write_nrrd
 from acecal.protocol import VOLUME_FILE_NAMES, VOLUMES
@@ -172,6 +173,7 @@ def run_inference(
     *,
     name: Optional[str] = None,
     run_on_device: Optional[DeviceRunner] = None,
+    cancel: Optional[CancelToken] = None,
 ) -> InferenceOutput:
     """Inference of one image file, as ``acecal infer`` and ``POST /infer`` both run it: read, model space, the
     device stage (through ``run_on_device`` when given: the server's device queue), back to the input grid, analysis.
@@ -179,8 +181,11 @@ def run_inference(
     Args:
         name: the image's name in messages (the user's file name rather than a server's temporary name).
         run_on_device: see :meth:`acecal.inference.predictor.Predictor.predict`.
+        cancel: stop early once it is cancelled (see :meth:`~acecal.inference.predictor.Predictor.predict`); also
+            checked before the analysis.
 
     Raises:
+        InferenceCancelled: ``cancel`` was cancelled.
         InvalidInputError: an unusable image (422).
         PayloadTooLargeError: running out of memory (413), on the device or on the host, raised once the failed
             attempt's memory is free.
@@ -202,9 +207,12 @@ def run_inference(
             tta=options.tta,
             name=name,
             run_on_device=on_device,
+            cancel=cancel,
         ),
         shown,
     )
+    if cancel is not None:
+        cancel.check()
     if run_on_device is None:  # no queue, no wait (on_device only bounds the memory)
         pred.timings.pop("queue_wait_s", None)
     out = memory_bounded(

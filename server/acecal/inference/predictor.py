@@ -11,6 +11,10 @@ The three stages are separate methods; :meth:`Predictor.predict` runs them in a 
 optional hook (``run_on_device``: the server's device queue), and is what both the server and ``acecal infer`` call
 (through :func:`acecal.inference.pipeline.run_inference`).
 
+Cancelling: ``predict(cancel=token)`` (an :class:`acecal.inference.window.CancelToken`) checks the token between the
+stages, when the device stage gets its turn and before every batch of sliding windows; once it is cancelled the call
+raises :class:`acecal.inference.window.InferenceCancelled` (the server cancels it when the client disconnects).
+
 The calibrator (``bundle.json``'s ``calibrator``, or its older ``temperature``; see
 :func:`acecal.calibration.load_calibrator`) rescales the model-space logits by a positive temperature per voxel right
 after the sliding window: the label map is the network's own. It is applied by default; ``use_calibrator=False``
@@ -48,7 +52,7 @@ from acecal.errors import ACECalError, InvalidInputError
 from acecal.geometry import Grid
 from acecal.inference.memory import out_of_memory
 from acecal.inference.pipeline import split_served
-from acecal.inference.window import sliding_window_logits
+from acecal.inference.window import CancelToken, InferenceCancelled, sliding_window_logits
 from acecal.networks import is_two_head, split_heads
 
 PRED = "pred"
@@ -201,12 +205,14 @@ class Predictor:
         use_temperature: Optional[bool] = None,
         tta: Optional[str] = None,
         use_calibrator: Optional[bool] = None,
+        cancel: Optional[CancelToken] = None,
     ) -> torch.Tensor:
         """Class probabilities in model space, (C, x, y, z) float32 on the CPU; (2C, x, y, z) for a two-head bundle
-        (segmentation softmax, then calibration softmax). ``tta``: flip test-time augmentation, None = the bundle's."""
+        (segmentation softmax, then calibration softmax). ``tta``: flip test-time augmentation, None = the bundle's.
+        ``cancel``: checked before every batch of sliding windows (:class:`InferenceCancelled` once cancelled)."""
         x = data[IMAGE]
         image = x.as_tensor()[None] if hasattr(x, "as_tensor") else x[None]
-        logits = sliding_window_logits(self.network, image, self.config, overlap=overlap, tta=tta)
+        logits = sliding_window_logits(self.network, image, self.config, overlap=overlap, tta=tta, cancel=cancel)
         on = self.calibrating(use_calibrator, use_temperature)
         if self.two_head:  # the calibrator acts on the calibration head's logits
             seg, cal = split_heads(logits, self.config.num_classes)
@@ -245,6 +251,7 @@ class Predictor:
         use_calibrator: Optional[bool] = None,
         name: Optional[str] = None,
         run_on_device: Optional[DeviceRunner] = None,
+        cancel: Optional[CancelToken] = None,
     ) -> Prediction:
         """Probabilities on the input's exact grid for a file path or a SimpleITK image (two heads: the calibration
         head's probabilities and the segmentation head's label map).
@@ -253,8 +260,11 @@ class Predictor:
             name: the image's name in messages (the user's file name rather than a server's temporary name).
             run_on_device: runs the device stage, ``run_on_device(stage) -> stage()``; e.g. the server's device
                 queue. The time spent waiting in it is reported as ``queue_wait_s``.
+            cancel: stop early once it is cancelled: checked between the stages, when the device stage starts and
+                before every batch of sliding windows.
 
         Raises:
+            InferenceCancelled: ``cancel`` was cancelled (the work stopped at the next check).
             InvalidInputError: an unreadable or unusable image, one MONAI cannot bring into the model's space, or one
                 the model gives non-finite probabilities for.
         """
@@ -266,19 +276,22 @@ class Predictor:
         else:
             img = self.load_image(image, name=name)
         t1 = time.perf_counter()
+        _check(cancel)
         data = self._preprocess_or_refuse(img, shown)
         t2 = time.perf_counter()
         on = self.calibrating(use_calibrator, use_temperature)
         forward_s: list[float] = []
 
         def device_stage() -> torch.Tensor:
+            _check(cancel)  # cancelled while it waited for the device: it never starts
             t = time.perf_counter()
             try:
-                return self.forward(data, overlap=overlap, tta=tta, use_calibrator=on)
+                return self.forward(data, overlap=overlap, tta=tta, use_calibrator=on, cancel=cancel)
             finally:
                 forward_s.append(time.perf_counter() - t)
 
         probs_model = device_stage() if run_on_device is None else run_on_device(device_stage)
+        _check(cancel)
         if not bool(torch.isfinite(probs_model).all()):
             raise InvalidInputError(
                 f"model {self.bundle.id!r} gave non-finite probabilities for the image {shown!r}; check its intensities"
@@ -302,7 +315,7 @@ class Predictor:
         it ran out of memory (the caller makes that a 413)."""
         try:
             return self.preprocess(img, name=name)
-        except ACECalError:
+        except (ACECalError, InferenceCancelled):
             raise
         except Exception as e:
             if out_of_memory(e):
@@ -313,6 +326,11 @@ class Predictor:
                 f"({type(e).__name__}: {str(e)[:200]}); check that it is a valid 3-D scalar "
                 "volume"
             ) from None
+
+
+def _check(cancel: Optional[CancelToken]) -> None:
+    if cancel is not None:
+        cancel.check()
 
 
 def _read_named(path: Union[str, os.PathLike], name: str) -> sitk.Image:

@@ -11,13 +11,18 @@ Flip test-time augmentation (the bundle's ``tta``, overridable per call): the so
 of the whole model-space image (each run through the sliding window and flipped back), per head; the result is
 returned as log-probabilities ``log(mean softmax)``, which are valid logits (their softmax is the average). Flipping
 changes the label map, so TTA is a property of the served model, not a post-hoc calibration step.
+
+Stopping early: a :class:`CancelToken` passed to :func:`sliding_window_logits` is checked before every batch of
+windows goes through the network, so a cancelled forward pass ends as soon as the batch running now is done, with
+:class:`InferenceCancelled` (the server cancels the token when the client that asked for the inference disconnects).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional
+import threading
+from typing import Any, Callable, Optional
 
 import torch
 from monai.inferers import SlidingWindowInferer
@@ -31,6 +36,63 @@ TTA_FLIPS: dict[str, tuple[tuple[int, ...], ...]] = {
     "axis_flips": ((), (2,), (3,), (4,)),
     "all_flips": tuple(c for r in range(4) for c in itertools.combinations((2, 3, 4), r)),
 }
+
+
+class InferenceCancelled(Exception):
+    """The inference was cancelled through its :class:`CancelToken` (not an error: nobody waits for a reply)."""
+
+
+class CancelToken:
+    """A thread-safe "stop this inference" flag: set once by :meth:`cancel` (any thread), read by the stages.
+
+    Callbacks registered with :meth:`on_cancel` run once, in the cancelling thread (e.g. dropping queued device work).
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._callbacks: list[Callable[[], object]] = []
+        self.reason = ""
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Set the flag (the first reason is kept) and run the callbacks; later calls do nothing."""
+        with self._lock:
+            if self._event.is_set():
+                return
+            self.reason = reason
+            self._event.set()
+            callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def on_cancel(self, callback: Callable[[], object]) -> None:
+        """Run ``callback()`` when the token is cancelled (at once when it already is)."""
+        with self._lock:
+            if not self._event.is_set():
+                self._callbacks.append(callback)
+                return
+        callback()
+
+    def check(self) -> None:
+        """Raise :class:`InferenceCancelled` when the token is cancelled."""
+        if self._event.is_set():
+            raise InferenceCancelled(self.reason)
+
+
+def checked_network(network: torch.nn.Module, cancel: Optional[CancelToken]) -> Callable[[torch.Tensor], Any]:
+    """``network`` as the sliding window's predictor, checking ``cancel`` before each batch of windows."""
+    if cancel is None:
+        return network
+
+    def predictor(windows: torch.Tensor) -> Any:  # (sw_batch_size, in_channels, *roi_size)
+        cancel.check()
+        return network(windows)
+
+    return predictor
 
 
 def make_inferer(
@@ -68,6 +130,7 @@ def sliding_window_logits(
     overlap: Optional[float] = None,
     inferer: Optional[SlidingWindowInferer] = None,
     tta: Optional[str] = None,
+    cancel: Optional[CancelToken] = None,
 ) -> torch.Tensor:
     """Logits (B, num_classes, x, y, z) for a normalised model-space image (B, in_channels, x, y, z); (B, 2 x
     num_classes, x, y, z) for a two-head network (segmentation, then calibration logits).
@@ -78,6 +141,7 @@ def sliding_window_logits(
         overlap: override the bundle's sliding-window overlap.
         tta: "none", "axis_flips" or "all_flips" (see :data:`TTA_FLIPS`); None = the bundle's ``tta``. With flips
             the result is ``log(mean softmax)`` per head.
+        cancel: checked before every batch of windows; :class:`InferenceCancelled` once it is cancelled.
 
     Runs under autocast on CUDA (the logits come back as float32).
     """
@@ -90,10 +154,11 @@ def sliding_window_logits(
     image = image.to(device)
     inferer = inferer or make_inferer(config, overlap=overlap)
     two_head = is_two_head(config)
+    predictor = checked_network(network, cancel)
 
     def run(x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=device.type, enabled=device.type == "cuda"):
-            y = inferer(x, network)
+            y = inferer(x, predictor)
         if isinstance(y, (list, tuple)):  # SegResNetDS with deep supervision returns the full-resolution head first
             y = y[0]
         if not isinstance(y, torch.Tensor):
