@@ -115,3 +115,24 @@ def test_bundle_network_name_and_bad_arguments():
         SegResNetTwoHead(out_channels=2, trunk_grad=2.0)
     with pytest.raises(ValueError, match="calibration_blocks"):
         SegResNetTwoHead(out_channels=2, calibration_blocks=-1)
+
+
+def test_temperature_output_keeps_the_segmentation_ranking():
+    net = _net(calibration_output="temperature", trunk_grad=0.0, calibration_sees_segmentation=True)
+    x = torch.randn(1, 1, 16, 16, 16)
+    seg, cal = split_heads(net(x), 3)
+    torch.testing.assert_close(cal, seg)  # T = 1 at initialisation
+    with torch.no_grad():  # any head weights: a positive temperature per voxel, the same argmax
+        for p in net.calibration_head.parameters():
+            p.normal_(0, 0.5)
+    seg, cal = split_heads(net(x), 3)
+    ratio = (seg / cal).detach()  # = the voxel's temperature, the same for every class
+    torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4, atol=1e-4)
+    assert float(ratio.min()) >= 0.05 - 1e-6 and float(ratio.std()) > 1e-3
+    assert torch.equal(seg.argmax(1), cal.argmax(1))
+    cal.square().mean().backward()  # trunk_grad = 0: the calibration loss trains the head only
+    assert all(p.grad is None or not p.grad.any() for n, p in net.named_parameters()
+               if not n.startswith("calibration_head."))
+    assert any(p.grad is not None and p.grad.any() for p in net.calibration_head.parameters())
+    with pytest.raises(ValueError, match="calibration_output"):
+        _net(calibration_output="probabilities")

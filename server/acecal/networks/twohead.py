@@ -97,6 +97,13 @@ class SegResNetTwoHead(SegResNet):
             then a head on frozen-in-time features and the segmentation is the baseline's). Defaults to 1.
         calibration_sees_segmentation: also feed the (detached) segmentation logits into the calibration head, so it
             can model how right the served labels are. Defaults to False.
+        calibration_output: "logits" (default): the calibration head predicts its own C logits; "temperature": it
+            predicts a positive temperature per voxel, ``T = min_temperature + softplus(t)`` (starting at T = 1), and
+            the calibration logits are the segmentation logits divided by it. Then the calibration probabilities rank
+            the classes as the segmentation does (same argmax, so every served label is the calibration head's top
+            class), like local temperature scaling (Ding et al., ICCV 2021) trained in the same run. The segmentation
+            logits enter with the trunk's gradient factor (``trunk_grad``).
+        min_temperature: the lowest temperature of the "temperature" output. Defaults to 0.05.
 
     Shapes:
         input ``(B, in_channels, spatial...)``; output ``(B, 2 * out_channels, spatial...)``: ``[:, :C]``
@@ -118,6 +125,8 @@ class SegResNetTwoHead(SegResNet):
         calibration_blocks: int = 1,
         trunk_grad: float = 1.0,
         calibration_sees_segmentation: bool = False,
+        calibration_output: str = "logits",
+        min_temperature: float = 0.05,
     ) -> None:
         super().__init__(
             spatial_dims=spatial_dims,
@@ -141,6 +150,13 @@ class SegResNetTwoHead(SegResNet):
             or not 0.0 <= trunk_grad <= 1.0
         ):
             raise ValueError(f"trunk_grad must be a number in [0, 1], got {trunk_grad!r}")
+        if calibration_output not in ("logits", "temperature"):
+            raise ValueError(f"calibration_output must be 'logits' or 'temperature', got {calibration_output!r}")
+        if isinstance(min_temperature, bool) or not isinstance(min_temperature, (int, float)) \
+                or not 0.0 < min_temperature < 1.0:
+            raise ValueError(f"min_temperature must be a number in (0, 1), got {min_temperature!r}")
+        self.calibration_output = calibration_output
+        self.min_temperature = float(min_temperature)
         self.out_channels = out_channels
         self.trunk_grad = float(trunk_grad)
         self.calibration_sees_segmentation = bool(calibration_sees_segmentation)
@@ -152,9 +168,14 @@ class SegResNetTwoHead(SegResNet):
         layers += [
             get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=width),
             copy.deepcopy(self.act_mod),  # SegResNet shares one activation instance; the head gets its own
-            get_conv_layer(spatial_dims, width, out_channels, kernel_size=1, bias=True),
+            get_conv_layer(spatial_dims, width, out_channels if calibration_output == "logits" else 1, kernel_size=1,
+                           bias=True),
         ]
         self.calibration_head = nn.Sequential(*layers)
+        if calibration_output == "temperature":  # start at T = 1 everywhere: the calibration head begins as the seg
+            final = self.calibration_head[-1].conv
+            nn.init.zeros_(final.weight)
+            nn.init.constant_(final.bias, math.log(math.expm1(1.0 - self.min_temperature)))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Decoder output before any head, ``(B, init_filters, spatial...)`` (SegResNet.decode without conv_final)."""
@@ -172,4 +193,7 @@ class SegResNetTwoHead(SegResNet):
         if self.calibration_sees_segmentation:
             cal_in = torch.cat([cal_in, seg.detach()], dim=1)
         cal = self.calibration_head(cal_in)
-        return torch.cat([seg, cal], dim=1)
+        if self.calibration_output == "temperature":
+            temperature = self.min_temperature + torch.nn.functional.softplus(cal.float())
+            cal = _scale_gradient(seg, self.trunk_grad) / temperature
+        return torch.cat([seg, cal.to(seg.dtype)], dim=1)
