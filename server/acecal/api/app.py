@@ -72,6 +72,7 @@ def create_app(settings: Optional[Settings] = None, *, extra_routers: Iterable[A
         )
         for problem in registry.problems():
             log.warning("model bundle problem: %s", problem)
+        await asyncio.to_thread(services.default_model)  # logs which model POST /infer runs without an id
         if not models:
             log.warning(
                 "no model bundles found in %s: /models is empty until one is published there",

@@ -6,6 +6,10 @@ recent request durations). Inside its slot a request runs CPU stages in the norm
 ``workers`` threads (one by default: the device is used by one forward pass at a time, like a GPU lock): awaited
 from the event loop with :meth:`InferenceQueue.run`, or from a thread-pool thread with :meth:`InferenceQueue.call`
 (the ``run_on_device`` hook of :func:`acecal.inference.pipeline.run_inference`).
+
+A request whose client has gone cancels its :class:`~acecal.inference.window.CancelToken`: device work it still waits
+for is taken out of the queue at once (``call(..., cancel=token)``), and work already running stops at its next
+sliding-window batch; the caller then leaves its slot.
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import statistics
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, TypeVar
+from typing import Any, AsyncIterator, Callable, Optional, TypeVar
 
 from acecal.errors import ServerBusyError
+from acecal.inference.window import CancelToken, InferenceCancelled
 
 T = TypeVar("T")
 
@@ -37,6 +42,7 @@ class InferenceQueue:
         self._durations: deque[float] = deque(maxlen=20)
         self.completed = 0
         self.rejected = 0
+        self.cancelled = 0
 
     # --- slots --------------------------------------------------------------------------------------------------
     def _retry_after(self) -> float:
@@ -82,9 +88,26 @@ class InferenceQueue:
         fut = self._executor.submit(self._wrap, fn, args, kwargs)
         return await asyncio.wrap_future(fut)
 
-    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn`` on a device worker thread and wait for its result (from a thread, never the event loop)."""
-        return self._executor.submit(self._wrap, fn, args, kwargs).result()
+    def call(self, fn: Callable[..., T], *args: Any, cancel: Optional[CancelToken] = None, **kwargs: Any) -> T:
+        """Run ``fn`` on a device worker thread and wait for its result (from a thread, never the event loop).
+
+        ``cancel``: when it is cancelled before ``fn`` started, ``fn`` is dropped from the queue and this raises
+        :class:`~acecal.inference.window.InferenceCancelled` at once (a running ``fn`` checks the token itself).
+        """
+        future = self._executor.submit(self._wrap, fn, args, kwargs)
+        if cancel is not None:
+            cancel.on_cancel(future.cancel)  # succeeds only while the work waits for a device worker
+        try:
+            return future.result()
+        except CancelledError:
+            if cancel is not None and cancel.cancelled:
+                raise InferenceCancelled(cancel.reason) from None
+            raise
+
+    def count_cancelled(self) -> None:
+        """A request stopped because its client disconnected (reported by ``/health``)."""
+        with self._lock:
+            self.cancelled += 1
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -96,6 +119,7 @@ class InferenceQueue:
                 "queue_size": self.queue_size,
                 "completed": self.completed,
                 "rejected": self.rejected,
+                "cancelled": self.cancelled,
             }
 
     def shutdown(self) -> None:

@@ -46,8 +46,9 @@ class QueueStats(BaseModel):
     capacity: int = Field(description="workers + queue_size: more concurrent requests get 503")
     workers: int
     queue_size: int
-    completed: int
-    rejected: int
+    completed: int = Field(description="requests that left their slot, answered or not")
+    rejected: int = Field(description="requests refused with 503 because every slot was taken")
+    cancelled: int = Field(0, description="requests stopped because their client disconnected")
 
 
 class HealthResponse(BaseModel):
@@ -62,6 +63,14 @@ class HealthResponse(BaseModel):
     )
     result_ttl_s: float = Field(description="results are deleted this many seconds after they were made")
     queue: QueueStats
+    default_model: Optional[str] = Field(
+        None,
+        description="the model POST /infer runs without a model id: default_model_configured when it is served, "
+        "else the first model /models lists; null when there is no model",
+    )
+    default_model_configured: str = Field(
+        description="the configured default model (ACECAL_DEFAULT_MODEL, acecal serve --default-model)"
+    )
 
 
 # --- models ----------------------------------------------------------------------------------------------------------
@@ -81,6 +90,7 @@ class ModelInfo(BaseModel):
     roi_size: list[int]
     parent: Optional[str] = Field(None, description="id of the model this one was fine-tuned from")
     created: str
+    default: bool = Field(False, description="whether this is the model POST /infer runs without a model id")
 
 
 class ModelsResponse(BaseModel):
@@ -90,7 +100,8 @@ class ModelsResponse(BaseModel):
 
 # --- inference -------------------------------------------------------------------------------------------------------
 class InferParams(BaseModel):
-    """The optional ``params`` form field of ``POST /infer/{model_id}`` (a JSON object; unknown keys are refused)."""
+    """The optional ``params`` form field of ``POST /infer/{model_id}`` and ``POST /infer`` (a JSON object; unknown keys
+    are refused)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -12,12 +12,18 @@
 ``scheduler``      the thread running them (:class:`acecal.jobs.scheduler.JobScheduler`)
 ``evaluations``    evaluations of a model on a stored dataset (:class:`acecal.jobs.evaluations.EvaluationService`)
 =================  ====================================================================================
+
+:meth:`AppServices.default_model` says which model ``POST /infer`` runs without an id: the configured
+``default_model`` when it is served, else the first model ``/models`` lists (published models come and go, so it is
+decided on each call and logged whenever the answer changes).
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
 
 from acecal.api.queue import InferenceQueue
 from acecal.api.settings import Settings
@@ -31,7 +37,38 @@ from acecal.storage.db import Database
 from acecal.storage.evaluations import EvaluationStore
 from acecal.storage.results import ResultStore
 
-__all__ = ["AppServices", "build_services"]
+__all__ = ["AppServices", "DefaultModel", "build_services"]
+
+log = logging.getLogger("acecal.api")
+
+
+@dataclass(frozen=True)
+class DefaultModel:
+    """The model run when a request names none: ``configured`` is the setting, ``served`` the id actually used
+    (None when the server has no model at all)."""
+
+    configured: str
+    served: Optional[str]
+
+    @property
+    def fallback(self) -> bool:
+        """True when the configured model is not served and another one stands in."""
+        return self.served != self.configured
+
+    def describe(self) -> str:
+        """One line for the log."""
+        if not self.fallback:
+            return f"default model: {self.served}"
+        if self.served is None:
+            return f"default model {self.configured!r} is not served and there is no other model"
+        return f"default model {self.configured!r} is not served: using {self.served!r} (the first model /models lists)"
+
+
+def choose_default_model(configured: str, model_ids: list[str]) -> DefaultModel:
+    """``configured`` when it is among ``model_ids`` (in ``/models`` order), else the first of them (None if none)."""
+    if configured in model_ids:
+        return DefaultModel(configured, configured)
+    return DefaultModel(configured, model_ids[0] if model_ids else None)
 
 
 @dataclass
@@ -47,6 +84,15 @@ class AppServices:
     jobs: JobService
     scheduler: JobScheduler
     evaluations: EvaluationService
+    _logged_default: Optional[DefaultModel] = field(default=None, repr=False)
+
+    def default_model(self) -> DefaultModel:
+        """The model a request without a model id runs, now (file-system work: call it off the event loop)."""
+        chosen = choose_default_model(self.settings.default_model, [b.id for b in self.registry.list()])
+        if chosen != self._logged_default:  # said once per change, not on every request
+            self._logged_default = chosen
+            (log.warning if chosen.fallback else log.info)("%s", chosen.describe())
+        return chosen
 
     async def start(self) -> None:
         """Clear what a previous run left half-done, settle its jobs and start the scheduler (app start-up)."""

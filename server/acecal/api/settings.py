@@ -7,6 +7,7 @@
 | data_dir | ``ACECAL_DATA_DIR`` | ``~/.acecal`` (results, temporary uploads, user models) |
 | models_dirs | ``ACECAL_MODELS_DIRS`` (``os.pathsep``-separated or a JSON list) | the shipped ``models/`` |
 | api_key | ``ACECAL_API_KEY`` | none (no authentication) |
+| default_model | ``ACECAL_DEFAULT_MODEL`` | ``hippocampus-ace``; when not served, the first model ``/models`` lists |
 | max_upload_mb | ``ACECAL_MAX_UPLOAD_MB`` | ``2048`` |
 | max_voxels | ``ACECAL_MAX_VOXELS`` | from the machine's memory (64 bytes per voxel), at least 512 x 512 x 1024 |
 | max_model_voxels | ``ACECAL_MAX_MODEL_VOXELS`` | the same: voxels of an image resampled to a model's spacing |
@@ -42,6 +43,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from acecal.bundles import default_data_dir, default_models_dir
 from acecal.data.headers import ImageLimits, default_max_model_voxels, default_max_voxels
 
+#: the model ``POST /infer`` (no model id), ``acecal infer --server`` without ``--model`` and the Slicer module use
+#: unless the user chooses one
+DEFAULT_MODEL = "hippocampus-ace"
+
 
 def _split_paths(v: Any) -> Any:
     if v is None:
@@ -64,6 +69,7 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)
     models_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=lambda: [default_models_dir()])
     api_key: Optional[SecretStr] = None
+    default_model: str = Field(DEFAULT_MODEL, min_length=1, description="the model POST /infer runs without an id")
     max_upload_mb: float = Field(2048.0, gt=0)
     max_voxels: int = Field(default_factory=default_max_voxels, ge=1)
     max_model_voxels: int = Field(default_factory=default_max_model_voxels, ge=1)

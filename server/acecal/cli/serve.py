@@ -34,6 +34,12 @@ def serve(
         show_envvar=True,
         help="Require 'Authorization: Bearer KEY' on every endpoint but /health.",
     ),
+    default_model: Optional[str] = typer.Option(
+        None,
+        "--default-model",
+        help="Model run by POST /infer without a model id (default hippocampus-ace; when it is not served, the first "
+        "model /models lists). [env ACECAL_DEFAULT_MODEL]",
+    ),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda or cuda:N (default auto). [env ACECAL_DEVICE]"),
     max_upload_mb: Optional[float] = typer.Option(
         None, "--max-upload-mb", help="Upload size cap in MB (default 2048)."
@@ -75,6 +81,7 @@ def serve(
             "data_dir": data_dir,
             "models_dirs": models or None,
             "api_key": api_key,
+            "default_model": default_model,
             "device": device,
             "max_upload_mb": max_upload_mb,
             "result_ttl_s": result_ttl_s,

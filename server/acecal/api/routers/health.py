@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter
 
 from acecal import __version__
@@ -14,6 +16,7 @@ router = APIRouter(tags=["health"])
 @router.get("/health", response_model=HealthResponse, summary="Server status, version and device")
 async def health(services: ServicesDep) -> HealthResponse:
     s = services.settings
+    default = await asyncio.to_thread(services.default_model)  # a folder rescan at most: off the event loop
     return HealthResponse(
         version=__version__,
         device=services.device,
@@ -23,4 +26,6 @@ async def health(services: ServicesDep) -> HealthResponse:
         max_model_voxels=s.max_model_voxels,
         result_ttl_s=s.result_ttl_s,
         queue=QueueStats(**services.queue.stats()),
+        default_model=default.served,
+        default_model_configured=default.configured,
     )

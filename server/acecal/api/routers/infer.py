@@ -1,4 +1,5 @@
-"""POST /infer/{model_id}: upload a volume, get the segmentation, confidence, uncertainty and flagged regions.
+"""POST /infer/{model_id} and POST /infer (the server's default model): upload a volume, get the segmentation,
+confidence, uncertainty and flagged regions.
 
 The handler is ``async`` but never blocks the event loop: it runs :func:`acecal.inference.pipeline.run_inference`
 (what ``acecal infer`` runs) in the thread pool with the forward pass on the device queue
@@ -8,13 +9,22 @@ receiving the upload. The upload streams to a server-chosen temporary name in th
 from its content), is checked from its header before any reader opens it (:mod:`acecal.data.headers`: a regular
 file, voxel data attached, within ``max_voxels``; the model-space size within ``max_model_voxels``) and is deleted
 whatever happens. Running out of memory is a 413, with the memory released before the reply.
+
+A client that disconnects once its upload is in (the Slicer module's *Cancel*, a killed script) stops its inference:
+the handler watches for the ASGI ``http.disconnect`` message (``Request.is_disconnected``) and cancels the request's
+:class:`~acecal.inference.window.CancelToken`. Device work still waiting is dropped from the queue, a running forward
+pass stops at its next sliding-window batch, nothing is stored, the slot is released and the log says so; the reply
+nobody receives is logged with status 499 ("client closed request", as nginx calls it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +34,14 @@ from starlette.concurrency import run_in_threadpool
 
 from acecal.api.deps import ServicesDep
 from acecal.api.schemas import DISK_FULL_RESPONSE, ErrorResponse, InferParams, InferResponse, Responses, busy_response
+from acecal.api.services import AppServices
 from acecal.api.uploads import display_name, multipart_body, receive_form, store_upload
+from acecal.bundles import Bundle
 from acecal.data.headers import image_limits
+from acecal.errors import ModelNotFoundError
 from acecal.inference.memory import memory_bounded
 from acecal.inference.pipeline import InferenceOptions, run_inference, write_volumes
+from acecal.inference.window import CancelToken, InferenceCancelled
 from acecal.protocol import VOLUMES
 from acecal.storage.results import VOLUMES_KEY
 
@@ -36,7 +50,7 @@ router = APIRouter(tags=["inference"])
 
 _ERRORS: Responses = {
     400: {"model": ErrorResponse, "description": "malformed multipart body"},
-    404: {"model": ErrorResponse, "description": "unknown model id"},
+    404: {"model": ErrorResponse, "description": "unknown model id (POST /infer: the server has no model)"},
     413: {
         "model": ErrorResponse,
         "description": "upload larger than the server's limit, or an image with more voxels "
@@ -60,6 +74,33 @@ _BODY = multipart_body(
 )
 
 
+#: how often a request waiting for its inference asks whether its client is still there (seconds)
+DISCONNECT_POLL_S = 0.1
+#: the status logged for a request whose client left before the reply (nginx's "client closed request")
+CLIENT_CLOSED_REQUEST = 499
+
+
+@contextlib.asynccontextmanager
+async def cancelled_on_disconnect(request: Request, token: CancelToken) -> AsyncIterator[None]:
+    """Cancel ``token`` as soon as the client disconnects, while the block runs (enter it once the body is read:
+    the watcher and the body reader would otherwise share the ASGI ``receive``)."""
+
+    async def watch() -> None:
+        while not token.cancelled:
+            if await request.is_disconnected():
+                token.cancel("the client disconnected")
+                return
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
 @router.post(
     "/infer/{model_id}",
     response_model=InferResponse,
@@ -68,10 +109,30 @@ _BODY = multipart_body(
     openapi_extra=_BODY,
 )
 async def infer(request: Request, model_id: str, services: ServicesDep) -> Response:
-    t_start = time.perf_counter()
     bundle = await run_in_threadpool(services.registry.get, model_id)  # 404 before the body is read
+    return await _infer(request, bundle, services)
+
+
+@router.post(
+    "/infer",
+    response_model=InferResponse,
+    summary="Segment a volume with the server's default model (GET /health: default_model)",
+    responses=_ERRORS,
+    openapi_extra=_BODY,
+)
+async def infer_default(request: Request, services: ServicesDep) -> Response:
+    default = await run_in_threadpool(services.default_model)
+    if default.served is None:
+        raise ModelNotFoundError("the server has no model to run: publish a bundle into its models folder")
+    bundle = await run_in_threadpool(services.registry.get, default.served)
+    return await _infer(request, bundle, services)
+
+
+async def _infer(request: Request, bundle: Bundle, services: AppServices) -> Response:
+    t_start = time.perf_counter()
     settings, queue, results = services.settings, services.queue, services.results
     timings: dict[str, float] = {}
+    cancel = CancelToken()
     async with queue.slot():  # 503 before the body is read
         t0 = time.perf_counter()
         form = await receive_form(request, settings.tmp_dir, files=("image",), fields=("params",))
@@ -96,12 +157,16 @@ async def infer(request: Request, model_id: str, services: ServicesDep) -> Respo
             predictor = services.predictors.get(bundle)
             limits = settings.image_limits()
 
+            def on_device(stage: Any) -> Any:
+                return queue.call(stage, cancel=cancel)
+
             def infer_and_store() -> dict[str, Any]:
                 with image_limits(limits):  # the server's budgets for the reads
-                    out = run_inference(predictor, tmp, options, name=name, run_on_device=queue.call)
+                    out = run_inference(predictor, tmp, options, name=name, run_on_device=on_device, cancel=cancel)
                 out.report["timings"] = {**{k: round(v, 4) for k, v in timings.items()}, **out.report["timings"]}
 
                 def write(folder: Path) -> dict[str, Any]:
+                    cancel.check()  # nobody would fetch it
                     t = time.perf_counter()
                     write_volumes(folder, out, compress=p.compress)
                     report = dict(out.report)
@@ -115,7 +180,22 @@ async def infer(request: Request, model_id: str, services: ServicesDep) -> Respo
 
                 return memory_bounded(lambda: results.create(write), f"the image {name!r}")
 
-            reply = await run_in_threadpool(infer_and_store)
+            try:
+                async with cancelled_on_disconnect(request, cancel):
+                    reply = await run_in_threadpool(infer_and_store)
+                if cancel.cancelled:  # the client left while the result was being stored
+                    await run_in_threadpool(results.discard, reply["result_id"])
+                    raise InferenceCancelled(cancel.reason)
+            except InferenceCancelled:
+                queue.count_cancelled()
+                log.info(
+                    "inference cancelled after %.2f s: model %s, image %r: %s; its slot is free and nothing was stored",
+                    time.perf_counter() - t_start,
+                    bundle.id,
+                    name,
+                    cancel.reason,
+                )
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
         finally:
             form.discard()
     log.info(

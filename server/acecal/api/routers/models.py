@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse, Response
 
-from acecal.api.deps import RegistryDep
+from acecal.api.deps import RegistryDep, ServicesDep
 from acecal.api.schemas import ErrorResponse, ModelInfo, ModelsResponse
 
 router = APIRouter(tags=["models"])
@@ -15,8 +15,13 @@ _ERROR_JSON = {"application/json": {"schema": {"$ref": "#/components/schemas/Err
 
 # plain `def`: the registry may rescan folders, which is file-system work for the thread pool, not the event loop
 @router.get("/models", response_model=ModelsResponse, summary="List the models this server can run")
-def list_models(registry: RegistryDep) -> ModelsResponse:
-    return ModelsResponse(models=[ModelInfo(**b.describe()) for b in registry.list()], problems=registry.problems())
+def list_models(services: ServicesDep) -> ModelsResponse:
+    registry = services.registry
+    default = services.default_model().served
+    return ModelsResponse(
+        models=[ModelInfo(**b.describe(), default=b.id == default) for b in registry.list()],
+        problems=registry.problems(),
+    )
 
 
 @router.get(
@@ -25,8 +30,9 @@ def list_models(registry: RegistryDep) -> ModelsResponse:
     summary="One model's description",
     responses={404: {"model": ErrorResponse, "description": "unknown model id"}},
 )
-def get_model(model_id: str, registry: RegistryDep) -> ModelInfo:
-    return ModelInfo(**registry.get(model_id).describe())
+def get_model(model_id: str, services: ServicesDep) -> ModelInfo:
+    bundle = services.registry.get(model_id)
+    return ModelInfo(**bundle.describe(), default=bundle.id == services.default_model().served)
 
 
 @router.get(
