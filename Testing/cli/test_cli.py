@@ -39,14 +39,26 @@ def test_serve_starts_with_no_models(tmp_path):
     empty = tmp_path / "models"
     empty.mkdir()
     proc, url = start_cli_server(
-        ["--models", str(empty), "--models", str(tmp_path / "missing"), "--data-dir", str(tmp_path / "data")]
+        [
+            "--models",
+            str(empty),
+            "--models",
+            str(tmp_path / "missing"),
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--default-model",
+            "my-default",
+        ]
     )
     try:
-        assert requests.get(url + "/health", timeout=5).json()["status"] == "ok"
+        health = requests.get(url + "/health", timeout=5).json()
+        assert health["status"] == "ok"
+        assert health["default_model"] is None and health["default_model_configured"] == "my-default"
         assert requests.get(url + "/models", timeout=5).json() == {"models": [], "problems": []}
     finally:
         out = stop_process(proc)
     assert "no model bundles found" in out
+    assert "default model 'my-default' is not served and there is no other model" in out
 
 
 def test_serve_takes_the_key_from_the_environment(served):
@@ -130,6 +142,20 @@ def test_infer_through_the_server_and_in_process_give_the_same_outputs(cli, serv
             a = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "remote" / name / f"{v}.nrrd")))
             b = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "local" / name / f"{v}.nrrd")))
             np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_infer_through_the_server_without_a_model_uses_the_servers_default(cli, served, tmp_path):
+    good = make_case((16, 16, 16), seed=5)
+    write_case(good, tmp_path / "good.nrrd")
+    r = cli.invoke(app, ["infer", "-s", served, "--api-key", KEY, str(tmp_path / "good.nrrd"), "-o", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    # the served tiny model stands in for the configured default (hippocampus-ace is not served here)
+    assert "model: tiny-sphere (the server's default)" in r.output
+    assert json.loads((tmp_path / "good" / "summary.json").read_text())["model_id"] == "tiny-sphere"
+    r = cli.invoke(app, ["models", "--server", served, "--api-key", KEY])
+    assert r.exit_code == 0 and "tiny-sphere *" in r.stdout and "default model" in r.stdout
+    r = cli.invoke(app, ["infer", str(tmp_path / "good.nrrd"), "-o", str(tmp_path / "local")])
+    assert r.exit_code == 2 and "--model is needed without --server" in r.output
 
 
 def test_infer_reports_bad_images_and_carries_on(cli, served, tmp_path):

@@ -78,7 +78,13 @@ def _params(
 @app.command("infer")
 def infer(
     images: List[Path] = typer.Argument(..., help="Image files (.nii, .nii.gz, .nrrd, .mha)."),
-    model: str = typer.Option(..., "--model", "-m", help="Model id (or, without --server, a bundle folder)."),
+    model: Optional[str] = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Model id (or, without --server, a bundle folder); with --server it defaults to the server's default "
+        "model.",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: one sub-folder per image."),
     server: Optional[str] = typer.Option(
         None, "--server", "-s", envvar="ACECAL_SERVER", help="Server URL; without it inference runs in this process."
@@ -117,15 +123,18 @@ def infer(
     if irregular:  # a FIFO or a device would block or never end: never opened
         console.print(f"[red]not regular file(s) (a folder, FIFO or device): {', '.join(irregular)}", highlight=False)
         raise typer.Exit(2)
+    if not server and not model:
+        console.print("[red]--model is needed without --server (a model id or a bundle folder)", highlight=False)
+        raise typer.Exit(2)
     out.mkdir(parents=True, exist_ok=True)
     dirs = _unique_dirs(images, out)
     try:
-        run_one = (
-            _remote_runner(server, api_key, model, params, timeout)
-            if server
-            else _local_runner(model, params, device, models_dir)
-        )
-    except ACECalError as e:  # unknown model, broken bundle
+        if server:
+            run_one = _remote_runner(server, api_key, model, params, timeout, console.print)
+        else:
+            assert model is not None  # checked above
+            run_one = _local_runner(model, params, device, models_dir)
+    except ACECalError as e:  # unknown model, broken bundle, no default model
         console.print(f"[red]{e.detail}", highlight=False)
         raise typer.Exit(1) from None
     failures: list[tuple[Path, str]] = []
@@ -164,11 +173,28 @@ def infer(
         raise typer.Exit(1)
 
 
-def _remote_runner(server: str, api_key: Optional[str], model: str, params: dict[str, Any], timeout: float) -> Runner:
+def _remote_runner(
+    server: str,
+    api_key: Optional[str],
+    model: Optional[str],
+    params: dict[str, Any],
+    timeout: float,
+    say: Callable[[str], object],
+) -> Runner:
+    """``model`` None: the server's default model, asked once so that every image of the run gets the same one."""
     # lazy: requests loads only for the commands that talk to a server
     from acecal.client import ACEClient
 
     client = ACEClient(server, api_key=api_key, timeout=(10.0, timeout))
+    if model is None:
+        default = client.default_model()
+        if default is None:
+            raise ACECalError(
+                f"the server at {client.base_url} names no default model (it has no model, or is older than default "
+                "models): pass --model (acecal models --server lists them)"
+            )
+        model = default.id
+        say(f"model: {model} (the server's default)")
 
     def run(img: Path, out_dir: Path, stage: Stage) -> InferenceReply:
         def progress(what: str, done: int, total: Optional[int]) -> None:
@@ -259,7 +285,11 @@ def models(
     if as_json:
         typer.echo(json.dumps({"models": [m.to_json() for m in rows]}, indent=2))
         return
-    table = Table(title=f"models on {server}" if server else "local models")
+    marked = any(m.default for m in rows)
+    table = Table(
+        title=f"models on {server}" if server else "local models",
+        caption="* the server's default model (run when a request names none)" if marked else None,
+    )
     table.add_column("id", no_wrap=True, style="bold")
     for col in ("classes", "loss", "T", "threshold", "validation"):
         table.add_column(col)
@@ -269,7 +299,7 @@ def models(
         )
         classes = ", ".join(m.labels[k] for k in sorted(m.labels, key=int) if k != BACKGROUND_LABEL)
         table.add_row(
-            m.id,
+            f"{m.id} *" if m.default else m.id,
             classes,
             m.loss,
             "-" if m.temperature is None else f"{m.temperature:.3g}",
