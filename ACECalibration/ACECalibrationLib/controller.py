@@ -8,7 +8,8 @@ tests drive the same object headless on slicer-core against a real server. Rules
   collects finished tasks and touches MRML on the GUI thread only. Interactive calls use short timeouts and no
   retries (:data:`.logic.INTERACTIVE`); nothing retries behind the user's back.
 - **Cancel stops the work.** A segmentation or evaluation runs on its own :class:`~.transport.AbortableSession`;
-  *Cancel* aborts its connections, so the worker unwinds at once and the server sees the client leave. Until the
+  *Cancel* aborts its connections, so the worker unwinds at once and the server sees the client leave (it drops the
+  queued inference or stops the running one at its next sliding-window batch). Until the
   worker has really ended the state is ``cancelling`` and no second run starts.
 - **The scene can go away at any time.** :meth:`scene_closing` cancels the scene-bound tasks, drops the review,
   the result, the fine-tuning pairs and the task's input; a result that arrives later is discarded. A result whose
@@ -17,6 +18,8 @@ tests drive the same object headless on slicer-core against a real server. Rules
 - **Images leave the computer only with consent** (once per server, remembered), and a key that would travel over
   plain http to another computer is confirmed first (once per server and session).
 - **Every failure becomes a message** for a clinician (:func:`.logic.user_message`), with the details behind it.
+- **The server's default model is selected** when the models are listed (``/models`` marks it), unless the user chose
+  a model before: that choice is remembered in the settings and wins whenever the server offers it.
 """
 
 from __future__ import annotations
@@ -147,7 +150,10 @@ class Controller:
             return ""
         names = ", ".join(m.labels[k] for k in sorted(m.labels, key=int) if k != BACKGROUND_LABEL)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in m.metrics.items() if isinstance(v, (int, float)))
-        return f"Loss: {m.loss or '?'}. Labels: {names or '?'}. Measured on validation: {shown or 'no metrics'}."
+        default = " The server's default model." if m.default else ""
+        return (
+            f"Loss: {m.loss or '?'}. Labels: {names or '?'}. Measured on validation: {shown or 'no metrics'}.{default}"
+        )
 
     def _changed(self) -> None:
         self.view.changed()
@@ -223,7 +229,7 @@ class Controller:
         return False
 
     def connect(self, quiet: bool = False) -> bool:
-        """*Test connection*: health and models of the server, on a worker thread. ``quiet`` (entering the module)
+        """*Connect*: health and models of the server, on a worker thread. ``quiet`` (entering the module)
         asks nothing: it skips a connection that would need a question. Returns True when a connection started."""
         if self._connect is not None:
             return False
@@ -260,17 +266,32 @@ class Controller:
         if run.url != settings.normalize_server_url(self.server_url):
             return  # the user moved to another server meanwhile
         self.models = {m.id: m for m in models}
-        wanted = self._select_after_connect or self.model_id
-        self._select_after_connect = ""
-        self.model_id = wanted if wanted in self.models else next(iter(self.models), "")
+        self.model_id = self._model_to_select()
         self.connection_state = CONNECTED
+        default = self.default_model_id
         self.connection_text = (
             f"Connected to {run.url}: server {health.get(HEALTH_VERSION, '?')}, "
-            f"{health.get(HEALTH_DEVICE, '?')}; {len(self.models)} model(s)."
+            f"{health.get(HEALTH_DEVICE, '?')}; {len(self.models)} model(s)"
+            + (f", default {default}." if default else ".")
         )
         if not self.models:
             self.connection_text += " The server has no models."
         self._changed()
+
+    @property
+    def default_model_id(self) -> str:
+        """The server's default model (``""`` when it names none: no models, or a server older than defaults)."""
+        return next((m.id for m in self.models.values() if m.default), "")
+
+    def _model_to_select(self) -> str:
+        """After listing the models: a model just fine-tuned, else the one selected now, else the one the user chose
+        last time (remembered), else the server's default, else the first; ``""`` when the server has none."""
+        wanted = self._select_after_connect
+        self._select_after_connect = ""
+        for model_id in (wanted, self.model_id, settings.last_model(self.store), self.default_model_id):
+            if model_id and model_id in self.models:
+                return model_id
+        return next(iter(self.models), "")
 
     def enter(self) -> None:
         """The module was opened: fetch the models if they are not there yet (asks nothing)."""
@@ -278,8 +299,10 @@ class Controller:
             self.connect(quiet=True)
 
     def select_model(self, model_id: str) -> None:
+        """The user chose a model: selected now and remembered (it wins over the server's default next time)."""
         if model_id in self.models and model_id != self.model_id:
             self.model_id = model_id
+            settings.remember_model(self.store, model_id)
             self._changed()
 
     # ============================================================================================== segmentation

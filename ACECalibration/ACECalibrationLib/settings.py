@@ -33,6 +33,8 @@ __all__ = [
     "server_history",
     "remember_server_url",
     "last_server_url",
+    "remember_model",
+    "last_model",
     "save_setting",
     "api_key_from_environment",
     "KEY_UPLOAD_CONSENT",
@@ -120,6 +122,16 @@ def last_server_url(store: SettingsStore) -> str:
         return normalize_server_url(store.value(KEY_SERVER_URL, "") or "")
     except ValueError:
         return DEFAULT_SERVER_URL
+
+
+def remember_model(store: SettingsStore, model_id: str) -> None:
+    """Record the model the user chose: it is selected again whenever a server offers it."""
+    save_setting(store, KEY_MODEL_ID, model_id)
+
+
+def last_model(store: SettingsStore) -> str:
+    """The model the user chose last (``""`` when they never chose one)."""
+    return str(store.value(KEY_MODEL_ID, "") or "")
 
 
 def api_key_from_environment() -> str:

@@ -38,9 +38,13 @@ def open_infer(url: str, model_id: str, image: bytes) -> socket.socket:
     """Send a whole ``POST /infer/{model_id}`` on a raw socket and leave it waiting for the reply."""
     host, port = url.removeprefix("http://").split(":")
     body = (
-        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="slow.nrrd"\r\n'
-        "Content-Type: application/octet-stream\r\n\r\n"
-    ).encode() + image + f"\r\n--{BOUNDARY}--\r\n".encode()
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="image"; filename="slow.nrrd"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
     head = (
         f"POST /infer/{model_id} HTTP/1.1\r\nHost: {host}:{port}\r\n"
         f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n"

@@ -72,9 +72,13 @@ def test_each_record_has_exactly_its_schemas_keys(record, model):
 
 
 def test_the_keys_read_by_name_are_in_the_schemas():
-    assert {protocol.HEALTH_VERSION, protocol.HEALTH_DEVICE, protocol.HEALTH_AUTH_REQUIRED} <= schema_keys(
-        schemas.HealthResponse
-    )
+    assert {
+        protocol.HEALTH_VERSION,
+        protocol.HEALTH_DEVICE,
+        protocol.HEALTH_AUTH_REQUIRED,
+        protocol.HEALTH_DEFAULT_MODEL,
+        protocol.HEALTH_DEFAULT_MODEL_CONFIGURED,
+    } <= schema_keys(schemas.HealthResponse)
     assert {protocol.DATASET_ID, protocol.DATASET_NUM_CASES} <= schema_keys(fs.DatasetInfo)
     assert protocol.DATASET_ID in schema_keys(fs.DatasetCreated)
     assert protocol.JOB_ACCEPTED_ID in schema_keys(fs.JobAccepted)
@@ -135,8 +139,11 @@ def test_the_real_models_reply_is_the_protocols(server):
     (m,) = [ModelInfo.from_json(d) for d in data]
     assert m.extra == {} and m.to_json() == data[0]
     assert m.id == "tiny-sphere" and m.class_names == ["background", "sphere"] and m.roi_size == [24, 24, 24]
+    assert m.default  # the only model stands in for the configured default
     health = requests.get(f"{server.url}/health", timeout=30).json()
     assert health[protocol.HEALTH_DEVICE] == "cpu" and isinstance(health[protocol.HEALTH_AUTH_REQUIRED], bool)
+    assert health[protocol.HEALTH_DEFAULT_MODEL] == "tiny-sphere"
+    assert health[protocol.HEALTH_DEFAULT_MODEL_CONFIGURED] == "hippocampus-ace"
 
 
 def test_the_real_engines_log_is_job_events(tiny_bundle):
@@ -199,6 +206,15 @@ def test_a_region_reads_class_as_class_value_and_refuses_what_does_not_fit():
         Region.from_json([1, 2])
     newer = Region.from_json(_region_json(surface_mm2=3.5))  # a key a newer server adds survives a round trip
     assert newer.extra == {"surface_mm2": 3.5} and newer.to_json()["surface_mm2"] == 3.5
+
+
+def test_a_model_from_a_server_older_than_default_models_is_not_the_default():
+    old = {"id": "m", "labels": {"0": "background", "1": "x"}, "loss": "baseline_dice_ce"}
+    m = ModelInfo.from_json(old)
+    assert m.default is False and m.extra == {}
+    assert ModelInfo.from_json(dict(old, default=True)).default is True
+    with pytest.raises(ProtocolError, match="ModelInfo.default"):
+        ModelInfo.from_json(dict(old, default="yes"))
 
 
 def test_a_reply_names_the_nested_key_that_is_wrong():

@@ -148,6 +148,75 @@ def test_changing_the_key_drops_the_connection(connected):
     assert c.models == {} and c.model_id == ""
 
 
+def test_the_servers_default_model_is_selected_unless_the_user_chose_one(scene, tiny_bundle, tmp_path):
+    from live_server import LiveServer, make_settings
+    from slow_model import copy_bundle
+
+    models = tmp_path / "models"
+    copy_bundle(tiny_bundle, models, "tiny-second")  # listed after tiny-sphere: the server's setting decides
+    live = make_settings(tmp_path / "data", [tiny_bundle.parent, models], default_model="tiny-second")
+    with LiveServer(live) as server:
+        store = settings.MemorySettings()
+        c = make_controller(scene, server.url, None, store=store)
+        timed(c.enter)
+        run_until_idle(c)
+        assert list(c.models) == [MODEL, "tiny-second"] and c.model_id == c.default_model_id == "tiny-second"
+        assert "default tiny-second" in c.connection_text
+        assert c.model_description().endswith("The server's default model.")
+        assert "default" not in c.model_description(MODEL)
+        assert settings.last_model(store) == ""  # selected for the user, not by the user: nothing remembered
+
+        timed(c.select_model, MODEL)  # the user's choice...
+        assert settings.last_model(store) == MODEL
+        again = make_controller(scene, server.url, None, store=store)  # ...wins in the next session
+        timed(again.enter)
+        run_until_idle(again)
+        assert again.model_id == MODEL and again.default_model_id == "tiny-second"
+
+        gone = settings.MemorySettings()
+        settings.remember_model(gone, "a-model-this-server-lacks")
+        other = make_controller(scene, server.url, None, store=gone)
+        timed(other.enter)
+        run_until_idle(other)
+        assert other.model_id == "tiny-second"  # a remembered model the server does not have: its default
+
+
+def test_cancel_stops_the_inference_on_the_server(scene, tiny_bundle, tmp_path):
+    """Cancel closes the connection; the server sees the client leave, stops the forward pass and frees its slot."""
+    from live_server import LiveServer, make_settings
+    from slow_model import slow_bundle
+
+    models = tmp_path / "models"
+    slow_bundle(tiny_bundle, models, "tiny-slow")  # minutes for this volume if nothing stops it
+    with LiveServer(make_settings(tmp_path / "data", [tiny_bundle.parent, models])) as server:
+        client = logic.make_client(server.url, None, **logic.INTERACTIVE)
+        c = make_controller(scene, server.url, None)
+        c.connect()
+        run_until_idle(c)
+        c.select_model("tiny-slow")
+        volume, _ = sphere_volume(scene, size=(48, 48, 48))
+        assert timed(c.segment, volume)
+        deadline = time.monotonic() + 60
+        while client.health()["queue"]["running"] == 0:  # uploaded: the server's forward pass is running
+            timed(c.poll)
+            assert c.segment_state == ctl.RUNNING and time.monotonic() < deadline, (c.status_text, c.view.errors)
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        timed(c.cancel)
+        run_until_idle(c, 10)
+        while client.health()["queue"]["in_flight"]:
+            assert time.monotonic() - t0 < 2.0, "the server kept the cancelled inference"
+            time.sleep(0.05)
+        health = client.health()
+        assert health["queue"]["running"] == 0 and health["queue"]["cancelled"] == 1
+        assert not server.settings.results_dir.exists() or list(server.settings.results_dir.iterdir()) == []
+        c.select_model(MODEL)  # the device is free: a new run is served at once
+        assert timed(c.segment, volume)
+        run_until_idle(c, 30)
+        assert c.status_text.startswith("Done:") and c.view.errors == []
+        c.cleanup()
+
+
 # ------------------------------------------------------------------------------------------------------ segment
 def test_segment_review_correct_and_statistics(connected, scene):
     c = connected

@@ -5,6 +5,7 @@
     with ACEClient("http://127.0.0.1:8000", api_key=None) as c:
         print(c.health())
         res = c.infer("scan.nii.gz", "my-model")           # or c.infer((array_zyx, grid), "my-model")
+        res = c.infer("scan.nii.gz")                       # the server's default model (res.model_id says which)
         res.label_map, res.confidence, res.regions, res.grid
         res.summary.uncertain_volume_ml, res.regions[0].centroid_ras
 

@@ -75,6 +75,8 @@ FINETUNE_LOSSES: Tuple[str, ...] = get_args(FinetuneLoss)
 # --- keys of the replies callers read by key (the rest are records below) ---------------------------------------------
 #: ``GET /health``
 HEALTH_VERSION, HEALTH_DEVICE, HEALTH_AUTH_REQUIRED = "version", "device", "auth_required"
+#: ``GET /health``: the model ``POST /infer`` runs without a model id (null: none), and the configured one
+HEALTH_DEFAULT_MODEL, HEALTH_DEFAULT_MODEL_CONFIGURED = "default_model", "default_model_configured"
 #: ``POST /datasets`` and ``GET /datasets/{id}``: the dataset's id and case count
 DATASET_ID, DATASET_NUM_CASES = "id", "num_cases"
 #: ``POST /finetune``: the new job's id
@@ -318,7 +320,7 @@ class InferenceReply(Record):
 # --- models ----------------------------------------------------------------------------------------------------------
 @dataclass
 class ModelInfo(Record):
-    """A model as ``GET /models`` describes it."""
+    """A model as ``GET /models`` describes it (``default``: the one ``POST /infer`` runs without a model id)."""
 
     id: str = _wire(_str)
     labels: Dict[str, str] = _wire(_str_map)  # label value as a string -> class name; "0" is the background
@@ -335,6 +337,8 @@ class ModelInfo(Record):
     roi_size: Optional[List[int]] = _wire(_optional(_list(_int, 3)), default=None)
     parent: Optional[str] = _wire(_optional(_str), default=None)  # the model this one was fine-tuned from
     created: Optional[str] = _wire(_optional(_str), default=None)
+    # the server's default model (run by POST /infer without an id); False from servers older than the field
+    default: bool = _wire(_bool, default=False)
     extra: Dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod

@@ -88,6 +88,11 @@ class ModelResources(Transport):
             raise ProtocolError("the server's /models reply has no list of models; is it an ACECal server?")
         return [ModelInfo.from_json(m) for m in reply["models"]]
 
+    def default_model(self) -> Optional[ModelInfo]:
+        """The model the server runs when a request names none (``GET /models``, the entry marked ``default``);
+        None when the server has no model, or is older than default models."""
+        return next((m for m in self.models() if m.default), None)
+
     def model(self, model_id: str) -> ModelInfo:
         """``GET /models/{id}``; ``ModelNotFoundError`` if unknown."""
         return ModelInfo.from_json(self.get_json(f"/models/{url_segment(model_id)}"))
@@ -95,7 +100,7 @@ class ModelResources(Transport):
     def infer(
         self,
         image: ImageInput,
-        model_id: str,
+        model_id: Optional[str] = None,
         *,
         params: Optional[Dict[str, Any]] = None,
         out_dir: Optional[PathLike] = None,
@@ -112,7 +117,8 @@ class ModelResources(Transport):
         Args:
             image: a file path (.nii, .nii.gz, .nrrd, .mha; streamed from disk) or ``(array_zyx, Grid)`` (sent as
                 NRRD; the grid in LPS, as :class:`acecal.geometry.Grid` always is).
-            model_id: a model id from :meth:`models`.
+            model_id: a model id from :meth:`models`; None runs the server's default model (``POST /infer``; the
+                result's ``model_id`` says which ran).
             params / **param_kwargs: inference parameters (``uncertainty_threshold``, ``overlap``,
                 ``use_temperature``, ``band_mm``, ``band_voxels``, ``min_region_voxels``, ``connectivity``,
                 ``compress``); keyword arguments override ``params``.
@@ -131,7 +137,7 @@ class ModelResources(Transport):
             raise ValueError(f"unknown volume(s) {unknown}; choose from {VOLUMES}")
         fields = {"params": json.dumps(p)} if p else {}
         resp = self.post_multipart(
-            f"/infer/{url_segment(model_id)}",
+            "/infer" if model_id is None else f"/infer/{url_segment(model_id)}",
             fields,
             {"image": file_part(image, filename, compress=compress_upload)},
             progress=progress,

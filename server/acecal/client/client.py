@@ -24,7 +24,7 @@ class ACEClient(ModelResources, DatasetResources, JobResources, EvaluationResour
         session: a ``requests.Session`` to use (a new one by default).
 
     Methods by resource: :class:`~acecal.client.resources.ModelResources` (``health``, ``check``, ``models``,
-    ``model``, ``infer``, ``fetch_volumes``, ``result``, ``delete_result``),
+    ``default_model``, ``model``, ``infer``, ``fetch_volumes``, ``result``, ``delete_result``),
     :class:`~acecal.client.resources.DatasetResources` (``create_dataset``, ``datasets``, ``dataset``,
     ``delete_dataset``, ``add_case``, ``delete_case``, ``upload_dataset``),
     :class:`~acecal.client.resources.JobResources` (``finetune``, ``jobs``, ``job``, ``cancel_job``, ``wait_job``),
