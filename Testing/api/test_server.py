@@ -9,6 +9,7 @@ import requests
 import SimpleITK as sitk
 from live_server import LiveServer, make_settings
 from oblique import oblique_case
+from slow_model import copy_bundle
 from synthetic import dice, make_case, write_case
 
 from acecal import __version__
@@ -187,3 +188,34 @@ def test_openapi_documents_every_endpoint_with_models(server):
     for code in ("404", "413", "422", "503"):
         assert code in infer["responses"], code
     assert "multipart/form-data" in infer["requestBody"]["content"]
+
+
+def test_the_calibrator_switch_is_use_calibrator_with_use_temperature_as_its_older_name(tiny_bundle, tmp_path):
+    models = tmp_path / "models"
+    copy_bundle(tiny_bundle, models, "tiny-hot", temperature=2.0)  # a fitted global temperature: the calibrator
+    case = make_case((24, 24, 24), seed=21)
+    write_case(case, tmp_path / "c.nii.gz")
+    with LiveServer(make_settings(tmp_path / "data", [models])) as s:
+        replies = {}
+        for name, params in {
+            "default": None,
+            "off": {"use_calibrator": False},
+            "off, older name": {"use_temperature": False},
+            "on wins": {"use_calibrator": True, "use_temperature": False},
+        }.items():
+            r = post_image(s.url, tmp_path / "c.nii.gz", model="tiny-hot", params=params)
+            assert r.status_code == 200, (name, r.text)
+            replies[name] = r.json()
+    for name in ("default", "on wins"):
+        reply = replies[name]
+        assert reply["params"]["use_calibrator"] is reply["params"]["use_temperature"] is True, name
+        assert reply["summary"]["calibrator"] == "temperature" and reply["summary"]["temperature"] == 2.0, name
+    for name in ("off", "off, older name"):
+        reply = replies[name]
+        assert reply["params"]["use_calibrator"] is reply["params"]["use_temperature"] is False, name
+        assert reply["summary"]["calibrator"] is None and reply["summary"]["temperature"] is None, name
+    # T = 2 flattens the softmax: lower confidence, the same label map
+    assert replies["default"]["summary"]["mean_confidence"] < replies["off"]["summary"]["mean_confidence"]
+    assert [c["voxels"] for c in replies["default"]["summary"]["classes"]] == [
+        c["voxels"] for c in replies["off"]["summary"]["classes"]
+    ]

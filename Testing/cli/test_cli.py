@@ -154,6 +154,13 @@ def test_infer_through_the_server_without_a_model_uses_the_servers_default(cli, 
     assert json.loads((tmp_path / "good" / "summary.json").read_text())["model_id"] == "tiny-sphere"
     r = cli.invoke(app, ["models", "--server", served, "--api-key", KEY])
     assert r.exit_code == 0 and "tiny-sphere *" in r.stdout and "default model" in r.stdout
+    for flag in ("--no-calibrator", "--no-temperature"):  # the switch, and its older name
+        out = tmp_path / flag.strip("-")
+        r = cli.invoke(
+            app, ["infer", "-s", served, "--api-key", KEY, flag, str(tmp_path / "good.nrrd"), "-o", str(out)]
+        )
+        assert r.exit_code == 0, r.output
+        assert json.loads((out / "good" / "summary.json").read_text())["params"]["use_calibrator"] is False
     r = cli.invoke(app, ["infer", str(tmp_path / "good.nrrd"), "-o", str(tmp_path / "local")])
     assert r.exit_code == 2 and "--model is needed without --server" in r.output
 

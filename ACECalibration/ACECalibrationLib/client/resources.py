@@ -120,8 +120,9 @@ class ModelResources(Transport):
             model_id: a model id from :meth:`models`; None runs the server's default model (``POST /infer``; the
                 result's ``model_id`` says which ran).
             params / **param_kwargs: inference parameters (``uncertainty_threshold``, ``overlap``,
-                ``use_temperature``, ``band_mm``, ``band_voxels``, ``min_region_voxels``, ``connectivity``,
-                ``compress``); keyword arguments override ``params``.
+                ``use_calibrator`` (``use_temperature`` is its older name), ``band_mm``, ``band_voxels``,
+                ``min_region_voxels``, ``connectivity``, ``tta``, ``compress``); keyword arguments override
+                ``params``.
             out_dir: write ``<volume>.nrrd`` files and ``summary.json`` there.
             load_arrays: also decode the volumes into ``result.arrays`` (default: when no ``out_dir`` is given).
             volumes: which volumes to fetch.

@@ -112,7 +112,12 @@ class InferParams(BaseModel):
         description="confidence below which boundary voxels are flagged; default: the model's own threshold",
     )
     overlap: Optional[float] = Field(None, ge=0.0, lt=1.0, description="sliding-window overlap; default: the model's")
-    use_temperature: bool = Field(True, description="apply the model's fitted temperature (if it has one)")
+    use_calibrator: Optional[bool] = Field(
+        None,
+        description="apply the model's post-hoc calibrator (a fitted temperature or local temperature scaling; it "
+        "never changes the label map); default: use_temperature, which defaults to true",
+    )
+    use_temperature: bool = Field(True, description="the older name of use_calibrator (used when that is not set)")
     band_mm: Optional[float] = Field(
         None,
         ge=0.0,

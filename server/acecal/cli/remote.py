@@ -55,7 +55,7 @@ def _unique_dirs(images: List[Path], out: Path) -> list[Path]:
 def _params(
     threshold: Optional[float],
     overlap: Optional[float],
-    no_temperature: bool,
+    no_calibrator: bool,
     band_mm: Optional[float],
     band_voxels: Optional[float],
     min_region_voxels: Optional[int],
@@ -70,8 +70,8 @@ def _params(
         "connectivity": connectivity,
     }
     p = {k: v for k, v in p.items() if v is not None}
-    if no_temperature:
-        p["use_temperature"] = False
+    if no_calibrator:
+        p["use_calibrator"] = False
     return p
 
 
@@ -94,7 +94,13 @@ def infer(
         None, "--threshold", help="Uncertainty threshold (default: the model's)."
     ),
     overlap: Optional[float] = typer.Option(None, help="Sliding-window overlap (default: the model's)."),
-    no_temperature: bool = typer.Option(False, "--no-temperature", help="Do not apply the model's temperature."),
+    no_calibrator: bool = typer.Option(
+        False,
+        "--no-calibrator",
+        "--no-temperature",
+        help="Serve the network's own softmax: do not apply the model's post-hoc calibrator (--no-temperature is "
+        "its older name).",
+    ),
     band_mm: Optional[float] = typer.Option(None, "--band-mm", help="Boundary band half-width in mm."),
     band_voxels: Optional[float] = typer.Option(None, "--band-voxels", help="Boundary band half-width in voxels."),
     min_region_voxels: Optional[int] = typer.Option(None, "--min-region-voxels", help="Drop smaller regions."),
@@ -114,7 +120,7 @@ def infer(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
-    params = _params(threshold, overlap, no_temperature, band_mm, band_voxels, min_region_voxels, connectivity)
+    params = _params(threshold, overlap, no_calibrator, band_mm, band_voxels, min_region_voxels, connectivity)
     missing = [str(p) for p in images if not p.exists()]
     if missing:
         console.print(f"[red]no such file(s): {', '.join(missing)}")

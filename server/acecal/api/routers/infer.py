@@ -143,6 +143,7 @@ async def _infer(request: Request, bundle: Bundle, services: AppServices) -> Res
                 uncertainty_threshold=p.uncertainty_threshold,
                 overlap=p.overlap,
                 use_temperature=p.use_temperature,
+                use_calibrator=p.use_calibrator,
                 band_mm=p.band_mm,
                 band_voxels=p.band_voxels,
                 min_region_voxels=p.min_region_voxels,
