@@ -13,8 +13,8 @@ whatever happens. Running out of memory is a 413, with the memory released befor
 A client that disconnects once its upload is in (the Slicer module's *Cancel*, a killed script) stops its inference:
 the handler watches for the ASGI ``http.disconnect`` message (``Request.is_disconnected``) and cancels the request's
 :class:`~acecal.inference.window.CancelToken`. Device work still waiting is dropped from the queue, a running forward
-pass stops at its next sliding-window batch, nothing is stored, the slot is released and the log says so; the reply
-nobody receives is logged with status 499 ("client closed request", as nginx calls it).
+pass stops at its next sliding-window batch, nothing is stored, the slot is released and the log says so. The handler
+then returns an empty 499 ("client closed request", nginx's name for it), which the server drops unsent.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ _BODY = multipart_body(
 
 #: how often a request waiting for its inference asks whether its client is still there (seconds)
 DISCONNECT_POLL_S = 0.1
-#: the status logged for a request whose client left before the reply (nginx's "client closed request")
+#: the status of the (unsent) reply to a request whose client left before it (nginx's "client closed request")
 CLIENT_CLOSED_REQUEST = 499
 
 
