@@ -131,8 +131,9 @@ def test_temperature_output_keeps_the_segmentation_ranking():
     assert float(ratio.min()) >= 0.05 - 1e-6 and float(ratio.std()) > 1e-3
     assert torch.equal(seg.argmax(1), cal.argmax(1))
     cal.square().mean().backward()  # trunk_grad = 0: the calibration loss trains the head only
-    assert all(p.grad is None or not p.grad.any() for n, p in net.named_parameters()
-               if not n.startswith("calibration_head."))
+    assert all(
+        p.grad is None or not p.grad.any() for n, p in net.named_parameters() if not n.startswith("calibration_head.")
+    )
     assert any(p.grad is not None and p.grad.any() for p in net.calibration_head.parameters())
     with pytest.raises(ValueError, match="calibration_output"):
         _net(calibration_output="probabilities")

@@ -152,8 +152,11 @@ class SegResNetTwoHead(SegResNet):
             raise ValueError(f"trunk_grad must be a number in [0, 1], got {trunk_grad!r}")
         if calibration_output not in ("logits", "temperature"):
             raise ValueError(f"calibration_output must be 'logits' or 'temperature', got {calibration_output!r}")
-        if isinstance(min_temperature, bool) or not isinstance(min_temperature, (int, float)) \
-                or not 0.0 < min_temperature < 1.0:
+        if (
+            isinstance(min_temperature, bool)
+            or not isinstance(min_temperature, (int, float))
+            or not 0.0 < min_temperature < 1.0
+        ):
             raise ValueError(f"min_temperature must be a number in (0, 1), got {min_temperature!r}")
         self.calibration_output = calibration_output
         self.min_temperature = float(min_temperature)
@@ -168,12 +171,14 @@ class SegResNetTwoHead(SegResNet):
         layers += [
             get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=width),
             copy.deepcopy(self.act_mod),  # SegResNet shares one activation instance; the head gets its own
-            get_conv_layer(spatial_dims, width, out_channels if calibration_output == "logits" else 1, kernel_size=1,
-                           bias=True),
+            get_conv_layer(
+                spatial_dims, width, out_channels if calibration_output == "logits" else 1, kernel_size=1, bias=True
+            ),
         ]
         self.calibration_head = nn.Sequential(*layers)
         if calibration_output == "temperature":  # start at T = 1 everywhere: the calibration head begins as the seg
             final = self.calibration_head[-1].conv
+            assert isinstance(final, nn.Conv3d | nn.Conv2d | nn.Conv1d) and final.bias is not None  # built with bias
             nn.init.zeros_(final.weight)
             nn.init.constant_(final.bias, math.log(math.expm1(1.0 - self.min_temperature)))
 
