@@ -223,9 +223,11 @@ def calibrate_bundle(
         "uncertainty_threshold": threshold,
         "training": {**(base.config.training or {}), "uncertainty_threshold_rule": rule},
     }
-    draft = base.config.model_copy(
-        update={"id": model_id, "calibrator": record, "parent": base.id, "description": description, **updates}
-    )
+    # the same id replaces the bundle by itself plus the calibrator (how the shipped models get theirs): the network
+    # keeps its own lineage instead of naming itself as its parent
+    parent = base.config.parent if model_id == base.id else base.id
+    updates["parent"] = parent
+    draft = base.config.model_copy(update={"id": model_id, "calibrator": record, "description": description, **updates})
     card = model_card(draft)
     bundle = publish_calibrated(
         base,
