@@ -192,6 +192,12 @@ def test_a_real_server_serves_the_calibrated_bundle_and_switches_it_off(calibrat
     assert on["summary"]["calibrator"] == "local_temperature" and off["summary"]["calibrator"] is None
     assert on["params"]["use_temperature"] is True and off["params"]["use_temperature"] is False
     assert np.abs(conf_on - conf_off).max() > 1e-3
+    # each confidence is flagged at its own default threshold: the calibrated one, or the network's own when off
+    cfg = Bundle.load(calibrated["local-temperature"]).config
+    base = cfg.calibrator.fitted_on["uncertainty_threshold"]["base_value"]
+    assert on["params"]["uncertainty_threshold"] == pytest.approx(cfg.uncertainty_threshold)
+    assert off["params"]["uncertainty_threshold"] == pytest.approx(base)
+    assert cfg.default_threshold(calibrated=False) == pytest.approx(base)
     # in-process, the same calibrated confidence
     local = run_inference(Predictor(Bundle.load(calibrated["local-temperature"])), image_path)
     np.testing.assert_allclose(local.confidence, conf_on, atol=1e-5)

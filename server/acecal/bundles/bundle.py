@@ -168,6 +168,15 @@ class BundleConfig(BaseModel):
     def class_names(self) -> list[str]:
         return [self.labels[str(i)] for i in range(self.num_classes)]
 
+    def default_threshold(self, calibrated: bool = True) -> float:
+        """The default uncertainty threshold for the confidence being served: ``uncertainty_threshold`` (set for
+        the calibrated confidence when the bundle has a calibrator), or with the calibrator switched off the
+        network's own, which ``acecal calibrate`` records as ``fitted_on.uncertainty_threshold.base_value``."""
+        if calibrated or self.calibrator is None:
+            return self.uncertainty_threshold
+        base = (self.calibrator.fitted_on.get("uncertainty_threshold") or {}).get("base_value")
+        return float(base) if isinstance(base, (int, float)) and 0.0 < base <= 1.0 else self.uncertainty_threshold
+
 
 class Bundle:
     """A bundle folder on disk. Cheap to create; the network is built and loaded on demand."""

@@ -65,7 +65,9 @@ class InferenceOptions:
         """The options with the bundle's defaults filled in, as reported back."""
         return {
             "uncertainty_threshold": float(
-                self.uncertainty_threshold if self.uncertainty_threshold is not None else config.uncertainty_threshold
+                self.uncertainty_threshold
+                if self.uncertainty_threshold is not None
+                else config.default_threshold(self.calibrate())
             ),
             "overlap": float(self.overlap if self.overlap is not None else config.sw_overlap),
             "use_temperature": self.calibrate(),

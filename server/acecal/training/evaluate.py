@@ -119,6 +119,7 @@ class EvaluationAccumulator:
         *,
         labels: Optional[np.ndarray] = None,
         temperature: Optional[float] = None,
+        options: Optional[InferenceOptions] = None,
     ) -> InferenceOutput:
         """Add one case; returns the :class:`acecal.inference.pipeline.InferenceOutput` (the served volumes).
 
@@ -126,6 +127,7 @@ class EvaluationAccumulator:
             probs: (C, z, y, x) served probabilities on ``grid`` (``Prediction.probs``).
             truth: (z, y, x) true label map on the same grid.
             labels: the served label map when it is not argmax(probs) (``Prediction.labels``: a two-head network).
+            options: this case's flag options when they differ from the accumulator's (a cross-fitted threshold).
         """
         truth = np.asarray(truth)
         if truth.shape != probs.shape[1:]:
@@ -133,7 +135,7 @@ class EvaluationAccumulator:
                 f"case {case_id}: label map {truth.shape} and probabilities {probs.shape[1:]} are on different grids"
             )
         truth = truth.astype(np.int64, copy=False)
-        out = analyse(probs, grid, self.config, self.options, temperature=temperature, labels=labels)
+        out = analyse(probs, grid, self.config, options or self.options, temperature=temperature, labels=labels)
         served = torch.from_numpy(out.labels.astype(np.int64))[None, None]
         self.calibration.update(
             torch.from_numpy(np.ascontiguousarray(probs))[None],
