@@ -41,10 +41,8 @@ def test_bundle_is_complete_small_and_states_measured_calibration(registry, mode
     cfg = b.config
     assert cfg.labels == {"0": "background", "1": "Anterior", "2": "Posterior"}  # as MSD dataset.json names them
     assert cfg.loss.name == LOSSES[model_id]
-    wt = cfg.metrics["with_temperature"]  # fitted on validation; applied only where it lowers ACE
-    assert 0.05 < wt["temperature"] < 20 and cfg.temperature == (
-        wt["temperature"] if wt["ace"] < cfg.metrics["ace"] else None
-    )
+    wt = cfg.metrics["with_temperature"]  # fitted on validation by training; the shipped calibrator replaces it
+    assert 0.05 < wt["temperature"] < 20 and cfg.temperature is None
     for f in b.path.iterdir():
         assert f.stat().st_size < 25 * 2**20, f"{f} is over 25 MiB"
     for m in ("dice", "ace", "ece", "mce"):
@@ -59,6 +57,40 @@ def test_bundle_is_complete_small_and_states_measured_calibration(registry, mode
     assert cfg.network == ref.network and cfg.roi_size == ref.roi_size
     assert cfg.training["seed"] == ref.training["seed"] and cfg.training["epochs"] == ref.training["epochs"]
     assert split == ref.training["split"]
+
+
+@pytest.mark.parametrize("model_id", SHIPPED)
+def test_shipped_calibrator_is_fitted_on_held_out_cases_and_measured_cross_fitted(registry, model_id):
+    """Each network ships with local temperature scaling fitted (soft-ACE) on its validation split, never on a
+    training case; the card gives the cross-fitted figure (fitted on one half, measured on the other)."""
+    b = registry.get(model_id)
+    cal = b.config.calibrator
+    assert cal is not None and cal.kind == "local_temperature" and (b.path / "calibrator.safetensors").is_file()
+    fitted = cal.fitted_on
+    assert sorted(fitted["cases"]) == sorted(b.config.training["split"]["val"])
+    assert not set(fitted["cases"]) & set(b.config.training["split"]["train"])
+    m = cal.metrics
+    raw, crossed = m["raw"], m["cross_fitted"]
+    assert crossed["ace"] < raw["ace"] and crossed["dice"] == pytest.approx(raw["dice"], abs=1e-6)
+    assert {n for f in crossed["folds"] for n in f["measured_on"]} == set(fitted["cases"])
+    assert all(not set(f["fitted_on"]) & set(f["measured_on"]) for f in crossed["folds"])
+    card = b.card_path.read_text()
+    assert "## Calibrator" in card and f"{crossed['ace']:.4f}" in card and "cross-fitted" in card
+    assert "**As served**" in card, "the card states what the server serves (the study's served row)"
+    assert b.config.parent is None, "calibrated in place: the network keeps its own lineage"
+
+
+def test_hippocampus_ace_is_two_headed_and_states_its_trade_off(registry):
+    b = registry.get("hippocampus-ace")
+    cfg, ref = b.config, registry.get("hippocampus-baseline").config
+    assert cfg.network.name == "SegResNetTwoHead" and cfg.loss.name == "twohead_dice_ce_softace"
+    assert cfg.network.args["trunk_grad"] == 0  # the calibration loss never reaches the segmentation trunk
+    assert cfg.training["split"] == ref.training["split"] and cfg.training["seed"] == ref.training["seed"]
+    assert cfg.labels == ref.labels and cfg.calibrator is None
+    card = b.card_path.read_text()
+    assert f"{cfg.metrics['ace']:.4f}" in card and "CC BY-SA 4.0" in card
+    assert "Against the raw baseline network" in card and "trade-off" in card
+    assert "missed" in card, "the flags target is missed and the card must say so"
 
 
 def test_fixture_cases_are_held_out(registry):
@@ -124,7 +156,8 @@ def test_make_serve_models_segment_real_mri_over_http(tmp_path):
     try:
         client = ACEClient(url, timeout=(5, 120))
         ids = {m.id for m in client.models()}
-        assert set(SHIPPED) <= ids
+        assert {*SHIPPED, "hippocampus-ace"} <= ids
+        assert client.default_model().id == "hippocampus-ace"
         case = "hippocampus_020"
         res = client.infer(FIXTURES / "images" / f"{case}.nii.gz", "hippocampus-softace")
         truth_img = sitk.ReadImage(str(FIXTURES / "labels" / f"{case}.nii.gz"))
@@ -139,5 +172,12 @@ def test_make_serve_models_segment_real_mri_over_http(tmp_path):
         # calibrated confidence is lower where the model is wrong than where it is right
         wrong = labels != truth
         assert wrong.any() and conf[wrong].mean() < conf[~wrong].mean()
+        # the default model (no id): labels from the segmentation head, confidence from the calibration head
+        served = client.infer(FIXTURES / "images" / f"{case}.nii.gz")
+        assert served.model_id == "hippocampus-ace"
+        assert _dice(served.arrays["labels"], truth, 1) > 0.7 and _dice(served.arrays["labels"], truth, 2) > 0.7
+        conf = served.arrays["confidence"]
+        wrong = served.arrays["labels"] != truth
+        assert 0.0 <= conf.min() and conf.max() <= 1.0 and conf[wrong].mean() < conf[~wrong].mean()
     finally:
         stop_process(proc)
