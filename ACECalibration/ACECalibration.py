@@ -272,7 +272,7 @@ class ACECalibrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if [self.ui.modelComboBox.itemData(i) for i in range(self.ui.modelComboBox.count)] != ids:
             self.ui.modelComboBox.clear()
             for model_id in ids:
-                self.ui.modelComboBox.addItem(model_id, model_id)
+                self.ui.modelComboBox.addItem(c.model_label(model_id), model_id)
         self.ui.modelComboBox.setCurrentIndex(self.ui.modelComboBox.findData(c.model_id))
         self.ui.modelComboBox.blockSignals(False)
         self.ui.modelInfoLabel.text = c.model_description()

@@ -143,6 +143,11 @@ class Controller:
         """The selected model's labels (value as a string -> name); empty when none is selected."""
         return dict(self.model.labels) if self.model is not None else {}
 
+    def model_label(self, model_id: str) -> str:
+        """How a model is listed: its id, marked when it is the server's default."""
+        m = self.models.get(model_id)
+        return f"{model_id} (default)" if m is not None and m.default else model_id
+
     def model_description(self, model_id: str | None = None) -> str:
         """One line about a model: its loss, labels and measured validation metrics."""
         m = self.models.get(model_id or self.model_id)

@@ -164,6 +164,7 @@ def test_the_servers_default_model_is_selected_unless_the_user_chose_one(scene, 
         assert "default tiny-second" in c.connection_text
         assert c.model_description().endswith("The server's default model.")
         assert "default" not in c.model_description(MODEL)
+        assert c.model_label("tiny-second") == "tiny-second (default)" and c.model_label(MODEL) == MODEL  # the list
         assert settings.last_model(store) == ""  # selected for the user, not by the user: nothing remembered
 
         timed(c.select_model, MODEL)  # the user's choice...
