@@ -137,3 +137,20 @@ def test_temperature_output_keeps_the_segmentation_ranking():
     assert any(p.grad is not None and p.grad.any() for p in net.calibration_head.parameters())
     with pytest.raises(ValueError, match="calibration_output"):
         _net(calibration_output="probabilities")
+
+
+def test_residual_output_starts_as_the_segmentation_and_learns_a_correction():
+    net = _net(calibration_output="residual", trunk_grad=0.0, calibration_sees_segmentation=True)
+    x = torch.randn(1, 1, 16, 16, 16)
+    seg, cal = split_heads(net(x), 3)
+    torch.testing.assert_close(cal, seg)  # no correction at initialisation
+    with torch.no_grad():
+        for p in net.calibration_head.parameters():
+            p.normal_(0, 0.5)
+    seg, cal = split_heads(net(x), 3)
+    assert float((cal - seg).detach().abs().max()) > 1e-3  # a correction per voxel and class
+    cal.square().mean().backward()  # trunk_grad = 0: the calibration loss trains the head only
+    assert all(
+        p.grad is None or not p.grad.any() for n, p in net.named_parameters() if not n.startswith("calibration_head.")
+    )
+    assert any(p.grad is not None and p.grad.any() for p in net.calibration_head.parameters())

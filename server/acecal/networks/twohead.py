@@ -68,6 +68,10 @@ def split_heads(output: Any, num_classes: int, *, two_head: bool = True, dim: in
     return output[tuple(index_seg)], output[tuple(index_cal)]
 
 
+#: what the calibration head predicts (see :class:`SegResNetTwoHead`)
+CALIBRATION_OUTPUTS = ("logits", "temperature", "residual")
+
+
 def _scale_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
     """``x`` in the forward pass; its gradient multiplied by ``scale`` in the backward pass (0 = detach)."""
     if scale == 1.0:
@@ -103,6 +107,8 @@ class SegResNetTwoHead(SegResNet):
             the classes as the segmentation does (same argmax, so every served label is the calibration head's top
             class), like local temperature scaling (Ding et al., ICCV 2021) trained in the same run. The segmentation
             logits enter with the trunk's gradient factor (``trunk_grad``).
+            "residual": it predicts a correction added to the segmentation logits (zero at start, so the calibration
+            head begins as the segmentation softmax and keeps its ranking of voxels unless the loss moves it).
         min_temperature: the lowest temperature of the "temperature" output. Defaults to 0.05.
 
     Shapes:
@@ -150,8 +156,8 @@ class SegResNetTwoHead(SegResNet):
             or not 0.0 <= trunk_grad <= 1.0
         ):
             raise ValueError(f"trunk_grad must be a number in [0, 1], got {trunk_grad!r}")
-        if calibration_output not in ("logits", "temperature"):
-            raise ValueError(f"calibration_output must be 'logits' or 'temperature', got {calibration_output!r}")
+        if calibration_output not in CALIBRATION_OUTPUTS:
+            raise ValueError(f"calibration_output must be one of {CALIBRATION_OUTPUTS}, got {calibration_output!r}")
         if (
             isinstance(min_temperature, bool)
             or not isinstance(min_temperature, (int, float))
@@ -176,6 +182,11 @@ class SegResNetTwoHead(SegResNet):
             ),
         ]
         self.calibration_head = nn.Sequential(*layers)
+        if calibration_output == "residual":  # start with no correction: the calibration head begins as the seg
+            final = self.calibration_head[-1].conv
+            assert isinstance(final, nn.Conv3d | nn.Conv2d | nn.Conv1d) and final.bias is not None  # built with bias
+            nn.init.zeros_(final.weight)
+            nn.init.zeros_(final.bias)
         if calibration_output == "temperature":  # start at T = 1 everywhere: the calibration head begins as the seg
             final = self.calibration_head[-1].conv
             assert isinstance(final, nn.Conv3d | nn.Conv2d | nn.Conv1d) and final.bias is not None  # built with bias
@@ -201,4 +212,6 @@ class SegResNetTwoHead(SegResNet):
         if self.calibration_output == "temperature":
             temperature = self.min_temperature + torch.nn.functional.softplus(cal.float())
             cal = _scale_gradient(seg, self.trunk_grad) / temperature
+        elif self.calibration_output == "residual":
+            cal = _scale_gradient(seg, self.trunk_grad) + cal
         return torch.cat([seg, cal.to(seg.dtype)], dim=1)
