@@ -916,8 +916,9 @@ def write_markdown(
         "differs. Recipe: `models/train_hippocampus.sh LOSS ID`; this page: "
         "`.venv/bin/python docs/calibration_study.py --models models --models ~/.acecal/study-models "
         "--update-cards` (label smoothing, NACL and the other settings tried are trained with "
-        "`OUT=~/.acecal/study-models`; only the three named bundles ship). Figures: dataset reliability histograms at "
-        "the end.",
+        "`OUT=~/.acecal/study-models`; the three named bundles ship with their calibrators, and `hippocampus-ace` from "
+        "the served table). The first tables compare the networks' own softmax as the paper does; the section "
+        '"Beyond the paper" compares what the server serves. Figures: dataset reliability histograms at the end.',
         "",
         "Metrics on the held-out validation split as `acecal evaluate` measures them: the probabilities on each "
         "image's own grid (the input grid: model space and back, as the server serves them; the networks' own "
