@@ -55,6 +55,7 @@ serve: setup
 
 bench: setup
 	$(PY) benchmarks/bench_losses.py
+	$(PY) benchmarks/bench_served.py
 
 clean-venv:
 	rm -rf $(VENV)
