@@ -68,7 +68,15 @@ ACTIVE_JOB_STATUSES = (JOB_QUEUED, JOB_RUNNING)
 #: a job in one of these states never changes again
 FINAL_JOB_STATUSES = (JOB_SUCCEEDED, JOB_FAILED, JOB_CANCELLED)
 #: the training losses a fine-tuning job may use (names of ``acecal.losses.registry``)
-FinetuneLoss = Literal["baseline_dice_ce", "hardl1ace_dice_ce", "softl1ace_dice_ce", "labelsmooth_dice_ce", "nacl_dice"]
+FinetuneLoss = Literal[
+    "baseline_dice_ce",
+    "hardl1ace_dice_ce",
+    "softl1ace_dice_ce",
+    "labelsmooth_dice_ce",
+    "nacl_dice",
+    "twohead_dice_ce_softace",  # two-head models only (hardl1ace_dice_ce / softl1ace_dice_ce become these for them)
+    "twohead_dice_ce_hardace",
+]
 FINETUNE_LOSSES: Tuple[str, ...] = get_args(FinetuneLoss)
 
 # --- keys of the replies callers read by key (the rest are records below) ---------------------------------------------

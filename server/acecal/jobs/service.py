@@ -24,7 +24,7 @@ from acecal.protocol import ACTIVE_JOB_STATUSES, JOB_CANCELLED, JOB_QUEUED, JOB_
 from acecal.storage.datasets import DatasetStore, unknown_labels
 from acecal.storage.db import Database, JobRow, new_id, now_iso
 from acecal.storage.files import storage_guard
-from acecal.training.engine import check_patch_sizes, training_loss
+from acecal.training.engine import check_heads, check_patch_sizes, loss_for_network, training_loss
 from acecal.training.finetune import finetune_config
 
 __all__ = ["MIN_CASES", "JobService", "job_not_found"]
@@ -101,8 +101,10 @@ class JobService:
                 raise InvalidInputError(f"val_cases not in dataset {ds.id!r}: {', '.join(unknown[:20])}")
             if not req.val_cases or len(set(req.val_cases)) >= len(ids):
                 raise InvalidInputError("val_cases must hold at least one case and leave at least one to train on")
+        loss = loss_for_network(req.loss, bc.network)  # hL1-/sL1-ACE on a two-head model: on its calibration head
+        check_heads(bc.network, loss)
         if req.loss_params:
-            training_loss(req.loss, bc.num_classes, dict(req.loss_params))  # InvalidInputError (422) when bad
+            training_loss(loss, bc.num_classes, dict(req.loss_params))  # InvalidInputError (422) when bad
         job_id = new_id("job")
         model_id = req.model_id or f"{bc.id[:40].rstrip('-._')}-ft-{job_id[4:12]}"
         if (
@@ -124,7 +126,7 @@ class JobService:
         threads = self.scheduler.threads
         settings: dict[str, Any] = {
             "data": str(folder.dataset_json),
-            "loss": req.loss,
+            "loss": loss,
             "loss_params": dict(req.loss_params),
             "epochs": req.epochs,
             "lr": req.lr,
@@ -155,6 +157,7 @@ class JobService:
             raise InvalidInputError(f"invalid fine-tuning settings: {e}") from None
         request = {
             **req.model_dump(mode="json"),
+            "loss": loss,  # the loss trained (a two-head base puts the asked ACE loss on its calibration head)
             "lr": cfg.lr,
             "val_every": cfg.val_every,
             "batch_size": cfg.batch_size,
@@ -180,7 +183,7 @@ class JobService:
             )
         )
         folder.note(
-            f"queued: fine-tune {bc.id} on dataset {ds.id} ({len(ids)} cases), loss {req.loss}, "
+            f"queued: fine-tune {bc.id} on dataset {ds.id} ({len(ids)} cases), loss {loss}, "
             f"{req.epochs} epoch(s) -> model {model_id}"
         )
         self.scheduler.wake()

@@ -39,7 +39,14 @@ from .combined import PAPER_DICE_PARAMS, HardL1ACEandDiceCELoss, SoftL1ACEandDic
 from .dicepp import DicePlusPlusCELoss
 from .twohead import TwoHeadLoss
 
-__all__ = ["BASELINE_DICE_CE_PARAMS", "LOSS_NAMES", "NACLandDiceLoss", "TWO_HEAD_LOSSES", "build_loss"]
+__all__ = [
+    "BASELINE_DICE_CE_PARAMS",
+    "LOSS_NAMES",
+    "NACLandDiceLoss",
+    "TWO_HEAD_COUNTERPARTS",
+    "TWO_HEAD_LOSSES",
+    "build_loss",
+]
 
 LOSS_NAMES: tuple[str, ...] = (
     "baseline_dice_ce",
@@ -53,6 +60,12 @@ LOSS_NAMES: tuple[str, ...] = (
 )
 #: losses of two-head networks: logits (B, 2C, spatial...)
 TWO_HEAD_LOSSES: tuple[str, ...] = ("twohead_dice_ce_softace", "twohead_dice_ce_hardace")
+#: the two-head loss that puts a one-head ACE loss's calibration term on the calibration head (what "fine-tune with
+#: hL1-ACE" means for a two-head model: Dice+CE on the segmentation head, CE + hL1-ACE on the calibration head)
+TWO_HEAD_COUNTERPARTS: dict[str, str] = {
+    "hardl1ace_dice_ce": "twohead_dice_ce_hardace",
+    "softl1ace_dice_ce": "twohead_dice_ce_softace",
+}
 
 #: The papers' baseline: MONAI ``DiceCELoss`` arguments (its Dice term on a label map, with the softmax).
 BASELINE_DICE_CE_PARAMS: dict[str, Any] = {**PAPER_DICE_PARAMS, "to_onehot_y": True, "softmax": True}

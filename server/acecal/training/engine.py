@@ -39,7 +39,7 @@ from acecal.bundles.registry import default_data_dir, default_models_dir
 from acecal.data.datasets import Case, DatasetInfo, discover_dataset, split_cases, validate_cases
 from acecal.data.transforms import IMAGE, LABEL, model_space_transforms
 from acecal.errors import ACECalError, InvalidInputError
-from acecal.losses.registry import LOSS_NAMES, TWO_HEAD_LOSSES, build_loss
+from acecal.losses.registry import LOSS_NAMES, TWO_HEAD_COUNTERPARTS, TWO_HEAD_LOSSES, build_loss
 from acecal.networks import is_two_head
 from acecal.protocol import (
     EVENT_EPOCH,
@@ -195,12 +195,20 @@ def check_patch_sizes(bc: BundleConfig, patch: tuple) -> None:
             )
 
 
-def _check_heads(network: NetworkConfig, loss: str) -> None:
+def loss_for_network(loss: str, network: NetworkConfig) -> str:
+    """The loss to fine-tune ``network`` with when ``loss`` was asked for: a one-head ACE loss becomes its two-head
+    counterpart on a two-head network (:data:`acecal.losses.registry.TWO_HEAD_COUNTERPARTS`), anything else is
+    ``loss`` (and :func:`check_heads` says whether it fits)."""
+    return TWO_HEAD_COUNTERPARTS.get(loss, loss) if is_two_head(network) else loss
+
+
+def check_heads(network: NetworkConfig, loss: str) -> None:
     """A two-head network (outputs 2C channels) trains with a two-head loss, and only with one."""
     if is_two_head(network) and loss not in TWO_HEAD_LOSSES:
         raise InvalidInputError(
             f"the {network.name} network has a segmentation and a calibration head: train it "
-            f"with a two-head loss ({', '.join(TWO_HEAD_LOSSES)}), not {loss!r}"
+            f"with a two-head loss ({', '.join(TWO_HEAD_LOSSES)}; fine-tuning also takes "
+            f"{' or '.join(TWO_HEAD_COUNTERPARTS)} for them), not {loss!r}"
         )
     if loss in TWO_HEAD_LOSSES and not is_two_head(network):
         raise InvalidInputError(
@@ -407,7 +415,9 @@ class Engine:
         cfg = self.cfg
         check_loss_name(cfg.loss)  # before the (slower) dataset checks
         base = self._resolve_base()
-        _check_heads(base.config.network if base is not None else cfg.network, cfg.loss)
+        if base is not None and loss_for_network(cfg.loss, base.config.network) != cfg.loss:
+            cfg = self.cfg = cfg.model_copy(update={"loss": loss_for_network(cfg.loss, base.config.network)})
+        check_heads(base.config.network if base is not None else cfg.network, cfg.loss)
         model_id = ctx.broadcast_object(cfg.resolved_id())
         work_dir = Path(cfg.work_dir) if cfg.work_dir else default_data_dir() / "runs" / model_id
         out_dir = Path(cfg.out_dir) if cfg.out_dir else default_data_dir() / "models"
