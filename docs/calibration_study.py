@@ -85,6 +85,12 @@ SERVED_ROWS = [
     ("two heads, calibration head on a detached trunk", "hippocampus-ace", None),
     ("two heads, detached, head sees the segmentation, 2 blocks", "hippocampus-twohead-detached-seg2", None),
     ("two heads, detached, per-voxel temperature head", "hippocampus-twohead-temp", None),
+    (
+        "two heads, detached, residual head (a correction to the segmentation logits)",
+        "hippocampus-twohead-residual",
+        None,
+    ),
+    ("two heads, detached, residual head that sees the segmentation", "hippocampus-twohead-residual-seg", None),
     ("two heads, detached + flip TTA x8", "hippocampus-twohead-detached-tta8", None),
 ]
 SHIPPED_SERVED = {  # shipped bundle -> its row in the served table (what the server gives by default)
