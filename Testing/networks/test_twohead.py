@@ -148,7 +148,9 @@ def test_residual_output_starts_as_the_segmentation_and_learns_a_correction():
         for p in net.calibration_head.parameters():
             p.normal_(0, 0.5)
     seg, cal = split_heads(net(x), 3)
-    assert float((cal - seg).detach().abs().max()) > 1e-3  # a correction per voxel and class
+    correction = (cal - seg).detach()  # per voxel and class: it changes the probabilities, not only the logits
+    assert float((correction - correction.mean(1, keepdim=True)).abs().max()) > 1e-3
+    assert float((cal.softmax(1) - seg.softmax(1)).detach().abs().max()) > 1e-3
     cal.square().mean().backward()  # trunk_grad = 0: the calibration loss trains the head only
     assert all(
         p.grad is None or not p.grad.any() for n, p in net.named_parameters() if not n.startswith("calibration_head.")

@@ -178,7 +178,11 @@ class SegResNetTwoHead(SegResNet):
             get_norm_layer(name=norm, spatial_dims=spatial_dims, channels=width),
             copy.deepcopy(self.act_mod),  # SegResNet shares one activation instance; the head gets its own
             get_conv_layer(
-                spatial_dims, width, out_channels if calibration_output == "logits" else 1, kernel_size=1, bias=True
+                spatial_dims,
+                width,
+                1 if calibration_output == "temperature" else out_channels,
+                kernel_size=1,
+                bias=True,
             ),
         ]
         self.calibration_head = nn.Sequential(*layers)
