@@ -836,8 +836,11 @@ def served_section(results: dict, served: dict) -> list[str]:
             else "no row"
         )
         + f"; the best-ranking flags are those of {best_auroc['label']} (AUROC "
-        f"{fmt(best_auroc['error_detection']['auroc'], 3)}). A separate calibration head makes the probabilities "
-        "honest but ranks the wrong voxels worse than the segmentation softmax does; post-hoc calibrators keep the "
+        f"{fmt(best_auroc['error_detection']['auroc'], 3)}). A separate calibration head with free logits makes the "
+        "probabilities honest but ranks the wrong voxels worse than the segmentation softmax does; heads held close "
+        "to the segmentation (a per-voxel temperature, or a correction added to its logits that starts at zero) keep "
+        "its ranking and, like the post-hoc calibrators, little of the ACE cut: every design tried sits on one "
+        "ACE-for-AUROC line. Post-hoc calibrators keep the "
         "ranking (and the label map) but reach only part of the removable ACE, because much of the raw ACE is the "
         "floor. TTA averages away confidence: it helps the flags' recall at the cost of more flagged volume and, "
         "on an already calibrated head, makes it under-confident.",
