@@ -12,7 +12,7 @@ Rows (the calibration study's served table, docs/calibration-study.md, is what t
 
 Each row is ``run_inference`` as ``acecal infer`` and ``POST /infer`` run it (read, model space, sliding window,
 calibrator, back to the input grid, uncertainty maps, flags and regions) with a warm network, on: a real held-out
-hippocampus MRI crop (Testing/fixtures, ~36 x 50 x 35 voxels) and a larger synthetic 1 mm volume (``--large``,
+hippocampus MRI crop (Testing/fixtures, 36 x 50 x 31 voxels) and a larger synthetic 1 mm volume (``--large``,
 default 160^3: the same structure size in a bigger field of view). Median wall time of ``--repeats`` interleaved runs
 (one warm-up round first), and the working memory of one inference: in a fresh child process per row and volume,
 the peak resident set (``ru_maxrss``) minus the resident set once the network is loaded.
