@@ -428,7 +428,7 @@ def main() -> None:
             folds = sorted({t for _, t in calibrators.values()})
             numbers["error_detection"].update(threshold=None, threshold_folds=folds)
         macro, fl, ed = numbers["macro"], numbers["floor"], numbers["error_detection"]
-        key = f"{bundle.id}{'+ts' if ts else ''}"
+        key = f"{bundle.id}{'+ts' if ts else ''}{'+' + method if method else ''}"
         if plot:
             plot_dataset_reliability_histogram(
                 rep.histogram, rep.class_names, img_dir / f"{key}_histogram.png", title=label
@@ -558,7 +558,7 @@ def main() -> None:
             else:
                 print(f"{model_id}: not in the --models folders, left out of the served table")
             continue
-        served[key] = evaluate(bundle, label, False, plot=False, method=method)
+        served[key] = evaluate(bundle, label, False, plot=key in SHIPPED_SERVED.values(), method=method)
     group = {"hippocampus-baseline": results["hippocampus-baseline"], **served}
     compare(group)
     for entry in served.values():
@@ -1158,6 +1158,10 @@ def write_markdown(
     ]
     for key, r in results.items():
         lines.append(f"![{r['label']}](images/study/{key}_histogram.png)")
+    shipped = [(k, r) for k, r in (served or {}).items() if k in SHIPPED_SERVED.values() and not r.get("carried_over")]
+    if shipped:
+        lines += ["", "As served (the shipped bundles with their calibrators, cross-fitted; `hippocampus-ace`):", ""]
+        lines += [f"![{r['label']}, as served](images/study/{k}_histogram.png)" for k, r in shipped]
     lines.append("")
     path.write_text("\n".join(lines))
 
