@@ -21,6 +21,7 @@ bit-identical weights to an uninterrupted run (same machine, same thread count).
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -353,9 +354,15 @@ class Engine:
 
     def run(self) -> TrainResult:
         ctx = ddp.setup(self.cfg.device)
+        finished = False
         try:
-            return self._run(ctx)
+            result = self._run(ctx)
+            finished = True
+            return result
         finally:
+            if finished:  # every rank done with the group (and its DDP model gone) before any rank tears it down:
+                gc.collect()  # a gloo rank whose peer left mid-use aborts the process ("terminate called ...")
+                ctx.barrier()
             ctx.close()
 
     def _run(self, ctx: ddp.DistContext) -> TrainResult:
