@@ -21,7 +21,7 @@ from acecal.bundles.bundle import CALIBRATOR_WEIGHTS_NAME
 from acecal.calibration.calibrators import Calibrator, TemperatureCalibrator, build_calibrator
 from acecal.errors import ACECalError, BundleError
 
-__all__ = ["load_calibrator", "calibrator_config", "publish_calibrated"]
+__all__ = ["load_calibrator", "calibrated_parent", "calibrator_config", "publish_calibrated"]
 
 
 def load_calibrator(bundle: Bundle, device: Any = "cpu") -> Optional[Calibrator]:
@@ -73,6 +73,12 @@ def _half_precision(bundle: Bundle) -> bool:
         return any(f.get_slice(k).get_dtype() in ("F16", "BF16") for k in f.keys())
 
 
+def calibrated_parent(base: Bundle, model_id: str) -> Optional[str]:
+    """The parent of ``base`` plus a calibrator published as ``model_id``: ``base`` itself, or, when the bundle is
+    replaced in place (same id, how the shipped models get theirs), the network's own parent."""
+    return base.config.parent if model_id == base.id else base.id
+
+
 def publish_calibrated(
     base: Bundle,
     calibrator: Calibrator,
@@ -95,7 +101,7 @@ def publish_calibrated(
         "id": model_id,
         "calibrator": record,
         "temperature": t,
-        "parent": base.id,
+        "parent": calibrated_parent(base, model_id),
         "description": description if description is not None else base.config.description,
         **(updates or {}),
     }

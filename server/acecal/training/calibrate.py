@@ -29,7 +29,7 @@ from acecal.calibration.fitting import (
     fit_local_temperature,
     served_threshold,
 )
-from acecal.calibration.store import calibrator_config, publish_calibrated
+from acecal.calibration.store import calibrated_parent, calibrator_config, publish_calibrated
 from acecal.data.datasets import Case, DatasetInfo, discover_dataset, validate_cases
 from acecal.errors import InvalidInputError
 from acecal.training.calibration_cases import model_space_cases
@@ -223,11 +223,15 @@ def calibrate_bundle(
         "uncertainty_threshold": threshold,
         "training": {**(base.config.training or {}), "uncertainty_threshold_rule": rule},
     }
-    # the same id replaces the bundle by itself plus the calibrator (how the shipped models get theirs): the network
-    # keeps its own lineage instead of naming itself as its parent
-    parent = base.config.parent if model_id == base.id else base.id
-    updates["parent"] = parent
-    draft = base.config.model_copy(update={"id": model_id, "calibrator": record, "description": description, **updates})
+    draft = base.config.model_copy(
+        update={
+            "id": model_id,
+            "calibrator": record,
+            "parent": calibrated_parent(base, model_id),
+            "description": description,
+            **updates,
+        }
+    )
     card = model_card(draft)
     bundle = publish_calibrated(
         base,
