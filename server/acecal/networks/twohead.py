@@ -186,16 +186,12 @@ class SegResNetTwoHead(SegResNet):
             ),
         ]
         self.calibration_head = nn.Sequential(*layers)
-        if calibration_output == "residual":  # start with no correction: the calibration head begins as the seg
+        if calibration_output != "logits":  # the calibration head begins as the segmentation: T = 1, no correction
             final = self.calibration_head[-1].conv
             assert isinstance(final, nn.Conv3d | nn.Conv2d | nn.Conv1d) and final.bias is not None  # built with bias
             nn.init.zeros_(final.weight)
-            nn.init.zeros_(final.bias)
-        if calibration_output == "temperature":  # start at T = 1 everywhere: the calibration head begins as the seg
-            final = self.calibration_head[-1].conv
-            assert isinstance(final, nn.Conv3d | nn.Conv2d | nn.Conv1d) and final.bias is not None  # built with bias
-            nn.init.zeros_(final.weight)
-            nn.init.constant_(final.bias, math.log(math.expm1(1.0 - self.min_temperature)))
+            start = math.log(math.expm1(1.0 - self.min_temperature)) if calibration_output == "temperature" else 0.0
+            nn.init.constant_(final.bias, start)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Decoder output before any head, ``(B, init_filters, spatial...)`` (SegResNet.decode without conv_final)."""

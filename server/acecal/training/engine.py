@@ -354,15 +354,14 @@ class Engine:
 
     def run(self) -> TrainResult:
         ctx = ddp.setup(self.cfg.device)
-        finished = False
         try:
             result = self._run(ctx)
-            finished = True
+            # every rank done with the group (and its DDP model gone) before any rank tears it down: a gloo rank
+            # whose peer left mid-use aborts the process ("terminate called without an active exception")
+            gc.collect()
+            ctx.barrier()
             return result
         finally:
-            if finished:  # every rank done with the group (and its DDP model gone) before any rank tears it down:
-                gc.collect()  # a gloo rank whose peer left mid-use aborts the process ("terminate called ...")
-                ctx.barrier()
             ctx.close()
 
     def _run(self, ctx: ddp.DistContext) -> TrainResult:
@@ -422,8 +421,8 @@ class Engine:
         cfg = self.cfg
         check_loss_name(cfg.loss)  # before the (slower) dataset checks
         base = self._resolve_base()
-        if base is not None and loss_for_network(cfg.loss, base.config.network) != cfg.loss:
-            cfg = self.cfg = cfg.model_copy(update={"loss": loss_for_network(cfg.loss, base.config.network)})
+        if base is not None and (loss := loss_for_network(cfg.loss, base.config.network)) != cfg.loss:
+            cfg = self.cfg = cfg.model_copy(update={"loss": loss})
         check_heads(base.config.network if base is not None else cfg.network, cfg.loss)
         model_id = ctx.broadcast_object(cfg.resolved_id())
         work_dir = Path(cfg.work_dir) if cfg.work_dir else default_data_dir() / "runs" / model_id
