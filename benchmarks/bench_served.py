@@ -24,7 +24,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -95,18 +94,6 @@ def child(spec: str) -> None:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - loaded)  # Linux: ru_maxrss in KiB
 
 
-def machine_line(threads: int) -> str:
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, {threads} torch thread(s)"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=Path, default=ROOT / "models")
@@ -121,6 +108,7 @@ def main() -> None:
         return
 
     import torch
+    from bench_losses import machine_line  # the machine line of every benchmark here
 
     from acecal.bundles import ModelRegistry
     from acecal.inference.pipeline import InferenceOptions, run_inference
@@ -154,7 +142,8 @@ def main() -> None:
                 for label, t in times.items()
             }
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"# bench_served {stamp}: {machine_line(args.threads)}; load average {os.getloadavg()[0]:.1f}")
+    machine = machine_line(torch.device("cpu"))
+    print(f"# bench_served {stamp}: {machine}; load average {os.getloadavg()[0]:.1f}")
     print(
         f"# median of {args.repeats} interleaved runs of run_inference (warm); "
         "working memory of one run (fresh process)"
@@ -165,7 +154,7 @@ def main() -> None:
         for label, r in rows.items():
             print(f"{label:44s} {r['median_ms']:10.0f} {r['vs_raw']:6.2f}x {r['working_memory_mb']:10.0f}")
     if args.json:
-        args.json.write_text(json.dumps({"date": stamp, "machine": machine_line(args.threads), "results": results}))
+        args.json.write_text(json.dumps({"date": stamp, "machine": machine, "results": results}))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,11 +215,7 @@ def cross_fitted_calibrators(
 
 def cross_fitted_temperatures(items: list[CaseData], config, seed: int = 0) -> tuple[dict[str, float], list[float]]:
     model_space_labels(config, items)
-    names = [it.name for it in items]
-    rng = random.Random(seed)
-    order = names[:]
-    rng.shuffle(order)
-    halves = [set(order[: len(order) // 2]), set(order[len(order) // 2 :])]
+    halves = [set(h) for h in split_halves([it.name for it in items], seed=seed)]
     temps, fitted = {}, []
     for k in (0, 1):
         fit_on = [
