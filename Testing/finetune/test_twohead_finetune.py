@@ -7,13 +7,11 @@ from __future__ import annotations
 import pytest
 from live_server import LiveServer, make_settings
 from synthetic import make_dataset
-from tiny_training import train_tiny_bundle
+from tiny_training import TINY_NETWORK_ARGS, train_tiny_bundle
 
 from acecal.bundles import Bundle, NetworkConfig
 from acecal.client import ACEClient
 from acecal.errors import InvalidInputError
-
-TINY = {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]}
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +22,7 @@ def twohead_server(tmp_path_factory):
         model_id="tiny-twohead",
         epochs=4,
         loss="twohead_dice_ce_softace",
-        network=NetworkConfig(name="SegResNetTwoHead", args={**TINY, "trunk_grad": 0.0}),
+        network=NetworkConfig(name="SegResNetTwoHead", args={**TINY_NETWORK_ARGS, "trunk_grad": 0.0}),
     )
     cases = make_dataset(root / "cases", 4, layout="folders", seed=11)
     settings = make_settings(root / "server", [path.parent], job_min_free_mb=1)

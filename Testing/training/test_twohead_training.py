@@ -11,7 +11,7 @@ import pytest
 import torch
 from live_server import LiveServer, make_settings
 from synthetic import make_case, write_case
-from tiny_training import train_tiny_bundle
+from tiny_training import TINY_NETWORK_ARGS, train_tiny_bundle
 from typer.testing import CliRunner
 
 from acecal.bundles import Bundle, NetworkConfig
@@ -28,8 +28,6 @@ from acecal.networks import split_heads
 from acecal.training.config import TrainConfig
 from acecal.training.engine import Engine
 
-TINY = {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]}
-
 
 @pytest.fixture(scope="module")
 def twohead(tmp_path_factory):
@@ -39,7 +37,7 @@ def twohead(tmp_path_factory):
         root,
         model_id="tiny-twohead",
         loss="twohead_dice_ce_softace",
-        network=NetworkConfig(name="SegResNetTwoHead", args={**TINY, "trunk_grad": 0.0}),
+        network=NetworkConfig(name="SegResNetTwoHead", args={**TINY_NETWORK_ARGS, "trunk_grad": 0.0}),
     )
     return root, Bundle.load(path)
 
@@ -118,7 +116,7 @@ def test_network_and_loss_must_agree_on_heads(twohead, tmp_path, network, loss, 
     root, _ = twohead
     cfg = TrainConfig(
         data=str(root / "data"),
-        network=NetworkConfig(name=network, args=TINY),
+        network=NetworkConfig(name=network, args=TINY_NETWORK_ARGS),
         loss=loss,
         roi_size=(24, 24, 24),
         epochs=1,
@@ -137,7 +135,7 @@ def test_bad_network_argument_is_bad_input(twohead, tmp_path):
         loss="twohead_dice_ce_softace",
         roi_size=(24, 24, 24),
         epochs=1,
-        network=NetworkConfig(name="SegResNetTwoHead", args={**TINY, "trunk_grad": 3}),
+        network=NetworkConfig(name="SegResNetTwoHead", args={**TINY_NETWORK_ARGS, "trunk_grad": 3}),
         out_dir=str(tmp_path / "m"),
         work_dir=str(tmp_path / "w"),
     )
